@@ -1,0 +1,265 @@
+"""Typed, locked run configuration: defaults, YAML loading, dotted overrides, validation.
+
+Every knob of a run lives here with its default (DESIGN.md §2: the He et al. ResNet-20 CIFAR-10
+recipe). Unknown keys are errors, so a typo can never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MODEL_NAMES = ("resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+               "resnet18", "resnet50")
+DATA_NAMES = ("cifar10", "digits", "synthetic", "imagenet")
+# optimizer name -> which mitigations it switches on (see abexp/optim.py)
+OPTIM_NAMES = ("sgdm", "ab", "sc", "lwp", "dcasgd", "salr", "ab_lwp", "sc_lwp")
+
+
+class ConfigError(Exception):
+    """Bad user input: ``source: dotted.key: message``. The CLI turns it into exit code 2."""
+
+    def __init__(self, source: str, key: str, message: str):
+        self.source, self.key, self.message = source, key, message
+        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+
+
+class _Locked(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelCfg(_Locked):
+    name: Literal[MODEL_NAMES] = "resnet20"  # type: ignore[valid-type]
+    zero_init_residual: bool = False  # zero-init the last BN of each block (torchvision models)
+
+
+class DataCfg(_Locked):
+    name: Literal[DATA_NAMES] = "cifar10"  # type: ignore[valid-type]
+    root: str = "data/cifar10"  # cifar10: folder holding cifar-10-batches-py; imagenet: train/ val/
+    download: bool = False  # cifar10 only: fetch and MD5-check the official archive when absent
+    subset: Optional[int] = Field(None, ge=1)  # train on the first N examples of a fixed shuffle
+    test_subset: Optional[int] = Field(None, ge=1)
+    augment: bool = True  # random crop (pad 4) + horizontal flip, batched on the device
+    split_seed: int = 0  # digits: the fixed train/test split
+    synthetic_size: int = Field(50000, ge=1)  # synthetic: training examples (test: a fifth)
+    workers: int = Field(8, ge=0)  # imagenet DataLoader workers
+    image_size: int = Field(224, ge=8)  # imagenet crop size
+
+
+class TrainCfg(_Locked):
+    epochs: int = Field(160, ge=1)
+    batch_size: int = Field(128, ge=1)
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    divergence_check_every: int = Field(50, ge=1)  # steps between (synchronising) NaN checks
+
+
+class OptimCfg(_Locked):
+    name: Literal[OPTIM_NAMES] = "sgdm"  # type: ignore[valid-type]
+    lr: float = Field(0.1, gt=0.0)  # at batch 128; no automatic scaling
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(1e-4, ge=0.0)
+    weight_decay_on: Literal["current", "stale"] = "current"  # which weights λ·w uses
+    rho: float = Field(1.0, ge=0.0)  # AB braking strength
+    ab_cosine: Literal["tensor", "global"] = "tensor"  # AB: cosine per parameter tensor or one
+    dc_lambda: float = Field(0.04, ge=0.0)  # DC-ASGD variance-control strength
+    lwp_horizon: Optional[float] = Field(None, ge=0.0)  # LWP look-ahead; None = expected delay
+
+
+class ScheduleCfg(_Locked):
+    name: Literal["constant", "multistep", "cosine"] = "multistep"
+    milestones: list[float] = [0.5, 0.75]  # fractions of training
+    gamma: float = Field(0.1, gt=0.0)
+    warmup_epochs: float = Field(0.0, ge=0.0)  # linear warmup from 0
+
+    @field_validator("milestones")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 < m < 1.0 for m in v) or v != sorted(v):
+            raise ValueError("milestones must be increasing fractions in (0, 1)")
+        return v
+
+
+class DelayCfg(_Locked):
+    kind: Literal["constant", "uniform", "geometric"] = "constant"
+    steps: int = Field(0, ge=0)  # constant: D; uniform/geometric: the cap D_max
+    mean: Optional[float] = Field(None, ge=0.0)  # geometric: mean delay before the cap
+    seed: Optional[int] = None  # delay draws; None = the run seed
+
+
+class EvalCfg(_Locked):
+    bn: Literal["running", "recalibrate"] = "running"
+    recal_batches: int = Field(10, ge=1)  # training batches used to recompute BN statistics
+    batch_size: int = Field(1000, ge=1)
+
+
+class WandbCfg(_Locked):
+    mode: Literal["auto", "online", "offline", "disabled"] = "disabled"
+    project: str = "abexp"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = []
+
+
+class TrackingCfg(_Locked):
+    wandb: WandbCfg = WandbCfg()
+
+
+class RunConfig(_Locked):
+    seed: int = 0
+    experiment: str = ""  # the spec's name; set by the runner
+    model: ModelCfg = ModelCfg()
+    data: DataCfg = DataCfg()
+    train: TrainCfg = TrainCfg()
+    optim: OptimCfg = OptimCfg()
+    schedule: ScheduleCfg = ScheduleCfg()
+    delay: DelayCfg = DelayCfg()
+    eval: EvalCfg = EvalCfg()
+    tracking: TrackingCfg = TrackingCfg()
+
+
+# Keys that do not change what is computed: excluded from the run id.
+NON_IDENTITY_KEYS = ("tracking", "experiment")
+
+
+def defaults() -> dict[str, Any]:
+    return RunConfig().model_dump()
+
+
+def set_dotted(tree: dict, key: str, value: Any, source: str) -> None:
+    """Set ``a.b.c = value`` in a nested dict; unknown intermediate keys are errors later."""
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(source, ".".join(parts[: i + 1]), "is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def get_dotted(tree: dict, key: str) -> Any:
+    node: Any = tree
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Safe-load a YAML file; any failure is a ConfigError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(str(path), "", f"cannot read: {err.strerror or err}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(str(path), "", f"invalid YAML: {where}{problem}") from None
+
+
+def parse_override(item: str, source: str = "--set") -> tuple[str, Any]:
+    """``key=value`` with the value parsed as YAML (so 0.1 is a float, [1, 2] a list)."""
+    if "=" not in item:
+        raise ConfigError(source, item, "expected KEY=VALUE")
+    key, raw = item.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(source, key.strip(), f"cannot parse value {raw!r}") from None
+
+
+def validate(raw: dict, source: str) -> RunConfig:
+    """Validate a full nested dict; raise ConfigError naming the first offending dotted key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "", "expected a mapping of config sections")
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        if "input" in first and first["type"] != "extra_forbidden":
+            msg += f" (got {first['input']!r})"
+        raise ConfigError(source, key, msg) from None
+    _check_combinations(cfg, source)
+    return cfg
+
+
+def _check_combinations(cfg: RunConfig, source: str) -> None:
+    if cfg.optim.nesterov and cfg.optim.name in ("sc", "sc_lwp"):
+        raise ConfigError(source, "optim.nesterov", "spike compensation defines its own update")
+    if cfg.delay.kind == "geometric" and cfg.delay.mean is None:
+        raise ConfigError(source, "delay.mean", "required when delay.kind is geometric")
+    imagenet_models = ("resnet18", "resnet50")
+    if (cfg.data.name == "imagenet") != (cfg.model.name in imagenet_models):
+        raise ConfigError(source, "model.name",
+                          f"{cfg.model.name} does not fit data.name={cfg.data.name}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> RunConfig:
+    """Defaults <- YAML file <- ``--set`` overrides, then validation."""
+    tree = base if base is not None else defaults()
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        doc = read_yaml(path)
+        if doc is None:
+            doc = {}
+        if not isinstance(doc, dict):
+            raise ConfigError(source, "", "expected a mapping at the top level")
+        tree = deep_merge(tree, doc)
+    for item in overrides or []:
+        key, value = parse_override(item, f"{source} (--set)")
+        set_dotted(tree, key, value, f"{source} (--set)")
+    return validate(tree, source if not overrides else f"{source} (with --set)")
+
+
+def canonical(cfg: RunConfig | dict) -> dict:
+    data = cfg.model_dump() if isinstance(cfg, RunConfig) else copy.deepcopy(cfg)
+    for key in NON_IDENTITY_KEYS:
+        data.pop(key, None)
+    return data
+
+
+def run_id(cfg: RunConfig | dict) -> str:
+    """Short hash of the canonical config: key order and logging options do not change it."""
+    blob = json.dumps(canonical(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)

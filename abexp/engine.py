@@ -1,0 +1,77 @@
+"""The delay engine: one delayed optimisation step, for a ResNet or for the quadratic oracle.
+
+``DelayedSGD.step(grad_fn, lr)`` is the single code path both use: store this step's forward
+weights in the ring buffer, pick the stale weights of step t - tau_t, ask ``grad_fn`` for the
+gradient there, and let the optimizer apply it to the current weights.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from abexp.config import DelayCfg, OptimCfg
+from abexp.delay import DelaySampler, WeightHistory
+from abexp.optim import DelayedOptimizer
+
+
+class DelayedSGD:
+    """Current weights ``w``, the forward-weight history, the delay draws and the update rule."""
+
+    def __init__(self, w0: torch.Tensor, segment_sizes: list[int], optim: OptimCfg,
+                 delay: DelayCfg, seed: int):
+        self.w = w0.detach().clone()
+        self.sampler = DelaySampler(delay.kind, delay.steps, delay.mean,
+                                    seed if delay.seed is None else delay.seed)
+        self.history = WeightHistory(delay.steps, self.w.numel(), self.w.device, self.w.dtype)
+        self.optimizer = DelayedOptimizer(optim, segment_sizes, self.sampler.expected(),
+                                          self.w.device, self.w.dtype)
+        self.t = 0
+
+    def step(self, grad_fn: Callable[[torch.Tensor], torch.Tensor], lr: float) -> int:
+        """One update; returns the delay tau_t that was used."""
+        t, tau = self.t, self.sampler(self.t)
+        self.optimizer.store_forward_weights(self.w, lr, out=self.history.slot(t))
+        w_fwd = self.history.stale(t, tau)
+        grad = grad_fn(w_fwd)
+        self.optimizer.step(self.w, grad, w_fwd, tau, lr)
+        self.t += 1
+        return tau
+
+    def state_dict(self) -> dict:
+        return {"t": self.t, "w": self.w, "history": self.history.buffer,
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.t = int(state["t"])
+        self.w.copy_(state["w"])
+        self.history.buffer.copy_(state["history"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class FlatParams:
+    """Make a model's parameters (and their grads) views into one flat buffer each.
+
+    Swapping the weights a forward pass sees is then one copy of P floats, not one per tensor;
+    autograd accumulates into the existing ``.grad`` views in place.
+    """
+
+    def __init__(self, model: nn.Module):
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.sizes = [p.numel() for p in params]
+        self.data = torch.cat([p.detach().reshape(-1) for p in params])
+        self.grad = torch.zeros_like(self.data)
+        offset = 0
+        for p, n in zip(params, self.sizes):
+            p.data = self.data[offset:offset + n].view_as(p)
+            p.grad = self.grad[offset:offset + n].view_as(p)
+            offset += n
+        self.params = params
+
+    def check_views(self) -> None:
+        """Fail loudly if something (e.g. ``model.to``) replaced a parameter's storage."""
+        for p in self.params:
+            if p.data.untyped_storage().data_ptr() != self.data.untyped_storage().data_ptr():
+                raise RuntimeError("a parameter no longer views the flat buffer")

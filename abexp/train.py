@@ -1,0 +1,281 @@
+"""One training run under simulated gradient delay: the unit every experiment is made of.
+
+A run folder holds config.yaml, metrics.jsonl (one line per epoch), checkpoint.pt (replaced
+atomically at the end of each epoch, RNG states included) and, written atomically last,
+result.json: the completion marker. A folder without result.json is resumed from its
+checkpoint and ends bitwise-identical (on CPU) to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from abexp import io
+from abexp.config import RunConfig, dump_yaml, load_config, run_id
+from abexp.data import Batches, load_image_data
+from abexp.engine import DelayedSGD, FlatParams
+from abexp.models import build_model
+from abexp.schedule import lr_at
+from abexp.tracking import Tracker
+
+CONFIG, METRICS, CHECKPOINT, RESULT, WEIGHTS = (
+    "config.yaml", "metrics.jsonl", "checkpoint.pt", "result.json", "model.pt")
+
+
+class RunDirError(Exception):
+    """The output folder holds a different run."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def set_precision(precision: str) -> None:
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_data(cfg: RunConfig, device: torch.device):
+    """Batches for the run: in-memory (cifar10, digits, synthetic) or ImageNet's DataLoader."""
+    if cfg.data.name == "imagenet":
+        from abexp.imagenet import ImageNetBatches
+        return ImageNetBatches(cfg, device)
+    data = load_image_data(cfg, device)
+    return Batches(data, cfg.train.batch_size, cfg.data.augment, cfg.seed)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, test_batches: Iterator, device: torch.device, precision: str
+             ) -> tuple[float, float]:
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    n = 0
+    for x, y in test_batches:
+        with autocast(device, precision):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum()
+        n += len(y)
+    model.train()
+    return float(loss_sum) / max(n, 1), int(correct) / max(n, 1)
+
+
+@contextlib.contextmanager
+def recalibrated_bn(model: nn.Module, images: Iterator[torch.Tensor], precision: str,
+                    device: torch.device):
+    """Recompute BN running statistics at the current weights; restore the originals after.
+
+    Under delay the running statistics were gathered on stale forward passes; DESIGN.md §1
+    shows evaluating with them loses accuracy that recomputing them recovers. The training
+    state is left untouched.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(),
+              m.momentum) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the recalibration batches
+    model.train()
+    with torch.no_grad():
+        for x in images:
+            with autocast(device, precision):
+                model(x)
+    try:
+        yield
+    finally:
+        for m, (mean, var, count, momentum) in zip(bns, saved):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+            m.momentum = momentum
+
+
+class Run:
+    """Model, data, delay engine and bookkeeping of one run; ``fit`` trains it to the end."""
+
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, device: str = "auto",
+                 log: Callable[[str], None] = print):
+        self.cfg, self.out, self.log = cfg, Path(out_dir), log
+        self.run_id = run_id(cfg)
+        self.device = resolve_device(device)
+        set_precision(cfg.train.precision)
+        torch.manual_seed(cfg.seed)
+        self.batches = build_data(cfg, self.device)
+        self.model = build_model(cfg.model.name, self.batches.num_classes,
+                                 cfg.model.zero_init_residual).to(self.device)
+        self.flat = FlatParams(self.model)
+        self.engine = DelayedSGD(self.flat.data, self.flat.sizes, cfg.optim, cfg.delay, cfg.seed)
+        self.steps_per_epoch = self.batches.steps_per_epoch
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.epoch, self.history, self.wall_s, self.status = 0, [], 0.0, "running"
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"epoch": self.epoch, "engine": self.engine.state_dict(),
+                "buffers": dict(self.model.named_buffers()), "rng": rng,
+                "history": self.history, "wall_s": self.wall_s, "run_id": self.run_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("run_id") != self.run_id:
+            raise RunDirError(f"{self.out / CHECKPOINT}: belongs to run {state.get('run_id')}")
+        self.epoch, self.history, self.wall_s = int(state["epoch"]), list(state["history"]), float(state["wall_s"])
+        self.engine.load_state_dict(state["engine"])
+        buffers = dict(self.model.named_buffers())
+        for name, value in state["buffers"].items():
+            buffers[name].copy_(value)
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def use_current_weights(self) -> None:
+        self.flat.data.copy_(self.engine.w)
+
+    # ---------------------------------------------------------------- training
+    def train_epoch(self) -> dict:
+        cfg, device = self.cfg, self.device
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen, lr = 0, cfg.optim.lr
+        self.model.train()
+        for i, (x, y) in enumerate(self.batches.epoch(self.epoch)):
+            def grad_fn(w_fwd: torch.Tensor) -> torch.Tensor:
+                nonlocal loss_sum, correct
+                self.flat.data.copy_(w_fwd)
+                self.flat.grad.zero_()
+                with autocast(device, cfg.train.precision):
+                    logits = self.model(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing)
+                loss.backward()
+                loss_sum += loss.detach().double() * len(y)
+                correct += (logits.argmax(1) == y).sum()
+                return self.flat.grad
+
+            lr = lr_at(self.engine.t, cfg.optim.lr, self.total_steps, self.steps_per_epoch, cfg.schedule)
+            self.engine.step(grad_fn, lr)
+            seen += len(y)
+            if (i + 1) % cfg.train.divergence_check_every == 0 and not torch.isfinite(loss_sum):
+                break
+        train_loss = float(loss_sum) / max(seen, 1)
+        return {"train_loss": train_loss, "train_acc": int(correct) / max(seen, 1), "lr": lr,
+                "diverged": not math.isfinite(train_loss) or not bool(torch.isfinite(self.engine.w).all())}
+
+    def evaluate(self) -> tuple[float, float]:
+        self.use_current_weights()
+        test = self.batches.test(self.cfg.eval.batch_size)
+        if self.cfg.eval.bn == "recalibrate":
+            with recalibrated_bn(self.model, self.batches.plain(self.cfg.eval.recal_batches),
+                                 self.cfg.train.precision, self.device):
+                return evaluate(self.model, test, self.device, self.cfg.train.precision)
+        return evaluate(self.model, test, self.device, self.cfg.train.precision)
+
+    def fit(self, stop_after_epochs: int | None = None, tracker: Tracker | None = None) -> dict | None:
+        """Train to the configured number of epochs (or stop early: returns None, resumable)."""
+        while self.epoch < self.cfg.train.epochs:
+            if stop_after_epochs is not None and self.epoch >= stop_after_epochs:
+                return None
+            start = time.perf_counter()
+            stats = self.train_epoch()
+            diverged = stats.pop("diverged")
+            test_loss, test_acc = (math.nan, None) if diverged else self.evaluate()
+            self.epoch += 1
+            epoch_s = time.perf_counter() - start
+            self.wall_s += epoch_s
+            row = {"epoch": self.epoch, **stats, "test_loss": test_loss, "test_acc": test_acc,
+                   "wall_s": round(epoch_s, 4), "elapsed_s": round(self.wall_s, 4),
+                   "step": self.engine.t}
+            self.history.append(row)
+            if tracker:
+                tracker.log(row)
+            self.log(f"[{self.run_id}] epoch {self.epoch}/{self.cfg.train.epochs} "
+                     f"loss {stats['train_loss']:.4f} test_acc {test_acc if test_acc is None else round(test_acc, 4)} "
+                     f"lr {stats['lr']:.4g} {epoch_s:.1f}s")
+            if diverged:
+                self.status = "diverged"
+                break
+            self._write_metrics_line(row)
+            io.save_torch(self.out / CHECKPOINT, self.state_dict())
+        if self.status != "diverged":
+            self.status = "completed"
+        else:
+            self._write_metrics_line(self.history[-1])
+        return self.result()
+
+    def _write_metrics_line(self, row: dict) -> None:
+        with open(self.out / METRICS, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def result(self) -> dict:
+        accs = [r["test_acc"] for r in self.history if r["test_acc"] is not None]
+        last = self.history[-1] if self.history else {}
+        return {"run_id": self.run_id, "experiment": self.cfg.experiment, "status": self.status,
+                "test_acc": last.get("test_acc"), "test_loss": last.get("test_loss"),
+                "best_test_acc": max(accs) if accs else None,
+                "train_loss": last.get("train_loss"), "train_acc": last.get("train_acc"),
+                "epochs_completed": self.epoch, "steps": self.engine.t,
+                "wall_s": round(self.wall_s, 3), "eval_bn": self.cfg.eval.bn,
+                "device": str(self.device), "config": self.cfg.model_dump()}
+
+
+def train_run(cfg: RunConfig, out_dir: str | Path, device: str = "auto",
+              stop_after_epochs: int | None = None, log: Callable[[str], None] = print) -> dict | None:
+    """Train (or resume, or skip if finished) the run ``cfg`` in ``out_dir``.
+
+    Returns result.json's content, or None when stopped early by ``stop_after_epochs``.
+    """
+    out = Path(out_dir)
+    rid = run_id(cfg)
+    if (out / RESULT).exists():
+        done = json.loads((out / RESULT).read_text())
+        if done.get("run_id") != rid:
+            raise RunDirError(f"{out / RESULT}: belongs to run {done.get('run_id')}, not {rid}")
+        return done
+    if (out / CONFIG).exists():
+        other = run_id(load_config(out / CONFIG))
+        if other != rid:
+            raise RunDirError(f"{out / CONFIG}: folder holds run {other}, not {rid}")
+    run = Run(cfg, out, device, log)  # loads data: bad data folders fail before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    io.write_text(out / CONFIG, dump_yaml(cfg))
+    if (out / CHECKPOINT).exists():
+        run.load_state_dict(io.load_torch(out / CHECKPOINT, map_location=run.device))
+        log(f"[{rid}] resuming after epoch {run.epoch}")
+    # metrics.jsonl is rewritten from the checkpoint: an epoch logged after the last checkpoint
+    # (a crash in between) is dropped and trained again, never duplicated
+    io.write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in run.history))
+    tracker = Tracker(cfg, out, rid)
+    try:
+        result = run.fit(stop_after_epochs, tracker)
+        if result is None:
+            return None
+        run.use_current_weights()
+        io.save_torch(out / WEIGHTS, run.model.state_dict())
+        io.write_json(out / RESULT, result)
+        tracker.finish(result)
+    finally:
+        tracker.close()
+    (out / CHECKPOINT).unlink(missing_ok=True)
+    return result
