@@ -129,6 +129,7 @@ class Run:
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.epoch, self.history, self.wall_s, self.status = 0, [], 0.0, "running"
+        self.reset_counters()
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -155,32 +156,40 @@ class Run:
         self.flat.data.copy_(self.engine.w)
 
     # ---------------------------------------------------------------- training
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
+        """One delayed update; loss and correct counts accumulate on the device (no sync)."""
+        cfg = self.cfg
+
+        def grad_fn(w_fwd: torch.Tensor) -> torch.Tensor:
+            self.flat.data.copy_(w_fwd)
+            self.flat.grad.zero_()
+            with autocast(self.device, cfg.train.precision):
+                logits = self.model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing)
+            loss.backward()
+            self.loss_sum += loss.detach().double() * len(y)
+            self.correct += (logits.argmax(1) == y).sum()
+            return self.flat.grad
+
+        self.engine.step(grad_fn, lr)
+
+    def reset_counters(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=self.device, dtype=torch.long)
+
     def train_epoch(self) -> dict:
-        cfg, device = self.cfg, self.device
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        correct = torch.zeros((), device=device, dtype=torch.long)
+        cfg = self.cfg
+        self.reset_counters()
         seen, lr = 0, cfg.optim.lr
         self.model.train()
         for i, (x, y) in enumerate(self.batches.epoch(self.epoch)):
-            def grad_fn(w_fwd: torch.Tensor) -> torch.Tensor:
-                nonlocal loss_sum, correct
-                self.flat.data.copy_(w_fwd)
-                self.flat.grad.zero_()
-                with autocast(device, cfg.train.precision):
-                    logits = self.model(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing)
-                loss.backward()
-                loss_sum += loss.detach().double() * len(y)
-                correct += (logits.argmax(1) == y).sum()
-                return self.flat.grad
-
             lr = lr_at(self.engine.t, cfg.optim.lr, self.total_steps, self.steps_per_epoch, cfg.schedule)
-            self.engine.step(grad_fn, lr)
+            self.train_step(x, y, lr)
             seen += len(y)
-            if (i + 1) % cfg.train.divergence_check_every == 0 and not torch.isfinite(loss_sum):
+            if (i + 1) % cfg.train.divergence_check_every == 0 and not torch.isfinite(self.loss_sum):
                 break
-        train_loss = float(loss_sum) / max(seen, 1)
-        return {"train_loss": train_loss, "train_acc": int(correct) / max(seen, 1), "lr": lr,
+        train_loss = float(self.loss_sum) / max(seen, 1)
+        return {"train_loss": train_loss, "train_acc": int(self.correct) / max(seen, 1), "lr": lr,
                 "diverged": not math.isfinite(train_loss) or not bool(torch.isfinite(self.engine.w).all())}
 
     def evaluate(self) -> tuple[float, float]:

@@ -1,0 +1,79 @@
+"""Bad input: exit code 2, one line naming the file and the dotted key, nothing written."""
+
+import subprocess
+import sys
+
+import pytest
+
+from abexp.cli import main
+
+CASES = [
+    ("unknown key", "optim:\n  lrr: 0.1\n", "optim.lrr"),
+    ("unknown section", "optimizer:\n  lr: 0.1\n", "optimizer"),
+    ("wrong type", "train:\n  epochs: many\n", "train.epochs"),
+    ("wrong type list", "optim:\n  lr: [0.1]\n", "optim.lr"),
+    ("lr zero", "optim:\n  lr: 0\n", "optim.lr"),
+    ("lr negative", "optim:\n  lr: -0.1\n", "optim.lr"),
+    ("momentum one", "optim:\n  momentum: 1.0\n", "optim.momentum"),
+    ("momentum negative", "optim:\n  momentum: -0.1\n", "optim.momentum"),
+    ("negative delay", "delay:\n  steps: -1\n", "delay.steps"),
+    ("negative rho", "optim:\n  rho: -0.5\n", "optim.rho"),
+    ("unknown model", "model:\n  name: resnet9\n", "model.name"),
+    ("unknown data", "data:\n  name: mnist\n", "data.name"),
+    ("unknown optimizer", "optim:\n  name: adam\n", "optim.name"),
+    ("section not a mapping", "optim: 3\n", "optim"),
+]
+
+
+@pytest.mark.parametrize("label,text,key", CASES, ids=[c[0] for c in CASES])
+def test_bad_config_exits_2_naming_file_and_key(tmp_path, capsys, label, text, key):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    out = tmp_path / "out"
+    assert main(["train", str(cfg), "--out", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert str(cfg) in err and f": {key}:" in err
+    assert not out.exists()
+
+
+def test_bad_set_override_names_the_key(tmp_path, capsys):
+    cfg = tmp_path / "ok.yaml"
+    cfg.write_text("seed: 1\n")
+    assert main(["train", str(cfg), "--set", "delay.stepz=3", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "delay.stepz" in err and str(cfg) in err and not (tmp_path / "o").exists()
+
+
+def test_unreadable_yaml(tmp_path, capsys):
+    cfg = tmp_path / "broken.yaml"
+    cfg.write_text("optim: [\n")
+    assert main(["train", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert "broken.yaml" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_yaml_never_executes_code(tmp_path, capsys):
+    cfg = tmp_path / "evil.yaml"
+    cfg.write_text("seed: !!python/object/apply:os.system ['touch pwned']\n")
+    assert main(["train", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_missing_dataset_names_data_root(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{name: cifar10, root: {tmp_path / 'none'}}}\n")
+    assert main(["train", str(cfg), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "data.root" in err and "cifar-10-batches-py" in err and not (tmp_path / "o").exists()
+
+
+def test_console_script_exit_code(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("optim:\n  lr: -1\n")
+    proc = subprocess.run([sys.executable, "-m", "abexp.cli", "train", str(cfg)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "optim.lr" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "abexp.cli", "train"], capture_output=True, text=True)
+    assert proc.returncode == 2

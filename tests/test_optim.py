@@ -1,0 +1,180 @@
+"""Update rules against independent references: torch.optim.SGD, naive delayed SGD, hand math."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from abexp.config import DelayCfg, OptimCfg
+from abexp.engine import DelayedSGD, FlatParams
+from abexp.models import build_model
+
+
+def batches(n_steps, batch=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen))
+            for _ in range(n_steps)]
+
+
+def run_engine(optim: OptimCfg, delay: int, data, lr, seed=0):
+    torch.manual_seed(seed)
+    model = build_model("resnet8")
+    flat = FlatParams(model)
+    engine = DelayedSGD(flat.data, flat.sizes, optim, DelayCfg(steps=delay), seed=0)
+    for x, y in data:
+        def grad_fn(w_fwd):
+            flat.data.copy_(w_fwd)
+            flat.grad.zero_()
+            F.cross_entropy(model(x), y).backward()
+            return flat.grad
+        engine.step(grad_fn, lr)
+    return engine.w
+
+
+def reference_delayed_sgd(delay, data, lr, momentum, wd, nesterov, seed=0):
+    """Naive delayed SGD: explicit copies of old weights, gradient recomputed on a second model,
+    applied to the current weights by torch.optim.SGD (which adds wd * current weights)."""
+    torch.manual_seed(seed)
+    model = build_model("resnet8")
+    stale_model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd,
+                          nesterov=nesterov)
+    old = [copy.deepcopy([p.detach().clone() for p in model.parameters()])]
+    for t, (x, y) in enumerate(data):
+        stale = old[max(t - delay, 0)]
+        with torch.no_grad():
+            for p, s in zip(stale_model.parameters(), stale):
+                p.copy_(s)
+        stale_model.zero_grad()
+        F.cross_entropy(stale_model(x), y).backward()
+        for p, s in zip(model.parameters(), stale_model.parameters()):
+            p.grad = s.grad.clone()
+        opt.step()
+        old.append([p.detach().clone() for p in model.parameters()])
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_delay0_sgdm_reproduces_torch_sgd(nesterov):
+    data = batches(20)
+    cfg = OptimCfg(name="sgdm", lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=nesterov)
+    ours = run_engine(cfg, 0, data, lr=0.05)
+    ref = reference_delayed_sgd(0, data, 0.05, 0.9, 5e-4, nesterov)
+    assert rel_err(ours, ref) < 1e-6
+
+
+@pytest.mark.parametrize("delay", [1, 3])
+def test_constant_delay_matches_naive_reference(delay):
+    data = batches(12)
+    cfg = OptimCfg(name="sgdm", lr=0.05, momentum=0.9, weight_decay=5e-4)
+    ours = run_engine(cfg, delay, data, lr=0.05)
+    ref = reference_delayed_sgd(delay, data, 0.05, 0.9, 5e-4, False)
+    assert rel_err(ours, ref) < 1e-6
+    undelayed = reference_delayed_sgd(0, data, 0.05, 0.9, 5e-4, False)
+    assert rel_err(ours, undelayed) > 1e-3  # the delay really changed the trajectory
+
+
+def test_ab_with_rho0_equals_sgdm():
+    data = batches(8)
+    sgdm = run_engine(OptimCfg(name="sgdm", lr=0.05), 2, data, lr=0.05)
+    ab0 = run_engine(OptimCfg(name="ab", lr=0.05, rho=0.0), 2, data, lr=0.05)
+    assert torch.equal(sgdm, ab0)
+    ab1 = run_engine(OptimCfg(name="ab", lr=0.05, rho=1.0), 2, data, lr=0.05)
+    assert not torch.equal(sgdm, ab1)
+
+
+def one_step(name, w, v, g, lr=0.1, m=0.5, rho=1.0, cosine="tensor", sizes=(2, 3)):
+    cfg = OptimCfg(name=name, lr=lr, momentum=m, rho=rho, weight_decay=0.0, ab_cosine=cosine)
+    engine = DelayedSGD(torch.tensor(w), list(sizes), cfg, DelayCfg(steps=0), seed=0)
+    engine.optimizer.v.copy_(torch.tensor(v))
+    engine.step(lambda w_fwd: torch.tensor(g), lr)
+    return engine.w.tolist(), engine.optimizer.v.tolist()
+
+
+def test_ab_hand_computed_per_tensor_and_global():
+    w, v, g = [1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 0.0, 0.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0, 2.0]
+    # per tensor: segment 1 cos = 1/sqrt(2); segment 2 cos = 0
+    s1 = 1 - 1 / math.sqrt(2)
+    g_t = [s1 * 1, s1 * 1, 0.0, 0.0, 2.0]
+    v_new = [0.5 * a + b for a, b in zip(v, g_t)]
+    w_new = [a - 0.1 * b for a, b in zip(w, v_new)]
+    got_w, got_v = one_step("ab", w, v, g)
+    assert got_v == pytest.approx(v_new, rel=1e-6) and got_w == pytest.approx(w_new, rel=1e-6)
+    # global: cos = <g,v>/(|g||v|) = 1 / (sqrt(6) sqrt(2))
+    s = 1 - 1 / math.sqrt(12)
+    v_new = [0.5 * a + s * b for a, b in zip(v, g)]
+    w_new = [a - 0.1 * b for a, b in zip(w, v_new)]
+    got_w, got_v = one_step("ab", w, v, g, cosine="global")
+    assert got_v == pytest.approx(v_new, rel=1e-6) and got_w == pytest.approx(w_new, rel=1e-6)
+
+
+def test_ab_amplifies_a_gradient_opposing_the_velocity():
+    got_w, got_v = one_step("ab", [0.0], [1.0], [-1.0], m=0.0, sizes=(1,))
+    assert got_v == pytest.approx([-2.0])  # cos = -1: (1 - rho * -1) * g
+
+
+def test_ab_cosine_is_zero_when_velocity_is_zero():
+    got_w, got_v = one_step("ab", [0.0, 0.0], [0.0, 0.0], [1.0, 2.0], sizes=(2,))
+    assert got_v == pytest.approx([1.0, 2.0])
+
+
+def test_dcasgd_hand_computed():
+    cfg = OptimCfg(name="dcasgd", lr=0.1, momentum=0.0, weight_decay=0.0, dc_lambda=0.5)
+    engine = DelayedSGD(torch.tensor([1.0, 1.0]), [2], cfg, DelayCfg(steps=1), seed=0)
+    engine.step(lambda w: torch.tensor([2.0, -1.0]), 0.1)  # step 0: fills, tau=1 -> w_0, no correction term
+    assert engine.w.tolist() == pytest.approx([0.8, 1.1])
+    engine.step(lambda w: torch.tensor([1.0, 1.0]), 0.1)  # w - w_fwd = [-0.2, 0.1]
+    g = [1 + 0.5 * 1 * (-0.2), 1 + 0.5 * 1 * 0.1]
+    assert engine.w.tolist() == pytest.approx([0.8 - 0.1 * g[0], 1.1 - 0.1 * g[1]])
+
+
+def test_staleness_aware_lr_divides_by_the_delay():
+    cfg = OptimCfg(name="salr", lr=0.1, momentum=0.0, weight_decay=0.0)
+    engine = DelayedSGD(torch.tensor([0.0]), [1], cfg, DelayCfg(steps=4), seed=0)
+    engine.step(lambda w: torch.tensor([1.0]), 0.1)
+    assert engine.w.tolist() == pytest.approx([-0.1 / 4])
+
+
+def test_lwp_stores_predicted_weights():
+    """Forward weights of step s are w_s - eta * D * v_s; with constant gradient 1 and m=0.5."""
+    cfg = OptimCfg(name="lwp", lr=0.1, momentum=0.5, weight_decay=0.0)
+    engine = DelayedSGD(torch.tensor([0.0]), [1], cfg, DelayCfg(steps=2), seed=0)
+    seen, w, v = [], 0.0, 0.0
+    expected = []
+    for t in range(5):
+        expected.append(w - 0.1 * 2 * v)  # prediction made at step t; used at step t + 2
+        engine.step(lambda w_fwd: (seen.append(float(w_fwd)), torch.tensor([1.0]))[1], 0.1)
+        v = 0.5 * v + 1.0
+        w = w - 0.1 * v
+    assert seen == pytest.approx([expected[0], expected[0], expected[0], expected[1], expected[2]])
+
+
+def impulse_trace(name, delay, arrival, steps=12, m=0.9, lr=0.1):
+    """Per-step weight changes when the only non-zero gradient is applied at step ``arrival``."""
+    cfg = OptimCfg(name=name, lr=lr, momentum=m, weight_decay=0.0)
+    engine = DelayedSGD(torch.zeros(1, dtype=torch.float64), [1], cfg, DelayCfg(steps=delay), seed=0)
+    deltas = []
+    for t in range(steps):
+        before = float(engine.w)
+        engine.step(lambda w: torch.tensor([1.0 if t == arrival else 0.0], dtype=torch.float64), lr)
+        deltas.append(float(engine.w) - before)
+    return deltas
+
+
+def test_spike_compensation_matches_undelayed_sgdm_from_arrival_on():
+    D, s = 4, 2  # gradient of the batch of step s arrives at step s + D
+    undelayed = impulse_trace("sgdm", 0, s)
+    sc = impulse_trace("sc", D, s + D)
+    plain = impulse_trace("sgdm", D, s + D)
+    # arrival step: everything undelayed SGDM would have applied up to and including it
+    assert sc[s + D] == pytest.approx(sum(undelayed[s:s + D + 1]), rel=1e-12)
+    # every later step: exactly undelayed SGDM's contribution
+    assert sc[s + D + 1:] == pytest.approx(undelayed[s + D + 1:], rel=1e-12)
+    assert sum(sc) == pytest.approx(sum(undelayed), rel=1e-12)
+    assert plain[s + D + 1] != pytest.approx(undelayed[s + D + 1])  # without SC they differ

@@ -1,0 +1,98 @@
+"""Whole runs: output files, resume bit-identity, divergence, BN recalibration."""
+
+import json
+
+import pytest
+import torch
+
+from abexp import io
+from abexp.cli import main
+from abexp.config import load_config, run_id
+from abexp.train import RESULT, recalibrated_bn, train_run
+
+REQUIRED_KEYS = ["seed", "model.name", "data.name", "data.subset", "train.epochs", "train.batch_size",
+                 "optim.name", "optim.lr", "optim.momentum", "optim.rho", "delay.steps"]
+
+
+def weights(folder):
+    return io.load_torch(folder / "model.pt")
+
+
+def test_cli_train_writes_config_metrics_and_result(tmp_path, tiny_overrides):
+    out = tmp_path / "run"
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("optim: {name: ab, rho: 1.0}\ndelay: {steps: 4}\n")
+    args = ["train", str(cfg_file), "--out", str(out), "--device", "cpu"]
+    for o in tiny_overrides + ["train.epochs=2"]:
+        args += ["--set", o]
+    assert main(args) == 0
+    result = json.loads((out / RESULT).read_text())
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "wall_s"} <= set(r)
+        assert 0 <= r["test_acc"] <= 1 and 0 <= r["train_acc"] <= 1
+    assert result["status"] == "completed" and result["epochs_completed"] == 2
+    assert result["steps"] == 2 * (256 // 32)
+    assert result["test_acc"] == rows[-1]["test_acc"]
+    assert result["best_test_acc"] == max(r["test_acc"] for r in rows)
+    assert result["run_id"] == run_id(load_config(out / "config.yaml"))
+    from abexp.config import flatten
+    flat = flatten(result["config"])
+    for key in REQUIRED_KEYS:
+        assert key in flat
+    assert flat["optim.name"] == "ab" and flat["delay.steps"] == 4 and flat["data.subset"] == 256
+
+
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["train.epochs=3", "optim.name=ab", "delay.steps=4",
+                                              "schedule.name=multistep", "eval.bn=recalibrate"])
+    full = tmp_path / "full"
+    part = tmp_path / "part"
+    train_run(cfg, full, device="cpu", log=lambda s: None)
+    assert train_run(cfg, part, device="cpu", stop_after_epochs=1, log=lambda s: None) is None
+    assert not (part / RESULT).exists() and (part / "checkpoint.pt").exists()
+    # a crash after the metrics line but before the next checkpoint must not duplicate epochs
+    with open(part / "metrics.jsonl", "a") as fh:
+        fh.write('{"epoch": 2, "train_loss": 9}\n{"epo')
+    train_run(cfg, part, device="cpu", log=lambda s: None)
+    a, b = weights(full), weights(part)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = lambda d: [{k: v for k, v in json.loads(l).items() if k not in ("wall_s", "elapsed_s")}
+                      for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rows(full) == rows(part)
+    assert not (part / "checkpoint.pt").exists()
+
+
+def test_finished_run_is_not_run_again(tmp_path, tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["train.epochs=1"])
+    first = train_run(cfg, tmp_path, device="cpu", log=lambda s: None)
+    mtime = (tmp_path / RESULT).stat().st_mtime_ns
+    assert train_run(cfg, tmp_path, device="cpu", log=lambda s: None) == first
+    assert (tmp_path / RESULT).stat().st_mtime_ns == mtime
+
+
+def test_divergence_stops_the_run_with_status_diverged(tmp_path, tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["train.epochs=3", "optim.lr=1e6",
+                                              "train.divergence_check_every=1"])
+    result = train_run(cfg, tmp_path, device="cpu", log=lambda s: None)
+    assert result["status"] == "diverged" and result["epochs_completed"] == 1
+    assert json.loads((tmp_path / RESULT).read_text())["status"] == "diverged"
+
+
+def test_bn_recalibration_recomputes_statistics_at_current_weights_and_restores_them():
+    from abexp.models import build_model
+    torch.manual_seed(0)
+    model = build_model("resnet8")
+    xs = [torch.randn(16, 3, 32, 32) for _ in range(3)]
+    bn = model.bn
+    bn.running_mean.fill_(5.0)
+    captured = []
+    with recalibrated_bn(model, iter(xs), "fp32", torch.device("cpu")):
+        captured.append(bn.running_mean.clone())
+    # naive: the stem BN sees conv(x); its recalibrated mean is the average of the batch means
+    with torch.no_grad():
+        expect = torch.stack([model.conv(x).mean(dim=(0, 2, 3)) for x in xs]).mean(0)
+    assert torch.allclose(captured[0], expect, atol=1e-5)
+    assert torch.all(bn.running_mean == 5.0)  # training state untouched
