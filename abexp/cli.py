@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -50,6 +51,72 @@ def cmd_stability(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from abexp.runner import run_state, runs_dir
+    from abexp.spec import load_spec
+
+    plan = load_spec(args.spec, args.set).expand()
+    if args.json:
+        print(json.dumps([{"run_id": r.run_id, "overrides": r.overrides,
+                           "config": r.config.model_dump()} for r in plan], indent=1))
+        return 0
+    for r in plan:
+        state = run_state(runs_dir(args.results) / r.run_id)
+        label = " ".join(f"{k}={v}" for k, v in r.overrides.items()) or "(base)"
+        print(f"{r.run_id}  {state:<8} {label}")
+    print(f"{len(plan)} runs")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from abexp.runner import run_local, run_slurm
+    from abexp.spec import load_spec
+
+    load_spec(args.spec, args.set).expand()  # validate every run before anything starts
+    gpus = [g for g in args.gpus.split(",") if g] if args.gpus else None
+    if args.backend == "slurm":
+        params = {"slurm_partition": args.slurm_partition, "timeout_min": args.timeout_min,
+                  "gpus_per_node": 1, "cpus_per_task": args.cpus_per_task}
+        jobs = run_slurm(args.spec, args.results, args.array, args.slurm_folder,
+                         {k: v for k, v in params.items() if v is not None}, overrides=args.set)
+        print(f"submitted {len(jobs)} array tasks: {[j.job_id for j in jobs]}")
+        return 0
+    return run_local(args.spec, args.results, args.workers, gpus, args.runs_per_gpu,
+                     progress=not args.no_progress, overrides=args.set)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from abexp.runner import run_state, runs_dir, summarize
+    from abexp.spec import load_spec
+
+    plan = load_spec(args.spec, args.set).expand()
+    import pandas as pd
+    from abexp.collect import collect
+    table = collect(args.results, [r.run_id for r in plan]).set_index("run_id") if plan else None
+    for r in plan:
+        state = run_state(runs_dir(args.results) / r.run_id)
+        acc = ""
+        if table is not None and r.run_id in table.index and pd.notna(table.loc[r.run_id, "test_acc"]):
+            acc = f"test_acc={float(table.loc[r.run_id, 'test_acc']):.4f}"
+        label = " ".join(f"{k}={v}" for k, v in r.overrides.items()) or "(base)"
+        print(f"{r.run_id}  {state:<8} {acc:<16} {label}")
+    counts = summarize(plan, args.results)
+    print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f" ({len(plan)} runs)")
+    return 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from abexp.collect import SUMMARY, collect, write_table
+
+    table = collect(args.results)
+    if args.output:
+        write_table(table, args.output)
+        print(f"wrote {len(table)} runs to {args.output}")
+    else:
+        print(table[[c for c in SUMMARY if c in table.columns]].to_string(index=False))
+    return 0
+
+
 def build_parser() -> Parser:
     from abexp.config import OPTIM_NAMES
 
@@ -76,6 +143,42 @@ def build_parser() -> Parser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stability)
 
+    p = sub.add_parser("plan", help="list the runs a spec expands to, with their state")
+    p.add_argument("spec")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a dotted key in the base of every run (e.g. data.root=...)")
+    p.add_argument("--results", default="results")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("run", help="run every run of a spec (resumable, exactly once)")
+    p.add_argument("spec")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a dotted key in the base of every run (e.g. data.root=...)")
+    p.add_argument("--results", default="results")
+    p.add_argument("--workers", type=int, help="worker processes (default: one per GPU slot, or 1)")
+    p.add_argument("--gpus", help="comma-separated GPU ids (default: all visible)")
+    p.add_argument("--runs-per-gpu", type=int, default=1, help="runs sharing one GPU")
+    p.add_argument("--backend", choices=["local", "slurm"], default="local")
+    p.add_argument("--array", type=int, default=4, help="slurm: number of array tasks")
+    p.add_argument("--slurm-folder", default="results/slurm", help="slurm: submitit log folder")
+    p.add_argument("--slurm-partition")
+    p.add_argument("--timeout-min", type=int, default=24 * 60)
+    p.add_argument("--cpus-per-task", type=int, default=8)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="state and accuracy of every run of a spec")
+    p.add_argument("spec")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a dotted key in the base of every run (e.g. data.root=...)")
+    p.add_argument("--results", default="results")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("collect", help="one table row per run in RESULTS/runs")
+    p.add_argument("--results", default="results")
+    p.add_argument("-o", "--output", help="FILE.csv or FILE.parquet (default: print)")
+    p.set_defaults(func=cmd_collect)
     return parser
 
 
@@ -83,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     from abexp.data import DataError
     from abexp.train import RunDirError
 
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `abexp plan ... | head` exits quietly
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

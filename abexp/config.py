@@ -115,6 +115,7 @@ class TrackingCfg(_Locked):
 class RunConfig(_Locked):
     seed: int = 0
     experiment: str = ""  # the spec's name; set by the runner
+    variant: str = ""  # the spec variant this run came from (a label for figures)
     model: ModelCfg = ModelCfg()
     data: DataCfg = DataCfg()
     train: TrainCfg = TrainCfg()
@@ -125,8 +126,10 @@ class RunConfig(_Locked):
     tracking: TrackingCfg = TrackingCfg()
 
 
-# Keys that do not change what is computed: excluded from the run id.
-NON_IDENTITY_KEYS = ("tracking", "experiment")
+# Keys that do not change what is computed (labels, logging, where the data lives):
+# excluded from the run id, so the same run on another machine has the same id.
+NON_IDENTITY_KEYS = ("tracking", "experiment", "variant", "data.root", "data.download",
+                     "data.workers", "eval.batch_size")
 
 
 def defaults() -> dict[str, Any]:
@@ -240,7 +243,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def canonical(cfg: RunConfig | dict) -> dict:
     data = cfg.model_dump() if isinstance(cfg, RunConfig) else copy.deepcopy(cfg)
     for key in NON_IDENTITY_KEYS:
-        data.pop(key, None)
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
     return data
 
 

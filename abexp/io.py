@@ -26,6 +26,10 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    _atomic(Path(path), lambda fh: fh.write(data))
+
+
 def write_text(path: str | Path, text: str) -> None:
     _atomic(Path(path), lambda fh: fh.write(text.encode()))
 

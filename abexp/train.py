@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -27,8 +29,8 @@ from abexp.models import build_model
 from abexp.schedule import lr_at
 from abexp.tracking import Tracker
 
-CONFIG, METRICS, CHECKPOINT, RESULT, WEIGHTS = (
-    "config.yaml", "metrics.jsonl", "checkpoint.pt", "result.json", "model.pt")
+CONFIG, METRICS, CHECKPOINT, RESULT, WEIGHTS, EVENTS = (
+    "config.yaml", "metrics.jsonl", "checkpoint.pt", "result.json", "model.pt", "events.jsonl")
 
 
 class RunDirError(Exception):
@@ -275,6 +277,7 @@ def train_run(cfg: RunConfig, out_dir: str | Path, device: str = "auto",
     # metrics.jsonl is rewritten from the checkpoint: an epoch logged after the last checkpoint
     # (a crash in between) is dropped and trained again, never duplicated
     io.write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in run.history))
+    _event(out, "start", from_epoch=run.epoch)
     tracker = Tracker(cfg, out, rid)
     try:
         result = run.fit(stop_after_epochs, tracker)
@@ -283,8 +286,17 @@ def train_run(cfg: RunConfig, out_dir: str | Path, device: str = "auto",
         run.use_current_weights()
         io.save_torch(out / WEIGHTS, run.model.state_dict())
         io.write_json(out / RESULT, result)
+        _event(out, "end", status=result["status"])
         tracker.finish(result)
     finally:
         tracker.close()
     (out / CHECKPOINT).unlink(missing_ok=True)
     return result
+
+
+def _event(out: Path, event: str, **fields) -> None:
+    """Append to events.jsonl: who trained this run when (audits exactly-once execution)."""
+    row = {"event": event, "time": time.time(), "host": socket.gethostname(), "pid": os.getpid(), **fields}
+    with open(out / EVENTS, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+

@@ -1,0 +1,220 @@
+"""Run every run of a spec, each exactly once, resumably, with N worker processes.
+
+Workers (``python -m abexp.runner worker ...``, or SLURM array tasks through submitit) all run
+``worker_loop``: walk the plan, claim a run (abexp.claims), train it in-process (resuming its
+checkpoint if any), release it. A run that raises is recorded in ``failed.json`` with its
+traceback and is not retried within the same session; the next ``abexp run`` retries it.
+A local worker dies with its runner (PR_SET_PDEATHSIG), so a killed runner leaves no orphan
+training a run that a restarted runner would then train twice.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+from abexp import io
+from abexp.config import dump_yaml
+from abexp.claims import LOCK, Heartbeat, is_stale, try_claim
+from abexp.spec import PlannedRun, load_spec
+
+FAILED, EVENTS, LOG = "failed.json", "events.jsonl", "log.txt"
+POLL_S = float(os.environ.get("ABEXP_POLL_S", "2"))
+
+
+def runs_dir(results: str | Path) -> Path:
+    return Path(results) / "runs"
+
+
+def run_state(run_dir: Path) -> str:
+    """done | failed | running | partial | pending, from the files in the run folder alone."""
+    if (run_dir / "result.json").exists():
+        return "done"
+    if (run_dir / LOCK).exists() and not is_stale(run_dir / LOCK):
+        return "running"
+    if (run_dir / FAILED).exists():
+        return "failed"
+    if (run_dir / "checkpoint.pt").exists():
+        return "partial"
+    return "pending"
+
+
+def _failed_in_session(run_dir: Path, session: str) -> bool:
+    try:
+        return json.loads((run_dir / FAILED).read_text()).get("session") == session
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _train_claimed(run: PlannedRun, run_dir: Path, session: str) -> str:
+    from abexp.train import train_run
+
+    if not (run_dir / "config.yaml").exists():  # so status and collect see even a failed run
+        io.write_text(run_dir / "config.yaml", dump_yaml(run.config))
+    log_fh = open(run_dir / LOG, "a", buffering=1)
+    log = lambda msg: log_fh.write(f"{time.strftime('%H:%M:%S')} {msg}\n")  # noqa: E731
+    try:
+        result = train_run(run.config, run_dir, device="auto", log=log)
+        (run_dir / FAILED).unlink(missing_ok=True)
+        return result["status"]
+    except Exception as err:  # a crashed run must not stop the others
+        tb = traceback.format_exc()
+        log_fh.write(tb)
+        io.write_json(run_dir / FAILED, {"status": "failed", "session": session, "error": repr(err),
+                                         "traceback": tb, "host": socket.gethostname(),
+                                         "time": time.time()})
+        return "failed"
+    finally:
+        log_fh.close()
+
+
+def worker_loop(spec_path: str, results: str, session: str, overrides: list[str] | None = None,
+                poll_s: float = POLL_S) -> dict:
+    """Claim and train pending runs until every run is done or failed in this session."""
+    threads = os.environ.get("ABEXP_THREADS")
+    if threads:
+        import torch
+        torch.set_num_threads(int(threads))
+    plan = load_spec(spec_path, overrides).expand(warn=lambda msg: None)
+    root = runs_dir(results)
+    heartbeat = Heartbeat()
+    counts: dict[str, int] = {}
+    try:
+        while True:
+            unfinished = 0
+            for run in plan:
+                run_dir = root / run.run_id
+                if (run_dir / "result.json").exists() or _failed_in_session(run_dir, session):
+                    continue
+                unfinished += 1
+                claim = try_claim(run_dir)
+                if claim is None:
+                    continue
+                heartbeat.add(claim)
+                try:
+                    if not (run_dir / "result.json").exists():  # finished while we looked
+                        status = _train_claimed(run, run_dir, session)
+                        counts[status] = counts.get(status, 0) + 1
+                finally:
+                    heartbeat.remove(claim)
+                    claim.release()
+            if unfinished == 0:
+                return counts
+            time.sleep(poll_s)  # the rest are claimed by live workers: wait, they may die
+    finally:
+        heartbeat.stop()
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _slots(workers: int | None, gpus: list[str] | None, runs_per_gpu: int) -> list[str | None]:
+    """One entry per worker: the GPU it sees (CUDA_VISIBLE_DEVICES) or None for CPU."""
+    if gpus is None:
+        try:
+            import torch
+            if torch.cuda.is_available():
+                gpus = [str(i) for i in range(torch.cuda.device_count())]
+        except ImportError:
+            pass
+    if gpus:
+        slots: list[str | None] = [g for g in gpus for _ in range(runs_per_gpu)]
+        return slots[:workers] if workers else slots
+    return [None] * (workers or 1)
+
+
+def summarize(plan: list[PlannedRun], results: str | Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for run in plan:
+        state = run_state(runs_dir(results) / run.run_id)
+        counts[state] = counts.get(state, 0) + 1
+    return counts
+
+
+def run_local(spec_path: str, results: str, workers: int | None = None,
+              gpus: list[str] | None = None, runs_per_gpu: int = 1, progress: bool = True,
+              overrides: list[str] | None = None) -> int:
+    """Start the workers, show progress, return 0 when every run ended done (or diverged)."""
+    from tqdm import tqdm
+
+    plan = load_spec(spec_path, overrides).expand(warn=lambda msg: None)
+    ids = [r.run_id for r in plan]
+    root = runs_dir(results)
+    session = uuid.uuid4().hex[:12]
+    done = lambda: sum((root / rid / "result.json").exists() for rid in ids)  # noqa: E731
+    if done() == len(ids):
+        print(f"all {len(ids)} runs of {spec_path} are done")
+        return 0
+    slots = _slots(workers, gpus, runs_per_gpu)
+    threads = max(1, (os.cpu_count() or 1) // len(slots)) if slots[0] is None else 4
+    procs = []
+    for gpu in slots:
+        env = dict(os.environ, ABEXP_THREADS=str(threads))
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "abexp.runner", spec_path, results, session, *(overrides or [])],
+            env=env, preexec_fn=_die_with_parent))
+    bar = tqdm(total=len(ids), initial=done(), unit="run", desc=Path(spec_path).stem,
+               disable=not progress, dynamic_ncols=True)
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(1.0)
+            bar.update(done() - bar.n)
+        bar.update(done() - bar.n)
+    finally:
+        bar.close()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    failed = [rid for rid in ids if _failed_in_session(root / rid, session)]
+    crashed = [p.returncode for p in procs if p.returncode != 0]
+    for rid in failed:
+        print(f"failed: {rid} (traceback in {root / rid / LOG})", file=sys.stderr)
+    if crashed:
+        print(f"{len(crashed)} worker(s) exited abnormally: {crashed}", file=sys.stderr)
+    return 1 if failed or crashed or done() < len(ids) else 0
+
+
+def run_slurm(spec_path: str, results: str, array: int, executor_folder: str,
+              slurm_params: dict | None = None, executor=None,
+              overrides: list[str] | None = None) -> list:
+    """Submit ``array`` tasks that each run ``worker_loop``; returns the submitit jobs.
+
+    ``executor`` lets tests pass submitit's LocalExecutor; by default an AutoExecutor, which
+    submits to SLURM where it is available.
+    """
+    import submitit
+
+    if executor is None:
+        executor = submitit.AutoExecutor(folder=executor_folder)
+        executor.update_parameters(**(slurm_params or {}))
+    session = uuid.uuid4().hex[:12]
+    spec_path, results = str(Path(spec_path).resolve()), str(Path(results).resolve())
+    with executor.batch():
+        jobs = [executor.submit(worker_loop, spec_path, results, session, overrides) for _ in range(array)]
+    return jobs
+
+
+def worker_main(argv: Iterable[str]) -> int:
+    spec_path, results, session, *overrides = list(argv)
+    worker_loop(spec_path, results, session, overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(worker_main(sys.argv[1:]))

@@ -1,0 +1,186 @@
+"""Experiment specs: a declarative YAML expanded into validated runs.
+
+    name: cifar10_resnet20_delay
+    description: ...
+    base: {...run config...}          # or  base: {extends: other.yaml, <overrides>}
+    grid: {delay.steps: [0, 32], seed: [0, 1, 2]}          # crossed
+    variants: {sgdm: {optim.name: sgdm}, ab: {optim.name: ab}}   # named, crossed with the grid
+    zip: [{delay.steps: [0, 32], optim.lr: [0.1, 0.05]}]   # keys that vary together
+    exclude: [{variant: sc, delay.steps: 0}]               # drop runs matching every pair
+
+Every expanded run is validated before anything runs; duplicates (same run_id) collapse.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from abexp.config import (ConfigError, RunConfig, deep_merge, defaults, flatten, get_dotted,
+                          parse_override, read_yaml, run_id, set_dotted, validate)
+
+SPEC_KEYS = {"name", "description", "base", "grid", "variants", "zip", "exclude"}
+
+
+@dataclass
+class PlannedRun:
+    run_id: str
+    overrides: dict[str, Any]
+    config: RunConfig
+
+
+@dataclass
+class Spec:
+    path: Path
+    name: str
+    description: str
+    base: dict
+    grid: dict[str, list]
+    variants: dict[str, dict[str, Any]]
+    zips: list[dict[str, list]]
+    exclude: list[dict[str, Any]] = field(default_factory=list)
+
+    def expand(self, warn=lambda msg: print(msg, file=sys.stderr)) -> list[PlannedRun]:
+        return expand(self, warn)
+
+
+def _as_dotted(tree: Any, where: str, source: str) -> dict[str, Any]:
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(source, where, "expected a mapping")
+    return flatten(tree)
+
+
+def _resolve_base(base: Any, spec_dir: Path, source: str, seen: tuple[Path, ...]) -> dict:
+    """A nested config tree: defaults <- extended file(s) <- this base's own keys."""
+    if base is None:
+        base = {}
+    if not isinstance(base, dict):
+        raise ConfigError(source, "base", "expected a mapping (a run config, or extends: FILE)")
+    base = dict(base)
+    tree = defaults()
+    parent = base.pop("extends", None)
+    if parent is not None:
+        path = (spec_dir / str(parent)).resolve()
+        if path in seen:
+            raise ConfigError(source, "base.extends", f"cycle through {path}")
+        doc = read_yaml(path)
+        if not isinstance(doc, dict):
+            raise ConfigError(str(path), "", "expected a mapping")
+        if "base" in doc:  # another spec: use its resolved base
+            tree = _resolve_base(doc["base"], path.parent, str(path), seen + (path,))
+        else:  # a run config
+            tree = _resolve_base(doc, path.parent, str(path), seen + (path,))
+    for key, value in flatten(base).items():
+        set_dotted(tree, key, value, source)
+    return tree
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
+    """Read and check a spec; ``overrides`` (KEY=VALUE) apply to the base of every run."""
+    path = Path(path)
+    source = str(path)
+    doc = read_yaml(path)
+    if not isinstance(doc, dict):
+        raise ConfigError(source, "", "expected a mapping with name, base, grid, ...")
+    unknown = sorted(set(doc) - SPEC_KEYS)
+    if unknown:
+        raise ConfigError(source, unknown[0], f"unknown spec key (expected one of {sorted(SPEC_KEYS)})")
+    name = doc.get("name") or path.stem
+    if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(source, "name", "expected letters, digits, '-' and '_'")
+    grid = _as_dotted(doc.get("grid"), "grid", source)
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(source, f"grid.{key}", "expected a non-empty list of values")
+    variants_raw = doc.get("variants") or {}
+    if not isinstance(variants_raw, dict):
+        raise ConfigError(source, "variants", "expected a mapping of name -> partial config")
+    variants = {str(k): _as_dotted(v, f"variants.{k}", source) for k, v in variants_raw.items()}
+    zips_raw = doc.get("zip") or []
+    zips_raw = [zips_raw] if isinstance(zips_raw, dict) else zips_raw
+    if not isinstance(zips_raw, list):
+        raise ConfigError(source, "zip", "expected a mapping or a list of mappings")
+    zips = []
+    for i, group in enumerate(zips_raw):
+        if not isinstance(group, dict):
+            raise ConfigError(source, f"zip[{i}]", "expected a mapping of key -> list")
+        group = {k: v for k, v in group.items()}
+        lengths = {len(v) if isinstance(v, list) else -1 for v in group.values()}
+        if -1 in lengths or len(lengths) != 1 or 0 in lengths:
+            raise ConfigError(source, f"zip[{i}]", "expected non-empty lists of equal length")
+        zips.append(group)
+    exclude = doc.get("exclude") or []
+    if not isinstance(exclude, list) or not all(isinstance(e, dict) for e in exclude):
+        raise ConfigError(source, "exclude", "expected a list of mappings")
+    base = _resolve_base(doc.get("base"), path.parent, source, (path.resolve(),))
+    for item in overrides or []:
+        key, value = parse_override(item, f"{source} (--set)")
+        set_dotted(base, key, value, f"{source} (--set)")
+    return Spec(path, name, str(doc.get("description", "")), base, grid, variants, zips,
+                [flatten(e) for e in exclude])
+
+
+def _excluded(overrides: dict, tree: dict, rules: list[dict]) -> bool:
+    for rule in rules:
+        hit = True
+        for key, want in rule.items():
+            if key == "variant":
+                have = overrides.get("variant")
+            else:
+                try:
+                    have = get_dotted(tree, key)
+                except (KeyError, TypeError):
+                    hit = False
+                    break
+            if not (have in want if isinstance(want, list) else have == want):
+                hit = False
+                break
+        if hit:
+            return True
+    return False
+
+
+def expand(spec: Spec, warn=lambda msg: print(msg, file=sys.stderr)) -> list[PlannedRun]:
+    """All runs of a spec, validated, in a stable order; duplicates collapse with a warning."""
+    source = str(spec.path)
+    axes: list[list[dict[str, Any]]] = []
+    if spec.variants:
+        axes.append([{"variant": name, **values} for name, values in spec.variants.items()])
+    for key, values in spec.grid.items():
+        axes.append([{key: v} for v in values])
+    for group in spec.zips:
+        n = len(next(iter(group.values())))
+        axes.append([{k: group[k][i] for k in group} for i in range(n)])
+    runs: list[PlannedRun] = []
+    seen: dict[str, str] = {}
+    for combo in itertools.product(*axes):
+        overrides: dict[str, Any] = {}
+        for part in combo:
+            overrides.update(part)
+        tree = deep_merge(spec.base, {})
+        for key, value in overrides.items():
+            if key != "variant":
+                set_dotted(tree, key, value, source)
+        tree["experiment"] = spec.name
+        tree["variant"] = str(overrides.get("variant", ""))
+        label = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "base"
+        if _excluded(overrides, tree, spec.exclude):
+            continue
+        try:
+            cfg = validate(tree, source)
+        except ConfigError as err:
+            raise ConfigError(source, err.key, f"{err.message} (run: {label})") from None
+        if cfg.tracking.wandb.group is None:
+            cfg.tracking.wandb.group = spec.name
+        rid = run_id(cfg)
+        if rid in seen:
+            warn(f"warning: {source}: run ({label}) duplicates ({seen[rid]}); kept once")
+            continue
+        seen[rid] = label
+        runs.append(PlannedRun(rid, overrides, cfg))
+    return runs

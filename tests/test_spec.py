@@ -1,0 +1,123 @@
+"""Spec expansion and validation."""
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from abexp.cli import main
+from abexp.config import ConfigError, load_config, run_id
+from abexp.spec import load_spec
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def write(path, text):
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_grid_variants_zip_exclude_counts(tmp_path):
+    spec = write(tmp_path / "s.yaml", """
+        name: t
+        base: {model: {name: resnet8}, data: {name: digits}}
+        variants:
+          sgdm: {optim.name: sgdm}
+          ab: {optim: {name: ab, rho: 0.5}}
+        grid:
+          seed: [0, 1, 2]
+        zip:
+          - {delay.steps: [0, 4, 32], optim.lr: [0.1, 0.05, 0.01]}
+        exclude:
+          - {variant: ab, delay.steps: 0}
+          - {seed: [1, 2], delay.steps: 32}
+    """)
+    plan = load_spec(spec).expand()
+    # 2 variants x 3 seeds x 3 zipped = 18; minus ab at D=0 (3); minus seeds 1,2 at D=32 (2 variants x 2)
+    assert len(plan) == 18 - 3 - 4
+    for run in plan:
+        c = run.config
+        assert {0: 0.1, 4: 0.05, 32: 0.01}[c.delay.steps] == c.optim.lr  # zipped together
+        assert c.experiment == "t" and c.model.name == "resnet8"
+        if run.overrides["variant"] == "ab":
+            assert c.optim.name == "ab" and c.optim.rho == 0.5 and c.delay.steps != 0
+    assert len({r.run_id for r in plan}) == len(plan)
+
+
+def test_extends_another_spec_or_config(tmp_path):
+    write(tmp_path / "base.yaml", "optim: {lr: 0.3, momentum: 0.5}\ntrain: {epochs: 7}\n")
+    write(tmp_path / "parent.yaml", "name: p\nbase: {extends: base.yaml, optim: {lr: 0.2}}\n")
+    spec = write(tmp_path / "child.yaml", """
+        name: c
+        base: {extends: parent.yaml, train: {epochs: 3}}
+        grid: {seed: [0]}
+    """)
+    (run,) = load_spec(spec).expand()
+    assert (run.config.optim.lr, run.config.optim.momentum, run.config.train.epochs) == (0.2, 0.5, 3)
+
+
+def test_extends_cycle_is_an_error(tmp_path):
+    write(tmp_path / "a.yaml", "name: a\nbase: {extends: b.yaml}\n")
+    write(tmp_path / "b.yaml", "name: b\nbase: {extends: a.yaml}\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_spec(tmp_path / "a.yaml")
+
+
+def test_duplicates_collapse_with_a_warning(tmp_path):
+    spec = write(tmp_path / "s.yaml", """
+        name: d
+        variants: {one: {optim.lr: 0.1}, two: {optim.lr: 0.1}}
+    """)
+    warnings = []
+    plan = load_spec(spec).expand(warn=warnings.append)
+    assert len(plan) == 1 and len(warnings) == 1 and "duplicates" in warnings[0]
+
+
+def test_run_id_is_stable_under_key_order_and_logging_options(tmp_path):
+    a = write(tmp_path / "a.yaml", "optim: {lr: 0.2, momentum: 0.8}\ndelay: {steps: 3}\n")
+    b = write(tmp_path / "b.yaml", "delay: {steps: 3}\noptim: {momentum: 0.8, lr: 0.2}\n"
+                                   "tracking: {wandb: {mode: offline, tags: [x]}}\n")
+    assert run_id(load_config(a)) == run_id(load_config(b))
+    assert run_id(load_config(a)) != run_id(load_config(a, ["optim.lr=0.21"]))
+    assert run_id(load_config(a)) == run_id(load_config(a, ["data.root=/elsewhere"]))
+
+
+def test_invalid_run_stops_the_plan_naming_file_run_and_key(tmp_path, capsys):
+    spec = write(tmp_path / "s.yaml", """
+        name: bad
+        grid: {optim.lr: [0.1, -1.0]}
+    """)
+    assert main(["plan", str(spec)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert str(spec) in err and "optim.lr" in err and "optim.lr=-1.0" in err
+
+
+@pytest.mark.parametrize("text,key", [
+    ("name: x\ngrids: {seed: [0]}\n", "grids"),
+    ("name: x\ngrid: {seed: 3}\n", "grid.seed"),
+    ("name: x\nzip: [{seed: [0, 1], optim.lr: [0.1]}]\n", "zip[0]"),
+    ("name: x\nbase: {optim: {lrr: 1}}\n", "optim.lrr"),
+    ("name: x\nvariants: {a: {optim.name: adam}}\n", "optim.name"),
+])
+def test_bad_spec_exits_2(tmp_path, capsys, text, key):
+    spec = write(tmp_path / "s.yaml", text)
+    assert main(["run", str(spec), "--results", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert str(spec) in err and key in err and not (tmp_path / "r").exists()
+
+
+def test_plan_json_lists_runs(tmp_path, capsys):
+    spec = write(tmp_path / "s.yaml", "name: j\ngrid: {seed: [0, 1]}\n")
+    assert main(["plan", str(spec), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["overrides"] for r in rows] == [{"seed": 0}, {"seed": 1}]
+    assert rows[0]["run_id"] == run_id(rows[0]["config"])
+
+
+def test_shipped_specs_expand_and_validate():
+    assert len(load_spec(EXPERIMENTS / "cifar10_resnet20_delay.yaml").expand()) == 8 * 3 * 4
+    demo = load_spec(EXPERIMENTS / "digits_demo.yaml").expand()
+    assert len(demo) == 4 * 3 * 2
+    assert {r.config.data.name for r in demo} == {"digits"}
