@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export WANDB_SILENT := true
 
-.PHONY: setup test bench demo figures reproduce clean
+.PHONY: setup test bench demo figures reproduce resilience clean
 
 setup: $(STAMP)
 
@@ -24,3 +24,29 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) *.egg-info
+
+RESULTS ?= results
+CIFAR10_DIR ?= data/cifar10
+WORKERS ?= 2
+
+# The whole pipeline at CPU scale on the bundled digits (ResNet-8), W&B offline.
+demo: $(STAMP)
+	$(BIN)/abexp run experiments/digits_demo.yaml --results $(RESULTS) --workers $(WORKERS)
+	$(BIN)/python analysis/make_figures.py --results $(RESULTS) --experiment digits_demo
+
+# Every figure from $(RESULTS) alone: no training.
+figures: $(STAMP)
+	$(BIN)/python analysis/make_figures.py --results $(RESULTS)
+
+# Paper scale: CIFAR-10 ResNet-20 accuracy vs delay, 4 optimizers x 8 delays x 3 seeds on the
+# GPUs present (resumable), ImageNet when IMAGENET_DIR is set, then the figures.
+reproduce: $(STAMP)
+	$(BIN)/abexp run experiments/cifar10_resnet20_delay.yaml --results $(RESULTS) \
+		--set data.root=$(CIFAR10_DIR) $(if $(RUNS_PER_GPU),--runs-per-gpu $(RUNS_PER_GPU))
+	$(if $(IMAGENET_DIR),$(BIN)/abexp run experiments/imagenet_resnet50_delay.yaml \
+		--results $(RESULTS) --set data.root=$(IMAGENET_DIR))
+	$(BIN)/python analysis/make_figures.py --results $(RESULTS)
+
+# SIGKILL the runner three times during a 16-run spec; audit completed/duplicate/lost runs.
+resilience: $(STAMP)
+	WANDB_MODE=disabled $(BIN)/python -m abexp.resilience

@@ -38,6 +38,10 @@ def cmd_stability(args: argparse.Namespace) -> int:
     from abexp.stability import stability_table
 
     rows = stability_table(args.optim, args.delays, args.momentum, args.rho, args.steps)
+    if args.out:
+        import pandas as pd
+        from abexp.collect import write_table
+        write_table(pd.DataFrame(rows), args.out)
     if args.json:
         print(json.dumps([{k: r[k] for k in ("optim", "rho", "momentum", "delay", "x_max")}
                           for r in rows], indent=1))
@@ -109,10 +113,15 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from abexp.collect import SUMMARY, collect, write_table
 
     table = collect(args.results)
+    if args.curves:
+        from abexp.collect import collect_epochs
+        curves = collect_epochs(args.results, table)
+        write_table(curves, args.curves)
+        print(f"wrote {len(curves)} epoch rows to {args.curves}")
     if args.output:
         write_table(table, args.output)
         print(f"wrote {len(table)} runs to {args.output}")
-    else:
+    elif not args.curves:
         print(table[[c for c in SUMMARY if c in table.columns]].to_string(index=False))
     return 0
 
@@ -141,6 +150,7 @@ def build_parser() -> Parser:
     p.add_argument("--delays", nargs="+", type=int, default=[0, 1, 2, 4, 8, 16, 32])
     p.add_argument("--steps", type=int, default=3000, help="simulated steps per trial")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--out", help="also write the table to FILE.csv (for analysis/stability.py)")
     p.set_defaults(func=cmd_stability)
 
     p = sub.add_parser("plan", help="list the runs a spec expands to, with their state")
@@ -178,6 +188,7 @@ def build_parser() -> Parser:
     p = sub.add_parser("collect", help="one table row per run in RESULTS/runs")
     p.add_argument("--results", default="results")
     p.add_argument("-o", "--output", help="FILE.csv or FILE.parquet (default: print)")
+    p.add_argument("--curves", help="also write per-epoch metrics of every run to FILE.csv|.parquet")
     p.set_defaults(func=cmd_collect)
     return parser
 

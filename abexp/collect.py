@@ -53,6 +53,24 @@ def collect(results: str | Path, run_ids: list[str] | None = None) -> pd.DataFra
     return table
 
 
+def collect_epochs(results: str | Path, runs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Long table of per-epoch metrics (metrics.jsonl), joined with each run's config columns."""
+    runs = collect(results) if runs is None else runs
+    frames = []
+    for run in runs.to_dict("records"):
+        path = runs_dir(results) / run["run_id"] / "metrics.jsonl"
+        if not path.exists():
+            continue
+        rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+        if rows:
+            frame = pd.DataFrame(rows)
+            for key, value in run.items():
+                if key not in frame.columns:
+                    frame[key] = value
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_id", "epoch"])
+
+
 def write_table(table: pd.DataFrame, path: str | Path) -> None:
     from abexp import io
     path = Path(path)

@@ -1,0 +1,52 @@
+"""The paper's headline: final test accuracy vs delay, one line per optimizer.
+
+Mean ± std over seeds, every seed as a dot; diverged runs as crosses at the bottom; the
+undelayed SGDM accuracy as a dashed reference line.
+"""
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+import common
+
+
+def main() -> None:
+    args = common.parser(__doc__).parse_args()
+    table = common.finished(common.load(args.table, args.experiment))
+    if table.empty:
+        common.skip("accuracy_vs_delay", "no finished runs")
+    table["diverged"] = table["status"] == "diverged"
+    table["acc"] = table["test_acc"].where(~table["diverged"])
+    summary = (table.groupby(["optim.name", "delay.steps"])
+               .agg(mean=("acc", "mean"), std=("acc", "std"), seeds=("acc", "count"),
+                    diverged=("diverged", "sum"), runs=("run_id", "count"))
+               .reset_index())
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for optim, rows in summary.groupby("optim.name", sort=False):
+        rows = rows.sort_values("delay.steps")
+        c = common.color(optim)
+        ok = rows["seeds"] > 0
+        ax.errorbar(rows["delay.steps"][ok], rows["mean"][ok], yerr=rows["std"][ok].fillna(0),
+                    color=c, marker="o", capsize=3, label=common.label(optim), lw=1.8)
+        runs = table[table["optim.name"] == optim]
+        jitter = np.where(runs["delay.steps"] > 0, runs["delay.steps"] * 0.04, 0.04)
+        ax.scatter(runs["delay.steps"] + jitter, runs["acc"], color=c, s=12, alpha=0.5, zorder=3)
+        div = runs[runs["diverged"]]
+        if len(div):
+            ax.scatter(div["delay.steps"], np.zeros(len(div)), color=c, marker="x", s=50, zorder=4,
+                       label=f"{common.label(optim)} diverged")
+    base = table[(table["optim.name"] == "sgdm") & (table["delay.steps"] == 0)]["acc"].dropna()
+    if len(base):
+        ax.axhline(base.mean(), color="k", ls="--", lw=1, label=f"SGDM, no delay ({base.mean():.3f})")
+    common.log2_delay_axis(ax, summary["delay.steps"])
+    ax.set_ylabel("final test accuracy")
+    ax.set_ylim(-0.03, 1.0)
+    ax.set_title(f"Accuracy vs gradient delay\n({common.bn_note(table)}; mean ± std, dots = seeds)",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    common.save(fig, summary, args.out, "accuracy_vs_delay")
+
+
+if __name__ == "__main__":
+    main()

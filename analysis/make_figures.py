@@ -1,0 +1,49 @@
+"""Regenerate every figure from results/ alone (no training): ``make figures``.
+
+Collects results/runs into results/runs.csv and results/epochs.csv, computes the quadratic
+stability table once (results/stability.csv; an analysis, not training), then runs each figure
+script per experiment into results/figures/<experiment>/.
+"""
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+RUN_SCRIPTS = ["accuracy_vs_delay", "heatmaps", "rho_sensitivity", "tables"]
+
+
+def sh(*cmd: str) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--results", default="results")
+    p.add_argument("--experiment", action="append", help="only these experiments (default: all)")
+    p.add_argument("--stability-delays", default="0 1 2 4 8 16 32")
+    p.add_argument("--stability-optims", default="sgdm ab sc lwp")
+    args = p.parse_args()
+    res = Path(args.results)
+    runs, epochs, stab = res / "runs.csv", res / "epochs.csv", res / "stability.csv"
+    py = sys.executable
+    sh(py, "-m", "abexp.cli", "collect", "--results", str(res), "-o", str(runs), "--curves", str(epochs))
+    if not stab.exists():
+        sh(py, "-m", "abexp.cli", "stability", "--optim", *args.stability_optims.split(),
+           "--delays", *args.stability_delays.split(), "--out", str(stab))
+    sh(py, str(HERE / "stability.py"), "--table", str(stab), "--out", str(res / "figures"))
+    table = pd.read_csv(runs)
+    experiments = args.experiment or sorted(set(table.get("experiment", pd.Series(dtype=str)).dropna()))
+    for exp in experiments:
+        out = str(res / "figures" / (exp or "unnamed"))
+        for script in RUN_SCRIPTS:
+            sh(py, str(HERE / f"{script}.py"), "--table", str(runs), "--experiment", exp, "--out", out)
+        sh(py, str(HERE / "training_curves.py"), "--table", str(epochs), "--experiment", exp, "--out", out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""AB's braking strength: final test accuracy vs rho, one line per delay (rho = 0 is SGDM)."""
+
+import matplotlib.pyplot as plt
+
+import common
+
+
+def main() -> None:
+    args = common.parser(__doc__).parse_args()
+    table = common.finished(common.load(args.table, args.experiment))
+    table = table[table["optim.name"].isin(["ab", "ab_lwp"])] if not table.empty else table
+    if table.empty or table["optim.rho"].nunique() < 2:
+        common.skip("rho_sensitivity", "needs AB runs at 2 or more values of optim.rho")
+    table["acc"] = table["test_acc"].where(table["status"] == "completed", 0.0)
+    summary = (table.groupby(["optim.name", "delay.steps", "optim.rho"])["acc"]
+               .agg(["mean", "std", "count"]).reset_index())
+    fig, ax = plt.subplots(figsize=(6, 4))
+    cmap = plt.get_cmap("viridis")
+    delays = sorted(summary["delay.steps"].unique())
+    for i, d in enumerate(delays):
+        rows = summary[(summary["delay.steps"] == d)].sort_values("optim.rho")
+        ax.errorbar(rows["optim.rho"], rows["mean"], yerr=rows["std"].fillna(0), marker="o",
+                    capsize=3, color=cmap(i / max(1, len(delays) - 1)), label=f"D = {d}")
+    ax.set_xlabel("AB braking strength rho")
+    ax.set_ylabel("final test accuracy (diverged = 0)")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Adaptive Braking: sensitivity to rho\n({common.bn_note(table)})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    common.save(fig, summary, args.out, "rho_sensitivity")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Markdown and LaTeX tables of final test accuracy vs delay per optimizer (mean ± std, n)."""
+
+from pathlib import Path
+
+import common
+
+
+def cell(mean, std, n, diverged) -> str:
+    if n == 0:
+        return "diverged" if diverged else "–"
+    text = f"{mean:.3f}" + (f" ± {std:.3f}" if n > 1 else "")
+    return text + (f" ({diverged} div.)" if diverged else "")
+
+
+def main() -> None:
+    args = common.parser(__doc__).parse_args()
+    table = common.finished(common.load(args.table, args.experiment))
+    if table.empty:
+        common.skip("tables", "no finished runs")
+    table["acc"] = table["test_acc"].where(table["status"] == "completed")
+    table["div"] = table["status"] == "diverged"
+    summary = (table.groupby(["optim.name", "delay.steps"])
+               .agg(mean=("acc", "mean"), std=("acc", "std"), n=("acc", "count"), diverged=("div", "sum"))
+               .reset_index())
+    delays = sorted(summary["delay.steps"].unique())
+    optims = list(dict.fromkeys(table["optim.name"]))
+    cells = {(r["optim.name"], r["delay.steps"]): cell(r["mean"], r["std"], r["n"], int(r["diverged"]))
+             for r in summary.to_dict("records")}
+    md = ["| optimizer | " + " | ".join(f"D={d}" for d in delays) + " |",
+          "|---|" + "---|" * len(delays)]
+    for o in optims:
+        md.append(f"| {common.label(o)} | " + " | ".join(cells.get((o, d), "–") for d in delays) + " |")
+    tex = ["\\begin{tabular}{l" + "c" * len(delays) + "}", "\\toprule",
+           "Optimizer & " + " & ".join(f"$D={d}$" for d in delays) + " \\\\", "\\midrule"]
+    for o in optims:
+        row = [cells.get((o, d), "--").replace("±", "$\\pm$") for d in delays]
+        tex.append(f"{common.label(o)} & " + " & ".join(row) + " \\\\")
+    tex += ["\\bottomrule", "\\end{tabular}"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    note = f"Final test accuracy ({common.bn_note(table)}); mean ± std over seeds.\n\n"
+    (out / "accuracy_table.md").write_text(note + "\n".join(md) + "\n")
+    (out / "accuracy_table.tex").write_text("\n".join(tex) + "\n")
+    summary.to_csv(out / "accuracy_table.csv", index=False)
+    print(f"wrote {out / 'accuracy_table'}.md/.tex/.csv")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Training curves at chosen delays: test accuracy and train loss vs epoch, per optimizer."""
+
+import matplotlib.pyplot as plt
+
+import common
+
+
+def main() -> None:
+    p = common.parser(__doc__, table="results/epochs.csv")
+    p.add_argument("--delays", type=int, nargs="*", help="delays to show (default: all, up to 4)")
+    args = p.parse_args()
+    curves = common.load(args.table, args.experiment)
+    if curves.empty:
+        common.skip("training_curves", "no per-epoch metrics")
+    delays = args.delays or sorted(curves["delay.steps"].unique())
+    if len(delays) > 4:
+        delays = [delays[0], delays[len(delays) // 3], delays[2 * len(delays) // 3], delays[-1]]
+    curves = curves[curves["delay.steps"].isin(delays)]
+    mean = (curves.groupby(["optim.name", "delay.steps", "epoch"])
+            .agg(test_acc=("test_acc", "mean"), train_loss=("train_loss", "mean"),
+                 seeds=("run_id", "nunique")).reset_index())
+    fig, axes = plt.subplots(2, len(delays), figsize=(3.2 * len(delays), 5.6), squeeze=False,
+                             sharex=True)
+    for j, d in enumerate(delays):
+        for optim, rows in mean[mean["delay.steps"] == d].groupby("optim.name", sort=False):
+            kw = dict(color=common.color(optim), label=common.label(optim), lw=1.6)
+            axes[0, j].plot(rows["epoch"], rows["test_acc"], **kw)
+            axes[1, j].plot(rows["epoch"], rows["train_loss"], **kw)
+        axes[0, j].set_title(f"delay D = {d}")
+        axes[0, j].set_ylim(0, 1)
+        axes[1, j].set_yscale("log")
+        axes[1, j].set_xlabel("epoch")
+        for ax in axes[:, j]:
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("test accuracy")
+    axes[1, 0].set_ylabel("train loss")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("Training curves (mean over seeds)", fontsize=11)
+    common.save(fig, mean, args.out, "training_curves")
+
+
+if __name__ == "__main__":
+    main()
