@@ -126,6 +126,15 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from abexp import sweep
+
+    if args.best:
+        return sweep.best(args.sweep, args.results, args.storage, args.set, args.export)
+    return sweep.run_sweep(args.sweep, args.results, args.workers, args.n_trials, args.storage,
+                           args.set, progress=not args.no_progress)
+
+
 def build_parser() -> Parser:
     from abexp.config import OPTIM_NAMES
 
@@ -190,6 +199,19 @@ def build_parser() -> Parser:
     p.add_argument("-o", "--output", help="FILE.csv or FILE.parquet (default: print)")
     p.add_argument("--curves", help="also write per-epoch metrics of every run to FILE.csv|.parquet")
     p.set_defaults(func=cmd_collect)
+    p = sub.add_parser("sweep", help="Optuna sweep whose trials are ordinary runs")
+    p.add_argument("sweep")
+    p.add_argument("--n-trials", type=int, help="total target (default: the file's n_trials)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--storage", help="Optuna storage: FILE.journal (default results/sweeps/NAME.journal), "
+                                     "sqlite:///FILE.db or postgresql://...")
+    p.add_argument("--results", default="results")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a key (e.g. delay.steps=32); the study name records it")
+    p.add_argument("--best", action="store_true", help="print the best trial instead of running")
+    p.add_argument("--export", help="with --best: write a spec re-running the best config over seeds")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 

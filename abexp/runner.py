@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterable
 
 from abexp import io
-from abexp.config import dump_yaml
+from abexp.config import RunConfig, dump_yaml
 from abexp.claims import LOCK, Heartbeat, is_stale, try_claim
 from abexp.spec import PlannedRun, load_spec
 
@@ -56,15 +56,16 @@ def _failed_in_session(run_dir: Path, session: str) -> bool:
         return False
 
 
-def _train_claimed(run: PlannedRun, run_dir: Path, session: str) -> str:
+def train_claimed(config: RunConfig, run_dir: Path, session: str, on_epoch=None) -> str:
+    """Train a run this process has claimed; a crash becomes failed.json, never an exception."""
     from abexp.train import train_run
 
     if not (run_dir / "config.yaml").exists():  # so status and collect see even a failed run
-        io.write_text(run_dir / "config.yaml", dump_yaml(run.config))
+        io.write_text(run_dir / "config.yaml", dump_yaml(config))
     log_fh = open(run_dir / LOG, "a", buffering=1)
     log = lambda msg: log_fh.write(f"{time.strftime('%H:%M:%S')} {msg}\n")  # noqa: E731
     try:
-        result = train_run(run.config, run_dir, device="auto", log=log)
+        result = train_run(config, run_dir, device="auto", log=log, on_epoch=on_epoch)
         (run_dir / FAILED).unlink(missing_ok=True)
         return result["status"]
     except Exception as err:  # a crashed run must not stop the others
@@ -103,7 +104,7 @@ def worker_loop(spec_path: str, results: str, session: str, overrides: list[str]
                 heartbeat.add(claim)
                 try:
                     if not (run_dir / "result.json").exists():  # finished while we looked
-                        status = _train_claimed(run, run_dir, session)
+                        status = train_claimed(run.config, run_dir, session)
                         counts[status] = counts.get(status, 0) + 1
                 finally:
                     heartbeat.remove(claim)
@@ -115,7 +116,7 @@ def worker_loop(spec_path: str, results: str, session: str, overrides: list[str]
         heartbeat.stop()
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
@@ -168,7 +169,7 @@ def run_local(spec_path: str, results: str, workers: int | None = None,
             env["CUDA_VISIBLE_DEVICES"] = gpu
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "abexp.runner", spec_path, results, session, *(overrides or [])],
-            env=env, preexec_fn=_die_with_parent))
+            env=env, preexec_fn=die_with_parent))
     bar = tqdm(total=len(ids), initial=done(), unit="run", desc=Path(spec_path).stem,
                disable=not progress, dynamic_ncols=True)
     try:

@@ -203,8 +203,12 @@ class Run:
                 return evaluate(self.model, test, self.device, self.cfg.train.precision)
         return evaluate(self.model, test, self.device, self.cfg.train.precision)
 
-    def fit(self, stop_after_epochs: int | None = None, tracker: Tracker | None = None) -> dict | None:
-        """Train to the configured number of epochs (or stop early: returns None, resumable)."""
+    def fit(self, stop_after_epochs: int | None = None, tracker: Tracker | None = None,
+            on_epoch: Callable[[dict], bool] | None = None) -> dict | None:
+        """Train to the configured number of epochs (or stop early: returns None, resumable).
+
+        ``on_epoch(row)`` returning True ends the run with status ``pruned`` (Optuna pruning).
+        """
         while self.epoch < self.cfg.train.epochs:
             if stop_after_epochs is not None and self.epoch >= stop_after_epochs:
                 return None
@@ -229,9 +233,12 @@ class Run:
                 break
             self._write_metrics_line(row)
             io.save_torch(self.out / CHECKPOINT, self.state_dict())
-        if self.status != "diverged":
+            if on_epoch is not None and self.epoch < self.cfg.train.epochs and on_epoch(row):
+                self.status = "pruned"
+                break
+        if self.status == "running":
             self.status = "completed"
-        else:
+        elif self.status == "diverged":
             self._write_metrics_line(self.history[-1])
         return self.result()
 
@@ -252,7 +259,8 @@ class Run:
 
 
 def train_run(cfg: RunConfig, out_dir: str | Path, device: str = "auto",
-              stop_after_epochs: int | None = None, log: Callable[[str], None] = print) -> dict | None:
+              stop_after_epochs: int | None = None, log: Callable[[str], None] = print,
+              on_epoch: Callable[[dict], bool] | None = None) -> dict | None:
     """Train (or resume, or skip if finished) the run ``cfg`` in ``out_dir``.
 
     Returns result.json's content, or None when stopped early by ``stop_after_epochs``.
@@ -280,7 +288,7 @@ def train_run(cfg: RunConfig, out_dir: str | Path, device: str = "auto",
     _event(out, "start", from_epoch=run.epoch)
     tracker = Tracker(cfg, out, rid)
     try:
-        result = run.fit(stop_after_epochs, tracker)
+        result = run.fit(stop_after_epochs, tracker, on_epoch)
         if result is None:
             return None
         run.use_current_weights()

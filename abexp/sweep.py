@@ -1,0 +1,446 @@
+"""Optuna sweeps whose trials are ordinary runs in the same results store.
+
+    name: digits_ab_lr_rho
+    base: ../experiments/digits_tiny.yaml     # a spec (its base), a run config, or a mapping
+    fixed: {optim.name: ab, delay.steps: 16}
+    space:
+      optim.lr: {type: float, low: 1.0e-3, high: 0.1, log: true}
+      optim.rho: {type: float, low: 0.0, high: 2.0}
+      optim.momentum: {type: categorical, choices: [0.8, 0.9]}
+    objective: {metric: test_acc, reduce: best, direction: maximize}
+    sampler: {name: tpe, seed: 0}              # tpe | random | grid
+    pruner: {name: median}                     # none | median | hyperband (per-epoch metric)
+    n_trials: 20
+    storage: null                              # default results/sweeps/<name>.journal
+
+``n_trials`` is the total target: COMPLETE + PRUNED trials. Workers count before asking and
+re-check after (trial numbers are assigned atomically by the storage), so concurrent workers
+never overshoot; a surplus trial is told FAIL with user attr ``surplus``. A trial left RUNNING
+by a dead worker (its pid is gone on this host, or its run's claim heartbeat is stale) is failed
+and its parameters re-enqueued; the retry has the same config, hence the same run_id, and
+resumes the run's checkpoint. This works identically for journal and RDB storage.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from abexp import io
+from abexp.claims import Heartbeat, is_stale, pid_alive, try_claim
+from abexp.config import (ConfigError, RunConfig, flatten, parse_override, read_yaml, run_id,
+                          set_dotted, validate)
+from abexp.runner import POLL_S, die_with_parent, runs_dir, train_claimed
+from abexp.spec import _resolve_base
+
+SWEEP_KEYS = {"name", "description", "base", "fixed", "space", "objective", "sampler", "pruner",
+              "n_trials", "storage"}
+METRICS = ("test_acc", "test_loss", "train_acc", "train_loss")
+PARAM_KEYS = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
+              "categorical": {"type", "choices"}}
+
+
+@dataclass
+class Sweep:
+    path: Path
+    name: str
+    base: dict
+    space: dict[str, dict[str, Any]]
+    metric: str
+    reduce: str
+    direction: str
+    diverged_value: float
+    sampler: dict
+    pruner: str
+    n_trials: int
+    storage: str | None
+
+
+def _check_param(source: str, key: str, spec: Any, base: dict) -> None:
+    where = f"space.{key}"
+    if not isinstance(spec, dict) or spec.get("type") not in PARAM_KEYS:
+        raise ConfigError(source, f"{where}.type", "expected float, int or categorical")
+    extra = set(spec) - PARAM_KEYS[spec["type"]]
+    if extra:
+        raise ConfigError(source, f"{where}.{sorted(extra)[0]}", "unknown key")
+    if spec["type"] == "categorical":
+        values = spec.get("choices")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(source, f"{where}.choices", "expected a non-empty list")
+    else:
+        low, high = spec.get("low"), spec.get("high")
+        for bound, value in (("low", low), ("high", high)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError(source, f"{where}.{bound}", f"expected a number (got {value!r})")
+        if low >= high:
+            raise ConfigError(source, f"{where}.high", f"must exceed low ({low})")
+        if spec.get("log") and low <= 0:
+            raise ConfigError(source, f"{where}.low", "must be > 0 on a log scale")
+        values = [low, high]
+    for value in values:  # every end of the space must give a valid run config
+        tree = yaml.safe_load(yaml.safe_dump(base))
+        set_dotted(tree, key, int(value) if spec["type"] == "int" else value, source)
+        try:
+            validate(tree, source)
+        except ConfigError as err:
+            raise ConfigError(source, where, f"{err.key}: {err.message}") from None
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
+    """Read and check a sweep file; ``overrides`` (KEY=VALUE) fix keys and name the study."""
+    path = Path(path)
+    source = str(path)
+    doc = read_yaml(path)
+    if not isinstance(doc, dict):
+        raise ConfigError(source, "", "expected a mapping with name, base, space, ...")
+    unknown = sorted(set(doc) - SWEEP_KEYS)
+    if unknown:
+        raise ConfigError(source, unknown[0], f"unknown sweep key (expected one of {sorted(SWEEP_KEYS)})")
+    base_doc = doc.get("base")
+    base_ref = {"extends": base_doc} if isinstance(base_doc, str) else base_doc
+    base = _resolve_base(base_ref, path.parent, source, (path.resolve(),))
+    fixed = doc.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        raise ConfigError(source, "fixed", "expected a mapping of key -> value")
+    for key, value in flatten(fixed).items():
+        set_dotted(base, key, value, source)
+    name = str(doc.get("name") or path.stem)
+    for item in overrides or []:
+        key, value = parse_override(item, f"{source} (--set)")
+        set_dotted(base, key, value, f"{source} (--set)")
+        name += f"__{key}={value}"
+    validate(base, source)
+    space = doc.get("space")
+    if not isinstance(space, dict) or not space:
+        raise ConfigError(source, "space", "expected a mapping of dotted key -> parameter")
+    for key, spec in space.items():
+        _check_param(source, key, spec, base)
+    objective = doc.get("objective") or {}
+    metric = objective.get("metric", "test_acc")
+    if metric not in METRICS:
+        raise ConfigError(source, "objective.metric", f"expected one of {list(METRICS)}")
+    reduce = objective.get("reduce", "best")
+    if reduce not in ("best", "final"):
+        raise ConfigError(source, "objective.reduce", "expected best or final")
+    direction = objective.get("direction", "maximize" if metric.endswith("acc") else "minimize")
+    if direction not in ("maximize", "minimize"):
+        raise ConfigError(source, "objective.direction", "expected maximize or minimize")
+    diverged = objective.get("diverged_value", 0.0 if direction == "maximize" else 1e9)
+    sampler = doc.get("sampler") or {"name": "tpe"}
+    if sampler.get("name", "tpe") not in ("tpe", "random", "grid"):
+        raise ConfigError(source, "sampler.name", "expected tpe, random or grid")
+    if sampler.get("name") == "grid" and any(s["type"] != "categorical" and "step" not in s
+                                             for s in space.values()):
+        raise ConfigError(source, "sampler.name", "grid needs categorical or stepped parameters")
+    pruner = (doc.get("pruner") or {}).get("name", "none")
+    if pruner not in ("none", "median", "hyperband"):
+        raise ConfigError(source, "pruner.name", "expected none, median or hyperband")
+    n_trials = doc.get("n_trials", 20)
+    if not isinstance(n_trials, int) or n_trials < 1:
+        raise ConfigError(source, "n_trials", "expected a positive integer")
+    return Sweep(path, name, base, space, metric, reduce, direction, float(diverged),
+                 dict(sampler), pruner, n_trials, doc.get("storage"))
+
+
+# ---------------------------------------------------------------- Optuna plumbing
+
+def storage_url(sweep: Sweep, results: str | Path, override: str | None = None) -> str:
+    return override or sweep.storage or str(Path(results) / "sweeps" / f"{sweep.name}.journal")
+
+
+def make_storage(url: str):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    if "://" not in url or url.startswith("journal://"):
+        path = Path(url.removeprefix("journal://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+
+
+def _grid_space(space: dict) -> dict[str, list]:
+    grid = {}
+    for key, s in space.items():
+        if s["type"] == "categorical":
+            grid[key] = list(s["choices"])
+        else:
+            n = int(round((s["high"] - s["low"]) / s["step"])) + 1
+            grid[key] = [s["low"] + i * s["step"] for i in range(n)]
+    return grid
+
+
+def make_sampler(sweep: Sweep, worker: int):
+    import optuna
+
+    seed = sweep.sampler.get("seed")
+    seed = None if seed is None else int(seed) + worker  # workers must not propose alike
+    name = sweep.sampler.get("name", "tpe")
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler(_grid_space(sweep.space), seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(sweep: Sweep):
+    import optuna
+
+    if sweep.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if sweep.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=int(sweep.base["train"]["epochs"]))
+    return optuna.pruners.NopPruner()
+
+
+def open_study(sweep: Sweep, url: str, worker: int = 0, create: bool = False):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    kwargs = dict(study_name=sweep.name, storage=make_storage(url),
+                  sampler=make_sampler(sweep, worker), pruner=make_pruner(sweep))
+    if create:
+        return optuna.create_study(direction=sweep.direction, load_if_exists=True, **kwargs)
+    return optuna.load_study(**kwargs)
+
+
+def suggest(trial, space: dict) -> dict[str, Any]:
+    params = {}
+    for key, s in space.items():
+        if s["type"] == "categorical":
+            params[key] = trial.suggest_categorical(key, s["choices"])
+        elif s["type"] == "int":
+            params[key] = trial.suggest_int(key, int(s["low"]), int(s["high"]), step=int(s.get("step", 1)),
+                                            log=bool(s.get("log", False)))
+        else:
+            params[key] = trial.suggest_float(key, float(s["low"]), float(s["high"]), step=s.get("step"),
+                                              log=bool(s.get("log", False)))
+    return params
+
+
+def trial_config(sweep: Sweep, params: dict) -> RunConfig:
+    tree = yaml.safe_load(yaml.safe_dump(sweep.base))
+    for key, value in params.items():
+        set_dotted(tree, key, value, str(sweep.path))
+    tree["experiment"] = sweep.name
+    tree["variant"] = "trial"
+    cfg = validate(tree, str(sweep.path))
+    cfg.tracking.wandb.group = sweep.name  # W&B: trials grouped under the sweep
+    return cfg
+
+
+def objective_value(sweep: Sweep, rows: list[dict]) -> float | None:
+    values = [r[sweep.metric] for r in rows if r.get(sweep.metric) is not None]
+    values = [v for v in values if v == v]  # drop NaN
+    if not values:
+        return None
+    if sweep.reduce == "final":
+        return float(values[-1])
+    return float(max(values) if sweep.direction == "maximize" else min(values))
+
+
+def fail_stale_trials(study) -> int:
+    """Fail RUNNING trials whose worker is gone, and re-enqueue their parameters once."""
+    import optuna
+    from optuna.trial import TrialState
+
+    retried = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, pid, rid = t.user_attrs.get("host"), t.user_attrs.get("pid"), t.user_attrs.get("run_dir")
+        if host is None:
+            continue
+        if host == socket.gethostname():
+            stale = not pid_alive(int(pid))
+        else:
+            lock = Path(rid) / "claim.lock" if rid else None
+            stale = lock is not None and lock.exists() and is_stale(lock)
+        if not stale:
+            continue
+        try:
+            study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # another worker failed it first
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        retried += 1
+    return retried
+
+
+def _counted(study) -> tuple[int, int, int]:
+    """(finished, running, waiting) trials; FAIL ones do not count toward n_trials."""
+    from optuna.trial import TrialState
+
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    finished = sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
+    return finished, states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
+
+
+def run_trial(sweep: Sweep, trial, results: str | Path, session: str, heartbeat: Heartbeat):
+    """Train (or reuse) the run of one trial; returns the Optuna outcome."""
+    import json
+
+    import optuna
+
+    cfg = trial_config(sweep, suggest(trial, sweep.space))
+    rid = run_id(cfg)
+    run_dir = runs_dir(results) / rid
+    for key, value in (("run_id", rid), ("run_dir", str(run_dir)), ("host", socket.gethostname()),
+                       ("pid", os.getpid())):
+        trial.set_user_attr(key, value)
+
+    def on_epoch(row: dict) -> bool:
+        if row.get(sweep.metric) is None:
+            return False
+        trial.report(float(row[sweep.metric]), step=int(row["epoch"]))
+        return trial.should_prune()
+
+    while not (run_dir / "result.json").exists():
+        claim = try_claim(run_dir)
+        if claim is None:  # the same config is being trained elsewhere: wait, then reuse it
+            time.sleep(POLL_S)
+            continue
+        heartbeat.add(claim)
+        try:
+            if not (run_dir / "result.json").exists():
+                train_claimed(cfg, run_dir, session, on_epoch)
+        finally:
+            heartbeat.remove(claim)
+            claim.release()
+        if not (run_dir / "result.json").exists():
+            raise RuntimeError(f"run {rid} failed: see {run_dir / 'log.txt'}")
+    result = json.loads((run_dir / "result.json").read_text())
+    trial.set_user_attr("status", result["status"])
+    if result["status"] == "pruned":
+        raise optuna.TrialPruned()
+    if result["status"] == "diverged":
+        return sweep.diverged_value
+    rows = io.read_jsonl(run_dir / "metrics.jsonl")
+    value = objective_value(sweep, rows)
+    return sweep.diverged_value if value is None else value
+
+
+def _tell(study, trial, **outcome) -> None:
+    """study.tell; the grid sampler's ``study.stop()`` outside ``optimize`` is harmless here.
+
+    Optuna records the trial's state even when the sampler's after_trial raises, and the loop
+    stops by counting trials, not through ``study.stop``.
+    """
+    try:
+        study.tell(trial, **outcome)
+    except RuntimeError as err:
+        if "Study.stop" not in str(err):
+            raise
+
+
+def worker_loop(sweep_path: str, results: str, url: str, n_trials: int, worker: int,
+                overrides: list[str] | None = None, poll_s: float = POLL_S) -> int:
+    """Ask and run trials until ``n_trials`` are COMPLETE or PRUNED; returns trials run here."""
+    import optuna
+    from optuna.trial import TrialState
+
+    threads = os.environ.get("ABEXP_THREADS")
+    if threads:
+        import torch
+        torch.set_num_threads(int(threads))
+    sweep = load_sweep(sweep_path, overrides)
+    study = open_study(sweep, url, worker)
+    session, heartbeat, done_here = uuid.uuid4().hex[:12], Heartbeat(), 0
+    try:
+        while True:
+            fail_stale_trials(study)
+            finished, running, waiting = _counted(study)
+            if finished >= n_trials:
+                return done_here
+            if not waiting and finished + running >= n_trials:
+                time.sleep(poll_s)  # the rest are running elsewhere; they may die and need retry
+                continue
+            trial = study.ask()
+            before = [t for t in study.get_trials(deepcopy=False)
+                      if t.number < trial.number and t.state != TrialState.FAIL]
+            if len(before) >= n_trials:  # another worker asked first: do not overshoot
+                trial.set_user_attr("surplus", True)
+                _tell(study, trial, state=TrialState.FAIL)
+                continue
+            try:
+                outcome = {"values": run_trial(sweep, trial, results, session, heartbeat)}
+            except optuna.TrialPruned:
+                outcome = {"state": TrialState.PRUNED}
+            except Exception as err:  # a crashed trial does not stop the sweep
+                trial.set_user_attr("error", repr(err))
+                outcome = {"state": TrialState.FAIL}
+            _tell(study, trial, **outcome)
+            done_here += 1
+    finally:
+        heartbeat.stop()
+
+
+def run_sweep(sweep_path: str, results: str, workers: int = 1, n_trials: int | None = None,
+              storage: str | None = None, overrides: list[str] | None = None,
+              progress: bool = True) -> int:
+    from tqdm import tqdm
+
+    sweep = load_sweep(sweep_path, overrides)
+    url = storage_url(sweep, results, storage)
+    target = n_trials or sweep.n_trials
+    study = open_study(sweep, url, create=True)  # created once, before any worker starts
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    procs = [subprocess.Popen([sys.executable, "-m", "abexp.sweep", sweep_path, results, url,
+                               str(target), str(i), *(overrides or [])],
+                              env=dict(os.environ, ABEXP_THREADS=str(threads)),
+                              preexec_fn=die_with_parent) for i in range(workers)]
+    bar = tqdm(total=target, unit="trial", desc=sweep.name, disable=not progress, dynamic_ncols=True)
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(1.0)
+            bar.update(min(target, _counted(study)[0]) - bar.n)
+        bar.update(min(target, _counted(study)[0]) - bar.n)
+    finally:
+        bar.close()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    finished = _counted(study)[0]
+    print(f"{sweep.name}: {finished}/{target} trials finished ({url})")
+    return 0 if finished >= target and all(p.returncode == 0 for p in procs) else 1
+
+
+def best(sweep_path: str, results: str, storage: str | None = None, overrides: list[str] | None = None,
+         export: str | None = None, seeds: tuple[int, ...] = (0, 1, 2)) -> int:
+    from optuna.trial import TrialState
+
+    sweep = load_sweep(sweep_path, overrides)
+    study = open_study(sweep, storage_url(sweep, results, storage))
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        print(f"{sweep.name}: no completed trial yet", file=sys.stderr)
+        return 1
+    trial = study.best_trial
+    print(f"best {sweep.metric} ({sweep.reduce}, {sweep.direction}): {trial.value:.6g} "
+          f"(trial {trial.number}, run {trial.user_attrs.get('run_id')})")
+    for key, value in trial.params.items():
+        print(f"  {key}: {value}")
+    if export:
+        cfg = trial_config(sweep, trial.params)
+        base = cfg.model_dump()
+        for key in ("experiment", "variant"):
+            base.pop(key)
+        spec = {"name": Path(export).stem,
+                "description": f"Best trial {trial.number} of sweep {sweep.name} "
+                               f"({sweep.metric}={trial.value:.6g}) re-run over seeds.",
+                "base": base, "grid": {"seed": list(seeds)}}
+        io.write_text(export, yaml.safe_dump(spec, sort_keys=False))
+        print(f"wrote {export}")
+    return 0
+
+
+if __name__ == "__main__":
+    sweep_path, results, url, n, worker, *overrides = sys.argv[1:]
+    worker_loop(sweep_path, results, url, int(n), int(worker), overrides)

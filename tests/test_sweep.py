@@ -1,0 +1,209 @@
+"""Optuna sweeps: exact trial counts under concurrency and SIGKILL, pruning, bad spaces, PostgreSQL."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from abexp.cli import main
+from abexp.sweep import load_sweep, open_study, storage_url
+
+ENV = dict(os.environ, WANDB_MODE="disabled", ABEXP_POLL_S="0.3", ABEXP_HEARTBEAT_S="1")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_sweep(path: Path, epochs=2, n_trials=6, pruner="none", sampler="random", space=None) -> Path:
+    space = space or ("  optim.lr: {type: float, low: 0.005, high: 0.2, log: true}\n"
+                      "  optim.rho: {type: float, low: 0.0, high: 2.0}\n")
+    path.write_text(textwrap.dedent(f"""\
+        name: {path.stem}
+        base:
+          model: {{name: resnet8}}
+          data: {{name: digits, subset: 128, test_subset: 64}}
+          train: {{epochs: {epochs}, batch_size: 32}}
+          schedule: {{name: constant}}
+        fixed: {{optim.name: ab, delay.steps: 2}}
+        objective: {{metric: test_acc, reduce: best}}
+        sampler: {{name: {sampler}, seed: 0}}
+        pruner: {{name: {pruner}}}
+        n_trials: {n_trials}
+        space:
+        """) + space)
+    return path
+
+
+def sweep_cmd(sweep, results, *extra):
+    return [sys.executable, "-m", "abexp.cli", "sweep", str(sweep), "--results", str(results),
+            "--no-progress", *extra]
+
+
+def trial_counts(sweep, results, storage=None):
+    from optuna.trial import TrialState
+    study = open_study(load_sweep(sweep), storage_url(load_sweep(sweep), results, storage))
+    trials = study.get_trials(deepcopy=False)
+    count = lambda s: sum(t.state == s for t in trials)
+    return count(TrialState.COMPLETE), count(TrialState.PRUNED), trials
+
+
+def events(run_dir):
+    p = Path(run_dir) / "events.jsonl"
+    return [json.loads(l) for l in p.read_text().splitlines()] if p.exists() else []
+
+
+@pytest.mark.parametrize("storage", ["journal", "sqlite"])
+def test_two_workers_finish_exactly_the_target(tmp_path, storage):
+    sweep = write_sweep(tmp_path / f"two_{storage}.yaml", n_trials=5)
+    url = None if storage == "journal" else f"sqlite:///{tmp_path / 'optuna.db'}"
+    extra = ["--workers", "2"] + (["--storage", url] if url else [])
+    proc = subprocess.run(sweep_cmd(sweep, tmp_path / "r", *extra), env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    complete, pruned, trials = trial_counts(sweep, tmp_path / "r", url)
+    assert complete + pruned == 5
+    assert len({t.user_attrs["pid"] for t in trials if "pid" in t.user_attrs}) == 2
+    for t in trials:  # every finished trial is an ordinary run in the results store
+        if t.state.name == "COMPLETE":
+            assert (Path(t.user_attrs["run_dir"]) / "result.json").exists()
+    # re-running a finished sweep adds nothing
+    again = subprocess.run(sweep_cmd(sweep, tmp_path / "r", *extra), env=ENV, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0 and sum(trial_counts(sweep, tmp_path / "r", url)[:2]) == 5
+
+
+def test_sigkill_then_rerun_reaches_the_target_and_resumes(tmp_path):
+    sweep = write_sweep(tmp_path / "kill.yaml", epochs=5, n_trials=2)
+    results = tmp_path / "r"
+    proc = subprocess.Popen(sweep_cmd(sweep, results), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not glob.glob(str(results / "runs" / "*" / "checkpoint.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_run = Path(glob.glob(str(results / "runs" / "*" / "checkpoint.pt"))[0]).parent
+    time.sleep(0.5)
+    rerun = subprocess.run(sweep_cmd(sweep, results), env=ENV, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    complete, pruned, trials = trial_counts(sweep, results)
+    assert complete + pruned == 2
+    assert any("retry_of" in t.user_attrs for t in trials)  # the RUNNING trial was failed and retried
+    assert any(e["event"] == "start" and e["from_epoch"] > 0 for e in events(killed_run))
+
+
+def test_pruning_marks_trials_and_runs(tmp_path):
+    sweep = write_sweep(tmp_path / "prune.yaml", epochs=4, n_trials=8, pruner="median",
+                        space="  optim.lr: {type: float, low: 1.0e-5, high: 0.3, log: true}\n")
+    assert main(["sweep", str(sweep), "--results", str(tmp_path / "r"), "--no-progress"]) == 0
+    complete, pruned, trials = trial_counts(sweep, tmp_path / "r")
+    assert complete + pruned == 8 and pruned >= 1
+    for t in trials:
+        if t.state.name == "PRUNED":
+            result = json.loads((Path(t.user_attrs["run_dir"]) / "result.json").read_text())
+            assert result["status"] == "pruned" and result["epochs_completed"] < 4
+
+
+def test_trial_equal_to_a_finished_run_reuses_it(tmp_path):
+    space = "  optim.lr: {type: categorical, choices: [0.01, 0.05]}\n"
+    sweep = write_sweep(tmp_path / "reuse.yaml", epochs=1, n_trials=2, sampler="grid", space=space)
+    results = tmp_path / "r"
+    assert main(["sweep", str(sweep), "--results", str(results), "--no-progress"]) == 0
+    other = f"{tmp_path / 'other.journal'}"
+    assert main(["sweep", str(sweep), "--results", str(results), "--storage", other, "--no-progress"]) == 0
+    _, _, trials = trial_counts(sweep, results, other)
+    for t in trials:
+        starts = [e for e in events(t.user_attrs["run_dir"]) if e["event"] == "start"]
+        assert len(starts) == 1  # trained once, by the first sweep
+
+
+@pytest.mark.parametrize("space,key", [
+    ("  optim.lrr: {type: float, low: 0.1, high: 0.2}\n", "optim.lrr"),
+    ("  optim.lr: {type: float, low: 0.2, high: 0.1}\n", "space.optim.lr.high"),
+    ("  optim.lr: {type: float, low: 0.0, high: 0.1, log: true}\n", "space.optim.lr.low"),
+    ("  optim.lr: {type: gaussian, low: 0.0, high: 0.1}\n", "space.optim.lr.type"),
+    ("  optim.momentum: {type: float, low: 0.5, high: 1.5}\n", "optim.momentum"),
+    ("  optim.name: {type: categorical, choices: []}\n", "space.optim.name.choices"),
+])
+def test_invalid_search_space_exits_2_naming_the_key(tmp_path, capsys, space, key):
+    sweep = write_sweep(tmp_path / "bad.yaml", space=space)
+    assert main(["sweep", str(sweep), "--results", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert key in err and str(sweep) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_best_exports_a_spec_over_seeds(tmp_path, capsys):
+    from abexp.spec import load_spec
+    space = "  optim.lr: {type: categorical, choices: [0.01, 0.05]}\n"
+    sweep = write_sweep(tmp_path / "b.yaml", epochs=1, n_trials=2, sampler="grid", space=space)
+    results = tmp_path / "r"
+    assert main(["sweep", str(sweep), "--results", str(results), "--no-progress"]) == 0
+    export = tmp_path / "b_best.yaml"
+    assert main(["sweep", str(sweep), "--results", str(results), "--best", "--export", str(export)]) == 0
+    out = capsys.readouterr().out
+    _, _, trials = trial_counts(sweep, results)
+    best = max((t for t in trials if t.value is not None), key=lambda t: t.value)
+    assert f"{best.value:.6g}" in out
+    plan = load_spec(export).expand()
+    assert [r.config.seed for r in plan] == [0, 1, 2]
+    assert plan[0].config.optim.lr == best.params["optim.lr"]
+    assert plan[0].run_id == best.user_attrs["run_id"]  # seed 0 is the trial's own run
+
+
+def test_shipped_sweeps_validate():
+    for path in sorted((ROOT / "sweeps").glob("*.yaml")):
+        sweep = load_sweep(path)
+        assert sweep.n_trials >= 1 and sweep.space
+
+
+def _initdb() -> str | None:
+    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
+    return found
+
+
+@pytest.fixture
+def postgres_url():
+    initdb = _initdb()
+    if initdb is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: "
+                    "install Debian's postgresql package to run this test")
+    bindir = Path(initdb).resolve().parent
+    pytest.importorskip("psycopg", reason="psycopg (PostgreSQL driver) not installed")
+    home = Path(tempfile.mkdtemp(prefix="abexp-pg-"))
+    prefix = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(home, "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = home / "data"
+    run = lambda *cmd: subprocess.run(prefix + list(cmd), check=True, capture_output=True, text=True)
+    run(str(bindir / "initdb"), "-D", str(data), "-U", "abexp", "--auth=trust")
+    run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(home / "log"), "-w", "-o",
+        f"-p {port} -k {home} -h 127.0.0.1", "start")
+    try:
+        run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "abexp", "abexp")
+        yield f"postgresql+psycopg://abexp@127.0.0.1:{port}/abexp"
+    finally:
+        subprocess.run(prefix + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_postgresql_storage_with_two_workers(tmp_path, postgres_url):
+    sweep = write_sweep(tmp_path / "pg.yaml", epochs=1, n_trials=4)
+    proc = subprocess.run(sweep_cmd(sweep, tmp_path / "r", "--workers", "2", "--storage", postgres_url),
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    complete, pruned, _ = trial_counts(sweep, tmp_path / "r", postgres_url)
+    assert complete + pruned == 4
