@@ -28,6 +28,7 @@ clean:
 RESULTS ?= results
 CIFAR10_DIR ?= data/cifar10
 WORKERS ?= 2
+GPUS_PER_IMAGENET_RUN ?= 1
 
 # The whole pipeline at CPU scale on the bundled digits (ResNet-8), W&B offline.
 demo: $(STAMP)
@@ -44,7 +45,7 @@ reproduce: $(STAMP)
 	$(BIN)/abexp run experiments/cifar10_resnet20_delay.yaml --results $(RESULTS) \
 		--set data.root=$(CIFAR10_DIR) $(if $(RUNS_PER_GPU),--runs-per-gpu $(RUNS_PER_GPU))
 	$(if $(IMAGENET_DIR),$(BIN)/abexp run experiments/imagenet_resnet50_delay.yaml \
-		--results $(RESULTS) --set data.root=$(IMAGENET_DIR))
+		--results $(RESULTS) --set data.root=$(IMAGENET_DIR) --gpus-per-run $(GPUS_PER_IMAGENET_RUN))
 	$(BIN)/python analysis/make_figures.py --results $(RESULTS)
 
 # SIGKILL the runner three times during a 16-run spec; audit completed/duplicate/lost runs.

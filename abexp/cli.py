@@ -23,15 +23,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     from abexp.config import load_config, run_id
     from abexp.train import train_run
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set)  # validated before any process is started
     out = Path(args.out) if args.out else Path(args.results) / "runs" / run_id(cfg)
-    result = train_run(cfg, out, device=args.device, stop_after_epochs=args.stop_after)
+    if args.nproc > 1:
+        return launch_torchrun(args.nproc, cfg, out, args)
+    from abexp.distributed import shutdown
+    try:
+        result = train_run(cfg, out, device=args.device, stop_after_epochs=args.stop_after)
+    finally:
+        shutdown()
     if result is None:
         print(f"stopped after epoch {args.stop_after}; run again to resume: {out}")
         return 0
     print(json.dumps({k: result[k] for k in ("run_id", "status", "test_acc", "best_test_acc",
                                               "epochs_completed", "steps", "wall_s")}))
     return 0
+
+
+def launch_torchrun(nproc: int, cfg, out: Path, args: argparse.Namespace) -> int:
+    """Re-run this ``abexp train`` under torchrun with ``nproc`` processes on this machine."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "abexp.cli", "train", args.config, "--out", str(out), "--device", args.device]
+    for item in args.set:
+        cmd += ["--set", item]
+    if args.stop_after is not None:
+        cmd += ["--stop-after", str(args.stop_after)]
+    return subprocess.run(cmd).returncode
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
@@ -86,7 +105,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"submitted {len(jobs)} array tasks: {[j.job_id for j in jobs]}")
         return 0
     return run_local(args.spec, args.results, args.workers, gpus, args.runs_per_gpu,
-                     progress=not args.no_progress, overrides=args.set)
+                     progress=not args.no_progress, overrides=args.set,
+                     gpus_per_run=args.gpus_per_run)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -150,6 +170,8 @@ def build_parser() -> Parser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--stop-after", type=int, metavar="EPOCHS",
                    help="stop (resumably) after this many epochs; for tests and time-boxed jobs")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine (torchrun; one GPU each)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("stability", help="largest stable step on a quadratic, per optimizer and delay")
@@ -178,6 +200,8 @@ def build_parser() -> Parser:
     p.add_argument("--workers", type=int, help="worker processes (default: one per GPU slot, or 1)")
     p.add_argument("--gpus", help="comma-separated GPU ids (default: all visible)")
     p.add_argument("--runs-per-gpu", type=int, default=1, help="runs sharing one GPU")
+    p.add_argument("--gpus-per-run", type=int, default=1,
+                   help="GPUs per run (data parallel through torchrun), e.g. 8 for ImageNet")
     p.add_argument("--backend", choices=["local", "slurm"], default="local")
     p.add_argument("--array", type=int, default=4, help="slurm: number of array tasks")
     p.add_argument("--slurm-folder", default="results/slurm", help="slurm: submitit log folder")

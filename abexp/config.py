@@ -58,6 +58,7 @@ class TrainCfg(_Locked):
     precision: Literal["fp32", "tf32", "bf16"] = "fp32"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     divergence_check_every: int = Field(50, ge=1)  # steps between (synchronising) NaN checks
+    micro_batches: int = Field(1, ge=1)  # split each (per-process) batch; gradients averaged
 
 
 class OptimCfg(_Locked):
@@ -216,6 +217,8 @@ def _check_combinations(cfg: RunConfig, source: str) -> None:
         raise ConfigError(source, "optim.nesterov", "spike compensation defines its own update")
     if cfg.delay.kind == "geometric" and cfg.delay.mean is None:
         raise ConfigError(source, "delay.mean", "required when delay.kind is geometric")
+    if cfg.train.batch_size % cfg.train.micro_batches:
+        raise ConfigError(source, "train.micro_batches", "must divide train.batch_size")
     imagenet_models = ("resnet18", "resnet50")
     if (cfg.data.name == "imagenet") != (cfg.model.name in imagenet_models):
         raise ConfigError(source, "model.name",

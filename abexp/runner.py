@@ -64,7 +64,16 @@ def train_claimed(config: RunConfig, run_dir: Path, session: str, on_epoch=None)
         io.write_text(run_dir / "config.yaml", dump_yaml(config))
     log_fh = open(run_dir / LOG, "a", buffering=1)
     log = lambda msg: log_fh.write(f"{time.strftime('%H:%M:%S')} {msg}\n")  # noqa: E731
+    nproc = int(os.environ.get("ABEXP_NPROC", "1"))
     try:
+        if nproc > 1:  # a multi-GPU run: torchrun in a child that dies with this worker
+            cmd = [sys.executable, "-m", "abexp.cli", "train", str(run_dir / "config.yaml"),
+                   "--out", str(run_dir), "--nproc", str(nproc)]
+            code = subprocess.run(cmd, stdout=log_fh, stderr=subprocess.STDOUT,
+                                  preexec_fn=die_with_parent).returncode
+            if code != 0:
+                raise RuntimeError(f"torchrun exited with {code}")
+            return json.loads((run_dir / "result.json").read_text())["status"]
         result = train_run(config, run_dir, device="auto", log=log, on_epoch=on_epoch)
         (run_dir / FAILED).unlink(missing_ok=True)
         return result["status"]
@@ -123,8 +132,9 @@ def die_with_parent() -> None:
         pass
 
 
-def _slots(workers: int | None, gpus: list[str] | None, runs_per_gpu: int) -> list[str | None]:
-    """One entry per worker: the GPU it sees (CUDA_VISIBLE_DEVICES) or None for CPU."""
+def _slots(workers: int | None, gpus: list[str] | None, runs_per_gpu: int,
+           gpus_per_run: int = 1) -> list[str | None]:
+    """One entry per worker: the GPUs it sees (CUDA_VISIBLE_DEVICES) or None for CPU."""
     if gpus is None:
         try:
             import torch
@@ -133,7 +143,8 @@ def _slots(workers: int | None, gpus: list[str] | None, runs_per_gpu: int) -> li
         except ImportError:
             pass
     if gpus:
-        slots: list[str | None] = [g for g in gpus for _ in range(runs_per_gpu)]
+        groups = [",".join(gpus[i:i + gpus_per_run]) for i in range(0, len(gpus) - gpus_per_run + 1, gpus_per_run)]
+        slots: list[str | None] = [g for g in groups for _ in range(runs_per_gpu)]
         return slots[:workers] if workers else slots
     return [None] * (workers or 1)
 
@@ -148,7 +159,7 @@ def summarize(plan: list[PlannedRun], results: str | Path) -> dict[str, int]:
 
 def run_local(spec_path: str, results: str, workers: int | None = None,
               gpus: list[str] | None = None, runs_per_gpu: int = 1, progress: bool = True,
-              overrides: list[str] | None = None) -> int:
+              overrides: list[str] | None = None, gpus_per_run: int = 1) -> int:
     """Start the workers, show progress, return 0 when every run ended done (or diverged)."""
     from tqdm import tqdm
 
@@ -160,13 +171,14 @@ def run_local(spec_path: str, results: str, workers: int | None = None,
     if done() == len(ids):
         print(f"all {len(ids)} runs of {spec_path} are done")
         return 0
-    slots = _slots(workers, gpus, runs_per_gpu)
+    slots = _slots(workers, gpus, runs_per_gpu, gpus_per_run)
     threads = max(1, (os.cpu_count() or 1) // len(slots)) if slots[0] is None else 4
     procs = []
     for gpu in slots:
         env = dict(os.environ, ABEXP_THREADS=str(threads))
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
+            env["ABEXP_NPROC"] = str(gpus_per_run)
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "abexp.runner", spec_path, results, session, *(overrides or [])],
             env=env, preexec_fn=die_with_parent))

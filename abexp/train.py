@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from abexp import io
-from abexp.config import RunConfig, dump_yaml, load_config, run_id
+from abexp.config import ConfigError, RunConfig, dump_yaml, load_config, run_id
+from abexp.distributed import Dist, init_from_env
 from abexp.data import Batches, load_image_data
 from abexp.engine import DelayedSGD, FlatParams
 from abexp.models import build_model
@@ -57,18 +58,19 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def build_data(cfg: RunConfig, device: torch.device):
+def build_data(cfg: RunConfig, device: torch.device, ddp: Dist = Dist()):
     """Batches for the run: in-memory (cifar10, digits, synthetic) or ImageNet's DataLoader."""
     if cfg.data.name == "imagenet":
         from abexp.imagenet import ImageNetBatches
-        return ImageNetBatches(cfg, device)
+        return ImageNetBatches(cfg, device, ddp.rank, ddp.world)
     data = load_image_data(cfg, device)
     return Batches(data, cfg.train.batch_size, cfg.data.augment, cfg.seed)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, test_batches: Iterator, device: torch.device, precision: str
-             ) -> tuple[float, float]:
+             ) -> torch.Tensor:
+    """[loss sum, correct, count] over the batches (summed over ranks by the caller)."""
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -80,7 +82,7 @@ def evaluate(model: nn.Module, test_batches: Iterator, device: torch.device, pre
         correct += (logits.argmax(1) == y).sum()
         n += len(y)
     model.train()
-    return float(loss_sum) / max(n, 1), int(correct) / max(n, 1)
+    return torch.stack([loss_sum, correct.double(), torch.tensor(float(n), device=device, dtype=torch.float64)])
 
 
 @contextlib.contextmanager
@@ -121,9 +123,16 @@ class Run:
         self.cfg, self.out, self.log = cfg, Path(out_dir), log
         self.run_id = run_id(cfg)
         self.device = resolve_device(device)
+        self.ddp = init_from_env(self.device.type)
+        if self.ddp.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.ddp.local_rank)
+            torch.cuda.set_device(self.device)
+        if cfg.train.batch_size % (self.ddp.world * cfg.train.micro_batches):
+            raise ConfigError("train", "train.batch_size", f"{cfg.train.batch_size} is not divisible by "
+                              f"{self.ddp.world} processes x {cfg.train.micro_batches} micro-batches")
         set_precision(cfg.train.precision)
-        torch.manual_seed(cfg.seed)
-        self.batches = build_data(cfg, self.device)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.batches = build_data(cfg, self.device, self.ddp)
         self.model = build_model(cfg.model.name, self.batches.num_classes,
                                  cfg.model.zero_init_residual).to(self.device)
         self.flat = FlatParams(self.model)
@@ -159,49 +168,73 @@ class Run:
 
     # ---------------------------------------------------------------- training
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
-        """One delayed update; loss and correct counts accumulate on the device (no sync)."""
-        cfg = self.cfg
+        """One delayed update; loss and correct counts accumulate on the device (no sync).
+
+        ``x`` is the global batch, or this rank's share when the data is sharded already.
+        The gradient is the mean over micro-batches and ranks, all-reduced before the engine.
+        """
+        cfg, ddp = self.cfg, self.ddp
+        if ddp.enabled and not getattr(self.batches, "sharded", False):
+            share = len(y) // ddp.world
+            x, y = x[ddp.rank * share:(ddp.rank + 1) * share], y[ddp.rank * share:(ddp.rank + 1) * share]
+        micro = cfg.train.micro_batches
+        chunks = list(zip(x.chunk(micro), y.chunk(micro)))
+        self.seen += len(y)
 
         def grad_fn(w_fwd: torch.Tensor) -> torch.Tensor:
             self.flat.data.copy_(w_fwd)
             self.flat.grad.zero_()
-            with autocast(self.device, cfg.train.precision):
-                logits = self.model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing)
-            loss.backward()
-            self.loss_sum += loss.detach().double() * len(y)
-            self.correct += (logits.argmax(1) == y).sum()
-            return self.flat.grad
+            for xm, ym in chunks:
+                with autocast(self.device, cfg.train.precision):
+                    logits = self.model(xm)
+                    loss = F.cross_entropy(logits.float(), ym, label_smoothing=cfg.train.label_smoothing)
+                (loss / micro if micro > 1 else loss).backward()
+                self.loss_sum += loss.detach().double() * len(ym)
+                self.correct += (logits.argmax(1) == ym).sum()
+            return ddp.all_reduce_mean_(self.flat.grad)
 
         self.engine.step(grad_fn, lr)
 
     def reset_counters(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         self.correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.seen = 0
 
     def train_epoch(self) -> dict:
         cfg = self.cfg
         self.reset_counters()
-        seen, lr = 0, cfg.optim.lr
+        lr = cfg.optim.lr
         self.model.train()
         for i, (x, y) in enumerate(self.batches.epoch(self.epoch)):
             lr = lr_at(self.engine.t, cfg.optim.lr, self.total_steps, self.steps_per_epoch, cfg.schedule)
             self.train_step(x, y, lr)
-            seen += len(y)
-            if (i + 1) % cfg.train.divergence_check_every == 0 and not torch.isfinite(self.loss_sum):
+            # the weights are identical on every rank, so every rank takes the same decision
+            if (i + 1) % cfg.train.divergence_check_every == 0 and not torch.isfinite(self.engine.w).all():
                 break
-        train_loss = float(self.loss_sum) / max(seen, 1)
-        return {"train_loss": train_loss, "train_acc": int(self.correct) / max(seen, 1), "lr": lr,
+        totals = self.ddp.all_reduce_sum_(torch.stack([
+            self.loss_sum, self.correct.double(),
+            torch.tensor(float(self.seen), device=self.device, dtype=torch.float64)]))
+        seen = max(float(totals[2]), 1.0)
+        train_loss = float(totals[0]) / seen
+        for buf in self.model.buffers():  # BN statistics: rank 0's, everywhere
+            self.ddp.broadcast_(buf)
+        return {"train_loss": train_loss, "train_acc": float(totals[1]) / seen, "lr": lr,
                 "diverged": not math.isfinite(train_loss) or not bool(torch.isfinite(self.engine.w).all())}
 
     def evaluate(self) -> tuple[float, float]:
+        """(test loss, test accuracy) at the current weights; ranks add their shares."""
         self.use_current_weights()
         test = self.batches.test(self.cfg.eval.batch_size)
         if self.cfg.eval.bn == "recalibrate":
             with recalibrated_bn(self.model, self.batches.plain(self.cfg.eval.recal_batches),
                                  self.cfg.train.precision, self.device):
-                return evaluate(self.model, test, self.device, self.cfg.train.precision)
-        return evaluate(self.model, test, self.device, self.cfg.train.precision)
+                sums = evaluate(self.model, test, self.device, self.cfg.train.precision)
+        else:
+            sums = evaluate(self.model, test, self.device, self.cfg.train.precision)
+        if getattr(self.batches, "sharded", False):
+            self.ddp.all_reduce_sum_(sums)
+        n = max(float(sums[2]), 1.0)
+        return float(sums[0]) / n, float(sums[1]) / n
 
     def fit(self, stop_after_epochs: int | None = None, tracker: Tracker | None = None,
             on_epoch: Callable[[dict], bool] | None = None) -> dict | None:
@@ -231,14 +264,15 @@ class Run:
             if diverged:
                 self.status = "diverged"
                 break
-            self._write_metrics_line(row)
-            io.save_torch(self.out / CHECKPOINT, self.state_dict())
+            if self.ddp.is_main:  # one writer; every rank holds the same state
+                self._write_metrics_line(row)
+                io.save_torch(self.out / CHECKPOINT, self.state_dict())
             if on_epoch is not None and self.epoch < self.cfg.train.epochs and on_epoch(row):
                 self.status = "pruned"
                 break
         if self.status == "running":
             self.status = "completed"
-        elif self.status == "diverged":
+        elif self.status == "diverged" and self.ddp.is_main:
             self._write_metrics_line(self.history[-1])
         return self.result()
 
@@ -255,7 +289,8 @@ class Run:
                 "train_loss": last.get("train_loss"), "train_acc": last.get("train_acc"),
                 "epochs_completed": self.epoch, "steps": self.engine.t,
                 "wall_s": round(self.wall_s, 3), "eval_bn": self.cfg.eval.bn,
-                "device": str(self.device), "config": self.cfg.model_dump()}
+                "device": str(self.device), "processes": self.ddp.world,
+                "config": self.cfg.model_dump()}
 
 
 def train_run(cfg: RunConfig, out_dir: str | Path, device: str = "auto",
@@ -277,28 +312,36 @@ def train_run(cfg: RunConfig, out_dir: str | Path, device: str = "auto",
         if other != rid:
             raise RunDirError(f"{out / CONFIG}: folder holds run {other}, not {rid}")
     run = Run(cfg, out, device, log)  # loads data: bad data folders fail before anything is written
-    out.mkdir(parents=True, exist_ok=True)
-    io.write_text(out / CONFIG, dump_yaml(cfg))
-    if (out / CHECKPOINT).exists():
+    main = run.ddp.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        io.write_text(out / CONFIG, dump_yaml(cfg))
+    if (out / CHECKPOINT).exists():  # every rank resumes from the same checkpoint
         run.load_state_dict(io.load_torch(out / CHECKPOINT, map_location=run.device))
         log(f"[{rid}] resuming after epoch {run.epoch}")
-    # metrics.jsonl is rewritten from the checkpoint: an epoch logged after the last checkpoint
-    # (a crash in between) is dropped and trained again, never duplicated
-    io.write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in run.history))
-    _event(out, "start", from_epoch=run.epoch)
-    tracker = Tracker(cfg, out, rid)
+    run.ddp.barrier()
+    if main:
+        # metrics.jsonl is rewritten from the checkpoint: an epoch logged after the last
+        # checkpoint (a crash in between) is dropped and trained again, never duplicated
+        io.write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in run.history))
+        _event(out, "start", from_epoch=run.epoch, processes=run.ddp.world)
+    tracker = Tracker(cfg, out, rid) if main else None
     try:
         result = run.fit(stop_after_epochs, tracker, on_epoch)
         if result is None:
             return None
         run.use_current_weights()
-        io.save_torch(out / WEIGHTS, run.model.state_dict())
-        io.write_json(out / RESULT, result)
-        _event(out, "end", status=result["status"])
-        tracker.finish(result)
+        if main:
+            io.save_torch(out / WEIGHTS, run.model.state_dict())
+            io.write_json(out / RESULT, result)
+            _event(out, "end", status=result["status"])
+            tracker.finish(result)
     finally:
-        tracker.close()
-    (out / CHECKPOINT).unlink(missing_ok=True)
+        if tracker is not None:
+            tracker.close()
+    run.ddp.barrier()
+    if main:
+        (out / CHECKPOINT).unlink(missing_ok=True)
     return result
 
 

@@ -121,3 +121,7 @@ def test_shipped_specs_expand_and_validate():
     demo = load_spec(EXPERIMENTS / "digits_demo.yaml").expand()
     assert len(demo) == 4 * 3 * 2
     assert {r.config.data.name for r in demo} == {"digits"}
+    imagenet = load_spec(EXPERIMENTS / "imagenet_resnet50_delay.yaml").expand()
+    short = load_spec(EXPERIMENTS / "imagenet_resnet50_delay_16ep.yaml").expand()
+    assert len(imagenet) == len(short) == 4
+    assert {r.config.train.epochs for r in short} == {16} and short[0].config.model.name == "resnet50"

@@ -1,0 +1,156 @@
+"""ImageFolder data, torchvision ResNets, and data parallelism (gloo on CPU)."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from abexp import io
+from abexp.cli import main
+from abexp.config import load_config
+from abexp.data import DataError
+from abexp.imagenet import ImageNetBatches, check_image_folder
+from abexp.train import RESULT, train_run
+
+ENV = dict(os.environ, WANDB_MODE="disabled")
+
+
+def write_image_folder(root: Path, classes=10, train_per_class=8, val_per_class=2, size=40) -> Path:
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = np.zeros((size, size, 3), np.uint8) + np.uint8(c * 25)  # class-dependent colour
+                noise = rng.integers(0, 40, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(base + noise).save(folder / f"img_{i}.JPEG", quality=90)
+    return root
+
+
+IMAGENET = ["data.name=imagenet", "model.name=resnet18", "data.image_size=32", "data.workers=2",
+            "train.batch_size=16", "train.epochs=1", "optim.lr=0.05", "schedule.name=constant",
+            "eval.batch_size=20"]
+
+
+def test_tiny_imagefolder_trains_one_epoch_of_resnet18(tmp_path):
+    root = write_image_folder(tmp_path / "imnet")
+    cfg = load_config(None, IMAGENET + [f"data.root={root}", "train.label_smoothing=0.1",
+                                        "model.zero_init_residual=true", "delay.steps=2"])
+    result = train_run(cfg, tmp_path / "run", device="cpu", log=lambda s: None)
+    assert result["status"] == "completed" and result["steps"] == 80 // 16
+    assert 0.0 <= result["test_acc"] <= 1.0
+
+
+def test_imagefolder_batches_are_seeded_and_shaped(tmp_path):
+    root = write_image_folder(tmp_path / "imnet", classes=3, train_per_class=4)
+    cfg = load_config(None, IMAGENET + [f"data.root={root}", "train.batch_size=4", "data.workers=0"])
+    data = ImageNetBatches(cfg, torch.device("cpu"))
+    assert data.num_classes == 3 and data.steps_per_epoch == 3
+    a = [y.tolist() for _, y in data.epoch(0)]
+    b = [y.tolist() for _, y in data.epoch(0)]
+    x, _ = next(iter(data.epoch(1)))
+    assert a == b and x.shape == (4, 3, 32, 32)
+    halves = [ImageNetBatches(cfg, torch.device("cpu"), rank=r, world=2) for r in (0, 1)]
+    shards = [[y.tolist() for _, y in h.epoch(0)] for h in halves]
+    assert [s0 + s1 for s0, s1 in zip(*shards)] == a  # ranks split each global batch
+
+
+@pytest.mark.parametrize("breakage,needle", [
+    ("no_val", "val"), ("empty_class", "holds no images"), ("class_mismatch", "classes differ"),
+    ("missing_root", "train")])
+def test_malformed_folder_is_a_clear_error(tmp_path, breakage, needle, capsys):
+    root = write_image_folder(tmp_path / "imnet", classes=2, train_per_class=1, val_per_class=1)
+    import shutil
+    if breakage == "no_val":
+        shutil.rmtree(root / "val")
+    elif breakage == "empty_class":
+        for f in (root / "train" / "n00000001").iterdir():
+            f.unlink()
+    elif breakage == "class_mismatch":
+        (root / "val" / "n00000001").rename(root / "val" / "n00000009")
+    else:
+        root = tmp_path / "nothing"
+    with pytest.raises(DataError, match=needle):
+        check_image_folder(root)
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"data: {{name: imagenet, root: {root}}}\nmodel: {{name: resnet18}}\n")
+    assert main(["train", str(cfg_file), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "data.root" in err and not (tmp_path / "o").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, overrides, out, dump):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), WANDB_MODE="disabled")
+    torch.set_num_threads(1)
+    from abexp.distributed import shutdown
+    from abexp.train import Run
+    run = Run(load_config(None, overrides), out, "cpu", log=lambda s: None)
+    run.fit()
+    torch.save({"w": run.engine.w, "v": run.engine.optimizer.v, "hist": run.engine.history.buffer,
+                "buffers": {k: v.clone() for k, v in run.model.named_buffers()}}, f"{dump}/rank{rank}.pt")
+    shutdown()
+
+
+DIGITS = ["data.name=digits", "model.name=resnet8", "data.subset=128", "data.test_subset=64",
+          "train.batch_size=32", "train.epochs=2", "optim.name=ab", "delay.steps=3",
+          "schedule.name=constant", "optim.lr=0.05"]
+
+
+def test_two_process_ddp_ranks_agree_and_match_one_process_micro_batches(tmp_path):
+    import torch.multiprocessing as mp
+    (tmp_path / "o").mkdir()
+    mp.start_processes(_ddp_worker, args=(2, free_port(), DIGITS, str(tmp_path / "o"), str(tmp_path)),
+                       nprocs=2, join=True, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key in ("w", "v", "hist"):
+        assert torch.equal(r0[key], r1[key]), key  # identical weights, optimizer state, ring buffer
+    assert all(torch.equal(r0["buffers"][k], r1["buffers"][k]) for k in r0["buffers"])
+    # one process, same global batch, two micro-batches = the two ranks' halves
+    single = load_config(None, DIGITS + ["train.micro_batches=2"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: the same reduction order in the convolutions
+    try:
+        train_run(single, tmp_path / "single", device="cpu", log=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+    w_single = io.load_torch(tmp_path / "single" / "model.pt")
+    from abexp.models import build_model
+    model = build_model("resnet8")
+    model.load_state_dict(w_single)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.equal(flat, r0["w"])  # bitwise: all-reduced mean == micro-batch mean
+    assert not torch.allclose(flat, torch.cat([p.detach().reshape(-1) for p in build_model("resnet8").parameters()]))
+
+
+def test_cli_nproc_2_resumes_under_ddp(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("seed: 0\n")
+    base = [sys.executable, "-m", "abexp.cli", "train", str(cfg), "--device", "cpu", "--nproc", "2"]
+    for item in DIGITS + ["train.epochs=3"]:
+        base += ["--set", item]
+    env = dict(ENV, OMP_NUM_THREADS="1")
+    part, full = tmp_path / "part", tmp_path / "full"
+    assert subprocess.run(base + ["--out", str(part), "--stop-after", "1"], env=env,
+                          capture_output=True).returncode == 0
+    assert (part / "checkpoint.pt").exists() and not (part / RESULT).exists()
+    assert subprocess.run(base + ["--out", str(part)], env=env, capture_output=True).returncode == 0
+    assert subprocess.run(base + ["--out", str(full)], env=env, capture_output=True).returncode == 0
+    a, b = io.load_torch(part / "model.pt"), io.load_torch(full / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    import json
+    result = json.loads((part / RESULT).read_text())
+    assert result["processes"] == 2 and result["epochs_completed"] == 3
