@@ -1,9 +1,15 @@
 """``make bench``: speed figures as ratios measured in one process, with the machine named.
 
-    python -m abexp.bench [--steps N] [--rounds R] [--device auto|cpu|cuda] [--out results/bench]
+    python -m abexp.bench [--steps N] [--rounds R] [--packs 1 2 4 ...] [--device auto|cpu|cuda]
 
-Delay overhead: mean training step time of ResNet-20 (batch 128, synthetic CIFAR-shaped data)
-at delay 32 vs delay 0, measured in interleaved rounds so drift of the machine hits both alike.
+a. delay overhead: ResNet-20 step time (batch 128, synthetic CIFAR-shaped data) at delay 32 vs
+   delay 0, in interleaved rounds so drift of the machine hits both alike;
+b. abexp's path (data on the device as uint8, batched augmentation, flat-buffer engine) vs a
+   naive baseline written here (torch DataLoader over PIL images with per-sample torchvision
+   transforms, fp32, eager, torch.optim.SGD): time per CIFAR-10 epoch (390 steps), extrapolated
+   from the measured step time;
+c. grid throughput: K runs packed on one device (abexp.packed), K = 1, 2, 4, ...: run-epochs per
+   hour, the best K, and its speed-up over K = 1 and over the naive one-run baseline.
 Writes ``bench.json`` and ``bench.md`` under ``--out``.
 """
 
@@ -76,6 +82,106 @@ def delay_overhead(device: str, steps: int, rounds: int, model: str = "resnet20"
             "ratio_delay32_over_delay0": round(t32 / t0, 4), "target": "<= 1.05"}
 
 
+STEPS_PER_CIFAR_EPOCH = 50000 // 128
+
+
+def naive_step_time(device: torch.device, steps: int, batch: int = 128) -> float:
+    """The typical PyTorch pipeline: per-sample PIL transforms in a DataLoader, fp32, eager."""
+    import numpy as np
+    import torch.nn.functional as F
+    from abexp.models import build_model
+    from abexp.tv_compat import import_torchvision
+
+    T = import_torchvision().transforms
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch * (steps + 2), 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, len(images))
+    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))])
+
+    class Cifar(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return tf(Image.fromarray(images[i])), int(labels[i])
+
+    loader = torch.utils.data.DataLoader(Cifar(), batch_size=batch, shuffle=True, num_workers=2,
+                                         pin_memory=device.type == "cuda", drop_last=True)
+    torch.manual_seed(0)
+    model = build_model("resnet20").to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    it = iter(loader)
+
+    def step():
+        x, y = next(it)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        float(torch.zeros((), device=device))  # the usual per-step .item() of a logged loss
+
+    step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def path_vs_naive(device: str, steps: int) -> dict:
+    dev = torch.device(device)
+    abexp_s = step_timer(0, "resnet20", 128, device)[1]
+    abexp_s(2)
+    ours = abexp_s(steps)
+    naive = naive_step_time(dev, steps)
+    return {"steps_measured": steps, "abexp_epoch_s": round(ours * STEPS_PER_CIFAR_EPOCH, 2),
+            "naive_epoch_s": round(naive * STEPS_PER_CIFAR_EPOCH, 2),
+            "speedup_abexp_over_naive": round(naive / ours, 3), "target": ">= 5x (GPU)"}
+
+
+def packed_step_time(device: str, k: int, steps: int, batch: int = 128) -> float:
+    from abexp.packed import PackedRun
+
+    cfgs = [load_config(None, ["model.name=resnet20", "data.name=synthetic", f"data.synthetic_size={batch * 4}",
+                               f"train.batch_size={batch}", f"seed={i}", "train.epochs=1000",
+                               f"optim.name={'ab' if i % 2 else 'sgdm'}", f"delay.steps={(i * 4) % 33}"])
+            for i in range(k)]
+    pack = PackedRun(cfgs, ["/nonexistent"] * k, device, log=lambda s: None)
+    batches = [list(b.epoch(0)) for b in pack.batches]
+    lrs = [0.01] * k
+
+    def run(n):
+        sync(pack.device)
+        start = time.perf_counter()
+        for i in range(n):
+            xs = [b[i % len(b)] for b in batches]
+            pack.train_step([x for x, _ in xs], [y for _, y in xs], lrs)
+        sync(pack.device)
+        return (time.perf_counter() - start) / n
+
+    run(1)
+    return run(steps)
+
+
+def grid_throughput(device: str, packs: list[int], steps: int, naive_epoch_s: float) -> dict:
+    rows = []
+    for k in packs:
+        step_s = packed_step_time(device, k, steps)
+        epoch_s = step_s * STEPS_PER_CIFAR_EPOCH
+        rows.append({"K": k, "step_s": round(step_s, 4), "epoch_s_per_run": round(epoch_s / k, 3),
+                     "run_epochs_per_hour": round(3600 * k / epoch_s, 1)})
+    best = max(rows, key=lambda r: r["run_epochs_per_hour"])
+    naive_rate = 3600 / naive_epoch_s
+    return {"rows": rows, "best_K": best["K"],
+            "best_speedup_over_K1": round(best["run_epochs_per_hour"] / rows[0]["run_epochs_per_hour"], 3),
+            "best_speedup_over_naive": round(best["run_epochs_per_hour"] / naive_rate, 3),
+            "target": ">= 20x over naive; <= 1 s per ResNet-20 epoch per run (GPU)"}
+
+
 def to_markdown(report: dict) -> str:
     lines = [f"# abexp benchmark — {report['machine']}", "",
              f"torch {report['torch']}, device {report['device']}, {report['date']}", ""]
@@ -85,6 +191,19 @@ def to_markdown(report: dict) -> str:
               "|---|---|---|---|---|",
               f"| {d['model']} | {d['batch']} | {d['step_ms_delay0']} | {d['step_ms_delay32']} | "
               f"{d['ratio_delay32_over_delay0']} |", ""]
+    if "path_vs_naive" in report:
+        p = report["path_vs_naive"]
+        lines += ["## abexp path vs naive DataLoader pipeline (ResNet-20, one CIFAR-10 epoch)", "",
+                  "| abexp epoch s | naive epoch s | speed-up (target ≥ 5×) |", "|---|---|---|",
+                  f"| {p['abexp_epoch_s']} | {p['naive_epoch_s']} | {p['speedup_abexp_over_naive']} |", ""]
+    if "grid_throughput" in report:
+        g = report["grid_throughput"]
+        lines += ["## Grid throughput: K runs packed on one device", "",
+                  "| K | step s | epoch s per run | run-epochs / hour |", "|---|---|---|---|"]
+        lines += [f"| {r['K']} | {r['step_s']} | {r['epoch_s_per_run']} | {r['run_epochs_per_hour']} |"
+                  for r in g["rows"]]
+        lines += ["", f"best K = {g['best_K']}: {g['best_speedup_over_K1']}× over K = 1, "
+                      f"{g['best_speedup_over_naive']}× over the naive one-run pipeline (target ≥ 20×)", ""]
     return "\n".join(lines)
 
 
@@ -94,12 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--out", default="results/bench")
+    parser.add_argument("--packs", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--only-delay", action="store_true", help="just figure a (fast)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     report = {"machine": machine_name(device), "device": str(device), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M")}
     report["delay_overhead"] = delay_overhead(str(device), args.steps, args.rounds)
+    if not args.only_delay:
+        report["path_vs_naive"] = path_vs_naive(str(device), args.steps)
+        report["grid_throughput"] = grid_throughput(str(device), args.packs, max(2, args.steps // 3),
+                                                    report["path_vs_naive"]["naive_epoch_s"])
     out = Path(args.out)
     io.write_json(out / "bench.json", report)
     md = to_markdown(report)

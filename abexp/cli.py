@@ -106,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     return run_local(args.spec, args.results, args.workers, gpus, args.runs_per_gpu,
                      progress=not args.no_progress, overrides=args.set,
-                     gpus_per_run=args.gpus_per_run)
+                     gpus_per_run=args.gpus_per_run, pack=args.pack)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -202,6 +202,8 @@ def build_parser() -> Parser:
     p.add_argument("--runs-per-gpu", type=int, default=1, help="runs sharing one GPU")
     p.add_argument("--gpus-per-run", type=int, default=1,
                    help="GPUs per run (data parallel through torchrun), e.g. 8 for ImageNet")
+    p.add_argument("--pack", type=int, default=1,
+                   help="train up to K compatible runs together in one process (grouped convolutions)")
     p.add_argument("--backend", choices=["local", "slurm"], default="local")
     p.add_argument("--array", type=int, default=4, help="slurm: number of array tasks")
     p.add_argument("--slurm-folder", default="results/slurm", help="slurm: submitit log folder")

@@ -32,13 +32,20 @@ class DelayedSGD:
 
     def step(self, grad_fn: Callable[[torch.Tensor], torch.Tensor], lr: float) -> int:
         """One update; returns the delay tau_t that was used."""
+        tau, w_fwd = self.begin(lr)
+        self.finish(grad_fn(w_fwd), w_fwd, tau, lr)
+        return tau
+
+    def begin(self, lr: float) -> tuple[int, torch.Tensor]:
+        """First half of a step: store this step's forward weights, return (tau, stale weights)."""
         t, tau = self.t, self.sampler(self.t)
         self.optimizer.store_forward_weights(self.w, lr, out=self.history.slot(t))
-        w_fwd = self.history.stale(t, tau)
-        grad = grad_fn(w_fwd)
+        return tau, self.history.stale(t, tau)
+
+    def finish(self, grad: torch.Tensor, w_fwd: torch.Tensor, tau: int, lr: float) -> None:
+        """Second half: apply the gradient computed at ``w_fwd`` to the current weights."""
         self.optimizer.step(self.w, grad, w_fwd, tau, lr)
         self.t += 1
-        return tau
 
     def state_dict(self) -> dict:
         return {"t": self.t, "w": self.w, "history": self.history.buffer,

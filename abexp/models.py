@@ -76,3 +76,84 @@ def build_model(name: str, num_classes: int = 10, zero_init_residual: bool = Fal
     if name not in builders:
         raise ValueError(f"unknown model {name!r}")
     return builders[name](num_classes=num_classes, zero_init_residual=zero_init_residual)
+
+
+# ---------------------------------------------------------------- packing: K runs, one model
+
+class PackedShortcutA(nn.Module):
+    """Option A for K runs whose channels are stacked: pad each run's channels separately."""
+
+    def __init__(self, runs: int, extra_channels: int):
+        super().__init__()
+        self.runs, self.pad = runs, extra_channels // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, kc, h, w = x.shape
+        x = x[:, :, ::2, ::2].reshape(b, self.runs, kc // self.runs, (h + 1) // 2, (w + 1) // 2)
+        x = F.pad(x, (0, 0, 0, 0, self.pad, self.pad))
+        return x.reshape(b, -1, x.shape[-2], x.shape[-1])
+
+
+class PackedBasicBlock(nn.Module):
+    def __init__(self, runs: int, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        k = runs
+        self.conv1 = nn.Conv2d(k * c_in, k * c_out, 3, stride, 1, bias=False, groups=k)
+        self.bn1 = nn.BatchNorm2d(k * c_out)
+        self.conv2 = nn.Conv2d(k * c_out, k * c_out, 3, 1, 1, bias=False, groups=k)
+        self.bn2 = nn.BatchNorm2d(k * c_out)
+        self.shortcut = (PackedShortcutA(k, c_out - c_in) if stride != 1 or c_in != c_out
+                         else nn.Identity())
+
+    forward = BasicBlock.forward
+
+
+class PackedCifarResNet(nn.Module):
+    """K independent CIFAR ResNets as one network of grouped convolutions.
+
+    Every parameter and buffer has the name of its CifarResNet counterpart and K times its
+    first dimension: chunk k along dim 0 is run k's tensor. Groups keep the runs independent
+    (convolutions, per-channel BN, a block-diagonal classifier), so one forward/backward of the
+    packed network computes K runs' gradients with K times fewer kernel launches.
+    Input [B, K*3, H, W] (run k's images in channels 3k..3k+2), output [B, K, classes].
+    """
+
+    def __init__(self, depth: int, runs: int, num_classes: int = 10):
+        super().__init__()
+        n, k = (depth - 2) // 6, runs
+        self.runs, self.num_classes = runs, num_classes
+        self.conv = nn.Conv2d(3 * k, 16 * k, 3, 1, 1, bias=False, groups=k)
+        self.bn = nn.BatchNorm2d(16 * k)
+        layers, c_in = [], 16
+        for stage, c_out in enumerate((16, 32, 64)):
+            for i in range(n):
+                layers.append(PackedBasicBlock(k, c_in, c_out, 2 if stage > 0 and i == 0 else 1))
+                c_in = c_out
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(64, num_classes * k)  # weight [K*classes, 64]: run k's rows are chunk k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn(self.conv(x)))
+        out = self.layers(out)
+        pooled = F.adaptive_avg_pool2d(out, 1).flatten(1).view(x.shape[0], self.runs, 64)
+        weight = self.fc.weight.view(self.runs, self.num_classes, 64)
+        return torch.einsum("bkc,koc->bko", pooled, weight) + self.fc.bias.view(self.runs, self.num_classes)
+
+    @torch.no_grad()
+    def load_runs(self, models: list[nn.Module]) -> "PackedCifarResNet":
+        """Copy K separately initialised models into their chunks."""
+        states = [m.state_dict() for m in models]
+        for name, tensor in self.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                tensor.copy_(states[0][name])
+            else:
+                tensor.copy_(torch.cat([s[name] for s in states], dim=0))
+        return self
+
+    def run_state(self, k: int) -> dict[str, torch.Tensor]:
+        """Run k's state dict, loadable into a CifarResNet."""
+        out = {}
+        for name, tensor in self.state_dict().items():
+            out[name] = tensor.clone() if name.endswith("num_batches_tracked") else \
+                tensor.chunk(self.runs, dim=0)[k].clone()
+        return out

@@ -88,9 +88,56 @@ def train_claimed(config: RunConfig, run_dir: Path, session: str, on_epoch=None)
         log_fh.close()
 
 
+def train_pack_claimed(runs: list[PlannedRun], run_dirs: list[Path], session: str) -> list[str]:
+    """Train claimed runs together (abexp.packed); a crash fails every run of the pack."""
+    from abexp.packed import train_pack
+
+    logs = [open(d / LOG, "a", buffering=1) for d in run_dirs]
+    log = lambda msg: [fh.write(f"{time.strftime('%H:%M:%S')} {msg}\n") for fh in logs]  # noqa: E731
+    try:
+        results = train_pack([r.config for r in runs], run_dirs, device="auto", log=log)
+        return [r["status"] for r in results]
+    except Exception as err:
+        tb = traceback.format_exc()
+        for d, fh in zip(run_dirs, logs):
+            fh.write(tb)
+            io.write_json(d / FAILED, {"status": "failed", "session": session, "error": repr(err),
+                                       "traceback": tb, "host": socket.gethostname(), "time": time.time()})
+        return ["failed"] * len(runs)
+    finally:
+        for fh in logs:
+            fh.close()
+
+
+def _pack_partners(run: PlannedRun, plan: list[PlannedRun], root: Path, session: str, size: int):
+    """Claim up to size-1 fresh runs that can share a pack with ``run``."""
+    from abexp.packed import pack_key
+
+    key = pack_key(run.config)
+    if size <= 1 or key is None or (root / run.run_id / "checkpoint.pt").exists():
+        return []
+    partners = []
+    for other in plan:
+        if len(partners) == size - 1:
+            break
+        d = root / other.run_id
+        if (other.run_id == run.run_id or (d / "result.json").exists() or (d / "checkpoint.pt").exists()
+                or _failed_in_session(d, session) or pack_key(other.config) != key):
+            continue
+        claim = try_claim(d)
+        if claim is not None:
+            partners.append((other, claim))
+    return partners
+
+
 def worker_loop(spec_path: str, results: str, session: str, overrides: list[str] | None = None,
-                poll_s: float = POLL_S) -> dict:
-    """Claim and train pending runs until every run is done or failed in this session."""
+                poll_s: float = POLL_S, pack: int = 1) -> dict:
+    """Claim and train pending runs until every run is done or failed in this session.
+
+    With ``pack`` > 1, up to that many fresh compatible runs are trained together in one
+    process (abexp.packed); runs resuming from a checkpoint are trained alone.
+    """
+    pack = int(os.environ.get("ABEXP_PACK", pack))
     threads = os.environ.get("ABEXP_THREADS")
     if threads:
         import torch
@@ -110,14 +157,28 @@ def worker_loop(spec_path: str, results: str, session: str, overrides: list[str]
                 claim = try_claim(run_dir)
                 if claim is None:
                     continue
-                heartbeat.add(claim)
+                group = [(run, claim)] + _pack_partners(run, plan, root, session, pack)
+                for _, c in group:
+                    heartbeat.add(c)
                 try:
-                    if not (run_dir / "result.json").exists():  # finished while we looked
-                        status = train_claimed(run.config, run_dir, session)
+                    group_todo = [(r, root / r.run_id) for r, _ in group
+                                  if not (root / r.run_id / "result.json").exists()]
+                    if len(group_todo) == 1:
+                        statuses = [train_claimed(group_todo[0][0].config, group_todo[0][1], session)]
+                    elif group_todo:
+                        for r, d in group_todo:
+                            if not (d / "config.yaml").exists():
+                                io.write_text(d / "config.yaml", dump_yaml(r.config))
+                        statuses = train_pack_claimed([r for r, _ in group_todo], [d for _, d in group_todo],
+                                                      session)
+                    else:
+                        statuses = []
+                    for status in statuses:
                         counts[status] = counts.get(status, 0) + 1
                 finally:
-                    heartbeat.remove(claim)
-                    claim.release()
+                    for _, c in group:
+                        heartbeat.remove(c)
+                        c.release()
             if unfinished == 0:
                 return counts
             time.sleep(poll_s)  # the rest are claimed by live workers: wait, they may die
@@ -159,7 +220,7 @@ def summarize(plan: list[PlannedRun], results: str | Path) -> dict[str, int]:
 
 def run_local(spec_path: str, results: str, workers: int | None = None,
               gpus: list[str] | None = None, runs_per_gpu: int = 1, progress: bool = True,
-              overrides: list[str] | None = None, gpus_per_run: int = 1) -> int:
+              overrides: list[str] | None = None, gpus_per_run: int = 1, pack: int = 1) -> int:
     """Start the workers, show progress, return 0 when every run ended done (or diverged)."""
     from tqdm import tqdm
 
@@ -175,7 +236,7 @@ def run_local(spec_path: str, results: str, workers: int | None = None,
     threads = max(1, (os.cpu_count() or 1) // len(slots)) if slots[0] is None else 4
     procs = []
     for gpu in slots:
-        env = dict(os.environ, ABEXP_THREADS=str(threads))
+        env = dict(os.environ, ABEXP_THREADS=str(threads), ABEXP_PACK=str(pack))
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
             env["ABEXP_NPROC"] = str(gpus_per_run)

@@ -142,3 +142,14 @@ def test_slurm_backend_with_submitit_local_executor(tmp_path):
     outcomes = [job.result() for job in jobs]
     assert sum(sum(c.values()) for c in outcomes) == 4  # 4 runs trained, split between 2 tasks
     assert_each_run_once(spec, results, epochs=1)
+
+
+def test_run_with_pack_trains_compatible_runs_together(tmp_path):
+    spec = write_spec(tmp_path / "pack.yaml", epochs=1, seeds=(0, 1))
+    results = tmp_path / "results"
+    rc, out, err = abexp_run(spec, results, "--workers", "1", "--pack", "4")
+    assert rc == 0, err
+    assert_each_run_once(spec, results, epochs=1)
+    packed = [e.get("packed") for run in load_spec(spec).expand()
+              for e in events(runs_dir(results) / run.run_id) if e["event"] == "start"]
+    assert packed == [4, 4, 4, 4]
