@@ -59,6 +59,7 @@ class TrainCfg(_Locked):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     divergence_check_every: int = Field(50, ge=1)  # steps between (synchronising) NaN checks
     micro_batches: int = Field(1, ge=1)  # split each (per-process) batch; gradients averaged
+    channels_last: bool = False  # NHWC convolution weights and activations
 
 
 class OptimCfg(_Locked):

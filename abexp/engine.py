@@ -62,20 +62,31 @@ class FlatParams:
     """Make a model's parameters (and their grads) views into one flat buffer each.
 
     Swapping the weights a forward pass sees is then one copy of P floats, not one per tensor;
-    autograd accumulates into the existing ``.grad`` views in place.
+    autograd accumulates into the existing ``.grad`` views in place. With ``channels_last``,
+    4-d (convolution) weights are stored NHWC inside the flat buffer and exposed as
+    channels_last-strided views, so convolutions need no layout conversion.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, channels_last: bool = False):
         params = [p for p in model.parameters() if p.requires_grad]
         self.sizes = [p.numel() for p in params]
-        self.data = torch.cat([p.detach().reshape(-1) for p in params])
+        nhwc = [channels_last and p.dim() == 4 for p in params]
+        self.data = torch.cat([(p.detach().permute(0, 2, 3, 1) if cl else p.detach()).reshape(-1)
+                               for p, cl in zip(params, nhwc)])
         self.grad = torch.zeros_like(self.data)
         offset = 0
-        for p, n in zip(params, self.sizes):
-            p.data = self.data[offset:offset + n].view_as(p)
-            p.grad = self.grad[offset:offset + n].view_as(p)
+        for p, n, cl in zip(params, self.sizes, nhwc):
+            p.data = self._view(self.data[offset:offset + n], p.shape, cl)
+            p.grad = self._view(self.grad[offset:offset + n], p.shape, cl)
             offset += n
         self.params = params
+
+    @staticmethod
+    def _view(segment: torch.Tensor, shape: torch.Size, nhwc: bool) -> torch.Tensor:
+        if nhwc:
+            n, c, h, w = shape
+            return segment.view(n, h, w, c).permute(0, 3, 1, 2)
+        return segment.view(shape)
 
     def check_views(self) -> None:
         """Fail loudly if something (e.g. ``model.to``) replaced a parameter's storage."""

@@ -135,7 +135,8 @@ class Run:
         self.batches = build_data(cfg, self.device, self.ddp)
         self.model = build_model(cfg.model.name, self.batches.num_classes,
                                  cfg.model.zero_init_residual).to(self.device)
-        self.flat = FlatParams(self.model)
+        self.flat = FlatParams(self.model, cfg.train.channels_last)
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.engine = DelayedSGD(self.flat.data, self.flat.sizes, cfg.optim, cfg.delay, cfg.seed)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
@@ -185,6 +186,7 @@ class Run:
             self.flat.data.copy_(w_fwd)
             self.flat.grad.zero_()
             for xm, ym in chunks:
+                xm = xm.contiguous(memory_format=self.memory_format)
                 with autocast(self.device, cfg.train.precision):
                     logits = self.model(xm)
                     loss = F.cross_entropy(logits.float(), ym, label_smoothing=cfg.train.label_smoothing)
@@ -224,9 +226,11 @@ class Run:
     def evaluate(self) -> tuple[float, float]:
         """(test loss, test accuracy) at the current weights; ranks add their shares."""
         self.use_current_weights()
-        test = self.batches.test(self.cfg.eval.batch_size)
+        fmt = self.memory_format
+        test = ((x.contiguous(memory_format=fmt), y) for x, y in self.batches.test(self.cfg.eval.batch_size))
         if self.cfg.eval.bn == "recalibrate":
-            with recalibrated_bn(self.model, self.batches.plain(self.cfg.eval.recal_batches),
+            plain = (x.contiguous(memory_format=fmt) for x in self.batches.plain(self.cfg.eval.recal_batches))
+            with recalibrated_bn(self.model, plain,
                                  self.cfg.train.precision, self.device):
                 sums = evaluate(self.model, test, self.device, self.cfg.train.precision)
         else:

@@ -96,3 +96,30 @@ def test_bn_recalibration_recomputes_statistics_at_current_weights_and_restores_
         expect = torch.stack([model.conv(x).mean(dim=(0, 2, 3)) for x in xs]).mean(0)
     assert torch.allclose(captured[0], expect, atol=1e-5)
     assert torch.all(bn.running_mean == 5.0)  # training state untouched
+
+
+def test_channels_last_views_match_torch_sgd_on_a_channels_last_model(tmp_path, tiny_overrides):
+    """channels_last changes the CPU convolution algorithms (~1e-4 relative in gradients), so
+    the reference is PyTorch's own channels_last model trained by torch.optim.SGD."""
+    import copy
+
+    import torch.nn.functional as F
+    from abexp.models import build_model
+    from abexp.train import Run
+    cfg = load_config(None, tiny_overrides + ["optim.name=sgdm", "optim.weight_decay=1e-4",
+                                              "train.channels_last=true"])
+    run = Run(cfg, tmp_path, "cpu", log=lambda s: None)
+    conv = run.model.conv.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert conv.untyped_storage().data_ptr() == run.flat.data.untyped_storage().data_ptr()
+    torch.manual_seed(cfg.seed)
+    ref = build_model("resnet8").to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    for x, y in list(run.batches.epoch(0))[:3]:
+        run.train_step(x, y, 0.05)
+        opt.zero_grad()
+        F.cross_entropy(ref(x.contiguous(memory_format=torch.channels_last)), y).backward()
+        opt.step()
+    run.use_current_weights()
+    for (name, a), b in zip(run.model.named_parameters(), ref.parameters()):
+        assert torch.allclose(a.detach(), b.detach(), rtol=1e-5, atol=1e-7), name
