@@ -16,7 +16,6 @@ Writes ``bench.json`` and ``bench.md`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time

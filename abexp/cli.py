@@ -155,6 +155,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                            args.set, progress=not args.no_progress)
 
 
+def add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a dotted key in the base of every run (e.g. data.root=...)")
+    p.add_argument("--results", default="results")
+
+
 def build_parser() -> Parser:
     from abexp.config import OPTIM_NAMES
 
@@ -185,18 +192,12 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_stability)
 
     p = sub.add_parser("plan", help="list the runs a spec expands to, with their state")
-    p.add_argument("spec")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a dotted key in the base of every run (e.g. data.root=...)")
-    p.add_argument("--results", default="results")
+    add_spec_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="run every run of a spec (resumable, exactly once)")
-    p.add_argument("spec")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a dotted key in the base of every run (e.g. data.root=...)")
-    p.add_argument("--results", default="results")
+    add_spec_args(p)
     p.add_argument("--workers", type=int, help="worker processes (default: one per GPU slot, or 1)")
     p.add_argument("--gpus", help="comma-separated GPU ids (default: all visible)")
     p.add_argument("--runs-per-gpu", type=int, default=1, help="runs sharing one GPU")
@@ -214,10 +215,7 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="state and accuracy of every run of a spec")
-    p.add_argument("spec")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a dotted key in the base of every run (e.g. data.root=...)")
-    p.add_argument("--results", default="results")
+    add_spec_args(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("collect", help="one table row per run in RESULTS/runs")

@@ -185,6 +185,17 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(str(path), "", f"invalid YAML: {where}{problem}") from None
 
 
+def read_locked_mapping(path: Path, allowed: set[str], what: str) -> dict:
+    """A YAML file holding a mapping whose top-level keys must all be in ``allowed``."""
+    doc = read_yaml(path)
+    if not isinstance(doc, dict):
+        raise ConfigError(str(path), "", f"expected a mapping with {what}")
+    unknown = sorted(set(doc) - allowed)
+    if unknown:
+        raise ConfigError(str(path), unknown[0], f"unknown key (expected one of {sorted(allowed)})")
+    return doc
+
+
 def parse_override(item: str, source: str = "--set") -> tuple[str, Any]:
     """``key=value`` with the value parsed as YAML (so 0.1 is a float, [1, 2] a list)."""
     if "=" not in item:

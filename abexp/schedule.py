@@ -16,7 +16,6 @@ def lr_at(step: int, base_lr: float, total_steps: int, steps_per_epoch: int,
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     if step < warmup:
         return base_lr * (step + 1) / warmup
-    progress = step / max(1, total_steps)
     if cfg.name == "constant":
         return base_lr
     if cfg.name == "multistep":

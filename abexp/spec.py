@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from abexp.config import (ConfigError, RunConfig, deep_merge, defaults, flatten, get_dotted,
-                          parse_override, read_yaml, run_id, set_dotted, validate)
+                          parse_override, read_locked_mapping, read_yaml, run_id, set_dotted,
+                          validate)
 
 SPEC_KEYS = {"name", "description", "base", "grid", "variants", "zip", "exclude"}
 
@@ -84,12 +85,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
     """Read and check a spec; ``overrides`` (KEY=VALUE) apply to the base of every run."""
     path = Path(path)
     source = str(path)
-    doc = read_yaml(path)
-    if not isinstance(doc, dict):
-        raise ConfigError(source, "", "expected a mapping with name, base, grid, ...")
-    unknown = sorted(set(doc) - SPEC_KEYS)
-    if unknown:
-        raise ConfigError(source, unknown[0], f"unknown spec key (expected one of {sorted(SPEC_KEYS)})")
+    doc = read_locked_mapping(path, SPEC_KEYS, "name, base, grid, ...")
     name = doc.get("name") or path.stem
     if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
         raise ConfigError(source, "name", "expected letters, digits, '-' and '_'")

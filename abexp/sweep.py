@@ -37,8 +37,8 @@ import yaml
 
 from abexp import io
 from abexp.claims import Heartbeat, is_stale, pid_alive, try_claim
-from abexp.config import (ConfigError, RunConfig, flatten, parse_override, read_yaml, run_id,
-                          set_dotted, validate)
+from abexp.config import (ConfigError, RunConfig, flatten, parse_override, read_locked_mapping,
+                          run_id, set_dotted, validate)
 from abexp.runner import POLL_S, die_with_parent, runs_dir, train_claimed
 from abexp.spec import _resolve_base
 
@@ -99,12 +99,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     """Read and check a sweep file; ``overrides`` (KEY=VALUE) fix keys and name the study."""
     path = Path(path)
     source = str(path)
-    doc = read_yaml(path)
-    if not isinstance(doc, dict):
-        raise ConfigError(source, "", "expected a mapping with name, base, space, ...")
-    unknown = sorted(set(doc) - SWEEP_KEYS)
-    if unknown:
-        raise ConfigError(source, unknown[0], f"unknown sweep key (expected one of {sorted(SWEEP_KEYS)})")
+    doc = read_locked_mapping(path, SWEEP_KEYS, "name, base, space, ...")
     base_doc = doc.get("base")
     base_ref = {"extends": base_doc} if isinstance(base_doc, str) else base_doc
     base = _resolve_base(base_ref, path.parent, source, (path.resolve(),))

@@ -1,5 +1,4 @@
 import hashlib
-import io
 import tarfile
 
 import numpy as np

@@ -154,3 +154,20 @@ def test_cli_nproc_2_resumes_under_ddp(tmp_path):
     import json
     result = json.loads((part / RESULT).read_text())
     assert result["processes"] == 2 and result["epochs_completed"] == 3
+
+
+def test_runner_gives_a_run_two_processes(tmp_path, monkeypatch):
+    """A worker with ABEXP_NPROC=2 (what --gpus-per-run 2 sets) trains its run under torchrun."""
+    import json
+    from abexp.runner import runs_dir, worker_loop
+    from abexp.spec import load_spec
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: nproc\nbase:\n  model: {name: resnet8}\n"
+                    "  data: {name: digits, subset: 64, test_subset: 32}\n"
+                    "  train: {epochs: 1, batch_size: 32}\n")
+    monkeypatch.setenv("ABEXP_NPROC", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    counts = worker_loop(str(spec), str(tmp_path / "r"), "session")
+    (run,) = load_spec(spec).expand()
+    result = json.loads((runs_dir(tmp_path / "r") / run.run_id / "result.json").read_text())
+    assert counts == {"completed": 1} and result["processes"] == 2

@@ -178,3 +178,15 @@ def test_spike_compensation_matches_undelayed_sgdm_from_arrival_on():
     assert sc[s + D + 1:] == pytest.approx(undelayed[s + D + 1:], rel=1e-12)
     assert sum(sc) == pytest.approx(sum(undelayed), rel=1e-12)
     assert plain[s + D + 1] != pytest.approx(undelayed[s + D + 1])  # without SC they differ
+
+
+@pytest.mark.parametrize("where", ["current", "stale"])
+def test_weight_decay_on_current_or_stale_weights(where):
+    cfg = OptimCfg(name="sgdm", lr=0.1, momentum=0.0, weight_decay=0.5, weight_decay_on=where)
+    engine = DelayedSGD(torch.tensor([1.0]), [1], cfg, DelayCfg(steps=1), seed=0)
+    zero = lambda w: torch.zeros(1)
+    engine.step(zero, 0.1)  # w1 = w0 - 0.1 * 0.5 * w0 (current and stale are both w0)
+    engine.step(zero, 0.1)  # the forward weights of step 1 are w0 (delay 1)
+    w1 = 1.0 - 0.05
+    expect = w1 - 0.05 * (w1 if where == "current" else 1.0)
+    assert float(engine.w) == pytest.approx(expect)

@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 
 from abexp.config import ScheduleCfg
 from abexp.delay import DelaySampler, WeightHistory

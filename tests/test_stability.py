@@ -1,6 +1,5 @@
 """The quadratic oracle: simulated engine vs the analytic characteristic polynomial."""
 
-import numpy as np
 import pytest
 
 from abexp.stability import analytic_x_max, quadratic_optim_cfg, simulated_x_max

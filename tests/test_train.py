@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 
 from abexp import io
@@ -101,7 +100,6 @@ def test_bn_recalibration_recomputes_statistics_at_current_weights_and_restores_
 def test_channels_last_views_match_torch_sgd_on_a_channels_last_model(tmp_path, tiny_overrides):
     """channels_last changes the CPU convolution algorithms (~1e-4 relative in gradients), so
     the reference is PyTorch's own channels_last model trained by torch.optim.SGD."""
-    import copy
 
     import torch.nn.functional as F
     from abexp.models import build_model
