@@ -22,8 +22,8 @@ def main() -> None:
                     diverged=("diverged", "sum"), runs=("run_id", "count"))
                .reset_index())
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for optim, rows in summary.groupby("optim.name", sort=False):
-        rows = rows.sort_values("delay.steps")
+    for optim in common.ordered(summary["optim.name"]):
+        rows = summary[summary["optim.name"] == optim].sort_values("delay.steps")
         c = common.color(optim)
         ok = rows["seeds"] > 0
         ax.errorbar(rows["delay.steps"][ok], rows["mean"][ok], yerr=rows["std"][ok].fillna(0),

@@ -23,6 +23,12 @@ LABELS = {"sgdm": "SGDM", "ab": "AB", "sc": "SC", "lwp": "LWP", "dcasgd": "DC-AS
           "salr": "staleness-aware lr", "ab_lwp": "AB + LWP", "sc_lwp": "SC + LWP"}
 
 
+def ordered(optims) -> list[str]:
+    """Optimizers in one fixed order (SGDM first), whatever order the table has them in."""
+    known = list(COLORS)
+    return sorted(set(optims), key=lambda o: (known.index(o) if o in known else len(known), o))
+
+
 def parser(description: str, table: str = "results/runs.csv") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--table", default=table, help="table from abexp collect")

@@ -14,8 +14,8 @@ def main() -> None:
     analytic = table.drop_duplicates("delay").sort_values("delay")
     ax.plot(analytic["delay"], analytic["sgdm_analytic"], "k--", lw=1.2, zorder=5,
             label="SGDM, analytic (roots of the characteristic polynomial)")
-    for optim, rows in table.groupby("optim", sort=False):
-        rows = rows.sort_values("delay")
+    for optim in common.ordered(table["optim"]):
+        rows = table[table["optim"] == optim].sort_values("delay")
         ax.plot(rows["delay"], rows["x_max"], marker="o", color=common.color(optim),
                 label=f"{common.label(optim)}, simulated")
     common.log2_delay_axis(ax, table["delay"])

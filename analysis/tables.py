@@ -23,7 +23,7 @@ def main() -> None:
                .agg(mean=("acc", "mean"), std=("acc", "std"), n=("acc", "count"), diverged=("div", "sum"))
                .reset_index())
     delays = sorted(summary["delay.steps"].unique())
-    optims = list(dict.fromkeys(table["optim.name"]))
+    optims = common.ordered(table["optim.name"])
     cells = {(r["optim.name"], r["delay.steps"]): cell(r["mean"], r["std"], r["n"], int(r["diverged"]))
              for r in summary.to_dict("records")}
     md = ["| optimizer | " + " | ".join(f"D={d}" for d in delays) + " |",

@@ -22,7 +22,9 @@ def main() -> None:
     fig, axes = plt.subplots(2, len(delays), figsize=(3.2 * len(delays), 5.6), squeeze=False,
                              sharex=True)
     for j, d in enumerate(delays):
-        for optim, rows in mean[mean["delay.steps"] == d].groupby("optim.name", sort=False):
+        at_d = mean[mean["delay.steps"] == d]
+        for optim in common.ordered(at_d["optim.name"]):
+            rows = at_d[at_d["optim.name"] == optim]
             kw = dict(color=common.color(optim), label=common.label(optim), lw=1.6)
             axes[0, j].plot(rows["epoch"], rows["test_acc"], **kw)
             axes[1, j].plot(rows["epoch"], rows["train_loss"], **kw)
