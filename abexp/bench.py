@@ -47,11 +47,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_timer(delay: int, model: str, batch: int, device: str, optim: str = "sgdm"):
+def step_timer(delay: int, model: str, batch: int, device: str, optim: str = "sgdm",
+               extra: tuple[str, ...] = ()):
     """A Run on synthetic data and a function that times ``n`` of its training steps."""
     cfg = load_config(None, [f"model.name={model}", "data.name=synthetic",
                              f"data.synthetic_size={batch * 8}", f"train.batch_size={batch}",
-                             f"delay.steps={delay}", f"optim.name={optim}", "train.epochs=1000"])
+                             f"delay.steps={delay}", f"optim.name={optim}", "train.epochs=1000", *extra])
     run = Run(cfg, "/nonexistent", device, log=lambda s: None)
     batches = [b for b in run.batches.epoch(0)]
 
@@ -181,6 +182,22 @@ def grid_throughput(device: str, packs: list[int], steps: int, naive_epoch_s: fl
             "target": ">= 20x over naive; <= 1 s per ResNet-20 epoch per run (GPU)"}
 
 
+def compile_speedup(device: str, steps: int) -> dict:
+    """Step time of eager vs torch.compile'd training (delay 32, AB), after compiling."""
+    times = {}
+    for name, extra in (("eager", ()), ("compiled", ("train.compile=true",))):
+        timer = step_timer(32, "resnet20", 128, device, "ab", extra)[1]
+        start = time.perf_counter()
+        timer(1)
+        first = time.perf_counter() - start
+        timer(2)
+        times[name] = (timer(steps), first)
+    return {"eager_step_ms": round(times["eager"][0] * 1e3, 2),
+            "compiled_step_ms": round(times["compiled"][0] * 1e3, 2),
+            "compile_s": round(times["compiled"][1], 1),
+            "speedup": round(times["eager"][0] / times["compiled"][0], 3)}
+
+
 def to_markdown(report: dict) -> str:
     lines = [f"# abexp benchmark — {report['machine']}", "",
              f"torch {report['torch']}, device {report['device']}, {report['date']}", ""]
@@ -195,6 +212,11 @@ def to_markdown(report: dict) -> str:
         lines += ["## abexp path vs naive DataLoader pipeline (ResNet-20, one CIFAR-10 epoch)", "",
                   "| abexp epoch s | naive epoch s | speed-up (target ≥ 5×) |", "|---|---|---|",
                   f"| {p['abexp_epoch_s']} | {p['naive_epoch_s']} | {p['speedup_abexp_over_naive']} |", ""]
+    if "compile" in report:
+        c = report["compile"]
+        lines += ["## torch.compile (ResNet-20, AB, delay 32)", "",
+                  "| eager step ms | compiled step ms | speed-up | compile time s |", "|---|---|---|---|",
+                  f"| {c['eager_step_ms']} | {c['compiled_step_ms']} | {c['speedup']} | {c['compile_s']} |", ""]
     if "grid_throughput" in report:
         g = report["grid_throughput"]
         lines += ["## Grid throughput: K runs packed on one device", "",
@@ -222,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     report["delay_overhead"] = delay_overhead(str(device), args.steps, args.rounds)
     if not args.only_delay:
         report["path_vs_naive"] = path_vs_naive(str(device), args.steps)
+        report["compile"] = compile_speedup(str(device), args.steps)
         report["grid_throughput"] = grid_throughput(str(device), args.packs, max(2, args.steps // 3),
                                                     report["path_vs_naive"]["naive_epoch_s"])
     out = Path(args.out)

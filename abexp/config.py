@@ -60,6 +60,7 @@ class TrainCfg(_Locked):
     divergence_check_every: int = Field(50, ge=1)  # steps between (synchronising) NaN checks
     micro_batches: int = Field(1, ge=1)  # split each (per-process) batch; gradients averaged
     channels_last: bool = False  # NHWC convolution weights and activations
+    compile: bool = False  # torch.compile the training forward/backward (first step compiles)
 
 
 class OptimCfg(_Locked):

@@ -137,6 +137,8 @@ class Run:
                                  cfg.model.zero_init_residual).to(self.device)
         self.flat = FlatParams(self.model, cfg.train.channels_last)
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        # the compiled module reads the same parameter views, so weight swaps stay plain copies
+        self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
         self.engine = DelayedSGD(self.flat.data, self.flat.sizes, cfg.optim, cfg.delay, cfg.seed)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
@@ -188,7 +190,7 @@ class Run:
             for xm, ym in chunks:
                 xm = xm.contiguous(memory_format=self.memory_format)
                 with autocast(self.device, cfg.train.precision):
-                    logits = self.model(xm)
+                    logits = self.train_model(xm)
                     loss = F.cross_entropy(logits.float(), ym, label_smoothing=cfg.train.label_smoothing)
                 (loss / micro if micro > 1 else loss).backward()
                 self.loss_sum += loss.detach().double() * len(ym)

@@ -121,3 +121,17 @@ def test_channels_last_views_match_torch_sgd_on_a_channels_last_model(tmp_path, 
     run.use_current_weights()
     for (name, a), b in zip(run.model.named_parameters(), ref.parameters()):
         assert torch.allclose(a.detach(), b.detach(), rtol=1e-5, atol=1e-7), name
+
+
+def test_compiled_training_matches_eager(tmp_path, tiny_overrides):
+    """torch.compile reads the same flat-buffer parameter views (compiling takes ~20 s on CPU)."""
+    from abexp.train import Run
+    runs = [Run(load_config(None, tiny_overrides + ["optim.name=ab", "delay.steps=1", f"train.compile={c}"]),
+                tmp_path, "cpu", log=lambda s: None) for c in (False, True)]
+    w0 = runs[0].engine.w.clone()
+    for x, y in list(runs[0].batches.epoch(0))[:3]:
+        for run in runs:
+            run.train_step(x, y, 0.05)
+    a, b = runs[0].engine.w, runs[1].engine.w
+    assert float((a - b).norm() / a.norm()) < 1e-4
+    assert float((a - w0).norm() / w0.norm()) > 1e-3  # training moved the weights
