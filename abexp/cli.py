@@ -26,7 +26,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)  # validated before any process is started
     out = Path(args.out) if args.out else Path(args.results) / "runs" / run_id(cfg)
     if args.nproc > 1:
-        return launch_torchrun(args.nproc, cfg, out, args)
+        return launch_torchrun(args.nproc, out, args)
     from abexp.distributed import shutdown
     try:
         result = train_run(cfg, out, device=args.device, stop_after_epochs=args.stop_after)
@@ -40,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def launch_torchrun(nproc: int, cfg, out: Path, args: argparse.Namespace) -> int:
+def launch_torchrun(nproc: int, out: Path, args: argparse.Namespace) -> int:
     """Re-run this ``abexp train`` under torchrun with ``nproc`` processes on this machine."""
     import subprocess
 

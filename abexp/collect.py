@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from abexp import io
 from abexp.config import flatten, load_config
 from abexp.runner import FAILED, run_state, runs_dir
 
@@ -23,9 +24,7 @@ def _row(run_dir: Path) -> dict | None:
         config = load_config(config_file).model_dump()
         state = run_state(run_dir)
         result = {"run_id": run_dir.name, "status": state}
-        metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()
-                   if l.strip()] if (run_dir / "metrics.jsonl").exists() else []
-        result["epochs_completed"] = len(metrics)
+        result["epochs_completed"] = len(io.read_jsonl(run_dir / "metrics.jsonl"))
         if (run_dir / FAILED).exists() and state == "failed":
             result["error"] = json.loads((run_dir / FAILED).read_text()).get("error")
     else:
@@ -58,10 +57,7 @@ def collect_epochs(results: str | Path, runs: pd.DataFrame | None = None) -> pd.
     runs = collect(results) if runs is None else runs
     frames = []
     for run in runs.to_dict("records"):
-        path = runs_dir(results) / run["run_id"] / "metrics.jsonl"
-        if not path.exists():
-            continue
-        rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+        rows = io.read_jsonl(runs_dir(results) / run["run_id"] / "metrics.jsonl")
         if rows:
             frame = pd.DataFrame(rows)
             for key, value in run.items():
@@ -72,7 +68,6 @@ def collect_epochs(results: str | Path, runs: pd.DataFrame | None = None) -> pd.
 
 
 def write_table(table: pd.DataFrame, path: str | Path) -> None:
-    from abexp import io
     path = Path(path)
     if path.suffix == ".parquet":
         import io as stdio

@@ -87,9 +87,3 @@ class FlatParams:
             n, c, h, w = shape
             return segment.view(n, h, w, c).permute(0, 3, 1, 2)
         return segment.view(shape)
-
-    def check_views(self) -> None:
-        """Fail loudly if something (e.g. ``model.to``) replaced a parameter's storage."""
-        for p in self.params:
-            if p.data.untyped_storage().data_ptr() != self.data.untyped_storage().data_ptr():
-                raise RuntimeError("a parameter no longer views the flat buffer")

@@ -10,6 +10,7 @@ of each global batch.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Iterator
 
@@ -80,7 +81,8 @@ class ImageNetBatches:
         val_tf = T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), *norm])
         try:
             self.train = datasets.ImageFolder(str(root / "train"), train_tf)
-            self.train_plain = datasets.ImageFolder(str(root / "train"), val_tf)
+            self.train_plain = copy.copy(self.train)  # same file list, no second directory scan
+            self.train_plain.transform = val_tf
             self.val = datasets.ImageFolder(str(root / "val"), val_tf)
         except (FileNotFoundError, OSError) as err:
             raise DataError(f"data.root: {root}: {err}") from None

@@ -46,6 +46,12 @@ def load_torch(path: str | Path, map_location=None) -> Any:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def append_jsonl(path: str | Path, row: dict) -> None:
+    """Append one JSON line (metrics, events): a torn last line is skipped by read_jsonl."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():

@@ -150,10 +150,11 @@ class PackedCifarResNet(nn.Module):
                 tensor.copy_(torch.cat([s[name] for s in states], dim=0))
         return self
 
-    def run_state(self, k: int) -> dict[str, torch.Tensor]:
-        """Run k's state dict, loadable into a CifarResNet."""
+    def run_state(self, k: int, buffers_only: bool = False) -> dict[str, torch.Tensor]:
+        """Run k's state dict (or just its BN buffers), loadable into a CifarResNet."""
         out = {}
-        for name, tensor in self.state_dict().items():
+        tensors = dict(self.named_buffers()) if buffers_only else self.state_dict()
+        for name, tensor in tensors.items():
             out[name] = tensor.clone() if name.endswith("num_batches_tracked") else \
                 tensor.chunk(self.runs, dim=0)[k].clone()
         return out

@@ -28,7 +28,7 @@ from abexp.engine import DelayedSGD, FlatParams
 from abexp.models import CIFAR_DEPTHS, PackedCifarResNet, build_model
 from abexp.schedule import lr_at
 from abexp.train import (CHECKPOINT, CONFIG, METRICS, RESULT, WEIGHTS, _event, autocast,
-                         recalibrated_bn, resolve_device, set_precision)
+                         recalibrated_bn, resolve_device, result_record, set_precision)
 
 SHARED_KEYS = ("model", "data", "train", "eval")
 
@@ -93,8 +93,7 @@ class PackedRun:
 
     # ---------------------------------------------------------------- state (per run, Run's format)
     def run_state(self, i: int) -> dict:
-        names = {n for n, _ in self.model.named_buffers()}
-        buffers = {n: b for n, b in self.model.run_state(i).items() if n in names}
+        buffers = self.model.run_state(i, buffers_only=True)
         return {"epoch": self.epoch, "engine": self.engines[i].state_dict(), "buffers": buffers,
                 "rng": {"torch": torch.get_rng_state()}, "history": self.histories[i],
                 "wall_s": self.wall_s, "run_id": self.ids[i]}
@@ -202,8 +201,7 @@ class PackedRun:
                        "wall_s": round(epoch_s / self.k, 4), "elapsed_s": round(self.wall_s / self.k, 4),
                        "step": self.engines[i].t}
                 self.histories[i].append(row)
-                with open(self.outs[i] / METRICS, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
+                io.append_jsonl(self.outs[i] / METRICS, row)
                 if diverged:
                     self.status[i] = "diverged"
                     self._finish(i)
@@ -219,23 +217,15 @@ class PackedRun:
         return results
 
     def _finish(self, i: int) -> None:
-        self.use_current_weights()
+        # the model already holds the current weights: evaluate() put them there this epoch
         io.save_torch(self.outs[i] / WEIGHTS, self.model.run_state(i))
         io.write_json(self.outs[i] / RESULT, self.result(i))
         _event(self.outs[i], "end", status=self.status[i], packed=self.k)
         (self.outs[i] / CHECKPOINT).unlink(missing_ok=True)
 
     def result(self, i: int) -> dict:
-        history = self.histories[i]
-        accs = [r["test_acc"] for r in history if r["test_acc"] is not None]
-        last = history[-1] if history else {}
-        return {"run_id": self.ids[i], "experiment": self.cfgs[i].experiment, "status": self.status[i],
-                "test_acc": last.get("test_acc"), "test_loss": last.get("test_loss"),
-                "best_test_acc": max(accs) if accs else None, "train_loss": last.get("train_loss"),
-                "train_acc": last.get("train_acc"), "epochs_completed": len(history),
-                "steps": self.engines[i].t, "wall_s": round(self.wall_s / self.k, 3),
-                "eval_bn": self.cfgs[i].eval.bn, "device": str(self.device), "packed": self.k,
-                "config": self.cfgs[i].model_dump()}
+        return result_record(self.cfgs[i], self.status[i], self.histories[i], self.engines[i].t,
+                             self.wall_s / self.k, self.device, packed=self.k)
 
 
 def train_pack(cfgs: list[RunConfig], out_dirs: list[Path], device: str = "auto",

@@ -49,7 +49,7 @@ def _run(spec: Path, results: Path, workers: int) -> subprocess.Popen:
 
 
 def audit(spec: Path, results: Path, reference: Path) -> dict:
-    from abexp.io import load_torch
+    from abexp.io import load_torch, read_jsonl
     from abexp.spec import load_spec
 
     plan = load_spec(spec).expand(warn=lambda m: None)
@@ -60,14 +60,14 @@ def audit(spec: Path, results: Path, reference: Path) -> dict:
             lost += 1
             continue
         completed += 1
-        events = [json.loads(l) for l in (d / "events.jsonl").read_text().splitlines()]
+        events = read_jsonl(d / "events.jsonl")
         starts = [e for e in events if e["event"] == "start"]
         ends = sum(e["event"] == "end" for e in events)
         duplicates += ends > 1
         restarted += sum(e["from_epoch"] == 0 for e in starts) > 1
         resumed += any(e["from_epoch"] > 0 for e in starts)
-        strip = lambda p: [{k: v for k, v in json.loads(l).items() if k not in ("wall_s", "elapsed_s")}
-                           for l in p.read_text().splitlines()]
+        strip = lambda p: [{k: v for k, v in r.items() if k not in ("wall_s", "elapsed_s")}
+                           for r in read_jsonl(p)]
         a, b = load_torch(d / "model.pt"), load_torch(ref / "model.pt")
         same = all(torch.equal(a[k], b[k]) for k in a) and strip(d / "metrics.jsonl") == strip(ref / "metrics.jsonl")
         equal += same

@@ -21,7 +21,7 @@ import time
 import traceback
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from abexp import io
 from abexp.config import RunConfig, dump_yaml
@@ -138,10 +138,7 @@ def worker_loop(spec_path: str, results: str, session: str, overrides: list[str]
     process (abexp.packed); runs resuming from a checkpoint are trained alone.
     """
     pack = int(os.environ.get("ABEXP_PACK", pack))
-    threads = os.environ.get("ABEXP_THREADS")
-    if threads:
-        import torch
-        torch.set_num_threads(int(threads))
+    apply_thread_budget()
     plan = load_spec(spec_path, overrides).expand(warn=lambda msg: None)
     root = runs_dir(results)
     heartbeat = Heartbeat()
@@ -186,6 +183,36 @@ def worker_loop(spec_path: str, results: str, session: str, overrides: list[str]
         heartbeat.stop()
 
 
+def apply_thread_budget() -> None:
+    """In a worker process: use the share of the CPU threads its parent gave it."""
+    threads = os.environ.get("ABEXP_THREADS")
+    if threads:
+        import torch
+        torch.set_num_threads(int(threads))
+
+
+def supervise(commands: list[tuple[list[str], dict]], total: int, count: Callable[[], int],
+              unit: str, desc: str, progress: bool) -> list[int]:
+    """Start worker processes (each dies with this one), show ``count()`` of ``total`` until
+    they have all exited, and return their exit codes."""
+    from tqdm import tqdm
+
+    procs = [subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent) for cmd, env in commands]
+    bar = tqdm(total=total, initial=min(total, count()), unit=unit, desc=desc, disable=not progress,
+               dynamic_ncols=True)
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(1.0)
+            bar.update(min(total, count()) - bar.n)
+        bar.update(min(total, count()) - bar.n)
+    finally:
+        bar.close()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [p.wait() for p in procs]
+
+
 def die_with_parent() -> None:
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -222,8 +249,6 @@ def run_local(spec_path: str, results: str, workers: int | None = None,
               gpus: list[str] | None = None, runs_per_gpu: int = 1, progress: bool = True,
               overrides: list[str] | None = None, gpus_per_run: int = 1, pack: int = 1) -> int:
     """Start the workers, show progress, return 0 when every run ended done (or diverged)."""
-    from tqdm import tqdm
-
     plan = load_spec(spec_path, overrides).expand(warn=lambda msg: None)
     ids = [r.run_id for r in plan]
     root = runs_dir(results)
@@ -234,29 +259,17 @@ def run_local(spec_path: str, results: str, workers: int | None = None,
         return 0
     slots = _slots(workers, gpus, runs_per_gpu, gpus_per_run)
     threads = max(1, (os.cpu_count() or 1) // len(slots)) if slots[0] is None else 4
-    procs = []
+    commands = []
     for gpu in slots:
         env = dict(os.environ, ABEXP_THREADS=str(threads), ABEXP_PACK=str(pack))
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
             env["ABEXP_NPROC"] = str(gpus_per_run)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "abexp.runner", spec_path, results, session, *(overrides or [])],
-            env=env, preexec_fn=die_with_parent))
-    bar = tqdm(total=len(ids), initial=done(), unit="run", desc=Path(spec_path).stem,
-               disable=not progress, dynamic_ncols=True)
-    try:
-        while any(p.poll() is None for p in procs):
-            time.sleep(1.0)
-            bar.update(done() - bar.n)
-        bar.update(done() - bar.n)
-    finally:
-        bar.close()
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        commands.append(([sys.executable, "-m", "abexp.runner", spec_path, results, session,
+                          *(overrides or [])], env))
+    codes = supervise(commands, len(ids), done, "run", Path(spec_path).stem, progress)
     failed = [rid for rid in ids if _failed_in_session(root / rid, session)]
-    crashed = [p.returncode for p in procs if p.returncode != 0]
+    crashed = [code for code in codes if code != 0]
     for rid in failed:
         print(f"failed: {rid} (traceback in {root / rid / LOG})", file=sys.stderr)
     if crashed:

@@ -20,11 +20,12 @@ def analytic_roots_max(x: float, delay: int, momentum: float) -> float:
     m = momentum
     if delay == 0:
         coeffs = [1.0, -(1.0 + m - x), m]
-    else:
+    else:  # z^(D+1) - (1+m) z^D + m z^(D-1) + x; for D = 1 the last two terms share z^0
         coeffs = [0.0] * (delay + 2)
-        coeffs[0], coeffs[1], coeffs[2], coeffs[-1] = 1.0, -(1.0 + m), m, x
-        if delay == 1:  # z^2 - (1+m) z + (m + x): the m and x terms share the constant
-            coeffs = [1.0, -(1.0 + m), m + x]
+        coeffs[0] += 1.0
+        coeffs[1] -= 1.0 + m
+        coeffs[2] += m
+        coeffs[-1] += x
     return float(np.abs(np.roots(coeffs)).max())
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -39,7 +38,7 @@ from abexp import io
 from abexp.claims import Heartbeat, is_stale, pid_alive, try_claim
 from abexp.config import (ConfigError, RunConfig, flatten, parse_override, read_locked_mapping,
                           run_id, set_dotted, validate)
-from abexp.runner import POLL_S, die_with_parent, runs_dir, train_claimed
+from abexp.runner import POLL_S, apply_thread_budget, runs_dir, supervise, train_claimed
 from abexp.spec import _resolve_base
 
 SWEEP_KEYS = {"name", "description", "base", "fixed", "space", "objective", "sampler", "pruner",
@@ -342,10 +341,7 @@ def worker_loop(sweep_path: str, results: str, url: str, n_trials: int, worker: 
     import optuna
     from optuna.trial import TrialState
 
-    threads = os.environ.get("ABEXP_THREADS")
-    if threads:
-        import torch
-        torch.set_num_threads(int(threads))
+    apply_thread_budget()
     sweep = load_sweep(sweep_path, overrides)
     study = open_study(sweep, url, worker)
     session, heartbeat, done_here = uuid.uuid4().hex[:12], Heartbeat(), 0
@@ -381,31 +377,18 @@ def worker_loop(sweep_path: str, results: str, url: str, n_trials: int, worker: 
 def run_sweep(sweep_path: str, results: str, workers: int = 1, n_trials: int | None = None,
               storage: str | None = None, overrides: list[str] | None = None,
               progress: bool = True) -> int:
-    from tqdm import tqdm
-
     sweep = load_sweep(sweep_path, overrides)
     url = storage_url(sweep, results, storage)
     target = n_trials or sweep.n_trials
     study = open_study(sweep, url, create=True)  # created once, before any worker starts
     threads = max(1, (os.cpu_count() or 1) // workers)
-    procs = [subprocess.Popen([sys.executable, "-m", "abexp.sweep", sweep_path, results, url,
-                               str(target), str(i), *(overrides or [])],
-                              env=dict(os.environ, ABEXP_THREADS=str(threads)),
-                              preexec_fn=die_with_parent) for i in range(workers)]
-    bar = tqdm(total=target, unit="trial", desc=sweep.name, disable=not progress, dynamic_ncols=True)
-    try:
-        while any(p.poll() is None for p in procs):
-            time.sleep(1.0)
-            bar.update(min(target, _counted(study)[0]) - bar.n)
-        bar.update(min(target, _counted(study)[0]) - bar.n)
-    finally:
-        bar.close()
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    env = dict(os.environ, ABEXP_THREADS=str(threads))
+    commands = [([sys.executable, "-m", "abexp.sweep", sweep_path, results, url, str(target), str(i),
+                  *(overrides or [])], env) for i in range(workers)]
+    codes = supervise(commands, target, lambda: _counted(study)[0], "trial", sweep.name, progress)
     finished = _counted(study)[0]
     print(f"{sweep.name}: {finished}/{target} trials finished ({url})")
-    return 0 if finished >= target and all(p.returncode == 0 for p in procs) else 1
+    return 0 if finished >= target and not any(codes) else 1
 
 
 def best(sweep_path: str, results: str, storage: str | None = None, overrides: list[str] | None = None,

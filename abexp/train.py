@@ -271,7 +271,7 @@ class Run:
                 self.status = "diverged"
                 break
             if self.ddp.is_main:  # one writer; every rank holds the same state
-                self._write_metrics_line(row)
+                io.append_jsonl(self.out / METRICS, row)
                 io.save_torch(self.out / CHECKPOINT, self.state_dict())
             if on_epoch is not None and self.epoch < self.cfg.train.epochs and on_epoch(row):
                 self.status = "pruned"
@@ -279,24 +279,25 @@ class Run:
         if self.status == "running":
             self.status = "completed"
         elif self.status == "diverged" and self.ddp.is_main:
-            self._write_metrics_line(self.history[-1])
+            io.append_jsonl(self.out / METRICS, self.history[-1])
         return self.result()
 
-    def _write_metrics_line(self, row: dict) -> None:
-        with open(self.out / METRICS, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-
     def result(self) -> dict:
-        accs = [r["test_acc"] for r in self.history if r["test_acc"] is not None]
-        last = self.history[-1] if self.history else {}
-        return {"run_id": self.run_id, "experiment": self.cfg.experiment, "status": self.status,
-                "test_acc": last.get("test_acc"), "test_loss": last.get("test_loss"),
-                "best_test_acc": max(accs) if accs else None,
-                "train_loss": last.get("train_loss"), "train_acc": last.get("train_acc"),
-                "epochs_completed": self.epoch, "steps": self.engine.t,
-                "wall_s": round(self.wall_s, 3), "eval_bn": self.cfg.eval.bn,
-                "device": str(self.device), "processes": self.ddp.world,
-                "config": self.cfg.model_dump()}
+        return result_record(self.cfg, self.status, self.history, self.engine.t, self.wall_s,
+                             self.device, processes=self.ddp.world)
+
+
+def result_record(cfg: RunConfig, status: str, history: list[dict], steps: int, wall_s: float,
+                  device: torch.device, **extra) -> dict:
+    """result.json's content, from the per-epoch rows (shared by plain and packed runs)."""
+    accs = [r["test_acc"] for r in history if r["test_acc"] is not None]
+    last = history[-1] if history else {}
+    return {"run_id": run_id(cfg), "experiment": cfg.experiment, "status": status,
+            "test_acc": last.get("test_acc"), "test_loss": last.get("test_loss"),
+            "best_test_acc": max(accs) if accs else None,
+            "train_loss": last.get("train_loss"), "train_acc": last.get("train_acc"),
+            "epochs_completed": len(history), "steps": steps, "wall_s": round(wall_s, 3),
+            "eval_bn": cfg.eval.bn, "device": str(device), **extra, "config": cfg.model_dump()}
 
 
 def train_run(cfg: RunConfig, out_dir: str | Path, device: str = "auto",
@@ -353,7 +354,6 @@ def train_run(cfg: RunConfig, out_dir: str | Path, device: str = "auto",
 
 def _event(out: Path, event: str, **fields) -> None:
     """Append to events.jsonl: who trained this run when (audits exactly-once execution)."""
-    row = {"event": event, "time": time.time(), "host": socket.gethostname(), "pid": os.getpid(), **fields}
-    with open(out / EVENTS, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
+    io.append_jsonl(out / EVENTS, {"event": event, "time": time.time(), "host": socket.gethostname(),
+                                   "pid": os.getpid(), **fields})
 
