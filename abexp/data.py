@@ -14,7 +14,7 @@ import pickle
 import tarfile
 import tempfile
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -50,15 +50,24 @@ class ImageData:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     num_classes: int = 10
+    _constants_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def to(self, device: torch.device | str) -> "ImageData":
         return ImageData(self.train_x.to(device), self.train_y.to(device), self.test_x.to(device),
                          self.test_y.to(device), self.mean, self.std, self.num_classes)
 
     def normalize(self, x_uint8: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-        mean = torch.tensor(self.mean, device=x_uint8.device, dtype=dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x_uint8.device, dtype=dtype).view(1, -1, 1, 1)
+        mean, std = self._constants(x_uint8.device, dtype)
         return (x_uint8.to(dtype) / 255.0 - mean) / std
+
+    def _constants(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std as [1, C, 1, 1] device tensors, made once: building them from Python
+        floats every batch would be a blocking host-to-device copy per step on a GPU."""
+        key = (str(device), dtype)
+        if key not in self._constants_cache:
+            self._constants_cache[key] = tuple(torch.tensor(v, device=device, dtype=dtype).view(1, -1, 1, 1)
+                                               for v in (self.mean, self.std))
+        return self._constants_cache[key]
 
 
 class Batches:

@@ -25,15 +25,16 @@ class DelaySampler:
 
     def __init__(self, kind: str, steps: int, mean: float | None = None, seed: int = 0):
         self.kind, self.max, self.mean, self.seed = kind, int(steps), mean, seed
-        self._chunk_index, self._chunk = -1, torch.empty(0, dtype=torch.long)
+        self._chunk_index, self._chunk = -1, []
 
     def __call__(self, t: int) -> int:
         if self.kind == "constant" or self.max == 0:
             return self.max
         chunk = t // _CHUNK
         if chunk != self._chunk_index:
-            self._chunk, self._chunk_index = self._draw(chunk), chunk
-        return int(self._chunk[t % _CHUNK])
+            # a Python list: reading one tensor element per step would be a host read per step
+            self._chunk, self._chunk_index = self._draw(chunk).tolist(), chunk
+        return self._chunk[t % _CHUNK]
 
     def _draw(self, chunk: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, chunk, stream=7))

@@ -48,14 +48,16 @@ OPTIMIZERS: dict[str, Mitigations] = {
 def segment_cosine(g: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     """cos(g, v) per contiguous segment (one per parameter tensor), or one global value.
 
-    Defined as 0 where either norm is 0 (e.g. the first step, when v = 0).
+    Defined as 0 where either norm is 0 (e.g. the first step, when v = 0). ``unsafe=True``
+    skips segment_reduce's validation of ``lengths`` (two host reads per call, a GPU sync each);
+    the lengths are the parameter sizes, valid by construction.
     """
     if lengths is None:
         dot, gg, vv = (g * v).sum(), (g * g).sum(), (v * v).sum()
     else:
-        dot = torch.segment_reduce(g * v, "sum", lengths=lengths)
-        gg = torch.segment_reduce(g * g, "sum", lengths=lengths)
-        vv = torch.segment_reduce(v * v, "sum", lengths=lengths)
+        dot = torch.segment_reduce(g * v, "sum", lengths=lengths, unsafe=True)
+        gg = torch.segment_reduce(g * g, "sum", lengths=lengths, unsafe=True)
+        vv = torch.segment_reduce(v * v, "sum", lengths=lengths, unsafe=True)
     denom = (gg * vv).sqrt()
     return torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(dot))
 
