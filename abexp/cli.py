@@ -20,10 +20,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from abexp.config import load_config, run_id
+    from abexp.config import check_processes, load_config, run_id
     from abexp.train import train_run
 
     cfg = load_config(args.config, args.set)  # validated before any process is started
+    check_processes(cfg, args.nproc, args.config)
     out = Path(args.out) if args.out else Path(args.results) / "runs" / run_id(cfg)
     if args.nproc > 1:
         return launch_torchrun(args.nproc, out, args)
@@ -92,10 +93,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from abexp.config import check_processes
     from abexp.runner import run_local, run_slurm
     from abexp.spec import load_spec
 
-    load_spec(args.spec, args.set).expand()  # validate every run before anything starts
+    plan = load_spec(args.spec, args.set).expand()  # validate every run before anything starts
+    for run in plan:
+        check_processes(run.config, args.gpus_per_run, args.spec)
     gpus = [g for g in args.gpus.split(",") if g] if args.gpus else None
     if args.backend == "slurm":
         params = {"slurm_partition": args.slurm_partition, "timeout_min": args.timeout_min,

@@ -238,6 +238,14 @@ def _check_combinations(cfg: RunConfig, source: str) -> None:
                           f"{cfg.model.name} does not fit data.name={cfg.data.name}")
 
 
+def check_processes(cfg: RunConfig, processes: int, source: str) -> None:
+    """Each of ``processes`` data-parallel ranks takes batch_size / processes examples, in
+    micro-batches: checked before any process starts, so the error names the file."""
+    if cfg.train.batch_size % (processes * cfg.train.micro_batches):
+        raise ConfigError(source, "train.batch_size", f"{cfg.train.batch_size} is not divisible by "
+                          f"{processes} processes x {cfg.train.micro_batches} micro-batches")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> RunConfig:
     """Defaults <- YAML file <- ``--set`` overrides, then validation."""

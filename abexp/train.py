@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from abexp import io
-from abexp.config import ConfigError, RunConfig, dump_yaml, load_config, run_id
+from abexp.config import RunConfig, check_processes, dump_yaml, load_config, run_id
 from abexp.distributed import Dist, init_from_env
 from abexp.data import Batches, load_image_data
 from abexp.engine import DelayedSGD, FlatParams
@@ -127,9 +127,8 @@ class Run:
         if self.ddp.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.ddp.local_rank)
             torch.cuda.set_device(self.device)
-        if cfg.train.batch_size % (self.ddp.world * cfg.train.micro_batches):
-            raise ConfigError("train", "train.batch_size", f"{cfg.train.batch_size} is not divisible by "
-                              f"{self.ddp.world} processes x {cfg.train.micro_batches} micro-batches")
+        # the CLI checks this against the file first; here for a WORLD_SIZE set by hand
+        check_processes(cfg, self.ddp.world, f"run {self.run_id} (WORLD_SIZE={self.ddp.world})")
         set_precision(cfg.train.precision)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.batches = build_data(cfg, self.device, self.ddp)

@@ -77,3 +77,18 @@ def test_console_script_exit_code(tmp_path):
     assert proc.returncode == 2 and "optim.lr" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "abexp.cli", "train"], capture_output=True, text=True)
     assert proc.returncode == 2
+
+
+def test_batch_not_divisible_by_processes_is_caught_before_launch(tmp_path, capsys):
+    cfg = tmp_path / "ddp.yaml"
+    cfg.write_text("train:\n  batch_size: 32\n  micro_batches: 2\n")
+    out = tmp_path / "o"
+    assert main(["train", str(cfg), "--nproc", "3", "--out", str(out)]) == 2  # 32 % (3 x 2) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(cfg) in err and ": train.batch_size:" in err
+    assert not out.exists()
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: s\nbase:\n  train: {batch_size: 30}\ngrid:\n  seed: [0, 1]\n")
+    assert main(["run", str(spec), "--gpus-per-run", "4", "--results", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(spec) in err and ": train.batch_size:" in err and not (tmp_path / "r").exists()
