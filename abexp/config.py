@@ -134,6 +134,12 @@ class RunConfig(_Locked):
 NON_IDENTITY_KEYS = ("tracking", "experiment", "variant", "data.root", "data.download",
                      "data.workers", "eval.batch_size")
 
+# Keys added to the schema after run ids were first issued, each with the value that reproduces
+# the behaviour from before it existed. At that value a key is left out of the run id, so a new
+# option does not re-identify (and so re-run) every stored run. Register every key added from
+# now on here; the keys that existed on 2026-11-24 are all part of the id.
+ADDED_KEYS: dict[str, Any] = {}
+
 
 def defaults() -> dict[str, Any]:
     return RunConfig().model_dump()
@@ -264,14 +270,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return validate(tree, source if not overrides else f"{source} (with --set)")
 
 
+def _pop_dotted(tree: dict, key: str) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        tree = tree.get(part, {})
+    tree.pop(leaf, None)
+
+
 def canonical(cfg: RunConfig | dict) -> dict:
+    """The config a run is identified by: no labels, logging or data location, and no added
+    key at its pre-existing behaviour (``ADDED_KEYS``)."""
     data = cfg.model_dump() if isinstance(cfg, RunConfig) else copy.deepcopy(cfg)
     for key in NON_IDENTITY_KEYS:
-        *parents, leaf = key.split(".")
-        node = data
-        for part in parents:
-            node = node.get(part, {})
-        node.pop(leaf, None)
+        _pop_dotted(data, key)
+    for key, neutral in ADDED_KEYS.items():
+        try:
+            at_neutral = get_dotted(data, key) == neutral
+        except (KeyError, TypeError):
+            at_neutral = True  # a stored config from before the key existed
+        if at_neutral:
+            _pop_dotted(data, key)
     return data
 
 

@@ -83,6 +83,19 @@ def test_run_id_is_stable_under_key_order_and_logging_options(tmp_path):
     assert run_id(load_config(a)) == run_id(load_config(a, ["data.root=/elsewhere"]))
 
 
+def test_an_added_key_at_its_old_behaviour_keeps_stored_run_ids(monkeypatch):
+    """Registering a key in ADDED_KEYS: configs stored before it existed keep their id."""
+    from abexp import config
+
+    cfg = load_config(None, ["optim.lr=0.3"])
+    stored = cfg.model_dump()
+    del stored["train"]["compile"]  # as if saved by a version without train.compile
+    assert run_id(stored) != run_id(cfg)  # without the registry, the new key re-identifies runs
+    monkeypatch.setitem(config.ADDED_KEYS, "train.compile", False)
+    assert run_id(stored) == run_id(cfg)
+    assert run_id(load_config(None, ["optim.lr=0.3", "train.compile=true"])) != run_id(cfg)
+
+
 def test_invalid_run_stops_the_plan_naming_file_run_and_key(tmp_path, capsys):
     spec = write(tmp_path / "s.yaml", """
         name: bad
