@@ -17,25 +17,28 @@ def main() -> None:
         common.skip("accuracy_vs_delay", "no finished runs")
     table["diverged"] = table["status"] == "diverged"
     table["acc"] = table["test_acc"].where(~table["diverged"])
-    summary = (table.groupby(["optim.name", "delay.steps"])
+    series = common.add_series(table)
+    summary = (table.groupby(["series", "optim.name", "delay.steps"])
                .agg(mean=("acc", "mean"), std=("acc", "std"), seeds=("acc", "count"),
                     diverged=("diverged", "sum"), runs=("run_id", "count"))
                .reset_index())
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for optim in common.ordered(summary["optim.name"]):
-        rows = summary[summary["optim.name"] == optim].sort_values("delay.steps")
-        c = common.color(optim)
+    for name, style in common.styles(series).items():
+        rows = summary[summary["series"] == name].sort_values("delay.steps")
+        c = style["color"]
         ok = rows["seeds"] > 0
         ax.errorbar(rows["delay.steps"][ok], rows["mean"][ok], yerr=rows["std"][ok].fillna(0),
-                    color=c, marker="o", capsize=3, label=common.label(optim), lw=1.8)
-        runs = table[table["optim.name"] == optim]
+                    **style, marker="o", capsize=3, label=name, lw=1.8)
+        runs = table[table["series"] == name]
         jitter = np.where(runs["delay.steps"] > 0, runs["delay.steps"] * 0.04, 0.04)
         ax.scatter(runs["delay.steps"] + jitter, runs["acc"], color=c, s=12, alpha=0.5, zorder=3)
         div = runs[runs["diverged"]]
         if len(div):
             ax.scatter(div["delay.steps"], np.zeros(len(div)), color=c, marker="x", s=50, zorder=4,
-                       label=f"{common.label(optim)} diverged")
-    base = table[(table["optim.name"] == "sgdm") & (table["delay.steps"] == 0)]["acc"].dropna()
+                       label=f"{name} diverged")
+    sgdm = [name for name, optim in series.items() if optim == "sgdm"]
+    base = table[(table["series"] == sgdm[0]) & (table["delay.steps"] == 0)]["acc"].dropna() \
+        if len(sgdm) == 1 else []  # one undelayed reference, or none when SGDM has several series
     if len(base):
         ax.axhline(base.mean(), color="k", ls="--", lw=1, label=f"SGDM, no delay ({base.mean():.3f})")
     common.log2_delay_axis(ax, summary["delay.steps"])

@@ -16,17 +16,50 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from abexp.config import NON_IDENTITY_KEYS  # noqa: E402
+
 # one colour per optimizer, the same in every figure
 COLORS = {"sgdm": "#1f77b4", "ab": "#d62728", "sc": "#2ca02c", "lwp": "#9467bd",
           "dcasgd": "#8c564b", "salr": "#e377c2", "ab_lwp": "#ff7f0e", "sc_lwp": "#17becf"}
 LABELS = {"sgdm": "SGDM", "ab": "AB", "sc": "SC", "lwp": "LWP", "dcasgd": "DC-ASGD",
           "salr": "staleness-aware lr", "ab_lwp": "AB + LWP", "sc_lwp": "SC + LWP"}
 
+LINESTYLES = ["-", "--", ":", "-."]  # several series of one optimizer: one colour, these styles
+
 
 def ordered(optims) -> list[str]:
     """Optimizers in one fixed order (SGDM first), whatever order the table has them in."""
     known = list(COLORS)
     return sorted(set(optims), key=lambda o: (known.index(o) if o in known else len(known), o))
+
+
+def add_series(table: pd.DataFrame, axes: tuple[str, ...] = ("delay.steps",)) -> dict[str, str]:
+    """Give every run a ``series`` label; return {series: optimizer} in plotting order.
+
+    A series is an optimizer plus every other config key that varies among that optimizer's
+    runs and is not one of the figure's own axes: figures average over seeds only, never over
+    a key the spec varied (fp32 and bf16 runs, two learning rates, two experiments stay apart).
+    """
+    skip = {"optim.name", "seed", *axes}
+    config = [c for c in table.columns if "." in c and c not in skip
+              and not any(c == k or c.startswith(k + ".") for k in NON_IDENTITY_KEYS)]
+    table["series"] = ""
+    for optim, runs in table.groupby("optim.name"):
+        keys = [c for c in config if runs[c].astype(str).nunique() > 1]
+        table.loc[runs.index, "series"] = [label(optim) + "".join(f", {k}={row[k]}" for k in keys)
+                                           for _, row in runs.iterrows()]
+    optim_of = dict(zip(table["series"], table["optim.name"]))
+    rank = {o: i for i, o in enumerate(ordered(optim_of.values()))}
+    return {s: optim_of[s] for s in sorted(optim_of, key=lambda s: (rank[optim_of[s]], s))}
+
+
+def styles(series: dict[str, str]) -> dict[str, dict]:
+    """Line style per series: its optimizer's colour; a second series of it dashed, and so on."""
+    out, seen = {}, {}
+    for name, optim in series.items():
+        out[name] = {"color": color(optim), "ls": LINESTYLES[seen.get(optim, 0) % len(LINESTYLES)]}
+        seen[optim] = seen.get(optim, 0) + 1
+    return out
 
 
 def parser(description: str, table: str = "results/runs.csv") -> argparse.ArgumentParser:

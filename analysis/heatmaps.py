@@ -12,9 +12,13 @@ def main() -> None:
     if table.empty or table["optim.lr"].nunique() < 2 or table["optim.momentum"].nunique() < 2:
         common.skip("heatmaps", "needs runs over at least 2 learning rates and 2 momenta")
     table["acc"] = table["test_acc"].where(table["status"] == "completed", 0.0)
-    grid = (table.groupby(["optim.name", "delay.steps", "optim.lr", "optim.momentum"])["acc"]
+    series = common.add_series(table, axes=("delay.steps", "optim.lr", "optim.momentum"))
+    grid = (table.groupby(["series", "delay.steps", "optim.lr", "optim.momentum"])["acc"]
             .mean().reset_index())
-    for optim, rows in grid.groupby("optim.name"):
+    spans = grid.groupby("series")[["optim.lr", "optim.momentum"]].nunique()
+    shown = {name: optim for name, optim in series.items() if (spans.loc[name] >= 2).all()}
+    for n, (name, optim) in enumerate(shown.items()):
+        rows = grid[grid["series"] == name]
         delays = sorted(rows["delay.steps"].unique())
         fig, axes = plt.subplots(1, len(delays), figsize=(3.4 * len(delays), 3.2), squeeze=False)
         lrs, moms = sorted(rows["optim.lr"].unique()), sorted(rows["optim.momentum"].unique())
@@ -32,8 +36,9 @@ def main() -> None:
             ax.set_title(f"D = {d}")
         axes[0, 0].set_ylabel("momentum")
         fig.colorbar(im, ax=axes[0].tolist(), label="final test accuracy (diverged = 0)")
-        fig.suptitle(f"{common.label(optim)}: accuracy over lr x momentum", fontsize=11)
-        common.save(fig, rows, args.out, f"heatmap_{optim}")
+        fig.suptitle(f"{name}: accuracy over lr x momentum", fontsize=11)
+        common.save(fig, rows, args.out, f"heatmap_{optim}" if list(shown.values()).count(optim) == 1
+                    else f"heatmap_{optim}_{n}")
 
 
 if __name__ == "__main__":

@@ -12,15 +12,18 @@ def main() -> None:
     if table.empty or table["optim.rho"].nunique() < 2:
         common.skip("rho_sensitivity", "needs AB runs at 2 or more values of optim.rho")
     table["acc"] = table["test_acc"].where(table["status"] == "completed", 0.0)
-    summary = (table.groupby(["optim.name", "delay.steps", "optim.rho"])["acc"]
+    series = common.add_series(table, axes=("delay.steps", "optim.rho"))
+    summary = (table.groupby(["series", "delay.steps", "optim.rho"])["acc"]
                .agg(["mean", "std", "count"]).reset_index())
     fig, ax = plt.subplots(figsize=(6, 4))
     cmap = plt.get_cmap("viridis")
     delays = sorted(summary["delay.steps"].unique())
-    for i, d in enumerate(delays):
-        rows = summary[(summary["delay.steps"] == d)].sort_values("optim.rho")
-        ax.errorbar(rows["optim.rho"], rows["mean"], yerr=rows["std"].fillna(0), marker="o",
-                    capsize=3, color=cmap(i / max(1, len(delays) - 1)), label=f"D = {d}")
+    for n, name in enumerate(series):
+        for i, d in enumerate(delays):
+            rows = summary[(summary["series"] == name) & (summary["delay.steps"] == d)].sort_values("optim.rho")
+            ax.errorbar(rows["optim.rho"], rows["mean"], yerr=rows["std"].fillna(0), marker="o", capsize=3,
+                        ls=common.LINESTYLES[n % len(common.LINESTYLES)], color=cmap(i / max(1, len(delays) - 1)),
+                        label=f"D = {d}" if len(series) == 1 else f"{name}, D = {d}")
     ax.set_xlabel("AB braking strength rho")
     ax.set_ylabel("final test accuracy (diverged = 0)")
     ax.set_ylim(0, 1)

@@ -19,22 +19,22 @@ def main() -> None:
         common.skip("tables", "no finished runs")
     table["acc"] = table["test_acc"].where(table["status"] == "completed")
     table["div"] = table["status"] == "diverged"
-    summary = (table.groupby(["optim.name", "delay.steps"])
+    series = common.add_series(table)
+    summary = (table.groupby(["series", "delay.steps"])
                .agg(mean=("acc", "mean"), std=("acc", "std"), n=("acc", "count"), diverged=("div", "sum"))
                .reset_index())
     delays = sorted(summary["delay.steps"].unique())
-    optims = common.ordered(table["optim.name"])
-    cells = {(r["optim.name"], r["delay.steps"]): cell(r["mean"], r["std"], r["n"], int(r["diverged"]))
+    cells = {(r["series"], r["delay.steps"]): cell(r["mean"], r["std"], r["n"], int(r["diverged"]))
              for r in summary.to_dict("records")}
     md = ["| optimizer | " + " | ".join(f"D={d}" for d in delays) + " |",
           "|---|" + "---|" * len(delays)]
-    for o in optims:
-        md.append(f"| {common.label(o)} | " + " | ".join(cells.get((o, d), "–") for d in delays) + " |")
+    for name in series:
+        md.append(f"| {name} | " + " | ".join(cells.get((name, d), "–") for d in delays) + " |")
     tex = ["\\begin{tabular}{l" + "c" * len(delays) + "}", "\\toprule",
            "Optimizer & " + " & ".join(f"$D={d}$" for d in delays) + " \\\\", "\\midrule"]
-    for o in optims:
-        row = [cells.get((o, d), "--").replace("±", "$\\pm$") for d in delays]
-        tex.append(f"{common.label(o)} & " + " & ".join(row) + " \\\\")
+    for name in series:
+        row = [cells.get((name, d), "--").replace("±", "$\\pm$") for d in delays]
+        tex.append(name.replace("_", r"\_") + " & " + " & ".join(row) + " \\\\")
     tex += ["\\bottomrule", "\\end{tabular}"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

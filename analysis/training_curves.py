@@ -15,17 +15,18 @@ def main() -> None:
     delays = args.delays or sorted(curves["delay.steps"].unique())
     if len(delays) > 4:
         delays = [delays[0], delays[len(delays) // 3], delays[2 * len(delays) // 3], delays[-1]]
-    curves = curves[curves["delay.steps"].isin(delays)]
-    mean = (curves.groupby(["optim.name", "delay.steps", "epoch"])
+    curves = curves[curves["delay.steps"].isin(delays)].copy()
+    series = common.add_series(curves, axes=("delay.steps", "epoch"))
+    mean = (curves.groupby(["series", "delay.steps", "epoch"])
             .agg(test_acc=("test_acc", "mean"), train_loss=("train_loss", "mean"),
                  seeds=("run_id", "nunique")).reset_index())
     fig, axes = plt.subplots(2, len(delays), figsize=(3.2 * len(delays), 5.6), squeeze=False,
                              sharex=True)
     for j, d in enumerate(delays):
         at_d = mean[mean["delay.steps"] == d]
-        for optim in common.ordered(at_d["optim.name"]):
-            rows = at_d[at_d["optim.name"] == optim]
-            kw = dict(color=common.color(optim), label=common.label(optim), lw=1.6)
+        for name, style in common.styles(series).items():
+            rows = at_d[at_d["series"] == name]
+            kw = dict(**style, label=name, lw=1.6)
             axes[0, j].plot(rows["epoch"], rows["test_acc"], **kw)
             axes[1, j].plot(rows["epoch"], rows["train_loss"], **kw)
         axes[0, j].set_title(f"delay D = {d}")
