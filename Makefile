@@ -5,9 +5,20 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export WANDB_SILENT := true
 
-.PHONY: setup test bench demo figures reproduce resilience clean
+.PHONY: setup fashion-mnist test bench demo figures reproduce resilience clean
 
-setup: $(STAMP)
+setup: $(STAMP) fashion-mnist
+
+# Fashion-MNIST ships offline as Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist):
+# installed where missing when we are root with apt; elsewhere a note says how to get the files.
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+fashion-mnist:
+	@test -d $(FMNIST_DIR) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist \
+	      >/dev/null) || echo "note: could not install dataset-fashion-mnist"; \
+	  else echo "note: Fashion-MNIST not installed: apt-get install dataset-fashion-mnist as root," \
+	    "or set data.root to a folder with the four IDX files, or data.download: true"; fi; }
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -25,6 +25,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)  # validated before any process is started
     check_processes(cfg, args.nproc, args.config)
+    preflight_data([cfg])
     out = Path(args.out) if args.out else Path(args.results) / "runs" / run_id(cfg)
     if args.nproc > 1:
         return launch_torchrun(args.nproc, out, args)
@@ -100,6 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan = load_spec(args.spec, args.set).expand()  # validate every run before anything starts
     for run in plan:
         check_processes(run.config, args.gpus_per_run, args.spec)
+    preflight_data([run.config for run in plan])
     gpus = [g for g in args.gpus.split(",") if g] if args.gpus else None
     if args.backend == "slurm":
         params = {"slurm_partition": args.slurm_partition, "timeout_min": args.timeout_min,
@@ -111,6 +113,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_local(args.spec, args.results, args.workers, gpus, args.runs_per_gpu,
                      progress=not args.no_progress, overrides=args.set,
                      gpus_per_run=args.gpus_per_run, pack=args.pack)
+
+
+def preflight_data(configs: list) -> None:
+    """Every distinct dataset of a plan, checked present and well-formed before any worker
+    starts: a missing folder is one error line, not one failed run per grid cell."""
+    from abexp.data import preflight
+
+    seen = set()
+    for cfg in configs:
+        key = (cfg.data.name, cfg.data.root, cfg.data.download)
+        if key not in seen:
+            seen.add(key)
+            preflight(cfg)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 MODEL_NAMES = ("resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
                "resnet18", "resnet50")
-DATA_NAMES = ("cifar10", "digits", "synthetic", "imagenet")
+DATA_NAMES = ("cifar10", "digits", "synthetic", "imagenet", "fashion_mnist", "mnist")
 # optimizer name -> which mitigations it switches on (see abexp/optim.py)
 OPTIM_NAMES = ("sgdm", "ab", "sc", "lwp", "dcasgd", "salr", "ab_lwp", "sc_lwp")
 
@@ -41,11 +41,16 @@ class ModelCfg(_Locked):
 
 class DataCfg(_Locked):
     name: Literal[DATA_NAMES] = "cifar10"  # type: ignore[valid-type]
-    root: str = "data/cifar10"  # cifar10: folder holding cifar-10-batches-py; imagenet: train/ val/
-    download: bool = False  # cifar10 only: fetch and MD5-check the official archive when absent
+    # cifar10: folder holding cifar-10-batches-py (default data/cifar10); imagenet: train/ val/
+    # (default data/imagenet); fashion_mnist, mnist: the four IDX files (.gz or not; default: the
+    # Debian package's /usr/share/datasets/fashion-mnist where installed, else data/<name>)
+    root: Optional[str] = None
+    download: bool = False  # cifar10, fashion_mnist, mnist: fetch the official files when absent
     subset: Optional[int] = Field(None, ge=1)  # train on the first N examples of a fixed shuffle
     test_subset: Optional[int] = Field(None, ge=1)
-    augment: bool = True  # random crop (pad 4) + horizontal flip, batched on the device
+    augment: bool = True  # random crop + horizontal flip, batched on the device
+    crop_pad: Optional[int] = Field(None, ge=0)  # None: the dataset's (4 for 32x32, 2 for 28x28)
+    flip: Optional[bool] = None  # None: the dataset's (no flips for MNIST digits)
     split_seed: int = 0  # digits: the fixed train/test split
     synthetic_size: int = Field(50000, ge=1)  # synthetic: training examples (test: a fifth)
     workers: int = Field(8, ge=0)  # imagenet DataLoader workers
@@ -138,7 +143,7 @@ NON_IDENTITY_KEYS = ("tracking", "experiment", "variant", "data.root", "data.dow
 # the behaviour from before it existed. At that value a key is left out of the run id, so a new
 # option does not re-identify (and so re-run) every stored run. Register every key added from
 # now on here; the keys that existed on 2026-11-24 are all part of the id.
-ADDED_KEYS: dict[str, Any] = {}
+ADDED_KEYS: dict[str, Any] = {"data.crop_pad": None, "data.flip": None}
 
 
 def defaults() -> dict[str, Any]:

@@ -14,7 +14,7 @@ import pickle
 import tarfile
 import tempfile
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -41,20 +41,28 @@ def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
 
 @dataclass
 class ImageData:
-    """uint8 images [N, 3, H, W] and int64 labels, on one device, with normalisation constants."""
+    """uint8 images [N, C, H, W] and int64 labels, on one device, with normalisation constants
+    and the augmentation that suits the images (crop padding; whether a mirror image is still
+    the same class)."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     num_classes: int = 10
+    crop_pad: int = 4
+    flip: bool = True
     _constants_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    @property
+    def channels(self) -> int:
+        return self.train_x.shape[1]
+
     def to(self, device: torch.device | str) -> "ImageData":
-        return ImageData(self.train_x.to(device), self.train_y.to(device), self.test_x.to(device),
-                         self.test_y.to(device), self.mean, self.std, self.num_classes)
+        return replace(self, train_x=self.train_x.to(device), train_y=self.train_y.to(device),
+                       test_x=self.test_x.to(device), test_y=self.test_y.to(device))
 
     def normalize(self, x_uint8: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         mean, std = self._constants(x_uint8.device, dtype)
@@ -78,7 +86,7 @@ class Batches:
             raise DataError(f"{len(data.train_y)} training examples < batch size {batch_size}")
         self.data, self.batch_size, self.augment, self.seed = data, batch_size, augment, seed
         self.steps_per_epoch = len(data.train_y) // batch_size
-        self.num_classes = data.num_classes
+        self.num_classes, self.channels = data.num_classes, data.channels
 
     def _generator(self, epoch: int, stream: int) -> torch.Generator:
         gen = torch.Generator(device=self.data.train_x.device)
@@ -93,7 +101,7 @@ class Batches:
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.data.train_x[idx]
             if self.augment:
-                x = random_crop_flip(x, gen)
+                x = random_crop_flip(x, gen, self.data.crop_pad, self.data.flip)
             yield self.data.normalize(x), self.data.train_y[idx]
 
     def plain(self, n_batches: int) -> Iterator[torch.Tensor]:
@@ -109,16 +117,20 @@ class Batches:
                    self.data.test_y[i:i + batch_size])
 
 
-def random_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop after zero padding by ``pad`` and a random horizontal flip, for a whole batch."""
+def random_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: bool = True
+                     ) -> torch.Tensor:
+    """Random crop after zero padding by ``pad`` and (``flip``) a random horizontal flip, for a
+    whole batch."""
     b, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=x.device)
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=x.device)
-    flip = torch.rand(b, generator=gen, device=x.device) < 0.5
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = dx[:, None] + torch.arange(w, device=x.device)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
+    if flip:
+        mirrored = torch.rand(b, generator=gen, device=x.device) < 0.5
+        cols = torch.where(mirrored[:, None], cols.flip(1), cols)
+    cols = cols[:, None, None, :]
     batch = torch.arange(b, device=x.device)[:, None, None, None]
     chan = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[batch, chan, rows, cols]
@@ -221,18 +233,60 @@ def take_subset(data: ImageData, n_train: int | None, n_test: int | None, seed: 
         return x[order], y[order]
     train_x, train_y = pick(data.train_x, data.train_y, n_train, 0)
     test_x, test_y = pick(data.test_x, data.test_y, n_test, 1)
-    return ImageData(train_x, train_y, test_x, test_y, data.mean, data.std, data.num_classes)
+    return replace(data, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
 
 
-def load_image_data(cfg, device: torch.device | str) -> ImageData:
-    """The in-memory dataset a run config names, subset and moved to ``device``."""
+IDX_DATASETS = ("fashion_mnist", "mnist")
+DEFAULT_ROOTS = {"cifar10": "data/cifar10", "imagenet": "data/imagenet"}
+
+
+def data_root(cfg) -> str | None:
+    """data.root, or the dataset's default folder (None: the IDX reader picks its own)."""
+    return cfg.data.root or DEFAULT_ROOTS.get(cfg.data.name)
+
+
+def load_dataset(cfg) -> ImageData:
+    """The whole in-memory dataset a run config names, on the CPU, with the config's
+    augmentation overrides applied."""
     d = cfg.data
     if d.name == "cifar10":
-        data = load_cifar10(d.root, d.download)
+        data = load_cifar10(data_root(cfg), d.download)
+    elif d.name in IDX_DATASETS:
+        from abexp.mnist import load_idx_dataset
+        data = load_idx_dataset(d.name, d.root, d.download)
     elif d.name == "digits":
         data = load_digits(d.split_seed)
     elif d.name == "synthetic":
         data = make_synthetic(d.synthetic_size, seed=d.split_seed)
     else:
         raise DataError(f"data.name={d.name} is not an in-memory dataset")
-    return take_subset(data, d.subset, d.test_subset, d.split_seed).to(device)
+    if d.crop_pad is not None:
+        data = replace(data, crop_pad=d.crop_pad)
+    if d.flip is not None:
+        data = replace(data, flip=d.flip)
+    return data
+
+
+def preflight(cfg) -> None:
+    """Check that a run's data is present and well-formed, before any worker starts: the same
+    DataError a worker would raise, but raised once, up front, naming the file."""
+    d = cfg.data
+    if d.name == "cifar10" and not d.download:
+        folder = cifar10_folder(data_root(cfg))
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            if not (folder / name).is_file():
+                raise DataError(f"data.root: CIFAR-10 not found: {folder / name} is missing (point "
+                                "data.root at a local copy of cifar-10-batches-py, or set "
+                                "data.download: true)")
+    elif d.name in IDX_DATASETS:
+        from abexp.mnist import read_arrays
+        read_arrays(d.name, d.root, d.download)
+    elif d.name == "imagenet":
+        from abexp.imagenet import check_image_folder
+        check_image_folder(Path(data_root(cfg)))
+
+
+def load_image_data(cfg, device: torch.device | str) -> ImageData:
+    """The in-memory dataset a run config names, subset and moved to ``device``."""
+    d = cfg.data
+    return take_subset(load_dataset(cfg), d.subset, d.test_subset, d.split_seed).to(device)

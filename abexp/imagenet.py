@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from abexp.data import DataError, epoch_seed
+from abexp.data import DataError, data_root, epoch_seed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,9 +73,9 @@ class ImageNetBatches:
 
         tv = import_torchvision()
         T, datasets = tv.transforms, tv.datasets
-        root, size = Path(cfg.data.root), cfg.data.image_size
+        root, size = Path(data_root(cfg)), cfg.data.image_size
         self.classes = check_image_folder(root)
-        self.num_classes = len(self.classes)
+        self.num_classes, self.channels = len(self.classes), 3
         norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
         val_tf = T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), *norm])

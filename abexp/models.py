@@ -41,12 +41,14 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int, num_classes: int = 10):
+    """Any image size works (global average pooling): 28x28 inputs run at 28, 14, 7."""
+
+    def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
-        self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.conv = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn = nn.BatchNorm2d(16)
         layers, c_in = [], 16
         for stage, c_out in enumerate((16, 32, 64)):
@@ -67,9 +69,12 @@ class CifarResNet(nn.Module):
         return self.fc(out)
 
 
-def build_model(name: str, num_classes: int = 10, zero_init_residual: bool = False) -> nn.Module:
+def build_model(name: str, num_classes: int = 10, zero_init_residual: bool = False,
+                in_channels: int = 3) -> nn.Module:
     if name in CIFAR_DEPTHS:
-        return CifarResNet(CIFAR_DEPTHS[name], num_classes)
+        return CifarResNet(CIFAR_DEPTHS[name], num_classes, in_channels)
+    if in_channels != 3:
+        raise ValueError(f"{name} takes 3-channel images, not {in_channels}")
     from abexp.tv_compat import import_torchvision
     tv = import_torchvision()
     builders = {"resnet18": tv.models.resnet18, "resnet50": tv.models.resnet50}
@@ -115,14 +120,14 @@ class PackedCifarResNet(nn.Module):
     first dimension: chunk k along dim 0 is run k's tensor. Groups keep the runs independent
     (convolutions, per-channel BN, a block-diagonal classifier), so one forward/backward of the
     packed network computes K runs' gradients with K times fewer kernel launches.
-    Input [B, K*3, H, W] (run k's images in channels 3k..3k+2), output [B, K, classes].
+    Input [B, K*C, H, W] (run k's images in channels Ck..Ck+C-1), output [B, K, classes].
     """
 
-    def __init__(self, depth: int, runs: int, num_classes: int = 10):
+    def __init__(self, depth: int, runs: int, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         n, k = (depth - 2) // 6, runs
         self.runs, self.num_classes = runs, num_classes
-        self.conv = nn.Conv2d(3 * k, 16 * k, 3, 1, 1, bias=False, groups=k)
+        self.conv = nn.Conv2d(in_channels * k, 16 * k, 3, 1, 1, bias=False, groups=k)
         self.bn = nn.BatchNorm2d(16 * k)
         layers, c_in = [], 16
         for stage, c_out in enumerate((16, 32, 64)):

@@ -73,8 +73,9 @@ class PackedRun:
         singles = []
         for c in cfgs:  # each run's initial weights exactly as an unpacked run draws them
             torch.manual_seed(c.seed)
-            singles.append(build_model(c.model.name, data.num_classes))
-        self.model = PackedCifarResNet(CIFAR_DEPTHS[shared.model.name], self.k, data.num_classes)
+            singles.append(build_model(c.model.name, data.num_classes, in_channels=data.channels))
+        self.model = PackedCifarResNet(CIFAR_DEPTHS[shared.model.name], self.k, data.num_classes,
+                                       data.channels)
         self.model.load_runs(singles).to(self.device)
         self.flat = FlatParams(self.model)
         self.index = _run_major_index(self.model, self.flat)

@@ -1,7 +1,9 @@
 """Shared test setup: no network for W&B, few threads, tiny data in real on-disk formats."""
 
+import gzip
 import os
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,31 @@ def write_cifar10_batches(root: Path, n_per_batch: int = 20, n_test: int = 30, s
         written[name] = (data, labels)
     (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"c%d" % i for i in range(10)]}))
     return written
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """The IDX format, written from its definition: 0, 0, type 0x08 (ubyte), ndim, then one
+    big-endian uint32 per dimension and the raw bytes."""
+    return bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + \
+        array.astype(np.uint8).tobytes()
+
+
+def write_idx_dataset(root: Path, n_train: int = 64, n_test: int = 32, seed: int = 0,
+                      gz: bool = True) -> dict[str, np.ndarray]:
+    """The four (Fashion-)MNIST files in the official layout, with random 28x28 images."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+              "train-labels-idx1-ubyte": rng.integers(0, 10, n_train).astype(np.uint8),
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+              "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test).astype(np.uint8)}
+    for stem, array in arrays.items():
+        if gz:
+            with gzip.open(root / f"{stem}.gz", "wb") as fh:
+                fh.write(idx_bytes(array))
+        else:
+            (root / stem).write_bytes(idx_bytes(array))
+    return arrays
 
 
 @pytest.fixture
