@@ -3,7 +3,8 @@
     python -m abexp.bench [--steps N] [--rounds R] [--packs 1 2 4 ...] [--device auto|cpu|cuda]
 
 a. delay overhead: ResNet-20 step time (batch 128, synthetic CIFAR-shaped data) at delay 32 vs
-   delay 0, in interleaved rounds so drift of the machine hits both alike;
+   delay 0, and with per-stage pipeline delays (16 stages) vs constant delay 32, in interleaved
+   rounds so drift of the machine hits all alike;
 b. abexp's path (data on the device as uint8, batched augmentation, flat-buffer engine) vs a
    naive baseline written here (torch DataLoader over PIL images with per-sample torchvision
    transforms, fp32, eager, torch.optim.SGD): time per CIFAR-10 epoch (390 steps), extrapolated
@@ -71,18 +72,25 @@ def step_timer(delay: int, model: str, batch: int, device: str, optim: str = "sg
     return run, time_steps
 
 
-def delay_overhead(device: str, steps: int, rounds: int, model: str = "resnet20", batch: int = 128) -> dict:
-    timers = {d: step_timer(d, model, batch, device)[1] for d in (0, 32)}
+def delay_overhead(device: str, steps: int, rounds: int, model: str = "resnet20", batch: int = 128,
+                   stages: int = 16) -> dict:
+    """Step time at delay 0, at constant delay 32, and with per-stage pipeline delays (S stages,
+    2(S-1-s), assembled from S slices of the buffer): the last against the constant delay."""
+    pipeline = ("delay.kind=pipeline", f"delay.stages={stages}")
+    timers = {"d0": step_timer(0, model, batch, device)[1], "d32": step_timer(32, model, batch, device)[1],
+              "pipe": step_timer(0, model, batch, device, extra=pipeline)[1]}
     for t in timers.values():
         t(3)  # warm-up
-    per_round = {0: [], 32: []}
+    per_round = {k: [] for k in timers}
     for _ in range(rounds):
-        for d in (0, 32):
-            per_round[d].append(timers[d](steps))
-    t0, t32 = statistics.median(per_round[0]), statistics.median(per_round[32])
+        for k, timer in timers.items():
+            per_round[k].append(timer(steps))
+    t0, t32, tp = (statistics.median(per_round[k]) for k in ("d0", "d32", "pipe"))
     return {"model": model, "batch": batch, "steps_per_round": steps, "rounds": rounds,
             "step_ms_delay0": round(t0 * 1e3, 3), "step_ms_delay32": round(t32 * 1e3, 3),
-            "ratio_delay32_over_delay0": round(t32 / t0, 4), "target": "<= 1.05"}
+            "ratio_delay32_over_delay0": round(t32 / t0, 4), "target": "<= 1.05",
+            "stages": stages, "step_ms_pipeline": round(tp * 1e3, 3),
+            "ratio_pipeline_over_delay32": round(tp / t32, 4)}
 
 
 STEPS_PER_CIFAR_EPOCH = 50000 // 128
@@ -256,6 +264,9 @@ def to_markdown(report: dict) -> str:
               "|---|---|---|---|---|",
               f"| {d['model']} | {d['batch']} | {d['step_ms_delay0']} | {d['step_ms_delay32']} | "
               f"{d['ratio_delay32_over_delay0']} |", ""]
+    if "step_ms_pipeline" in d:
+        lines += [f"Per-stage delays ({d['stages']} stages, 2(S-1-s)): {d['step_ms_pipeline']} ms per step, "
+                  f"{d['ratio_pipeline_over_delay32']}× the constant delay 32 (target ≤ 1.05).", ""]
     if "path_vs_naive" in report:
         p = report["path_vs_naive"]
         lines += ["## abexp path vs naive DataLoader pipeline (ResNet-20, one CIFAR-10 epoch)", "",

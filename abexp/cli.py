@@ -13,6 +13,20 @@ from abexp.config import ConfigError
 EXIT_BAD_INPUT = 2
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         sys.stderr.write(f"{self.prog}: error: {message}\n")
@@ -56,22 +70,31 @@ def launch_torchrun(nproc: int, out: Path, args: argparse.Namespace) -> int:
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
-    from abexp.stability import stability_table
+    from abexp.stability import pipeline_table, stability_table
 
-    rows = stability_table(args.optim, args.delays, args.momentum, args.rho, args.steps)
+    def progress(row: dict) -> None:  # a bisection per row: say where we are
+        what = f"S={row['stages']} {row['kind']}" if "stages" in row else f"D={row['delay']}"
+        sys.stderr.write(f"  {row['optim']} {what}: x_max {row['x_max']:.5f}\n")
+
+    if args.stages:
+        rows = pipeline_table(args.optim, args.stages, args.momentum, args.rho, args.steps, progress)
+    else:
+        rows = stability_table(args.optim, args.delays, args.momentum, args.rho, args.steps, progress)
     if args.out:
         import pandas as pd
         from abexp.collect import write_table
         write_table(pd.DataFrame(rows), args.out)
+    keys = ("optim", "rho", "momentum", "stages", "kind", "delay", "x_max")
     if args.json:
-        print(json.dumps([{k: r[k] for k in ("optim", "rho", "momentum", "delay", "x_max")}
-                          for r in rows], indent=1))
+        print(json.dumps([{k: r[k] for k in keys if k in r} for r in rows], indent=1))
         return 0
     print(f"largest stable x = eta*lambda_max on a quadratic (m={args.momentum}, rho={args.rho}, "
           f"{args.steps} steps, 50 eigenvalues on [0.01, 1])")
-    print(f"{'optim':>8} {'delay':>5} {'x_max':>10} {'sgdm analytic':>14} {'ratio':>7}")
+    stage_col = f"{'S':>3} {'kind':>8} " if args.stages else ""
+    print(f"{'optim':>8} {stage_col}{'delay':>5} {'x_max':>10} {'sgdm exact':>11} {'ratio':>7}")
     for r in rows:
-        print(f"{r['optim']:>8} {r['delay']:>5} {r['x_max']:>10.5f} {r['sgdm_analytic']:>14.5f} "
+        stage = f"{r['stages']:>3} {r['kind']:>8} " if args.stages else ""
+        print(f"{r['optim']:>8} {stage}{r['delay']:>5} {r['x_max']:>10.5f} {r['sgdm_analytic']:>11.5f} "
               f"{r['x_max'] / r['sgdm_analytic']:>7.2f}")
     return 0
 
@@ -204,8 +227,11 @@ def build_parser() -> Parser:
     p.add_argument("--optim", nargs="+", default=["sgdm", "ab"], choices=OPTIM_NAMES)
     p.add_argument("--rho", type=float, default=1.0)
     p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--delays", nargs="+", type=int, default=[0, 1, 2, 4, 8, 16, 32])
-    p.add_argument("--steps", type=int, default=3000, help="simulated steps per trial")
+    p.add_argument("--delays", nargs="+", type=non_negative_int, default=[0, 1, 2, 4, 8, 16, 32])
+    p.add_argument("--stages", nargs="+", type=positive_int, metavar="S",
+                   help="instead of --delays: S pipeline stages (delays 2(S-1-s)) next to one "
+                        "constant delay 2(S-1), e.g. --stages 1 2 4 8 16")
+    p.add_argument("--steps", type=positive_int, default=3000, help="simulated steps per trial")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", help="also write the table to FILE.csv (for analysis/stability.py)")
     p.set_defaults(func=cmd_stability)

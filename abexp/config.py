@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -19,7 +20,9 @@ MODEL_NAMES = ("resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resne
                "resnet18", "resnet50")
 DATA_NAMES = ("cifar10", "digits", "synthetic", "imagenet", "fashion_mnist", "mnist")
 # optimizer name -> which mitigations it switches on (see abexp/optim.py)
-OPTIM_NAMES = ("sgdm", "ab", "sc", "lwp", "dcasgd", "salr", "ab_lwp", "sc_lwp")
+OPTIM_NAMES = ("sgdm", "ab", "sc", "lwp", "dcasgd", "salr", "ab_lwp", "sc_lwp",
+               "adam", "adamw", "ab_adam", "ab_adamw")
+ADAM_NAMES = ("adam", "adamw", "ab_adam", "ab_adamw")
 
 
 class ConfigError(Exception):
@@ -79,6 +82,15 @@ class OptimCfg(_Locked):
     ab_cosine: Literal["tensor", "global"] = "tensor"  # AB: cosine per parameter tensor or one
     dc_lambda: float = Field(0.04, ge=0.0)  # DC-ASGD variance-control strength
     lwp_horizon: Optional[float] = Field(None, ge=0.0)  # LWP look-ahead; None = expected delay
+    betas: list[float] = [0.9, 0.999]  # adam family: the moments' decay rates
+    eps: float = Field(1e-8, gt=0.0)  # adam family: added to the root of the second moment
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: list[float]) -> list[float]:
+        if len(v) != 2 or any(not 0.0 <= b < 1.0 for b in v):
+            raise ValueError("betas must be two numbers in [0, 1)")
+        return v
 
 
 class ScheduleCfg(_Locked):
@@ -96,10 +108,32 @@ class ScheduleCfg(_Locked):
 
 
 class DelayCfg(_Locked):
-    kind: Literal["constant", "uniform", "geometric"] = "constant"
-    steps: int = Field(0, ge=0)  # constant: D; uniform/geometric: the cap D_max
+    kind: Literal["constant", "uniform", "geometric", "pipeline", "trace"] = "constant"
+    # constant: D; uniform/geometric: the cap D_max; pipeline: caps the profile (0 = no cap);
+    # trace: the buffer (0 = the largest delay in the trace or histogram)
+    steps: int = Field(0, ge=0)
     mean: Optional[float] = Field(None, ge=0.0)  # geometric: mean delay before the cap
     seed: Optional[int] = None  # delay draws; None = the run seed
+    stages: Optional[int] = Field(None, ge=1)  # pipeline: S stages, delays 2(S-1-s)
+    stage_delays: Optional[list[int]] = None  # pipeline: explicit per-stage delays (length S)
+    stage_balance: Literal["params", "flops"] = "params"  # pipeline: what the stage cut balances
+    trace: Optional[str] = None  # trace: file of one delay per line, replayed and cycled
+    histogram: Optional[dict[int, float]] = None  # trace: {delay: weight}, drawn per step, seeded
+
+    @field_validator("stage_delays")
+    @classmethod
+    def _non_negative(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        if v is not None and (not v or any(d < 0 for d in v)):
+            raise ValueError("must be a non-empty list of non-negative integers")
+        return v
+
+    @field_validator("histogram")
+    @classmethod
+    def _weights(cls, v: Optional[dict[int, float]]) -> Optional[dict[int, float]]:
+        if v is not None and (not v or any(k < 0 for k in v) or any(not w >= 0 for w in v.values())
+                              or sum(v.values()) <= 0):
+            raise ValueError("must map non-negative delays to non-negative weights, not all zero")
+        return v
 
 
 class EvalCfg(_Locked):
@@ -143,7 +177,11 @@ NON_IDENTITY_KEYS = ("tracking", "experiment", "variant", "data.root", "data.dow
 # the behaviour from before it existed. At that value a key is left out of the run id, so a new
 # option does not re-identify (and so re-run) every stored run. Register every key added from
 # now on here; the keys that existed on 2026-11-24 are all part of the id.
-ADDED_KEYS: dict[str, Any] = {"data.crop_pad": None, "data.flip": None}
+ADDED_KEYS: dict[str, Any] = {"data.crop_pad": None, "data.flip": None,
+                              "optim.betas": [0.9, 0.999], "optim.eps": 1e-8,
+                              "delay.stages": None, "delay.stage_delays": None,
+                              "delay.stage_balance": "params", "delay.trace": None,
+                              "delay.histogram": None}
 
 
 def defaults() -> dict[str, Any]:
@@ -241,12 +279,76 @@ def _check_combinations(cfg: RunConfig, source: str) -> None:
         raise ConfigError(source, "optim.nesterov", "spike compensation defines its own update")
     if cfg.delay.kind == "geometric" and cfg.delay.mean is None:
         raise ConfigError(source, "delay.mean", "required when delay.kind is geometric")
+    _check_delay(cfg.delay, source)
+    if cfg.optim.name in ADAM_NAMES and cfg.optim.nesterov:
+        raise ConfigError(source, "optim.nesterov", f"not defined for {cfg.optim.name}")
     if cfg.train.batch_size % cfg.train.micro_batches:
         raise ConfigError(source, "train.micro_batches", "must divide train.batch_size")
     imagenet_models = ("resnet18", "resnet50")
     if (cfg.data.name == "imagenet") != (cfg.model.name in imagenet_models):
         raise ConfigError(source, "model.name",
                           f"{cfg.model.name} does not fit data.name={cfg.data.name}")
+
+
+def _check_delay(d: DelayCfg, source: str) -> None:
+    """The per-stage and trace keys: each belongs to one kind and must be complete; a trace
+    file is read and checked line by line here, before any run starts."""
+    pipeline_keys = d.stages is not None or d.stage_delays is not None
+    if pipeline_keys and d.kind != "pipeline":
+        raise ConfigError(source, "delay.stages" if d.stages is not None else "delay.stage_delays",
+                          "only for delay.kind: pipeline")
+    if (d.trace is not None or d.histogram is not None) and d.kind != "trace":
+        raise ConfigError(source, "delay.trace" if d.trace is not None else "delay.histogram",
+                          "only for delay.kind: trace")
+    if d.kind == "pipeline":
+        if d.stages is None and d.stage_delays is None:
+            raise ConfigError(source, "delay.stages", "required when delay.kind is pipeline "
+                              "(or give delay.stage_delays)")
+        if d.stages is not None and d.stage_delays is not None and len(d.stage_delays) != d.stages:
+            raise ConfigError(source, "delay.stage_delays",
+                              f"has {len(d.stage_delays)} entries for {d.stages} stages")
+    if d.kind == "trace":
+        if (d.trace is None) == (d.histogram is None):
+            raise ConfigError(source, "delay.trace", "delay.kind trace needs exactly one of "
+                              "delay.trace (a file) and delay.histogram")
+        if d.trace is not None:
+            read_trace(d.trace, d.steps)
+        elif d.steps and max(d.histogram) > d.steps:
+            raise ConfigError(source, "delay.histogram", f"delay {max(d.histogram)} exceeds "
+                              f"delay.steps = {d.steps}, the weight buffer's size")
+
+
+def read_trace(path: str, cap: int = 0) -> list[int]:
+    """A delay trace: one non-negative integer per line (blank lines and # comments skipped),
+    none above ``cap`` when cap > 0. Any problem is a ConfigError naming the file and line."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as err:
+        raise ConfigError(path, "delay.trace", f"cannot read: {err.strerror or err}") from None
+    delays = []
+    for i, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        if not re.fullmatch(r"[0-9]+", text):
+            raise ConfigError(path, f"line {i}", f"expected a non-negative integer delay, got {text!r}")
+        if cap and int(text) > cap:
+            raise ConfigError(path, f"line {i}", f"delay {text} exceeds delay.steps = {cap}, "
+                              "the weight buffer's size")
+        delays.append(int(text))
+    if not delays:
+        raise ConfigError(path, "delay.trace", "holds no delays")
+    return delays
+
+
+def max_delay(d: DelayCfg) -> int:
+    """The largest delay a run can see: the size of its weight buffer, less one."""
+    if d.kind == "pipeline":
+        from abexp.pipeline import stage_delays
+        return max(stage_delays(d))
+    if d.kind == "trace" and not d.steps:
+        return max(read_trace(d.trace) if d.trace is not None else list(d.histogram))
+    return d.steps
 
 
 def check_processes(cfg: RunConfig, processes: int, source: str) -> None:

@@ -87,6 +87,7 @@ class Batches:
         self.data, self.batch_size, self.augment, self.seed = data, batch_size, augment, seed
         self.steps_per_epoch = len(data.train_y) // batch_size
         self.num_classes, self.channels = data.num_classes, data.channels
+        self.input_shape = tuple(data.train_x.shape[1:])
 
     def _generator(self, epoch: int, stream: int) -> torch.Generator:
         gen = torch.Generator(device=self.data.train_x.device)

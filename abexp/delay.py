@@ -17,17 +17,31 @@ _CHUNK = 4096  # delays are drawn in seeded chunks: tau_t is a pure function of 
 
 
 class DelaySampler:
-    """tau_t for every step: constant D, uniform on [0, D_max], or geometric(mean) capped at D_max.
+    """tau_t for every step: constant D, uniform on [0, D_max], geometric(mean) capped at D_max,
+    a replayed trace (cycled), or draws from a histogram {tau: weight}.
 
     Stateless by construction (chunk c of draws is seeded by (seed, c)), so a resumed run draws
     exactly the delays an uninterrupted one would, with nothing to checkpoint.
     """
 
-    def __init__(self, kind: str, steps: int, mean: float | None = None, seed: int = 0):
+    def __init__(self, kind: str, steps: int, mean: float | None = None, seed: int = 0,
+                 trace: list[int] | None = None, histogram: dict[int, float] | None = None):
         self.kind, self.max, self.mean, self.seed = kind, int(steps), mean, seed
+        self.trace, self.histogram = trace, histogram
+        if kind == "trace":
+            self.max = max(trace) if trace is not None else max(histogram)
         self._chunk_index, self._chunk = -1, []
 
+    @classmethod
+    def from_config(cls, delay, seed: int) -> "DelaySampler":
+        from abexp.config import read_trace
+        trace = read_trace(delay.trace, delay.steps) if delay.kind == "trace" and delay.trace else None
+        return cls(delay.kind, delay.steps, delay.mean, seed if delay.seed is None else delay.seed,
+                   trace, delay.histogram)
+
     def __call__(self, t: int) -> int:
+        if self.kind == "trace" and self.trace is not None:
+            return self.trace[t % len(self.trace)]
         if self.kind == "constant" or self.max == 0:
             return self.max
         chunk = t // _CHUNK
@@ -46,6 +60,10 @@ class DelaySampler:
                 return torch.zeros(_CHUNK, dtype=torch.long)
             u = torch.rand(_CHUNK, generator=gen, dtype=torch.float64).clamp_min(1e-300)
             return (torch.log(u) / math.log1p(-p)).floor().long().clamp(0, self.max)
+        if self.kind == "trace":  # a histogram
+            taus = torch.tensor(sorted(self.histogram), dtype=torch.long)
+            weights = torch.tensor([float(self.histogram[k]) for k in sorted(self.histogram)], dtype=torch.float64)
+            return taus[torch.multinomial(weights, _CHUNK, replacement=True, generator=gen)]
         raise ValueError(f"unknown delay kind {self.kind!r}")
 
     def expected(self) -> float:
@@ -54,6 +72,10 @@ class DelaySampler:
             return float(self.max)
         if self.kind == "uniform":
             return self.max / 2.0
+        if self.kind == "trace":
+            if self.trace is not None:
+                return sum(self.trace) / len(self.trace)
+            return sum(k * w for k, w in self.histogram.items()) / sum(self.histogram.values())
         p = 1.0 / (1.0 + float(self.mean))
         q = 1.0 - p  # E[min(K, cap)] = sum_{k=1..cap} P(K >= k) = sum q^k
         return sum(q ** k for k in range(1, self.max + 1))

@@ -3,6 +3,11 @@
 ``DelayedSGD.step(grad_fn, lr)`` is the single code path both use: store this step's forward
 weights in the ring buffer, pick the stale weights of step t - tau_t, ask ``grad_fn`` for the
 gradient there, and let the optimizer apply it to the current weights.
+
+With per-stage delays (``delay.kind: pipeline``) the flat weight vector is cut into S contiguous
+stages and the forward weights are assembled from S slices of the ring buffer, stage s from
+slot t - D_s: S slice copies per step, no index tensor, no host read. Each step then carries
+one staleness per stage, and every mitigation uses its stage's own value.
 """
 
 from __future__ import annotations
@@ -21,30 +26,54 @@ class DelayedSGD:
     """Current weights ``w``, the forward-weight history, the delay draws and the update rule."""
 
     def __init__(self, w0: torch.Tensor, segment_sizes: list[int], optim: OptimCfg,
-                 delay: DelayCfg, seed: int):
+                 delay: DelayCfg, seed: int, stages: list[tuple[int, int]] | None = None):
+        """``stages``: element ranges of the pipeline stages (delay.kind pipeline); by default
+        the parameter tensors cut by parameter count (abexp.pipeline)."""
         self.w = w0.detach().clone()
-        self.sampler = DelaySampler(delay.kind, delay.steps, delay.mean,
-                                    seed if delay.seed is None else delay.seed)
-        self.history = WeightHistory(delay.steps, self.w.numel(), self.w.device, self.w.dtype)
-        self.optimizer = DelayedOptimizer(optim, segment_sizes, self.sampler.expected(),
-                                          self.w.device, self.w.dtype)
+        numel = self.w.numel()
+        if delay.kind == "pipeline":
+            from abexp.pipeline import stage_delays, stage_ranges
+            self.stage_delays = stage_delays(delay)
+            self.ranges = stages or stage_ranges(segment_sizes, segment_sizes, len(self.stage_delays))
+            if len(self.ranges) != len(self.stage_delays):
+                raise ValueError(f"{len(self.ranges)} stage ranges for {len(self.stage_delays)} stage delays")
+            self.sampler = None
+            self.w_fwd = torch.empty_like(self.w)  # forward weights assembled per stage
+            horizons = [float(d) for d in self.stage_delays]
+        else:
+            self.stage_delays, self.ranges = None, [(0, numel)]
+            self.sampler = DelaySampler.from_config(delay, seed)
+            horizons = [self.sampler.expected()]
+        buffer = max(self.stage_delays) if self.stage_delays else self.sampler.max
+        self.history = WeightHistory(buffer, numel, self.w.device, self.w.dtype)
+        self.optimizer = DelayedOptimizer(optim, segment_sizes, horizons, self.w.device,
+                                          self.w.dtype, ranges=self.ranges)
         self.t = 0
 
-    def step(self, grad_fn: Callable[[torch.Tensor], torch.Tensor], lr: float) -> int:
-        """One update; returns the delay tau_t that was used."""
-        tau, w_fwd = self.begin(lr)
-        self.finish(grad_fn(w_fwd), w_fwd, tau, lr)
-        return tau
+    def delays(self, t: int) -> list[int]:
+        """Nominal delay of each stage (one entry without stages) at step t."""
+        return self.stage_delays if self.stage_delays is not None else [self.sampler(t)]
 
-    def begin(self, lr: float) -> tuple[int, torch.Tensor]:
-        """First half of a step: store this step's forward weights, return (tau, stale weights)."""
-        t, tau = self.t, self.sampler(self.t)
+    def step(self, grad_fn: Callable[[torch.Tensor], torch.Tensor], lr: float) -> list[int]:
+        """One update; returns the staleness each stage's gradient had."""
+        taus, w_fwd = self.begin(lr)
+        self.finish(grad_fn(w_fwd), w_fwd, taus, lr)
+        return taus
+
+    def begin(self, lr: float) -> tuple[list[int], torch.Tensor]:
+        """First half of a step: store this step's forward weights; return the actual staleness
+        per stage, min(tau, t) (while the pipeline fills only w_0 exists), and the forward weights."""
+        t, taus = self.t, self.delays(self.t)
         self.optimizer.store_forward_weights(self.w, lr, out=self.history.slot(t))
-        return tau, self.history.stale(t, tau)
+        if self.stage_delays is None:
+            return [min(taus[0], t)], self.history.stale(t, taus[0])
+        for (a, b), tau in zip(self.ranges, taus):
+            self.w_fwd[a:b].copy_(self.history.stale(t, tau)[a:b])
+        return [min(tau, t) for tau in taus], self.w_fwd
 
-    def finish(self, grad: torch.Tensor, w_fwd: torch.Tensor, tau: int, lr: float) -> None:
+    def finish(self, grad: torch.Tensor, w_fwd: torch.Tensor, taus: list[int], lr: float) -> None:
         """Second half: apply the gradient computed at ``w_fwd`` to the current weights."""
-        self.optimizer.step(self.w, grad, w_fwd, tau, lr)
+        self.optimizer.step(self.w, grad, w_fwd, taus, lr)
         self.t += 1
 
     def state_dict(self) -> dict:

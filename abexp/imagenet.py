@@ -76,6 +76,7 @@ class ImageNetBatches:
         root, size = Path(data_root(cfg)), cfg.data.image_size
         self.classes = check_image_folder(root)
         self.num_classes, self.channels = len(self.classes), 3
+        self.input_shape = (3, size, size)
         norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
         val_tf = T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), *norm])

@@ -3,20 +3,26 @@
 All rules are one class because they compose: AB scales the gradient, DC-ASGD corrects it,
 spike compensation changes how velocity and gradient enter the step, linear weight prediction
 changes which weights the gradient is computed at, and the staleness-aware rate divides the
-step size. Every operation is on the whole flat vector (one kernel per op, not one per tensor).
+step size. Every operation is on the whole flat vector (one kernel per op, not one per tensor);
+only the rules that depend on the staleness loop over the stages (one range without stages).
 
-    g   = grad(w_fwd) + wd * (w | w_fwd)                      weight decay on current or stale weights
-    g  += lambda_dc * g * g * (w - w_fwd)                      DC-ASGD
+    g   = grad(w_fwd)                                          the delayed loss gradient
+    c   = lambda_dc * g * g * (w - w_fwd)                      DC-ASGD (on the loss gradient only)
+    g  += wd * (w | w_fwd) + c                                 weight decay on current or stale weights
     g  *= 1 - rho * cos(g, v)                                  Adaptive Braking (per tensor or global)
     v   = m v + g
     w  -= eta (a v + b g),  a = m^tau, b = (1 - m^tau)/(1 - m) spike compensation (a=1, b=0 without)
     w  -= eta (g + m v)                                        Nesterov instead of the line above
     eta = lr / max(1, tau)                                     staleness-aware lr (salr)
     stored forward weights: w - eta_s * H * v                  linear weight prediction (lwp)
-"""
 
+tau is a stage's actual staleness, min(D, t) while the pipeline fills. The Adam family follows
+torch.optim.Adam / AdamW exactly; with AB the gradient is scaled by 1 - rho cos(g, m), m Adam's
+first moment, before it enters both moments.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +37,8 @@ class Mitigations:
     lwp: bool = False
     dc: bool = False
     salr: bool = False
+    adam: bool = False
+    decoupled_wd: bool = False  # AdamW
 
 
 OPTIMIZERS: dict[str, Mitigations] = {
@@ -42,6 +50,10 @@ OPTIMIZERS: dict[str, Mitigations] = {
     "salr": Mitigations(salr=True),
     "ab_lwp": Mitigations(ab=True, lwp=True),
     "sc_lwp": Mitigations(sc=True, lwp=True),
+    "adam": Mitigations(adam=True),
+    "adamw": Mitigations(adam=True, decoupled_wd=True),
+    "ab_adam": Mitigations(ab=True, adam=True),
+    "ab_adamw": Mitigations(ab=True, adam=True, decoupled_wd=True),
 }
 
 
@@ -58,19 +70,26 @@ def segment_cosine(g: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | Non
         dot = torch.segment_reduce(g * v, "sum", lengths=lengths, unsafe=True)
         gg = torch.segment_reduce(g * g, "sum", lengths=lengths, unsafe=True)
         vv = torch.segment_reduce(v * v, "sum", lengths=lengths, unsafe=True)
-    denom = (gg * vv).sqrt()
+    denom = gg.sqrt() * vv.sqrt()  # not sqrt(gg * vv): the product under- or overflows
     return torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(dot))
 
 
 class DelayedOptimizer:
-    """Momentum SGD and its delay mitigations on one flat weight vector."""
+    """Momentum SGD (or Adam) and the delay mitigations on one flat weight vector.
 
-    def __init__(self, cfg: OptimCfg, segment_sizes: list[int], lwp_horizon: float, device,
-                 dtype=torch.float32):
+    ``ranges`` are the element ranges of the stages (one range without per-stage delays) and
+    ``horizons`` their default weight-prediction look-ahead (the stage's expected delay).
+    """
+
+    def __init__(self, cfg: OptimCfg, segment_sizes: list[int], horizons: list[float], device,
+                 dtype=torch.float32, ranges: list[tuple[int, int]] | None = None):
         self.cfg, self.rules = cfg, OPTIMIZERS[cfg.name]
         numel = sum(segment_sizes)
-        self.v = torch.zeros(numel, device=device, dtype=dtype)
-        self.lwp_horizon = lwp_horizon if cfg.lwp_horizon is None else cfg.lwp_horizon
+        self.ranges = ranges or [(0, numel)]
+        self.v = torch.zeros(numel, device=device, dtype=dtype)  # velocity; Adam: first moment
+        self.second = torch.zeros(numel, device=device, dtype=dtype) if self.rules.adam else None
+        self.updates = 0  # Adam's bias-correction step count
+        self.horizons = [h if cfg.lwp_horizon is None else cfg.lwp_horizon for h in horizons]
         self.lengths = None
         if self.rules.ab and cfg.ab_cosine == "tensor":
             self.lengths = torch.tensor(segment_sizes, device=device, dtype=torch.long)
@@ -80,38 +99,72 @@ class DelayedOptimizer:
 
     def store_forward_weights(self, w: torch.Tensor, lr: float, out: torch.Tensor) -> None:
         """Write the weights the gradient of this step's batch will later be computed at."""
-        if self.rules.lwp and self.lwp_horizon > 0:
-            torch.add(w, self.v, alpha=-lr * self.lwp_horizon, out=out)
-        else:
+        if not self.rules.lwp:
             out.copy_(w)
+            return
+        for (a, b), horizon in zip(self.ranges, self.horizons):
+            if horizon > 0:
+                torch.add(w[a:b], self.v[a:b], alpha=-lr * horizon, out=out[a:b])
+            else:
+                out[a:b].copy_(w[a:b])
 
-    def step(self, w: torch.Tensor, grad: torch.Tensor, w_fwd: torch.Tensor, tau: int,
+    def _brake(self, g: torch.Tensor, direction: torch.Tensor) -> None:
+        """Adaptive Braking: g *= 1 - rho cos(g, direction), per tensor or global."""
+        scale = 1.0 - self.cfg.rho * segment_cosine(g, direction, self.lengths)
+        if self.lengths is not None:
+            scale = scale.repeat_interleave(self.lengths, output_size=g.numel())
+        g.mul_(scale)
+
+    def step(self, w: torch.Tensor, grad: torch.Tensor, w_fwd: torch.Tensor, taus: list[int],
              lr: float) -> None:
-        """Apply one update to ``w`` in place; ``grad`` is consumed (modified in place)."""
+        """Apply one update to ``w`` in place; ``grad`` is consumed (modified in place).
+        ``taus``: the actual staleness of each stage's gradient."""
         cfg, rules, v = self.cfg, self.rules, self.v
-        m, eta = cfg.momentum, self.step_size(lr, tau)
         g = grad
-        if cfg.weight_decay:
+        correction = None
+        if rules.dc and cfg.dc_lambda and max(taus) > 0:
+            correction = (g * g).mul_(w - w_fwd).mul_(cfg.dc_lambda)
+        if cfg.weight_decay and not rules.decoupled_wd:
             g.add_(w if cfg.weight_decay_on == "current" else w_fwd, alpha=cfg.weight_decay)
-        if rules.dc and cfg.dc_lambda and tau > 0:
-            g.addcmul_(g * g, w - w_fwd, value=cfg.dc_lambda)
+        if correction is not None:
+            g.add_(correction)
         if rules.ab and cfg.rho:
-            cos = segment_cosine(g, v, self.lengths)
-            scale = 1.0 - cfg.rho * cos
-            if self.lengths is not None:
-                scale = scale.repeat_interleave(self.lengths, output_size=g.numel())
-            g.mul_(scale)
+            self._brake(g, v)
+        if rules.adam:
+            self._adam(w, g, lr)
+            return
+        m = cfg.momentum
         v.mul_(m).add_(g)
-        if rules.sc and tau > 0:
-            a, b = m ** tau, (1.0 - m ** tau) / (1.0 - m)
-            w.add_(v, alpha=-eta * a).add_(g, alpha=-eta * b)
-        elif cfg.nesterov:
-            w.add_(g.add_(v, alpha=m), alpha=-eta)
-        else:
-            w.add_(v, alpha=-eta)
+        for (a, b), tau in zip(self.ranges, taus):
+            eta = self.step_size(lr, tau)
+            if rules.sc and tau > 0:
+                sc_a, sc_b = m ** tau, (1.0 - m ** tau) / (1.0 - m)
+                w[a:b].add_(v[a:b], alpha=-eta * sc_a).add_(g[a:b], alpha=-eta * sc_b)
+            elif cfg.nesterov:
+                w[a:b].add_(g[a:b].add_(v[a:b], alpha=m), alpha=-eta)
+            else:
+                w[a:b].add_(v[a:b], alpha=-eta)
+
+    def _adam(self, w: torch.Tensor, g: torch.Tensor, lr: float) -> None:
+        """torch.optim.Adam / AdamW's update, operation for operation."""
+        beta1, beta2 = self.cfg.betas
+        if self.rules.decoupled_wd and self.cfg.weight_decay:
+            w.mul_(1.0 - lr * self.cfg.weight_decay)
+        self.updates += 1
+        self.v.lerp_(g, 1.0 - beta1)
+        self.second.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        bias1, bias2 = 1.0 - beta1 ** self.updates, 1.0 - beta2 ** self.updates
+        denom = (self.second.sqrt() / math.sqrt(bias2)).add_(self.cfg.eps)
+        w.addcdiv_(self.v, denom, value=-lr / bias1)
 
     def state_dict(self) -> dict:
-        return {"v": self.v}
+        state = {"v": self.v}
+        if self.second is not None:
+            state.update(second=self.second, updates=self.updates)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.v.copy_(state["v"])
+        if self.second is not None:
+            self.second.copy_(state["second"])
+            self.updates = int(state["updates"])

@@ -26,6 +26,7 @@ from abexp.config import RunConfig, dump_yaml, run_id
 from abexp.data import Batches, load_image_data
 from abexp.engine import DelayedSGD, FlatParams
 from abexp.models import CIFAR_DEPTHS, PackedCifarResNet, build_model
+from abexp.pipeline import run_stages
 from abexp.schedule import lr_at
 from abexp.train import (CHECKPOINT, CONFIG, METRICS, RESULT, WEIGHTS, _event, autocast,
                          recalibrated_bn, resolve_device, result_record, set_precision)
@@ -83,7 +84,10 @@ class PackedRun:
         self.inverse[self.index] = torch.arange(len(self.index), device=self.index.device)
         sizes = [s // self.k for s in self.flat.sizes]
         w = self.flat.data[self.index].view(self.k, -1)
-        self.engines = [DelayedSGD(w[i], sizes, c.optim, c.delay, c.seed) for i, c in enumerate(cfgs)]
+        staged = [run_stages(c, m, sizes, self.batches[0].input_shape) for c, m in zip(cfgs, singles)]
+        self.stage_maps = [m for _, m in staged]
+        self.engines = [DelayedSGD(w[i], sizes, c.optim, c.delay, c.seed, staged[i][0])
+                        for i, c in enumerate(cfgs)]
         self.fwd = torch.empty_like(self.flat.data)  # run-major forward weights
         self.steps_per_epoch = self.batches[0].steps_per_epoch
         self.total_steps = self.steps_per_epoch * shared.train.epochs
@@ -130,25 +134,38 @@ class PackedRun:
         losses.sum().backward()  # runs are independent: d(sum)/d(run k) = run k's gradient
         grads = self.flat.grad[self.index].view(self.k, -1)
         for i, (engine, (tau, w_fwd), lr) in enumerate(zip(self.engines, begun, lrs)):
-            engine.finish(grads[i], w_fwd, tau, lr)
-        self.loss_sum += losses.detach().double() * len(y)
-        self.correct += (logits.argmax(2) == y).sum(0)
+            if self.active[i]:  # a run that diverged mid-epoch stops where an unpacked run would
+                engine.finish(grads[i], w_fwd, tau, lr)
+                self.seen[i] += len(y)
+        self.loss_sum += losses.detach().double() * len(y) * self.active_mask
+        self.correct += (logits.argmax(2) == y).sum(0) * self.active_mask.long()
 
     def reset_counters(self) -> None:
         self.loss_sum = torch.zeros(self.k, device=self.device, dtype=torch.float64)
         self.correct = torch.zeros(self.k, device=self.device, dtype=torch.long)
+        self.seen = [0] * self.k
+        self.active = [status == "running" for status in self.status]
+        self.active_mask = torch.tensor(self.active, device=self.device, dtype=torch.float64)
 
     def train_epoch(self) -> list[dict]:
         self.reset_counters()
         self.model.train()
-        seen, lrs = 0, [c.optim.lr for c in self.cfgs]
-        for batches in zip(*(b.epoch(self.epoch) for b in self.batches)):
-            t = self.engines[0].t
+        lrs = [c.optim.lr for c in self.cfgs]
+        every = self.cfgs[0].train.divergence_check_every
+        for step, batches in enumerate(zip(*(b.epoch(self.epoch) for b in self.batches))):
+            if not any(self.active):
+                break
+            t = max(e.t for e, a in zip(self.engines, self.active) if a)  # active runs advance together
             lrs = [lr_at(t, c.optim.lr, self.total_steps, self.steps_per_epoch, c.schedule) for c in self.cfgs]
             self.train_step([b[0] for b in batches], [b[1] for b in batches], lrs)
-            seen += len(batches[0][1])
-        losses = (self.loss_sum / max(seen, 1)).tolist()
-        accs = (self.correct.double() / max(seen, 1)).tolist()
+            if (step + 1) % every == 0:  # the unpacked run's check, at the same steps
+                for i, engine in enumerate(self.engines):
+                    if self.active[i] and not torch.isfinite(engine.w).all():
+                        self.active[i] = False
+                        self.active_mask[i] = 0.0
+        seen = torch.tensor([max(n, 1) for n in self.seen], device=self.device, dtype=torch.float64)
+        losses = (self.loss_sum / seen).tolist()
+        accs = (self.correct.double() / seen).tolist()
         return [{"train_loss": losses[i], "train_acc": accs[i], "lr": lrs[i],
                  "diverged": not math.isfinite(losses[i]) or not bool(torch.isfinite(self.engines[i].w).all())}
                 for i in range(self.k)]
@@ -225,8 +242,9 @@ class PackedRun:
         (self.outs[i] / CHECKPOINT).unlink(missing_ok=True)
 
     def result(self, i: int) -> dict:
+        extra = {"stage_map": self.stage_maps[i]} if self.stage_maps[i] else {}
         return result_record(self.cfgs[i], self.status[i], self.histories[i], self.engines[i].t,
-                             self.wall_s / self.k, self.device, packed=self.k)
+                             self.wall_s / self.k, self.device, packed=self.k, **extra)
 
 
 def train_pack(cfgs: list[RunConfig], out_dirs: list[Path], device: str = "auto",

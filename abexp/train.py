@@ -27,6 +27,7 @@ from abexp.distributed import Dist, init_from_env
 from abexp.data import Batches, load_image_data
 from abexp.engine import DelayedSGD, FlatParams
 from abexp.models import build_model
+from abexp.pipeline import run_stages
 from abexp.schedule import lr_at
 from abexp.tracking import Tracker
 
@@ -138,7 +139,8 @@ class Run:
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         # the compiled module reads the same parameter views, so weight swaps stay plain copies
         self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
-        self.engine = DelayedSGD(self.flat.data, self.flat.sizes, cfg.optim, cfg.delay, cfg.seed)
+        ranges, self.stage_map = run_stages(cfg, self.model, self.flat.sizes, self.batches.input_shape)
+        self.engine = DelayedSGD(self.flat.data, self.flat.sizes, cfg.optim, cfg.delay, cfg.seed, ranges)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.epoch, self.history, self.wall_s, self.status = 0, [], 0.0, "running"
@@ -286,8 +288,9 @@ class Run:
         return self.result()
 
     def result(self) -> dict:
+        extra = {"stage_map": self.stage_map} if self.stage_map else {}
         return result_record(self.cfg, self.status, self.history, self.engine.t, self.wall_s,
-                             self.device, processes=self.ddp.world)
+                             self.device, processes=self.ddp.world, **extra)
 
 
 def result_record(cfg: RunConfig, status: str, history: list[dict], steps: int, wall_s: float,

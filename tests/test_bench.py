@@ -31,4 +31,5 @@ def test_bench_writes_json_and_markdown(tmp_path):
     report = json.loads((tmp_path / "bench.json").read_text())
     d = report["delay_overhead"]
     assert abs(d["ratio_delay32_over_delay0"] - d["step_ms_delay32"] / d["step_ms_delay0"]) < 1e-3
+    assert abs(d["ratio_pipeline_over_delay32"] - d["step_ms_pipeline"] / d["step_ms_delay32"]) < 1e-3
     assert report["machine"] in (tmp_path / "bench.md").read_text()

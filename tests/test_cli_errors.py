@@ -20,7 +20,7 @@ CASES = [
     ("negative rho", "optim:\n  rho: -0.5\n", "optim.rho"),
     ("unknown model", "model:\n  name: resnet9\n", "model.name"),
     ("unknown data", "data:\n  name: svhn\n", "data.name"),
-    ("unknown optimizer", "optim:\n  name: adam\n", "optim.name"),
+    ("unknown optimizer", "optim:\n  name: lamb\n", "optim.name"),
     ("section not a mapping", "optim: 3\n", "optim"),
 ]
 

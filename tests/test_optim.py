@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from abexp.config import DelayCfg, OptimCfg
 from abexp.engine import DelayedSGD, FlatParams
 from abexp.models import build_model
+from abexp.optim import segment_cosine
 
 
 def batches(n_steps, batch=8, seed=0):
@@ -134,11 +135,62 @@ def test_dcasgd_hand_computed():
     assert engine.w.tolist() == pytest.approx([0.8 - 0.1 * g[0], 1.1 - 0.1 * g[1]])
 
 
-def test_staleness_aware_lr_divides_by_the_delay():
+def test_staleness_aware_lr_divides_by_the_actual_staleness():
+    """tau = 4, but while the pipeline fills (t < 4) the gradient at w_0 is only t steps old."""
     cfg = OptimCfg(name="salr", lr=0.1, momentum=0.0, weight_decay=0.0)
-    engine = DelayedSGD(torch.tensor([0.0]), [1], cfg, DelayCfg(steps=4), seed=0)
-    engine.step(lambda w: torch.tensor([1.0]), 0.1)
-    assert engine.w.tolist() == pytest.approx([-0.1 / 4])
+    engine = DelayedSGD(torch.tensor([0.0], dtype=torch.float64), [1], cfg, DelayCfg(steps=4), seed=0)
+    w = 0.0
+    for t in range(7):
+        engine.step(lambda w: torch.tensor([1.0], dtype=torch.float64), 0.1)
+        w -= 0.1 / max(1, min(t, 4))
+        assert float(engine.w) == pytest.approx(w, rel=1e-12)
+
+
+def test_spike_compensation_uses_the_actual_staleness_while_filling():
+    """At step t < D the gradient is t steps old: SC's a, b use m^t, not m^D."""
+    m, lr = 0.9, 0.1
+    cfg = OptimCfg(name="sc", lr=lr, momentum=m, weight_decay=0.0)
+    engine = DelayedSGD(torch.tensor([0.0], dtype=torch.float64), [1], cfg, DelayCfg(steps=8), seed=0)
+    w, v = 0.0, 0.0
+    for t in range(4):
+        g = float(t + 1)
+        engine.step(lambda _: torch.tensor([g], dtype=torch.float64), lr)
+        v = m * v + g
+        a, b = (m ** t, (1 - m ** t) / (1 - m)) if t > 0 else (1.0, 0.0)
+        w -= lr * (a * v + b * g)
+        assert float(engine.w) == pytest.approx(w, rel=1e-12)
+
+
+def test_weight_decay_enters_before_adaptive_braking():
+    """AB scales the full gradient, weight decay included: cos and the scale both see g + wd w."""
+    cfg = OptimCfg(name="ab", lr=0.1, momentum=0.5, weight_decay=0.5, rho=1.0, ab_cosine="global")
+    engine = DelayedSGD(torch.tensor([1.0, 2.0], dtype=torch.float64), [2], cfg, DelayCfg(), seed=0)
+    engine.optimizer.v.copy_(torch.tensor([1.0, 0.0]))
+    engine.step(lambda _: torch.tensor([0.0, 1.0], dtype=torch.float64), 0.1)
+    g = torch.tensor([0.0, 1.0], dtype=torch.float64) + 0.5 * torch.tensor([1.0, 2.0], dtype=torch.float64)
+    cos = float(g @ torch.tensor([1.0, 0.0], dtype=torch.float64) / g.norm())  # v = [1, 0]
+    v = 0.5 * torch.tensor([1.0, 0.0], dtype=torch.float64) + (1 - cos) * g
+    assert engine.w.tolist() == pytest.approx((torch.tensor([1.0, 2.0], dtype=torch.float64) - 0.1 * v).tolist(), rel=1e-12)
+
+
+def test_dcasgd_compensates_the_loss_gradient_only():
+    """Zheng et al.: g + lambda g*g*(w - w_fwd) with g the loss gradient; weight decay added apart."""
+    cfg = OptimCfg(name="dcasgd", lr=0.1, momentum=0.0, weight_decay=0.3, dc_lambda=0.5)
+    engine = DelayedSGD(torch.tensor([1.0], dtype=torch.float64), [1], cfg, DelayCfg(steps=1), seed=0)
+    engine.step(lambda w: torch.tensor([0.0], dtype=torch.float64), 0.1)  # w1 = 1 - 0.1*0.3
+    w1 = 1.0 - 0.03
+    engine.step(lambda w: torch.tensor([2.0], dtype=torch.float64), 0.1)  # w_fwd = w0 = 1
+    g = 2.0 + 0.5 * 2.0 * 2.0 * (w1 - 1.0) + 0.3 * w1
+    assert float(engine.w) == pytest.approx(w1 - 0.1 * g, rel=1e-12)
+
+
+def test_ab_cosine_survives_tiny_and_huge_norms():
+    """|g|^2 |v|^2 under- or overflows float32 where |g| |v| does not: AB must stay on."""
+    for scale in (1e-12, 1e12):  # |g|^2 |v|^2 = 1e-48 (below float32's smallest) or 1e48 (above its largest)
+        g = torch.tensor([1.0, 1.0]) * scale
+        v = torch.tensor([1.0, 0.0]) * scale
+        cos = segment_cosine(g, v, None)
+        assert float(cos) == pytest.approx(2 ** -0.5, rel=1e-5)
 
 
 def test_lwp_stores_predicted_weights():

@@ -112,7 +112,7 @@ def test_invalid_run_stops_the_plan_naming_file_run_and_key(tmp_path, capsys):
     ("name: x\ngrid: {seed: 3}\n", "grid.seed"),
     ("name: x\nzip: [{seed: [0, 1], optim.lr: [0.1]}]\n", "zip[0]"),
     ("name: x\nbase: {optim: {lrr: 1}}\n", "optim.lrr"),
-    ("name: x\nvariants: {a: {optim.name: adam}}\n", "optim.name"),
+    ("name: x\nvariants: {a: {optim.name: lamb}}\n", "optim.name"),
 ])
 def test_bad_spec_exits_2(tmp_path, capsys, text, key):
     spec = write(tmp_path / "s.yaml", text)

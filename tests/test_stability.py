@@ -33,3 +33,22 @@ def test_ab_is_stable_at_10x_sgdm_step_at_delay_32():
 def test_ab_with_rho0_has_sgdm_stability():
     ab0 = simulated_x_max(quadratic_optim_cfg("ab", 0.9, 0.0), 4)
     assert ab0 == pytest.approx(analytic_x_max(4, 0.9), rel=0.02)
+
+
+def test_pipeline_sgdm_matches_its_exact_limit_and_one_stage_is_undelayed():
+    """Per-stage delays on the quadratic: simulated SGDM against the exact per-direction limit
+    (each direction is scalar delayed SGDM with its stage's delay); S = 1 is delay 0."""
+    from abexp.stability import pipeline_table
+    rows = {(r["stages"], r["kind"]): r for r in pipeline_table(["sgdm"], [1, 4], steps=1500)}
+    for row in rows.values():
+        assert row["x_max"] == pytest.approx(row["sgdm_analytic"], rel=0.03)
+    assert rows[1, "pipeline"]["x_max"] == pytest.approx(analytic_x_max(0, 0.9), rel=0.01)
+    # the exact limits differ (the stalest stage lacks the very largest eigenvalue)
+    assert rows[4, "pipeline"]["sgdm_analytic"] > rows[4, "constant"]["sgdm_analytic"]
+
+
+def test_stability_cli_rejects_negative_delays(capsys):
+    from abexp.cli import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["stability", "--delays", "-1"])
+    assert exit_.value.code == 2 and "argument --delays: must be >= 0, got -1" in capsys.readouterr().err
