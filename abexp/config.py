@@ -117,6 +117,9 @@ class DelayCfg(_Locked):
     stages: Optional[int] = Field(None, ge=1)  # pipeline: S stages, delays 2(S-1-s)
     stage_delays: Optional[list[int]] = None  # pipeline: explicit per-stage delays (length S)
     stage_balance: Literal["params", "flops"] = "params"  # pipeline: what the stage cut balances
+    # pipeline: per-stage delays 2(S-1-s), or "flat": every stage at the first stage's 2(S-1),
+    # i.e. a constant delay on the same stage layout (the comparison for a pipeline study)
+    stage_profile: Literal["pipeline", "flat"] = "pipeline"
     trace: Optional[str] = None  # trace: file of one delay per line, replayed and cycled
     histogram: Optional[dict[int, float]] = None  # trace: {delay: weight}, drawn per step, seeded
 
@@ -180,7 +183,8 @@ NON_IDENTITY_KEYS = ("tracking", "experiment", "variant", "data.root", "data.dow
 ADDED_KEYS: dict[str, Any] = {"data.crop_pad": None, "data.flip": None,
                               "optim.betas": [0.9, 0.999], "optim.eps": 1e-8,
                               "delay.stages": None, "delay.stage_delays": None,
-                              "delay.stage_balance": "params", "delay.trace": None,
+                              "delay.stage_balance": "params", "delay.stage_profile": "pipeline",
+                              "delay.trace": None,
                               "delay.histogram": None}
 
 

@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 
 
-def profile_delays(stages: int, cap: int = 0) -> list[int]:
-    """2(S-1-s) for s = 0..S-1, each capped at ``cap`` when cap > 0."""
-    delays = [2 * (stages - 1 - s) for s in range(stages)]
+def profile_delays(stages: int, cap: int = 0, profile: str = "pipeline") -> list[int]:
+    """2(S-1-s) for s = 0..S-1 (``flat``: 2(S-1) for every stage), capped at ``cap`` when cap > 0."""
+    delays = [2 * (stages - 1 - (0 if profile == "flat" else s)) for s in range(stages)]
     return [min(d, cap) for d in delays] if cap > 0 else delays
 
 
@@ -28,7 +28,7 @@ def stage_delays(delay_cfg) -> list[int]:
     """The per-stage delays a pipeline DelayCfg names (explicit list, or the profile)."""
     if delay_cfg.stage_delays is not None:
         return list(delay_cfg.stage_delays)
-    return profile_delays(delay_cfg.stages, delay_cfg.steps)
+    return profile_delays(delay_cfg.stages, delay_cfg.steps, delay_cfg.stage_profile)
 
 
 def balanced_cuts(costs: list[float], stages: int) -> list[int]:

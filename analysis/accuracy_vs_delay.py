@@ -13,8 +13,10 @@ import common
 def main() -> None:
     args = common.parser(__doc__).parse_args()
     table = common.finished(common.load(args.table, args.experiment))
+    if "delay.kind" in table:
+        table = table[table["delay.kind"] != "pipeline"]  # those have their own figure (stages)
     if table.empty:
-        common.skip("accuracy_vs_delay", "no finished runs")
+        common.skip("accuracy_vs_delay", "no finished runs with one delay for the whole network")
     table["diverged"] = table["status"] == "diverged"
     table["acc"] = table["test_acc"].where(~table["diverged"])
     series = common.add_series(table)

@@ -1,7 +1,8 @@
 """Regenerate every figure from results/ alone (no training): ``make figures``.
 
 Collects results/runs into results/runs.csv and results/epochs.csv, computes the quadratic
-stability table once (results/stability.csv; an analysis, not training), then runs each figure
+stability tables once (results/stability.csv, and results/pipeline_stability.csv for pipeline
+stages; analyses, not training), then runs each figure
 script per experiment into results/figures/<experiment>/.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
-RUN_SCRIPTS = ["accuracy_vs_delay", "heatmaps", "rho_sensitivity", "tables"]
+RUN_SCRIPTS = ["accuracy_vs_delay", "accuracy_vs_stages", "heatmaps", "rho_sensitivity", "tables"]
 
 
 def sh(*cmd: str) -> None:
@@ -27,6 +28,8 @@ def main() -> None:
     p.add_argument("--experiment", action="append", help="only these experiments (default: all)")
     p.add_argument("--stability-delays", default="0 1 2 4 8 16 32")
     p.add_argument("--stability-optims", default="sgdm ab sc lwp")
+    p.add_argument("--stability-stages", default="1 2 4 8 16",
+                   help="pipeline stages for results/pipeline_stability.csv ('' to skip)")
     args = p.parse_args()
     res = Path(args.results)
     runs, epochs, stab = res / "runs.csv", res / "epochs.csv", res / "stability.csv"
@@ -36,6 +39,12 @@ def main() -> None:
         sh(py, "-m", "abexp.cli", "stability", "--optim", *args.stability_optims.split(),
            "--delays", *args.stability_delays.split(), "--out", str(stab))
     sh(py, str(HERE / "stability.py"), "--table", str(stab), "--out", str(res / "figures"))
+    pipe = res / "pipeline_stability.csv"
+    if args.stability_stages and not pipe.exists():
+        sh(py, "-m", "abexp.cli", "stability", "--optim", *args.stability_optims.split(),
+           "--stages", *args.stability_stages.split(), "--out", str(pipe))
+    if pipe.exists():
+        sh(py, str(HERE / "pipeline_stability.py"), "--table", str(pipe), "--out", str(res / "figures"))
     table = pd.read_csv(runs)
     experiments = args.experiment or sorted(set(table.get("experiment", pd.Series(dtype=str)).dropna()))
     for exp in experiments:

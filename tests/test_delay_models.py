@@ -368,3 +368,23 @@ def test_adam_state_survives_a_checkpoint():
     fresh.load_state_dict(state)
     train(fresh, data[3:])
     assert torch.equal(fresh.w, whole)
+
+
+def test_flat_profile_is_the_constant_delay_of_the_first_stage():
+    """stage_profile flat: every stage at 2(S-1), i.e. exactly a constant delay (bitwise)."""
+    data = batches(8)
+    for name in ("sc", "lwp"):
+        flat, _, _ = engine_pipeline(name, DelayCfg(kind="pipeline", stages=3, stage_profile="flat"), data, 0.05)
+        torch.manual_seed(0)
+        model = build_model("resnet8")
+        params = FlatParams(model)
+        engine = DelayedSGD(params.data, params.sizes, OptimCfg(name=name, lr=0.05, weight_decay=5e-4),
+                            DelayCfg(steps=4), 0)
+        for x, y in data:
+            def grad_fn(w_fwd):
+                params.data.copy_(w_fwd)
+                params.grad.zero_()
+                F.cross_entropy(model(x), y).backward()
+                return params.grad
+            engine.step(grad_fn, 0.05)
+        assert torch.equal(flat, engine.w)

@@ -32,6 +32,10 @@ grid: {delay.steps: [0, 2], optim.lr: [0.05, 0.1], optim.momentum: [0.5, 0.9]}
 variants: {ab: {optim.name: ab}}
 grid: {delay.steps: [0, 2], optim.rho: [0.5, 2.0]}
 """,
+    "pipe": "name: pipe\n" + BASE + """
+variants: {per_stage: {delay.stage_profile: pipeline}, flat: {delay.stage_profile: flat}}
+grid: {delay.kind: [pipeline], delay.stages: [1, 2], optim.name: [sgdm, ab]}
+""",
     "diverge": "name: fig\n" + BASE + """
 variants: {sgdm: {optim.name: sgdm, optim.lr: 1.0e+30, train.divergence_check_every: 1}}
 grid: {delay.steps: [2]}
@@ -52,6 +56,9 @@ def results(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "abexp.cli", "stability", "--optim", "sgdm", "ab",
                     "--delays", "0", "2", "--steps", "600", "--out", str(root / "stability.csv")],
                    check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "abexp.cli", "stability", "--optim", "sgdm", "ab",
+                    "--stages", "1", "2", "--steps", "600", "--out", str(root / "pipeline_stability.csv")],
+                   check=True, capture_output=True)
     return root
 
 
@@ -68,6 +75,8 @@ def run_script(name, *args):
     ("rho_sensitivity", "runs.csv", ["rho_sensitivity"]),
     ("training_curves", "epochs.csv", ["training_curves"]),
     ("stability", "stability.csv", ["stability"]),
+    ("accuracy_vs_stages", "runs.csv", ["accuracy_vs_stages"]),
+    ("pipeline_stability", "pipeline_stability.csv", ["pipeline_stability"]),
 ])
 def test_each_figure_script_writes_png_pdf_csv(results, tmp_path, script, table, outputs):
     run_script(script, "--table", str(results / table), "--out", str(tmp_path))
@@ -79,14 +88,14 @@ def test_each_figure_script_writes_png_pdf_csv(results, tmp_path, script, table,
 
 
 def test_table_numbers_match_the_collected_results(results, tmp_path):
-    run_script("tables", "--table", str(results / "runs.csv"), "--out", str(tmp_path))
+    run_script("tables", "--table", str(results / "runs.csv"), "--experiment", "fig", "--out", str(tmp_path))
     shown = pd.read_csv(tmp_path / "accuracy_table.csv")
     # naive recomputation straight from result.json files: runs that differ only in seed are
     # averaged, nothing else (the table holds several lrs, momenta and rhos per optimizer)
     accs = {}
     for f in (results / "runs").glob("*/result.json"):
         r = json.loads(f.read_text())
-        if r["status"] == "completed":
+        if r["status"] == "completed" and r["experiment"] == "fig":
             config = {k: v for k, v in r["config"].items() if k != "seed"}
             accs.setdefault(json.dumps(config, sort_keys=True), []).append(r["test_acc"])
     expected = sorted((len(v), round(sum(v) / len(v), 12)) for v in accs.values())
@@ -113,3 +122,21 @@ def test_make_figures_regenerates_everything_from_results_alone(results):
                  "training_curves.png", "accuracy_table.md"):
         assert (figs / name).exists(), name
     assert (results / "figures" / "stability.png").exists()
+    assert (results / "figures" / "pipeline_stability.png").exists()
+    assert (results / "figures" / "pipe" / "accuracy_vs_stages.png").exists()
+
+
+def test_accuracy_vs_stages_averages_seeds_per_profile(results, tmp_path):
+    run_script("accuracy_vs_stages", "--table", str(results / "runs.csv"), "--experiment", "pipe", "--out", str(tmp_path))
+    shown = pd.read_csv(tmp_path / "accuracy_vs_stages.csv")
+    # 2 optimizers x 2 profiles, S = 1 and 2; S = 1 is delay 0 in both profiles
+    assert len(shown) == 8 and set(shown["stages"]) == {1, 2}
+    accs = {}
+    for f in (results / "runs").glob("*/result.json"):
+        r = json.loads(f.read_text())
+        d = r["config"]["delay"]
+        if d["kind"] == "pipeline":
+            accs[(r["config"]["optim"]["name"], d["stage_profile"], d["stages"])] = r["test_acc"]
+    assert sorted(shown["mean"].round(10)) == sorted(round(v, 10) for v in accs.values())
+    flat_s1 = accs["sgdm", "flat", 1]
+    assert flat_s1 == accs["sgdm", "pipeline", 1]  # one stage: no delay in either profile

@@ -89,3 +89,17 @@ def test_pack_key_groups_compatible_runs_only():
     assert pack_key(a) == pack_key(b) == pack_key(c)
     assert pack_key(load_config(None, BASE + ["train.batch_size=16"])) != pack_key(a)
     assert pack_key(load_config(None, BASE + ["train.micro_batches=2"])) is None
+
+
+def test_a_run_diverging_mid_epoch_stops_where_it_would_unpacked(tmp_path):
+    """The divergence check runs every train.divergence_check_every steps inside a pack too: the
+    diverged run reports the same steps and status as alone, and its pack-mates train on."""
+    extra = ["train.divergence_check_every=2", "data.subset=256"]
+    cfgs = [load_config(None, BASE + RUNS[0] + extra),
+            load_config(None, BASE + ["seed=1", "optim.name=sgdm", "optim.lr=1.0e+8"] + extra)]
+    packed = train_pack(cfgs, [tmp_path / "p0", tmp_path / "p1"], "cpu", log=lambda s: None)
+    alone = [train_run(c, tmp_path / f"s{i}", "cpu", log=lambda s: None) for i, c in enumerate(cfgs)]
+    assert alone[1]["status"] == packed[1]["status"] == "diverged"
+    assert packed[1]["steps"] == alone[1]["steps"] < 8  # stopped inside the first epoch
+    assert packed[0]["status"] == alone[0]["status"] == "completed"
+    assert packed[0]["steps"] == alone[0]["steps"] == 16

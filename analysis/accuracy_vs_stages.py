@@ -1,0 +1,47 @@
+"""Pipelined training: final test accuracy vs number of pipeline stages S, one line per
+optimizer and stage profile — per-stage delays 2(S-1-s) (solid) next to every stage at the
+first stage's delay 2(S-1) (``flat``, dashed). Mean ± std over seeds, every seed as a dot."""
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+import common
+
+
+def main() -> None:
+    args = common.parser(__doc__).parse_args()
+    table = common.finished(common.load(args.table, args.experiment))
+    if table.empty or "delay.stages" not in table or table["delay.stages"].isna().all():
+        common.skip("accuracy_vs_stages", "no pipeline runs")
+    table = table[table["delay.kind"] == "pipeline"].copy()
+    table["stages"] = table["delay.stages"].astype(int)
+    table["diverged"] = table["status"] == "diverged"
+    table["acc"] = table["test_acc"].where(~table["diverged"])
+    series = common.add_series(table, axes=("delay.stages",))
+    summary = (table.groupby(["series", "optim.name", "stages"])
+               .agg(mean=("acc", "mean"), std=("acc", "std"), seeds=("acc", "count"),
+                    diverged=("diverged", "sum"), runs=("run_id", "count")).reset_index())
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, style in common.styles(series).items():
+        rows = summary[summary["series"] == name].sort_values("stages")
+        ax.errorbar(rows["stages"], rows["mean"], yerr=rows["std"].fillna(0), **style, marker="o",
+                    capsize=3, lw=1.6, label=name.replace("delay.stage_profile=", ""))
+        runs = table[table["series"] == name]
+        ax.scatter(runs["stages"] * 1.03, runs["acc"], color=style["color"], s=10, alpha=0.5, zorder=3)
+        div = runs[runs["diverged"]]
+        if len(div):
+            ax.scatter(div["stages"], np.zeros(len(div)), color=style["color"], marker="x", s=50, zorder=4)
+    ticks = sorted(table["stages"].unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel("pipeline stages S (first stage's delay 2(S-1))")
+    ax.set_ylabel("final test accuracy")
+    ax.set_ylim(-0.03, 1.0)
+    ax.set_title(f"Accuracy vs pipeline depth\n({common.bn_note(table)}; mean ± std, dots = seeds)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    common.save(fig, summary, args.out, "accuracy_vs_stages")
+
+
+if __name__ == "__main__":
+    main()
