@@ -1,6 +1,6 @@
 """Typed, locked run configuration: defaults, YAML loading, dotted overrides, validation.
 
-Every knob of a run lives here with its default (DESIGN.md §2: the He et al. ResNet-20 CIFAR-10
+Every knob of a run lives here with its default (docs/science.md §2: the He et al. ResNet-20 CIFAR-10
 recipe). Unknown keys are errors, so a typo can never silently fall back to a default.
 """
 

@@ -1,6 +1,6 @@
 """The delay model: how stale each step's gradient is, and the ring buffer of forward weights.
 
-At step t the gradient is computed at the forward weights of step t - tau_t (DESIGN.md §1).
+At step t the gradient is computed at the forward weights of step t - tau_t (docs/science.md §1).
 One mechanism serves every delay kind and every mitigation: a ring buffer of the last
 D_max + 1 forward weights, one flat tensor of shape [D_max + 1, P].
 """

@@ -1,4 +1,4 @@
-"""Update rules for delayed gradients, on flat parameter vectors (DESIGN.md §1).
+"""Update rules for delayed gradients, on flat parameter vectors (docs/science.md §1).
 
 All rules are one class because they compose: AB scales the gradient, DC-ASGD corrects it,
 spike compensation changes how velocity and gradient enter the step, linear weight prediction

@@ -91,7 +91,7 @@ def recalibrated_bn(model: nn.Module, images: Iterator[torch.Tensor], precision:
                     device: torch.device):
     """Recompute BN running statistics at the current weights; restore the originals after.
 
-    Under delay the running statistics were gathered on stale forward passes; DESIGN.md §1
+    Under delay the running statistics were gathered on stale forward passes; docs/science.md §1
     shows evaluating with them loses accuracy that recomputing them recovers. The training
     state is left untouched.
     """

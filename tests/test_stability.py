@@ -4,7 +4,7 @@ import pytest
 
 from abexp.stability import analytic_x_max, quadratic_optim_cfg, simulated_x_max
 
-# DESIGN.md §1, computed independently: largest stable x for SGDM with m = 0.9
+# docs/science.md §1, computed independently: largest stable x for SGDM with m = 0.9
 DESIGN_VALUES = {0: 3.8, 1: 0.1, 2: 0.0512, 4: 0.0265, 8: 0.0139, 16: 0.0075, 32: 0.0041}
 
 
