@@ -103,6 +103,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from abexp.runner import run_state, runs_dir
     from abexp.spec import load_spec
 
+    check_results_dir(args.results)
     plan = load_spec(args.spec, args.set).expand()
     if args.json:
         print(json.dumps([{"run_id": r.run_id, "overrides": r.overrides,
@@ -121,6 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from abexp.runner import run_local, run_slurm
     from abexp.spec import load_spec
 
+    check_results_dir(args.results)
     plan = load_spec(args.spec, args.set).expand()  # validate every run before anything starts
     for run in plan:
         check_processes(run.config, args.gpus_per_run, args.spec)
@@ -151,16 +153,25 @@ def preflight_data(configs: list) -> None:
             preflight(cfg)
 
 
+def check_results_dir(path: str) -> None:
+    """--results must be a folder (or not exist yet): a file there is one clear error."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ConfigError("--results", "", f"{path} is a file, not a results folder")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from abexp.runner import run_state, runs_dir, summarize
     from abexp.spec import load_spec
 
+    check_results_dir(args.results)
     plan = load_spec(args.spec, args.set).expand()
     import pandas as pd
     from abexp.collect import collect
-    table = collect(args.results, [r.run_id for r in plan]).set_index("run_id") if plan else None
+    damaged: list[str] = []
+    table = collect(args.results, [r.run_id for r in plan], damaged).set_index("run_id") if plan else None
+    damaged_ids = {Path(d.split(":", 1)[0]).parent.name for d in damaged}
     for r in plan:
-        state = run_state(runs_dir(args.results) / r.run_id)
+        state = "damaged" if r.run_id in damaged_ids else run_state(runs_dir(args.results) / r.run_id)
         acc = ""
         if table is not None and r.run_id in table.index and pd.notna(table.loc[r.run_id, "test_acc"]):
             acc = f"test_acc={float(table.loc[r.run_id, 'test_acc']):.4f}"
@@ -168,13 +179,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{r.run_id}  {state:<8} {acc:<16} {label}")
     counts = summarize(plan, args.results)
     print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f" ({len(plan)} runs)")
-    return 0
+    return 1 if damaged else 0
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
     from abexp.collect import SUMMARY, collect, write_table
 
-    table = collect(args.results)
+    check_results_dir(args.results)
+    for target in (args.output, args.curves):
+        if target and Path(target).suffix not in (".csv", ".parquet"):
+            raise ConfigError("collect", "-o" if target == args.output else "--curves",
+                              f"{target}: expected a .csv or .parquet file")
+    damaged: list[str] = []
+    table = collect(args.results, damaged=damaged)
     if args.curves:
         from abexp.collect import collect_epochs
         curves = collect_epochs(args.results, table)
@@ -185,12 +202,15 @@ def cmd_collect(args: argparse.Namespace) -> int:
         print(f"wrote {len(table)} runs to {args.output}")
     elif not args.curves:
         print(table[[c for c in SUMMARY if c in table.columns]].to_string(index=False))
-    return 0
+    if damaged:
+        print(f"abexp: {len(damaged)} damaged run folder(s) skipped (see the warnings above)", file=sys.stderr)
+    return 1 if damaged else 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from abexp import sweep
 
+    check_results_dir(args.results)
     if args.best:
         return sweep.best(args.sweep, args.results, args.storage, args.set, args.export)
     return sweep.run_sweep(args.sweep, args.results, args.workers, args.n_trials, args.storage,
@@ -243,7 +263,7 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("run", help="run every run of a spec (resumable, exactly once)")
     add_spec_args(p)
-    p.add_argument("--workers", type=int, help="worker processes (default: one per GPU slot, or 1)")
+    p.add_argument("--workers", type=positive_int, help="worker processes (default: one per GPU slot, or 1)")
     p.add_argument("--gpus", help="comma-separated GPU ids (default: all visible)")
     p.add_argument("--runs-per-gpu", type=int, default=1, help="runs sharing one GPU")
     p.add_argument("--gpus-per-run", type=int, default=1,
@@ -271,7 +291,7 @@ def build_parser() -> Parser:
     p = sub.add_parser("sweep", help="Optuna sweep whose trials are ordinary runs")
     p.add_argument("sweep")
     p.add_argument("--n-trials", type=int, help="total target (default: the file's n_trials)")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=positive_int, default=1)
     p.add_argument("--storage", help="Optuna storage: FILE.journal (default results/sweeps/NAME.journal), "
                                      "sqlite:///FILE.db or postgresql://...")
     p.add_argument("--results", default="results")

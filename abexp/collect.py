@@ -8,20 +8,39 @@ from pathlib import Path
 import pandas as pd
 
 from abexp import io
-from abexp.config import flatten, load_config
+from abexp.config import ConfigError, flatten, load_config
 from abexp.runner import FAILED, run_state, runs_dir
 
 SUMMARY = ["run_id", "experiment", "variant", "status", "test_acc", "best_test_acc",
            "epochs_completed", "steps", "wall_s", "eval_bn"]
 
 
+def _read_result(path: Path) -> dict:
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise io.DamagedFile(f"{path}: unreadable ({type(err).__name__}: {err})") from None
+    if not isinstance(result, dict) or not isinstance(result.get("config"), dict):
+        raise io.DamagedFile(f"{path}: not a result record (no config)")
+    if result.get("run_id") != path.parent.name:
+        raise io.DamagedFile(f"{path}: belongs to run {result.get('run_id')}, not {path.parent.name}")
+    return result
+
+
 def _row(run_dir: Path) -> dict | None:
     result_file, config_file = run_dir / "result.json", run_dir / "config.yaml"
     if result_file.exists():
-        result = json.loads(result_file.read_text())
+        result = _read_result(result_file)
         config = result.pop("config")
+        epochs = io.read_jsonl(run_dir / "metrics.jsonl")
+        if len(epochs) < (result.get("epochs_completed") or 0):  # never a partial run as complete
+            raise io.DamagedFile(f"{run_dir / 'metrics.jsonl'}: {len(epochs)} epochs, but result.json "
+                                 f"says {result.get('epochs_completed')}")
     elif config_file.exists():
-        config = load_config(config_file).model_dump()
+        try:
+            config = load_config(config_file).model_dump()
+        except ConfigError as err:
+            raise io.DamagedFile(str(err)) from None
         state = run_state(run_dir)
         result = {"run_id": run_dir.name, "status": state}
         result["epochs_completed"] = len(io.read_jsonl(run_dir / "metrics.jsonl"))
@@ -39,13 +58,31 @@ def _row(run_dir: Path) -> dict | None:
     return row
 
 
-def collect(results: str | Path, run_ids: list[str] | None = None) -> pd.DataFrame:
+def warn(message: str) -> None:
+    import sys
+    print(f"abexp: warning: skipped {message}", file=sys.stderr)
+
+
+def collect(results: str | Path, run_ids: list[str] | None = None,
+            damaged: list[str] | None = None) -> pd.DataFrame:
+    """One row per run folder. A damaged folder is skipped with one warning naming the file
+    (and appended to ``damaged``), never read as a complete run."""
     root = runs_dir(results)
     folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []
     if run_ids is not None:
         wanted = set(run_ids)
         folders = [p for p in folders if p.name in wanted]
-    rows = [r for r in (_row(p) for p in folders) if r is not None]
+    rows = []
+    for folder in folders:
+        try:
+            row = _row(folder)
+        except io.DamagedFile as err:
+            warn(str(err))
+            if damaged is not None:
+                damaged.append(str(err))
+            continue
+        if row is not None:
+            rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:
         return pd.DataFrame(columns=SUMMARY)
@@ -57,7 +94,11 @@ def collect_epochs(results: str | Path, runs: pd.DataFrame | None = None) -> pd.
     runs = collect(results) if runs is None else runs
     frames = []
     for run in runs.to_dict("records"):
-        rows = io.read_jsonl(runs_dir(results) / run["run_id"] / "metrics.jsonl")
+        try:
+            rows = io.read_jsonl(runs_dir(results) / run["run_id"] / "metrics.jsonl")
+        except io.DamagedFile as err:  # collect() skipped finished ones already; this is a partial run
+            warn(str(err))
+            continue
         if rows:
             frame = pd.DataFrame(rows)
             for key, value in run.items():

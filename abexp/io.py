@@ -52,16 +52,27 @@ def append_jsonl(path: str | Path, row: dict) -> None:
         fh.write(json.dumps(row) + "\n")
 
 
+class DamagedFile(Exception):
+    """A results file that cannot be read as written; the message names the file."""
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSON-lines file. A torn *last* line (a crash mid-write) is dropped: every
+    row before it is intact. A bad line with rows after it is damage, not a crash: DamagedFile."""
     path = Path(path)
     if not path.exists():
         return []
+    lines = [(i, line.strip()) for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1)]
+    lines = [(i, line) for i, line in lines if line]
     rows = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line from a crash: everything before it is intact
+    for k, (i, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if k == len(lines) - 1:
+                break
+            raise DamagedFile(f"{path}: line {i} is not JSON (and later lines are)") from None
+        if not isinstance(row, dict):
+            raise DamagedFile(f"{path}: line {i} is not a JSON object")
+        rows.append(row)
     return rows

@@ -396,7 +396,12 @@ def best(sweep_path: str, results: str, storage: str | None = None, overrides: l
     from optuna.trial import TrialState
 
     sweep = load_sweep(sweep_path, overrides)
-    study = open_study(sweep, storage_url(sweep, results, storage))
+    url = storage_url(sweep, results, storage)
+    try:
+        study = open_study(sweep, url)
+    except KeyError:  # optuna: "Record does not exist." -- the study was never created there
+        print(f"{sweep.name}: no study in {url} yet (run the sweep first)", file=sys.stderr)
+        return 1
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         print(f"{sweep.name}: no completed trial yet", file=sys.stderr)
         return 1

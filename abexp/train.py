@@ -330,8 +330,9 @@ def train_run(cfg: RunConfig, out_dir: str | Path, device: str = "auto",
     if main:
         out.mkdir(parents=True, exist_ok=True)
         io.write_text(out / CONFIG, dump_yaml(cfg))
-    if (out / CHECKPOINT).exists():  # every rank resumes from the same checkpoint
-        run.load_state_dict(io.load_torch(out / CHECKPOINT, map_location=run.device))
+    state = _read_checkpoint(out, run, main, log)  # every rank resumes from the same checkpoint
+    if state is not None:
+        run.load_state_dict(state)
         log(f"[{rid}] resuming after epoch {run.epoch}")
     run.ddp.barrier()
     if main:
@@ -357,6 +358,26 @@ def train_run(cfg: RunConfig, out_dir: str | Path, device: str = "auto",
     if main:
         (out / CHECKPOINT).unlink(missing_ok=True)
     return result
+
+
+def _read_checkpoint(out: Path, run: Run, main: bool, log: Callable[[str], None]) -> dict | None:
+    """The checkpoint's state, or None. A damaged one (truncated, not a torch file) is moved
+    aside, never deleted, and the run restarts from its last good state: the start, since one
+    checkpoint is kept (metrics.jsonl is then rewritten from the empty history)."""
+    path = out / CHECKPOINT
+    if not path.exists():
+        return None
+    try:
+        return io.load_torch(path, map_location=run.device)
+    except FileNotFoundError:  # another rank moved it aside first
+        return None
+    except Exception as err:  # zip/pickle errors of a truncated or foreign file
+        if main:
+            aside = out / f"checkpoint.damaged-{time.strftime('%Y%m%d-%H%M%S')}.pt"
+            os.replace(path, aside)
+            log(f"[{run.run_id}] {path}: unreadable ({type(err).__name__}); moved to {aside.name}, "
+                "restarting from epoch 0")
+        return None
 
 
 def _event(out: Path, event: str, **fields) -> None:

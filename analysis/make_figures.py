@@ -34,7 +34,11 @@ def main() -> None:
     res = Path(args.results)
     runs, epochs, stab = res / "runs.csv", res / "epochs.csv", res / "stability.csv"
     py = sys.executable
-    sh(py, "-m", "abexp.cli", "collect", "--results", str(res), "-o", str(runs), "--curves", str(epochs))
+    # a damaged run folder is skipped with a warning; the figures are still drawn, and the
+    # command exits non-zero at the end so the damage is not missed
+    print("+ abexp collect", flush=True)
+    collect_rc = subprocess.run([py, "-m", "abexp.cli", "collect", "--results", str(res), "-o", str(runs),
+                                 "--curves", str(epochs)]).returncode
     if not stab.exists():
         sh(py, "-m", "abexp.cli", "stability", "--optim", *args.stability_optims.split(),
            "--delays", *args.stability_delays.split(), "--out", str(stab))
@@ -52,6 +56,8 @@ def main() -> None:
         for script in RUN_SCRIPTS:
             sh(py, str(HERE / f"{script}.py"), "--table", str(runs), "--experiment", exp, "--out", out)
         sh(py, str(HERE / "training_curves.py"), "--table", str(epochs), "--experiment", exp, "--out", out)
+    if collect_rc:
+        sys.exit(f"make_figures: collect skipped damaged run folders (exit {collect_rc}); figures omit them")
 
 
 if __name__ == "__main__":
