@@ -43,6 +43,7 @@ class Spec:
     variants: dict[str, dict[str, Any]]
     zips: list[dict[str, list]]
     exclude: list[dict[str, Any]] = field(default_factory=list)
+    set_keys: list[str] = field(default_factory=list)  # keys given with --set (blamed on it)
 
     def expand(self, warn=lambda msg: print(msg, file=sys.stderr)) -> list[PlannedRun]:
         return expand(self, warn)
@@ -114,11 +115,17 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
     if not isinstance(exclude, list) or not all(isinstance(e, dict) for e in exclude):
         raise ConfigError(source, "exclude", "expected a list of mappings")
     base = _resolve_base(doc.get("base"), path.parent, source, (path.resolve(),))
+    varied = set(grid) | {k for v in variants.values() for k in v} | {k for g in zips for k in g}
+    set_keys = []
     for item in overrides or []:
-        key, value = parse_override(item, f"{source} (--set)")
-        set_dotted(base, key, value, f"{source} (--set)")
+        key, value = parse_override(item, "--set")
+        if key in varied:  # the grid would win and the --set silently do nothing
+            raise ConfigError("--set", key, f"is varied by {source}'s grid, variants or zip, so it "
+                              "cannot be set for every run; edit the spec, or write one that extends it")
+        set_dotted(base, key, value, "--set")
+        set_keys.append(key)
     return Spec(path, name, str(doc.get("description", "")), base, grid, variants, zips,
-                [flatten(e) for e in exclude])
+                [flatten(e) for e in exclude], set_keys)
 
 
 def _excluded(overrides: dict, tree: dict, rules: list[dict]) -> bool:
@@ -170,6 +177,8 @@ def expand(spec: Spec, warn=lambda msg: print(msg, file=sys.stderr)) -> list[Pla
         try:
             cfg = validate(tree, source)
         except ConfigError as err:
+            if err.key in spec.set_keys:
+                raise ConfigError("--set", err.key, err.message) from None
             raise ConfigError(source, err.key, f"{err.message} (run: {label})") from None
         if cfg.tracking.wandb.group is None:
             cfg.tracking.wandb.group = spec.name

@@ -92,3 +92,15 @@ def test_batch_not_divisible_by_processes_is_caught_before_launch(tmp_path, caps
     assert main(["run", str(spec), "--gpus-per-run", "4", "--results", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert str(spec) in err and ": train.batch_size:" in err and not (tmp_path / "r").exists()
+
+
+def test_set_on_a_key_the_grid_varies_is_an_error_not_ignored(tmp_path, capsys):
+    spec = "experiments/digits_tiny.yaml"
+    results = tmp_path / "results"
+    assert main(["run", spec, "--results", str(results), "--set", "delay.steps=8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--set: delay.steps: is varied by" in err and spec in err
+    assert not results.exists()
+    assert main(["plan", spec, "--results", str(results), "--set", "optim.lr=abc"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("abexp: error: --set: optim.lr:")  # blamed on the flag, not the spec
