@@ -305,12 +305,11 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from abexp.data import DataError
-    from abexp.train import RunDirError
-
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `abexp plan ... | head` exits quietly
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help and usage errors end here, before torch is imported
+    from abexp.data import DataError
+    from abexp.train import RunDirError
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DataError, RunDirError) as err:

@@ -104,3 +104,11 @@ def test_set_on_a_key_the_grid_varies_is_an_error_not_ignored(tmp_path, capsys):
     assert main(["plan", spec, "--results", str(results), "--set", "optim.lr=abc"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("abexp: error: --set: optim.lr:")  # blamed on the flag, not the spec
+
+
+def test_help_does_not_import_torch():
+    """--help must be instant: argument parsing happens before torch (seconds) is imported."""
+    code = ("import sys\nfrom abexp.cli import main\ntry:\n    main(['run', '--help'])\n"
+            "except SystemExit:\n    pass\nprint('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")
