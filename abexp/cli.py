@@ -172,6 +172,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     damaged_ids = {Path(d.split(":", 1)[0]).parent.name for d in damaged}
     for r in plan:
         state = "damaged" if r.run_id in damaged_ids else run_state(runs_dir(args.results) / r.run_id)
+        if state == "done" and table is not None and r.run_id in table.index:
+            state = str(table.loc[r.run_id, "status"])  # completed | diverged | pruned, as collect says
         acc = ""
         if table is not None and r.run_id in table.index and pd.notna(table.loc[r.run_id, "test_acc"]):
             acc = f"test_acc={float(table.loc[r.run_id, 'test_acc']):.4f}"
@@ -201,10 +203,26 @@ def cmd_collect(args: argparse.Namespace) -> int:
         write_table(table, args.output)
         print(f"wrote {len(table)} runs to {args.output}")
     elif not args.curves:
-        print(table[[c for c in SUMMARY if c in table.columns]].to_string(index=False))
+        print(readable(table, SUMMARY).to_string(index=False))
     if damaged:
         print(f"abexp: {len(damaged)} damaged run folder(s) skipped (see the warnings above)", file=sys.stderr)
     return 1 if damaged else 0
+
+
+def readable(table, summary: list[str]):
+    """The printed table: run id, experiment, the config keys that vary between runs (the
+    optimizer, delay and seed first), then the results; sorted by those keys."""
+    from abexp.config import NON_IDENTITY_KEYS
+    if table.empty:
+        return table
+    first = ["optim.name", "delay.kind", "delay.steps", "delay.stages", "seed"]
+    config = [c for c in table.columns if "." in c or c == "seed"]
+    config = [c for c in config if not any(c == k or c.startswith(k + ".") for k in NON_IDENTITY_KEYS)]
+    varying = [c for c in config if table[c].astype(str).nunique() > 1]
+    keys = [c for c in first if c in varying] + sorted(c for c in varying if c not in first)
+    results = [c for c in summary if c in table.columns and c not in ("run_id", "experiment", "variant")]
+    columns = ["run_id", "experiment"] + keys + results
+    return table[columns].sort_values(["experiment"] + keys, kind="stable")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
