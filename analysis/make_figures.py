@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
-RUN_SCRIPTS = ["accuracy_vs_delay", "accuracy_vs_stages", "heatmaps", "rho_sensitivity", "tables"]
+RUN_SCRIPTS = ["accuracy_vs_delay", "accuracy_vs_stages", "delay_drop", "heatmaps", "rho_sensitivity", "tables"]
 
 
 def sh(*cmd: str) -> None:

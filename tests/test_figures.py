@@ -140,3 +140,20 @@ def test_accuracy_vs_stages_averages_seeds_per_profile(results, tmp_path):
     assert sorted(shown["mean"].round(10)) == sorted(round(v, 10) for v in accs.values())
     flat_s1 = accs["sgdm", "flat", 1]
     assert flat_s1 == accs["sgdm", "pipeline", 1]  # one stage: no delay in either profile
+
+
+def test_delay_drop_is_the_paired_per_seed_difference(results, tmp_path):
+    run_script("delay_drop", "--table", str(results / "runs.csv"), "--experiment", "fig", "--out", str(tmp_path))
+    shown = pd.read_csv(tmp_path / "delay_drop.csv").set_index("series")
+    acc = {}
+    for f in (results / "runs").glob("*/result.json"):
+        r = json.loads(f.read_text())
+        c = r["config"]
+        if r["experiment"] == "fig" and c["optim"]["lr"] == 0.1 and c["optim"]["momentum"] == 0.9 \
+                and c["optim"]["name"] == "sgdm" and r["status"] == "completed":
+            acc[c["seed"], c["delay"]["steps"]] = r["test_acc"]
+    drops = [acc[s, 0] - acc[s, 2] for s in (0, 1)]
+    [label] = [s for s in shown.index if s.startswith("SGDM, optim.lr=0.1, optim.momentum=0.9")]
+    row = shown.loc[label]
+    assert row["drop_mean"] == pytest.approx(sum(drops) / 2)
+    assert row["drop_sd"] == pytest.approx(abs(drops[0] - drops[1]) / 2 ** 0.5)

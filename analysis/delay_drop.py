@@ -1,0 +1,54 @@
+"""The paper's claim in one table: the accuracy lost from D = 0 to a large delay, per optimizer.
+
+For each optimizer and seed, drop = acc(D = 0) - acc(D = D_max) (the same seed at both ends,
+so a seed's luck cancels); reported as mean ± sd over seeds, next to both accuracies. Also the
+accuracy with BN running statistics at D_max where the runs recorded it (eval.bn: recalibrate
+runs report test_acc_running_bn at their last epoch), to show what recalibration recovered.
+"""
+
+import pandas as pd
+
+import common
+
+
+def main() -> None:
+    p = common.parser(__doc__)
+    p.add_argument("--delay", type=int, help="the large delay (default: the largest in the table)")
+    args = p.parse_args()
+    table = common.finished(common.load(args.table, args.experiment))
+    table = table[table.get("delay.kind", "constant") != "pipeline"] if "delay.kind" in table else table
+    if table.empty:
+        common.skip("delay_drop", "no finished runs")
+    d_max = args.delay if args.delay is not None else int(table["delay.steps"].max())
+    table["acc"] = table["test_acc"].where(table["status"] == "completed", 0.0)  # diverged: chance or worse
+    series = common.add_series(table)
+    rows = []
+    for name in series:
+        runs = table[table["series"] == name]
+        at = {d: runs[runs["delay.steps"] == d].set_index("seed") for d in (0, d_max)}
+        seeds = sorted(set(at[0].index) & set(at[d_max].index))
+        if not seeds:
+            continue
+        drop = pd.Series([at[0].loc[s, "acc"] - at[d_max].loc[s, "acc"] for s in seeds])
+        row = {"series": name, "seeds": len(seeds), "D": d_max,
+               "acc_D0": at[0].loc[seeds, "acc"].mean(), "acc_Dmax": at[d_max].loc[seeds, "acc"].mean(),
+               "drop_mean": drop.mean(), "drop_sd": drop.std(ddof=1) if len(seeds) > 1 else float("nan")}
+        if "test_acc_running_bn" in runs:
+            row["acc_Dmax_running_bn"] = at[d_max].loc[seeds, "test_acc_running_bn"].mean()
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    lines = [f"| optimizer | acc D=0 | acc D={d_max} | drop (mean ± sd, {out['seeds'].max()} seeds) |",
+             "|---|---|---|---|"]
+    lines += [f"| {r.series} | {r.acc_D0:.4f} | {r.acc_Dmax:.4f} | {r.drop_mean:.4f} ± {r.drop_sd:.4f} |"
+              for r in out.itertuples()]
+    print("\n".join(lines))
+    from pathlib import Path
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    out.to_csv(folder / "delay_drop.csv", index=False)
+    (folder / "delay_drop.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {folder / 'delay_drop'}.csv/.md")
+
+
+if __name__ == "__main__":
+    main()
