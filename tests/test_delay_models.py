@@ -26,6 +26,18 @@ def batches(n, seed=0):
             for _ in range(n)]
 
 
+def drive(engine, model, flat, data, lr):
+    """Train ``engine`` on ``data``: each step's gradient on ``model`` at the engine's forward weights."""
+    for x, y in data:
+        def grad_fn(w_fwd):
+            flat.data.copy_(w_fwd)
+            flat.grad.zero_()
+            F.cross_entropy(model(x), y).backward()
+            return flat.grad
+        engine.step(grad_fn, lr)
+    return engine.w
+
+
 # ---------------------------------------------------------------- the stage cut
 
 def brute_force_cuts(costs, stages):
@@ -109,13 +121,7 @@ def engine_pipeline(name, delay_cfg, data, lr, balance_costs=None):
     ranges = stage_ranges(flat.sizes, costs, len(delay_cfg.stage_delays or profile_delays(delay_cfg.stages)))
     cfg = OptimCfg(name=name, lr=lr, momentum=0.9, weight_decay=5e-4)
     engine = DelayedSGD(flat.data, flat.sizes, cfg, delay_cfg, seed=0, stages=ranges)
-    for x, y in data:
-        def grad_fn(w_fwd):
-            flat.data.copy_(w_fwd)
-            flat.grad.zero_()
-            F.cross_entropy(model(x), y).backward()
-            return flat.grad
-        engine.step(grad_fn, lr)
+    drive(engine, model, flat, data, lr)
     return engine.w, flat.sizes, ranges
 
 
@@ -152,13 +158,7 @@ def test_one_stage_pipeline_is_the_undelayed_run():
     model = build_model("resnet8")
     flat = FlatParams(model)
     engine = DelayedSGD(flat.data, flat.sizes, OptimCfg(name="sc", lr=0.05, weight_decay=5e-4), DelayCfg(), 0)
-    for x, y in data:
-        def grad_fn(w_fwd):
-            flat.data.copy_(w_fwd)
-            flat.grad.zero_()
-            F.cross_entropy(model(x), y).backward()
-            return flat.grad
-        engine.step(grad_fn, 0.05)
+    drive(engine, model, flat, data, 0.05)
     assert torch.equal(a, engine.w) and torch.equal(b, engine.w)
 
 
@@ -217,13 +217,7 @@ def test_trace_run_matches_naive_snapshots(tmp_path):
     delay = load_config(None, ["delay.kind=trace", f"delay.trace={trace}"]).delay
     engine = DelayedSGD(flat.data, flat.sizes, OptimCfg(name="sgdm", lr=0.05, weight_decay=0), delay, 0)
     ref = copy.deepcopy(model)
-    for x, y in data:
-        def grad_fn(w_fwd):
-            flat.data.copy_(w_fwd)
-            flat.grad.zero_()
-            F.cross_entropy(model(x), y).backward()
-            return flat.grad
-        engine.step(grad_fn, 0.05)
+    drive(engine, model, flat, data, 0.05)
     # naive: torch SGD on a fresh copy, gradient at the snapshot tau_t = trace[t % 4] steps old
     torch.manual_seed(0)
     ref = build_model("resnet8")
@@ -299,13 +293,7 @@ def run_adam(name, data, lr=1e-3, wd=0.01, rho=1.0, delay=0):
     flat = FlatParams(model)
     cfg = OptimCfg(name=name, lr=lr, weight_decay=wd, rho=rho, betas=[0.8, 0.99], eps=1e-6)
     engine = DelayedSGD(flat.data, flat.sizes, cfg, DelayCfg(steps=delay), 0)
-    for x, y in data:
-        def grad_fn(w_fwd):
-            flat.data.copy_(w_fwd)
-            flat.grad.zero_()
-            F.cross_entropy(model(x), y).backward()
-            return flat.grad
-        engine.step(grad_fn, lr)
+    drive(engine, model, flat, data, lr)
     return engine.w
 
 
@@ -352,21 +340,12 @@ def test_adam_state_survives_a_checkpoint():
     flat = FlatParams(model)
     cfg = OptimCfg(name="ab_adamw", lr=1e-3, weight_decay=0.01, betas=[0.8, 0.99], eps=1e-6)
     engine = DelayedSGD(flat.data, flat.sizes, cfg, DelayCfg(steps=2), 0)
-
-    def train(eng, chunk):
-        for x, y in chunk:
-            def grad_fn(w_fwd):
-                flat.data.copy_(w_fwd)
-                flat.grad.zero_()
-                F.cross_entropy(model(x), y).backward()
-                return flat.grad
-            eng.step(grad_fn, 1e-3)
-    train(engine, data[:3])
+    drive(engine, model, flat, data[:3], 1e-3)
     state = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in engine.state_dict().items()}
     state["optimizer"] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state["optimizer"].items()}
     fresh = DelayedSGD(flat.data, flat.sizes, cfg, DelayCfg(steps=2), 0)
     fresh.load_state_dict(state)
-    train(fresh, data[3:])
+    drive(fresh, model, flat, data[3:], 1e-3)
     assert torch.equal(fresh.w, whole)
 
 
@@ -380,11 +359,5 @@ def test_flat_profile_is_the_constant_delay_of_the_first_stage():
         params = FlatParams(model)
         engine = DelayedSGD(params.data, params.sizes, OptimCfg(name=name, lr=0.05, weight_decay=5e-4),
                             DelayCfg(steps=4), 0)
-        for x, y in data:
-            def grad_fn(w_fwd):
-                params.data.copy_(w_fwd)
-                params.grad.zero_()
-                F.cross_entropy(model(x), y).backward()
-                return params.grad
-            engine.step(grad_fn, 0.05)
+        drive(engine, model, params, data, 0.05)
         assert torch.equal(flat, engine.w)
