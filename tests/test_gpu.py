@@ -20,9 +20,17 @@ def quiet(msg: str) -> None:
     pass
 
 
-@pytest.mark.parametrize("optim", ["sgdm", "ab", "sc", "lwp", "dcasgd"])
-def test_training_steps_never_make_the_host_wait(optim, tmp_path):
-    run = Run(load_config(None, SYNTH + [f"optim.name={optim}"]), tmp_path, "cuda", log=quiet)
+PIPELINE = ["delay.kind=pipeline", "delay.stages=4", "delay.steps=0"]
+
+
+@pytest.mark.parametrize("optim,extra", [(o, []) for o in ("sgdm", "ab", "sc", "lwp", "dcasgd", "ab_adamw")]
+                         + [(o, PIPELINE) for o in ("sgdm", "ab", "sc", "lwp")],
+                         ids=lambda v: v if isinstance(v, str) else ("pipeline" if v else "uniform"))
+def test_training_steps_never_make_the_host_wait(optim, extra, tmp_path):
+    cfg = SYNTH + [f"optim.name={optim}"] + extra
+    if extra:  # pipeline delays replace the uniform ones
+        cfg = [o for o in cfg if not o.startswith("delay.")] + extra
+    run = Run(load_config(None, cfg), tmp_path, "cuda", log=quiet)
     batches = run.batches.epoch(0)
     run.train_step(*next(batches), 0.01)  # warm-up: cuDNN plans, the delay chunk
     torch.cuda.synchronize()
