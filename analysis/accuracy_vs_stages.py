@@ -24,8 +24,12 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, style in common.styles(series).items():
         rows = summary[summary["series"] == name].sort_values("stages")
+        if "stage_profile=" in name:  # the two profiles: per-stage solid, flat dashed
+            style = {**style, "ls": "--" if "stage_profile=flat" in name else "-"}
+        label = name.replace("delay.stage_profile=pipeline", "per-stage 2(S-1-s)")
+        label = label.replace("delay.stage_profile=flat", "flat 2(S-1)")
         ax.errorbar(rows["stages"], rows["mean"], yerr=rows["std"].fillna(0), **style, marker="o",
-                    capsize=3, lw=1.6, label=name.replace("delay.stage_profile=", ""))
+                    capsize=3, lw=1.6, label=label)
         runs = table[table["series"] == name]
         ax.scatter(runs["stages"] * 1.03, runs["acc"], color=style["color"], s=10, alpha=0.5, zorder=3)
         div = runs[runs["diverged"]]
