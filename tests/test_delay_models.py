@@ -361,3 +361,45 @@ def test_flat_profile_is_the_constant_delay_of_the_first_stage():
                             DelayCfg(steps=4), 0)
         drive(engine, model, params, data, 0.05)
         assert torch.equal(flat, engine.w)
+
+
+@pytest.mark.parametrize("name", ["sgdm", "sc", "salr"])
+def test_trace_on_the_quadratic_matches_a_scalar_recursion(tmp_path, name):
+    """f = lam/2 w^2, delays replayed from a trace: each step's gradient lam * w_{t - tau_t}, SC and
+    salr with the actual staleness min(tau_t, t) -- written out as a scalar recursion."""
+    trace = tmp_path / "trace.txt"
+    trace.write_text("3\n0\n5\n1\n2\n")
+    taus = [3, 0, 5, 1, 2]
+    delay = load_config(None, ["delay.kind=trace", f"delay.trace={trace}"]).delay
+    lam, lr, m = 0.7, 0.05, 0.9
+    engine = DelayedSGD(torch.ones(1, dtype=torch.float64), [1],
+                        OptimCfg(name=name, lr=lr, momentum=m, weight_decay=0), delay, seed=0)
+    w, v, hist = 1.0, 0.0, []
+    for t in range(25):
+        engine.step(lambda w_fwd: lam * w_fwd, lr)
+        hist.append(w)
+        tau = min(taus[t % 5], t)
+        g = lam * hist[t - tau]
+        v = m * v + g
+        eta = lr / max(1, tau) if name == "salr" else lr
+        if name == "sc" and tau > 0:
+            w -= eta * (m ** tau * v + (1 - m ** tau) / (1 - m) * g)
+        else:
+            w -= eta * v
+        assert float(engine.w) == pytest.approx(w, rel=1e-12)
+
+
+def test_adam_on_the_quadratic_matches_torch():
+    """D = 0 Adam and AdamW on f = 1/2 sum lam_i w_i^2 against torch.optim on the same loss."""
+    lam = torch.linspace(0.1, 2.0, 5, dtype=torch.float64)
+    for name, cls in (("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)):
+        cfg = OptimCfg(name=name, lr=0.05, weight_decay=0.1, betas=[0.8, 0.95], eps=1e-8)
+        engine = DelayedSGD(torch.ones(5, dtype=torch.float64), [5], cfg, DelayCfg(), seed=0)
+        p = torch.ones(5, dtype=torch.float64, requires_grad=True)
+        opt = cls([p], lr=0.05, weight_decay=0.1, betas=(0.8, 0.95), eps=1e-8, foreach=False)
+        for _ in range(40):
+            engine.step(lambda w_fwd: lam * w_fwd, 0.05)
+            opt.zero_grad()
+            (0.5 * (lam * p * p).sum()).backward()
+            opt.step()
+        assert torch.allclose(engine.w, p.detach(), rtol=1e-12, atol=1e-14)
