@@ -34,6 +34,20 @@ def write_cifar10_batches(root: Path, n_per_batch: int = 20, n_test: int = 30, s
     return written
 
 
+def drive(engine, model, flat, data, lr):
+    """Train a DelayedSGD ``engine`` on ``data``: each step's gradient on ``model`` (whose
+    parameters are the views ``flat``) at the engine's forward weights."""
+    import torch.nn.functional as F
+    for x, y in data:
+        def grad_fn(w_fwd):
+            flat.data.copy_(w_fwd)
+            flat.grad.zero_()
+            F.cross_entropy(model(x), y).backward()
+            return flat.grad
+        engine.step(grad_fn, lr)
+    return engine.w
+
+
 def idx_bytes(array: np.ndarray) -> bytes:
     """The IDX format, written from its definition: 0, 0, type 0x08 (ubyte), ndim, then one
     big-endian uint32 per dimension and the raw bytes."""

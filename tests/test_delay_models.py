@@ -18,24 +18,13 @@ from abexp.engine import DelayedSGD, FlatParams
 from abexp.models import build_model
 from abexp.pipeline import balanced_cuts, profile_delays, stage_ranges, tensor_flops
 from abexp.train import train_run
+from conftest import drive
 
 
 def batches(n, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [(torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen))
             for _ in range(n)]
-
-
-def drive(engine, model, flat, data, lr):
-    """Train ``engine`` on ``data``: each step's gradient on ``model`` at the engine's forward weights."""
-    for x, y in data:
-        def grad_fn(w_fwd):
-            flat.data.copy_(w_fwd)
-            flat.grad.zero_()
-            F.cross_entropy(model(x), y).backward()
-            return flat.grad
-        engine.step(grad_fn, lr)
-    return engine.w
 
 
 # ---------------------------------------------------------------- the stage cut

@@ -11,6 +11,7 @@ from abexp.config import DelayCfg, OptimCfg
 from abexp.engine import DelayedSGD, FlatParams
 from abexp.models import build_model
 from abexp.optim import segment_cosine
+from conftest import drive
 
 
 def batches(n_steps, batch=8, seed=0):
@@ -24,14 +25,7 @@ def run_engine(optim: OptimCfg, delay: int, data, lr, seed=0):
     model = build_model("resnet8")
     flat = FlatParams(model)
     engine = DelayedSGD(flat.data, flat.sizes, optim, DelayCfg(steps=delay), seed=0)
-    for x, y in data:
-        def grad_fn(w_fwd):
-            flat.data.copy_(w_fwd)
-            flat.grad.zero_()
-            F.cross_entropy(model(x), y).backward()
-            return flat.grad
-        engine.step(grad_fn, lr)
-    return engine.w
+    return drive(engine, model, flat, data, lr)
 
 
 def reference_delayed_sgd(delay, data, lr, momentum, wd, nesterov, seed=0):
