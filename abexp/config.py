@@ -345,16 +345,6 @@ def read_trace(path: str, cap: int = 0) -> list[int]:
     return delays
 
 
-def max_delay(d: DelayCfg) -> int:
-    """The largest delay a run can see: the size of its weight buffer, less one."""
-    if d.kind == "pipeline":
-        from abexp.pipeline import stage_delays
-        return max(stage_delays(d))
-    if d.kind == "trace" and not d.steps:
-        return max(read_trace(d.trace) if d.trace is not None else list(d.histogram))
-    return d.steps
-
-
 def check_processes(cfg: RunConfig, processes: int, source: str) -> None:
     """Each of ``processes`` data-parallel ranks takes batch_size / processes examples, in
     micro-batches: checked before any process starts, so the error names the file."""
