@@ -90,31 +90,30 @@ def tensor_flops(model: nn.Module, input_shape: tuple[int, ...]) -> list[float]:
     return [cost.get(id(p), 0.0) for p in model.parameters() if p.requires_grad]
 
 
-def stage_ranges(sizes: list[int], costs: list[float], stages: int) -> list[tuple[int, int]]:
-    """Element ranges [start, end) of the flat parameter vector, one per stage."""
-    cuts = [0] + balanced_cuts(costs, stages) + [len(sizes)]
+def _element_ranges(sizes: list[int], bounds: list[int]) -> list[tuple[int, int]]:
+    """Tensor-index bounds [0, c1, ..., n] -> element ranges of the flat parameter vector."""
     offsets = [0]
     for n in sizes:
         offsets.append(offsets[-1] + n)
-    return [(offsets[a], offsets[b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    return [(offsets[a], offsets[b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def stage_map(sizes: list[int], costs: list[float], delay_cfg) -> list[dict]:
-    """What result.json records: each stage's tensors, parameter count, cost share and delay."""
-    stages = len(stage_delays(delay_cfg))
-    cuts = [0] + balanced_cuts(costs, stages) + [len(sizes)]
-    total = sum(costs) or 1.0
-    return [{"stage": s, "tensors": [a, b], "params": sum(sizes[a:b]),
-             "cost_share": round(sum(costs[a:b]) / total, 4), "delay": d}
-            for s, ((a, b), d) in enumerate(zip(zip(cuts[:-1], cuts[1:]), stage_delays(delay_cfg)))]
+def stage_ranges(sizes: list[int], costs: list[float], stages: int) -> list[tuple[int, int]]:
+    """Element ranges [start, end) of the flat parameter vector, one per stage."""
+    return _element_ranges(sizes, [0] + balanced_cuts(costs, stages) + [len(sizes)])
 
 
 def run_stages(cfg, model: nn.Module, sizes: list[int], input_shape: tuple[int, ...]
                ) -> tuple[list[tuple[int, int]] | None, list[dict] | None]:
-    """(element ranges, stage map for result.json) of a run's model; (None, None) unless the
-    run's delay is per stage."""
+    """(element ranges, stage map for result.json: each stage's tensors, parameter count, cost
+    share and delay) of a run's model; (None, None) unless the run's delay is per stage."""
     if cfg.delay.kind != "pipeline":
         return None, None
-    stages = len(stage_delays(cfg.delay))
+    delays = stage_delays(cfg.delay)
     costs = [float(n) for n in sizes] if cfg.delay.stage_balance == "params" else tensor_flops(model, input_shape)
-    return stage_ranges(sizes, costs, stages), stage_map(sizes, costs, cfg.delay)
+    bounds = [0] + balanced_cuts(costs, len(delays)) + [len(sizes)]
+    total = sum(costs) or 1.0
+    stage_map = [{"stage": s, "tensors": [a, b], "params": sum(sizes[a:b]),
+                  "cost_share": round(sum(costs[a:b]) / total, 4), "delay": d}
+                 for s, ((a, b), d) in enumerate(zip(zip(bounds[:-1], bounds[1:]), delays))]
+    return _element_ranges(sizes, bounds), stage_map

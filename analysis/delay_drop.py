@@ -4,6 +4,7 @@ For each optimizer and seed, drop = acc(D = 0) - acc(D = D_max) (the same seed a
 so a seed's luck cancels); reported as mean ± sd over seeds, next to both accuracies. Also the
 accuracy with BN running statistics at D_max where the runs recorded it (eval.bn: recalibrate
 runs report test_acc_running_bn at their last epoch), to show what recalibration recovered.
+A diverged run counts as accuracy 0 (it has none), so its drop is the whole D = 0 accuracy.
 """
 
 import pandas as pd
@@ -16,11 +17,12 @@ def main() -> None:
     p.add_argument("--delay", type=int, help="the large delay (default: the largest in the table)")
     args = p.parse_args()
     table = common.finished(common.load(args.table, args.experiment))
-    table = table[table.get("delay.kind", "constant") != "pipeline"] if "delay.kind" in table else table
+    if "delay.kind" in table:
+        table = table[table["delay.kind"] != "pipeline"]  # one delay for the whole network only
     if table.empty:
         common.skip("delay_drop", "no finished runs")
     d_max = args.delay if args.delay is not None else int(table["delay.steps"].max())
-    table["acc"] = table["test_acc"].where(table["status"] == "completed", 0.0)  # diverged: chance or worse
+    table["acc"] = table["test_acc"].where(table["status"] == "completed", 0.0)
     series = common.add_series(table)
     rows = []
     for name in series:
