@@ -71,10 +71,20 @@ class Claim:
             self.lock.unlink(missing_ok=True)
 
 
+def slurm_task() -> str | None:
+    """This SLURM task as scancel/squeue name it: ARRAYID_TASK for an array task, else the job id.
+    (An array task's raw SLURM_JOB_ID can equal the array's own id, which names every task.)"""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
 def _create(lock: Path) -> Claim | None:
     token = uuid.uuid4().hex
-    body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": token,
-                       "started": time.time()})
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "token": token, "started": time.time()}
+    if slurm_task():  # who holds it, as squeue and scancel name it
+        info["slurm_job"] = slurm_task()
+    body = json.dumps(info)
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:

@@ -119,7 +119,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from abexp.config import check_processes
-    from abexp.runner import run_local, run_slurm
+    from abexp.runner import run_local
     from abexp.spec import load_spec
 
     check_results_dir(args.results)
@@ -129,15 +129,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     preflight_data([run.config for run in plan])
     gpus = [g for g in args.gpus.split(",") if g] if args.gpus else None
     if args.backend == "slurm":
-        params = {"slurm_partition": args.slurm_partition, "timeout_min": args.timeout_min,
-                  "gpus_per_node": 1, "cpus_per_task": args.cpus_per_task}
-        jobs = run_slurm(args.spec, args.results, args.array, args.slurm_folder,
-                         {k: v for k, v in params.items() if v is not None}, overrides=args.set)
-        print(f"submitted {len(jobs)} array tasks: {[j.job_id for j in jobs]}")
-        return 0
+        return submit_slurm(args)
     return run_local(args.spec, args.results, args.workers, gpus, args.runs_per_gpu,
                      progress=not args.no_progress, overrides=args.set,
                      gpus_per_run=args.gpus_per_run, pack=args.pack)
+
+
+def submit_slurm(args: argparse.Namespace) -> int:
+    """Check the request against sinfo, write the array script, submit it."""
+    import uuid
+
+    from abexp import slurm
+
+    req = slurm.Request(array=args.array, cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task,
+                        mem=args.mem, partition=args.partition, account=args.account, qos=args.qos,
+                        time=args.time)
+    slurm.check_request(req, slurm.query_nodes(), args.gpus_per_run)
+    job, folder = slurm.submit(req, args.spec, args.results, uuid.uuid4().hex[:12], args.slurm_folder, args.set)
+    print(f"submitted job array {job} ({req.array} tasks, {req.cpus_per_task} CPUs and "
+          f"{req.gpus_per_task} GPU(s) each); script {folder / slurm.SCRIPT}")
+    print(f"progress: abexp status {args.spec} --results {args.results}; stop for good: "
+          f"abexp cancel --slurm-folder {args.slurm_folder}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from abexp.slurm import cancel
+
+    if not Path(args.slurm_folder).is_dir():
+        raise ConfigError("--slurm-folder", "", f"{args.slurm_folder}: no such folder")
+    ids = cancel(args.slurm_folder)
+    print(f"cancelled {len(ids)} job(s); their tasks checkpoint and are not requeued" if ids
+          else f"no jobs recorded under {args.slurm_folder}")
+    return 0
 
 
 def preflight_data(configs: list) -> None:
@@ -288,14 +312,26 @@ def build_parser() -> Parser:
                    help="GPUs per run (data parallel through torchrun), e.g. 8 for ImageNet")
     p.add_argument("--pack", type=int, default=1,
                    help="train up to K compatible runs together in one process (grouped convolutions)")
-    p.add_argument("--backend", choices=["local", "slurm"], default="local")
-    p.add_argument("--array", type=int, default=4, help="slurm: number of array tasks")
-    p.add_argument("--slurm-folder", default="results/slurm", help="slurm: submitit log folder")
-    p.add_argument("--slurm-partition")
-    p.add_argument("--timeout-min", type=int, default=24 * 60)
-    p.add_argument("--cpus-per-task", type=int, default=8)
+    p.add_argument("--backend", choices=["local", "slurm"], default="local",
+                   help="slurm: submit an sbatch job array of workers (see the options below)")
+    g = p.add_argument_group("slurm", "checked against sinfo before submitting")
+    g.add_argument("--array", type=positive_int, default=4, help="array tasks (workers)")
+    g.add_argument("--slurm-folder", default="results/slurm", help="job scripts and logs")
+    g.add_argument("--partition", "--slurm-partition", dest="partition", help="default: the cluster's")
+    g.add_argument("--account")
+    g.add_argument("--qos")
+    g.add_argument("--time", help="per task, SLURM syntax (90, 4:00:00, 1-00:00:00); USR1 comes "
+                                  "2 min before it, the task checkpoints and requeues")
+    g.add_argument("--cpus-per-task", type=positive_int, default=2, help="also the torch threads of a task")
+    g.add_argument("--mem", help="per task, SLURM syntax (16G, 4000)")
+    g.add_argument("--gpus-per-task", type=non_negative_int,
+                   help="default: --gpus-per-run where the partition has GPUs, else 0")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("cancel", help="stop a SLURM submission for good (no requeue)")
+    p.add_argument("--slurm-folder", default="results/slurm", help="as given to abexp run")
+    p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("status", help="state and accuracy of every run of a spec")
     add_spec_args(p)

@@ -1,6 +1,6 @@
 """Run every run of a spec, each exactly once, resumably, with N worker processes.
 
-Workers (``python -m abexp.runner worker ...``, or SLURM array tasks through submitit) all run
+Workers (``python -m abexp.runner ...``, locally or as SLURM array tasks: abexp.slurm) all run
 ``worker_loop``: walk the plan, claim a run (abexp.claims), train it in-process (resuming its
 checkpoint if any), release it. A run that raises is recorded in ``failed.json`` with its
 traceback and is not retried within the same session; the next ``abexp run`` retries it.
@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable
 
-from abexp import io
+from abexp import io, preempt
 from abexp.config import RunConfig, dump_yaml
 from abexp.claims import LOCK, Heartbeat, is_stale, try_claim
 from abexp.spec import PlannedRun, load_spec
@@ -77,6 +77,9 @@ def train_claimed(config: RunConfig, run_dir: Path, session: str, on_epoch=None)
         result = train_run(config, run_dir, device="auto", log=log, on_epoch=on_epoch)
         (run_dir / FAILED).unlink(missing_ok=True)
         return result["status"]
+    except preempt.Preempted as stop:  # checkpoint saved; whoever claims the run next resumes it
+        log(f"signal {preempt.requested()}: stopped at {stop}, checkpoint saved")
+        return "preempted"
     except Exception as err:  # a crashed run must not stop the others
         tb = traceback.format_exc()
         log_fh.write(tb)
@@ -151,6 +154,8 @@ def worker_loop(spec_path: str, results: str, session: str, overrides: list[str]
                 if (run_dir / "result.json").exists() or _failed_in_session(run_dir, session):
                     continue
                 unfinished += 1
+                if preempt.requested():  # told to stop: claim nothing more
+                    return counts
                 claim = try_claim(run_dir)
                 if claim is None:
                     continue
@@ -176,7 +181,9 @@ def worker_loop(spec_path: str, results: str, session: str, overrides: list[str]
                     for _, c in group:
                         heartbeat.remove(c)
                         c.release()
-            if unfinished == 0:
+                if counts.get("preempted"):
+                    return counts
+            if unfinished == 0 or preempt.requested():
                 return counts
             time.sleep(poll_s)  # the rest are claimed by live workers: wait, they may die
     finally:
@@ -184,8 +191,9 @@ def worker_loop(spec_path: str, results: str, session: str, overrides: list[str]
 
 
 def apply_thread_budget() -> None:
-    """In a worker process: use the share of the CPU threads its parent gave it."""
-    threads = os.environ.get("ABEXP_THREADS")
+    """In a worker process: use the share of the CPU threads its parent (or SLURM) gave it,
+    not every core of the node."""
+    threads = os.environ.get("ABEXP_THREADS") or os.environ.get("SLURM_CPUS_PER_TASK")
     if threads:
         import torch
         torch.set_num_threads(int(threads))
@@ -277,29 +285,18 @@ def run_local(spec_path: str, results: str, workers: int | None = None,
     return 1 if failed or crashed or done() < len(ids) else 0
 
 
-def run_slurm(spec_path: str, results: str, array: int, executor_folder: str,
-              slurm_params: dict | None = None, executor=None,
-              overrides: list[str] | None = None) -> list:
-    """Submit ``array`` tasks that each run ``worker_loop``; returns the submitit jobs.
-
-    ``executor`` lets tests pass submitit's LocalExecutor; by default an AutoExecutor, which
-    submits to SLURM where it is available.
-    """
-    import submitit
-
-    if executor is None:
-        executor = submitit.AutoExecutor(folder=executor_folder)
-        executor.update_parameters(**(slurm_params or {}))
-    session = uuid.uuid4().hex[:12]
-    spec_path, results = str(Path(spec_path).resolve()), str(Path(results).resolve())
-    with executor.batch():
-        jobs = [executor.submit(worker_loop, spec_path, results, session, overrides) for _ in range(array)]
-    return jobs
-
-
 def worker_main(argv: Iterable[str]) -> int:
+    """A worker process; as a SLURM task (ABEXP_SLURM_FOLDER set) it stops on SLURM's signals
+    at the next step boundary and requeues itself (abexp.slurm)."""
     spec_path, results, session, *overrides = list(argv)
-    worker_loop(spec_path, results, session, overrides)
+    under_slurm = bool(os.environ.get("ABEXP_SLURM_FOLDER"))
+    if under_slurm:
+        preempt.install()
+    counts = worker_loop(spec_path, results, session, overrides)
+    print(f"worker {os.getpid()}: {counts}", flush=True)
+    if under_slurm and counts.get("preempted"):
+        from abexp.slurm import requeue_self
+        requeue_self(lambda msg: print(msg, flush=True))
     return 0
 
 

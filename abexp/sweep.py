@@ -44,6 +44,7 @@ from abexp.spec import _resolve_base
 SWEEP_KEYS = {"name", "description", "base", "fixed", "space", "objective", "sampler", "pruner",
               "n_trials", "storage"}
 METRICS = ("test_acc", "test_loss", "train_acc", "train_loss")
+MAX_REPEATS = 50  # proposals in a row that repeat a trial: the sampler has nothing new to offer
 PARAM_KEYS = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
               "categorical": {"type", "choices"}}
 
@@ -160,7 +161,22 @@ def make_storage(url: str):
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    return optuna.storages.RDBStorage(rdb_url(url), engine_kwargs=kwargs)
+
+
+def rdb_url(url: str) -> str:
+    """``postgresql://`` means psycopg2 to SQLAlchemy; abexp installs psycopg (3), so a plain
+    URL is pointed at it unless psycopg2 is there. Any other driver missing is one clear line."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg2") is None:
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    scheme = url.split("://", 1)[0]
+    driver = scheme.split("+", 1)[1] if "+" in scheme else None
+    if driver and importlib.util.find_spec(driver) is None:
+        raise ConfigError("--storage", "", f"{scheme}://: the Python driver {driver!r} is not installed "
+                                           f"(pip install {driver})")
+    return url
 
 
 def _grid_space(space: dict) -> dict[str, list]:
@@ -174,17 +190,66 @@ def _grid_space(space: dict) -> dict[str, list]:
     return grid
 
 
-def make_sampler(sweep: Sweep, worker: int):
+def process_seed(sweep: Sweep) -> int:
+    """A sampler seed of this process: ``sampler.seed`` mixed with fresh entropy.
+
+    Seeding with ``seed + worker`` made every re-run, every second ``abexp sweep`` and every
+    other machine replay the same stream of proposals. Each trial records the seed that
+    proposed it (user attr ``sampler_seed``).
+    """
+    import hashlib
+
+    entropy = f"{sweep.sampler.get('seed')}/{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex}"
+    return int.from_bytes(hashlib.sha256(entropy.encode()).digest()[:4], "little")
+
+
+def make_sampler(sweep: Sweep, seed: int | None):
     import optuna
 
-    seed = sweep.sampler.get("seed")
-    seed = None if seed is None else int(seed) + worker  # workers must not propose alike
     name = sweep.sampler.get("name", "tpe")
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
         return optuna.samplers.GridSampler(_grid_space(sweep.space), seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    # constant_liar: a running trial counts as a poor result, so concurrent workers spread out
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+
+
+def space_size(space: dict) -> float:
+    """How many distinct configurations the space holds (inf when any parameter is continuous)."""
+    size = 1.0
+    for s in space.values():
+        if s["type"] == "categorical":
+            size *= len(s["choices"])
+        elif s["type"] == "int" and not s.get("log"):
+            size *= (int(s["high"]) - int(s["low"])) // int(s.get("step", 1)) + 1
+        elif s.get("step") is not None and not s.get("log"):
+            size *= int(round((s["high"] - s["low"]) / s["step"])) + 1
+        else:
+            return float("inf")
+    return size
+
+
+def duplicate_of(study, trial, params: dict) -> int | None:
+    """The number of an earlier live or finished trial with these parameters, or None.
+
+    Earlier only: of two workers that drew the same parameters at once, the later trial
+    number (assigned atomically by the storage) gives way.
+    """
+    from optuna.trial import TrialState
+
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    for t in study.get_trials(deepcopy=False, states=live):
+        if t.number < trial.number and t.params == params:
+            return t.number
+    return None
+
+
+def distinct_finished(study) -> int:
+    from optuna.trial import TrialState
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return len({tuple(sorted(t.params.items())) for t in done})
 
 
 def make_pruner(sweep: Sweep):
@@ -197,12 +262,12 @@ def make_pruner(sweep: Sweep):
     return optuna.pruners.NopPruner()
 
 
-def open_study(sweep: Sweep, url: str, worker: int = 0, create: bool = False):
+def open_study(sweep: Sweep, url: str, seed: int | None = None, create: bool = False):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     kwargs = dict(study_name=sweep.name, storage=make_storage(url),
-                  sampler=make_sampler(sweep, worker), pruner=make_pruner(sweep))
+                  sampler=make_sampler(sweep, seed), pruner=make_pruner(sweep))
     if create:
         return optuna.create_study(direction=sweep.direction, load_if_exists=True, **kwargs)
     return optuna.load_study(**kwargs)
@@ -278,13 +343,13 @@ def _counted(study) -> tuple[int, int, int]:
     return finished, states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
 
 
-def run_trial(sweep: Sweep, trial, results: str | Path, session: str, heartbeat: Heartbeat):
+def run_trial(sweep: Sweep, trial, params: dict, results: str | Path, session: str, heartbeat: Heartbeat):
     """Train (or reuse) the run of one trial; returns the Optuna outcome."""
     import json
 
     import optuna
 
-    cfg = trial_config(sweep, suggest(trial, sweep.space))
+    cfg = trial_config(sweep, params)
     rid = run_id(cfg)
     run_dir = runs_dir(results) / rid
     for key, value in (("run_id", rid), ("run_dir", str(run_dir)), ("host", socket.gethostname()),
@@ -343,13 +408,19 @@ def worker_loop(sweep_path: str, results: str, url: str, n_trials: int, worker: 
 
     apply_thread_budget()
     sweep = load_sweep(sweep_path, overrides)
-    study = open_study(sweep, url, worker)
-    session, heartbeat, done_here = uuid.uuid4().hex[:12], Heartbeat(), 0
+    seed = process_seed(sweep)
+    study = open_study(sweep, url, seed)
+    size = space_size(sweep.space)
+    session, heartbeat, done_here, repeats = uuid.uuid4().hex[:12], Heartbeat(), 0, 0
     try:
         while True:
             fail_stale_trials(study)
             finished, running, waiting = _counted(study)
             if finished >= n_trials:
+                return done_here
+            if distinct_finished(study) >= size or repeats >= MAX_REPEATS:
+                print(f"{sweep.name}: search space exhausted ({distinct_finished(study)} distinct "
+                      f"configurations finished)", file=sys.stderr)
                 return done_here
             if not waiting and finished + running >= n_trials:
                 time.sleep(poll_s)  # the rest are running elsewhere; they may die and need retry
@@ -361,8 +432,17 @@ def worker_loop(sweep_path: str, results: str, url: str, n_trials: int, worker: 
                 trial.set_user_attr("surplus", True)
                 _tell(study, trial, state=TrialState.FAIL)
                 continue
+            trial.set_user_attr("sampler_seed", seed)
+            params = suggest(trial, sweep.space)
+            earlier = duplicate_of(study, trial, params)
+            if earlier is not None:  # the same configuration again: give way and ask anew
+                trial.set_user_attr("duplicate_of", earlier)
+                _tell(study, trial, state=TrialState.FAIL)
+                repeats += 1
+                continue
+            repeats = 0
             try:
-                outcome = {"values": run_trial(sweep, trial, results, session, heartbeat)}
+                outcome = {"values": run_trial(sweep, trial, params, results, session, heartbeat)}
             except optuna.TrialPruned:
                 outcome = {"state": TrialState.PRUNED}
             except Exception as err:  # a crashed trial does not stop the sweep
@@ -387,8 +467,10 @@ def run_sweep(sweep_path: str, results: str, workers: int = 1, n_trials: int | N
                   *(overrides or [])], env) for i in range(workers)]
     codes = supervise(commands, target, lambda: _counted(study)[0], "trial", sweep.name, progress)
     finished = _counted(study)[0]
-    print(f"{sweep.name}: {finished}/{target} trials finished ({url})")
-    return 0 if finished >= target and not any(codes) else 1
+    exhausted = distinct_finished(study) >= space_size(sweep.space)
+    print(f"{sweep.name}: {finished}/{target} trials finished ({url})"
+          + (" -- every configuration of the space is done" if exhausted and finished < target else ""))
+    return 0 if (finished >= target or exhausted) and not any(codes) else 1
 
 
 def best(sweep_path: str, results: str, storage: str | None = None, overrides: list[str] | None = None,

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from abexp import io
+from abexp import io, preempt
 from abexp.config import RunConfig, check_processes, dump_yaml, load_config, run_id
 from abexp.distributed import Dist, init_from_env
 from abexp.data import Batches, load_image_data
@@ -144,6 +144,7 @@ class Run:
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.epoch, self.history, self.wall_s, self.status = 0, [], 0.0, "running"
+        self.step_in_epoch = 0  # > 0 only in a checkpoint saved mid-epoch on a signal
         self.reset_counters()
 
     # ---------------------------------------------------------------- state
@@ -153,12 +154,20 @@ class Run:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"epoch": self.epoch, "engine": self.engine.state_dict(),
                 "buffers": dict(self.model.named_buffers()), "rng": rng,
-                "history": self.history, "wall_s": self.wall_s, "run_id": self.run_id}
+                "history": self.history, "wall_s": self.wall_s, "run_id": self.run_id,
+                "step_in_epoch": self.step_in_epoch,
+                "epoch_counters": {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen}}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("run_id") != self.run_id:
             raise RunDirError(f"{self.out / CHECKPOINT}: belongs to run {state.get('run_id')}")
         self.epoch, self.history, self.wall_s = int(state["epoch"]), list(state["history"]), float(state["wall_s"])
+        self.step_in_epoch = int(state.get("step_in_epoch", 0))
+        if self.step_in_epoch:  # the interrupted epoch's running loss and accuracy sums
+            counters = state["epoch_counters"]
+            self.loss_sum.copy_(counters["loss_sum"])
+            self.correct.copy_(counters["correct"])
+            self.seen = int(counters["seen"])
         self.engine.load_state_dict(state["engine"])
         buffers = dict(self.model.named_buffers())
         for name, value in state["buffers"].items():
@@ -206,16 +215,25 @@ class Run:
         self.seen = 0
 
     def train_epoch(self) -> dict:
+        """One epoch, or its rest after a mid-epoch checkpoint. Raises ``Preempted`` after the
+        step during which a stop signal arrived (the caller saves the checkpoint)."""
         cfg = self.cfg
-        self.reset_counters()
+        start, self.step_in_epoch = self.step_in_epoch, 0
+        if start == 0:
+            self.reset_counters()
         lr = cfg.optim.lr
         self.model.train()
         for i, (x, y) in enumerate(self.batches.epoch(self.epoch)):
+            if i < start:  # drawn and dropped: the data order and augmentation stay seeded
+                continue
             lr = lr_at(self.engine.t, cfg.optim.lr, self.total_steps, self.steps_per_epoch, cfg.schedule)
             self.train_step(x, y, lr)
             # the weights are identical on every rank, so every rank takes the same decision
             if (i + 1) % cfg.train.divergence_check_every == 0 and not torch.isfinite(self.engine.w).all():
                 break
+            if preempt.requested() and i + 1 < self.steps_per_epoch:
+                self.step_in_epoch = i + 1
+                raise preempt.Preempted(f"epoch {self.epoch + 1} step {i + 1}")
         totals = self.ddp.all_reduce_sum_(torch.stack([
             self.loss_sum, self.correct.double(),
             torch.tensor(float(self.seen), device=self.device, dtype=torch.float64)]))
@@ -253,8 +271,16 @@ class Run:
         while self.epoch < self.cfg.train.epochs:
             if stop_after_epochs is not None and self.epoch >= stop_after_epochs:
                 return None
+            if preempt.requested():  # between epochs: the last checkpoint is this state already
+                raise preempt.Preempted(f"after epoch {self.epoch}")
             start = time.perf_counter()
-            stats = self.train_epoch()
+            try:
+                stats = self.train_epoch()
+            except preempt.Preempted:
+                self.wall_s += time.perf_counter() - start
+                if self.ddp.is_main:
+                    io.save_torch(self.out / CHECKPOINT, self.state_dict())
+                raise
             diverged = stats.pop("diverged")
             test_loss, test_acc = (math.nan, None) if diverged else self.evaluate()
             self.epoch += 1
@@ -333,13 +359,14 @@ def train_run(cfg: RunConfig, out_dir: str | Path, device: str = "auto",
     state = _read_checkpoint(out, run, main, log)  # every rank resumes from the same checkpoint
     if state is not None:
         run.load_state_dict(state)
-        log(f"[{rid}] resuming after epoch {run.epoch}")
+        where = f" step {run.step_in_epoch} of epoch {run.epoch + 1}" if run.step_in_epoch else f" epoch {run.epoch}"
+        log(f"[{rid}] resuming after{where}")
     run.ddp.barrier()
     if main:
         # metrics.jsonl is rewritten from the checkpoint: an epoch logged after the last
         # checkpoint (a crash in between) is dropped and trained again, never duplicated
         io.write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in run.history))
-        _event(out, "start", from_epoch=run.epoch, processes=run.ddp.world)
+        _event(out, "start", from_epoch=run.epoch, from_step=run.engine.t, processes=run.ddp.world)
     tracker = Tracker(cfg, out, rid) if main else None
     try:
         result = run.fit(stop_after_epochs, tracker, on_epoch)

@@ -159,6 +159,57 @@ def test_best_exports_a_spec_over_seeds(tmp_path, capsys):
     assert plan[0].run_id == best.user_attrs["run_id"]  # seed 0 is the trial's own run
 
 
+SMALL_SPACE = ("  optim.lr: {type: categorical, choices: [0.01, 0.02, 0.05]}\n"
+               "  optim.rho: {type: categorical, choices: [0.5, 1.0]}\n")
+
+
+def finished_params(trials):
+    return [tuple(sorted(t.params.items())) for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+
+
+def two_concurrent_sweeps(sweep, results, *extra):
+    """Two separate `abexp sweep` commands at once: each one's worker 0 with the same file's seed."""
+    procs = [subprocess.Popen(sweep_cmd(sweep, results, *extra), env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    return [p.returncode for p in procs], outs
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_concurrent_sweeps_and_reruns_never_repeat_a_configuration(tmp_path, sampler):
+    sweep = write_sweep(tmp_path / f"dup_{sampler}.yaml", epochs=1, n_trials=4, sampler=sampler,
+                        space=SMALL_SPACE)
+    results = tmp_path / "r"
+    codes, outs = two_concurrent_sweeps(sweep, results)
+    assert codes == [0, 0], outs
+    # a re-run with a larger target (same file seed) must still propose only new configurations
+    rerun = subprocess.run(sweep_cmd(sweep, results, "--n-trials", "6"), env=ENV, capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    _, _, trials = trial_counts(sweep, results)
+    done = finished_params(trials)
+    assert len(done) == 6 and len(set(done)) == 6, done  # all 6 configurations, each once
+    seeds = {t.user_attrs["sampler_seed"] for t in trials if "sampler_seed" in t.user_attrs}
+    assert len(seeds) >= 2  # one per process, recorded on its trials
+    for t in trials:  # a repeat is told FAIL and names the trial it repeats
+        if "duplicate_of" in t.user_attrs:
+            assert t.state.name == "FAIL"
+            assert t.params == next(o.params for o in trials if o.number == t.user_attrs["duplicate_of"])
+    # asking for more than the space holds stops with every configuration done once, exit 0
+    more = subprocess.run(sweep_cmd(sweep, results, "--n-trials", "8"), env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert more.returncode == 0 and "every configuration of the space is done" in more.stdout, more.stderr
+    assert len(finished_params(trial_counts(sweep, results)[2])) == 6
+
+
+def test_a_missing_storage_driver_is_one_line(tmp_path):
+    sweep = write_sweep(tmp_path / "d.yaml", epochs=1, n_trials=1)
+    proc = subprocess.run(sweep_cmd(sweep, tmp_path / "r", "--storage", "mysql+nosuchdriver://u@h/db"),
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "--storage" in proc.stderr and "nosuchdriver" in proc.stderr
+
+
 def test_shipped_sweeps_validate():
     for path in sorted((ROOT / "sweeps").glob("*.yaml")):
         sweep = load_sweep(path)
@@ -207,3 +258,10 @@ def test_postgresql_storage_with_two_workers(tmp_path, postgres_url):
     assert proc.returncode == 0, proc.stderr
     complete, pruned, _ = trial_counts(sweep, tmp_path / "r", postgres_url)
     assert complete + pruned == 4
+    # two separate processes on one PostgreSQL study: no configuration twice
+    small = write_sweep(tmp_path / "pg_small.yaml", epochs=1, n_trials=5, sampler="tpe", space=SMALL_SPACE)
+    plain_url = postgres_url.replace("postgresql+psycopg://", "postgresql://")  # as a user writes it
+    codes, outs = two_concurrent_sweeps(small, tmp_path / "r", "--storage", plain_url)
+    assert codes == [0, 0], outs
+    done = finished_params(trial_counts(small, tmp_path / "r", plain_url)[2])
+    assert len(done) == 5 and len(set(done)) == 5, done
