@@ -293,17 +293,19 @@ class Run:
                 # how much of the accuracy recalibration recovers, at one extra test pass a run
                 row["test_acc_running_bn"] = self.evaluate(bn="running")[1]
             self.history.append(row)
-            if tracker:
-                tracker.log(row)
             self.log(f"[{self.run_id}] epoch {self.epoch}/{self.cfg.train.epochs} "
                      f"loss {stats['train_loss']:.4f} test_acc {test_acc if test_acc is None else round(test_acc, 4)} "
                      f"lr {stats['lr']:.4g} {epoch_s:.1f}s")
             if diverged:
                 self.status = "diverged"
+                if tracker:
+                    tracker.log(row)
                 break
             if self.ddp.is_main:  # one writer; every rank holds the same state
                 io.append_jsonl(self.out / METRICS, row)
                 io.save_torch(self.out / CHECKPOINT, self.state_dict())
+            if tracker:  # after the checkpoint: W&B never holds an epoch that is trained again
+                tracker.log(row)
             if on_epoch is not None and self.epoch < self.cfg.train.epochs and on_epoch(row):
                 self.status = "pruned"
                 break
@@ -369,6 +371,10 @@ def train_run(cfg: RunConfig, out_dir: str | Path, device: str = "auto",
         _event(out, "start", from_epoch=run.epoch, from_step=run.engine.t, processes=run.ddp.world)
     tracker = Tracker(cfg, out, rid) if main else None
     try:
+        if tracker is not None:
+            backfilled = tracker.backfill(run.history)
+            if backfilled:
+                log(f"[{rid}] W&B lacked epochs {backfilled} (lost to a kill); logged them from the checkpoint")
         result = run.fit(stop_after_epochs, tracker, on_epoch)
         if result is None:
             return None

@@ -1,0 +1,55 @@
+"""W&B across a SIGKILL: the resumed run's W&B history holds every epoch exactly once, as
+wandb's own offline reader (`wandb leet inspect --json`) reads it back."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from abexp.config import load_config, run_id
+from conftest import TINY
+
+
+def wandb_history(wandb_file):
+    """History rows of one offline log, read by the installed wandb's CLI (not abexp's code)."""
+    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(wandb_file)],
+                         capture_output=True, text=True, check=True)
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return [r["history"]["item"] for r in records if r.get("type") == "history"]
+
+
+def test_every_epoch_reaches_wandb_once_after_a_sigkill_between_epochs(tmp_path):
+    overrides = TINY + ["train.epochs=5", "tracking.wandb.mode=offline", "experiment=wbkill"]
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("{}\n")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "abexp.cli", "train", str(cfg_file), "--out", str(out), "--device", "cpu"]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    env.update(WANDB_SILENT="true", WANDB_DIR=str(tmp_path))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and wandb's service process with it
+    proc.wait()
+    assert len(metrics.read_text().splitlines()) in (2, 3), "killed too late to test anything"
+
+    rid = run_id(load_config(cfg_file, overrides))
+    logs = lambda: sorted(out.glob(f"wandb/offline-run-*-{rid}/run-{rid}.wandb"))  # noqa: E731
+    before = {f: [r["epoch"] for r in wandb_history(f)] for f in logs()}
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+
+    assert len(logs()) == 2  # one offline folder per process, both under the run id
+    rows = [row for f in logs() for row in wandb_history(f)]
+    assert sorted(r["epoch"] for r in rows) == [1, 2, 3, 4, 5], (before, rows)
+    truth = {r["epoch"]: r["test_acc"] for r in map(json.loads, metrics.read_text().splitlines())}
+    assert {r["epoch"]: r["test_acc"] for r in rows} == truth
+    # the first process's log kept only what wandb had flushed; the rest came from the checkpoint
+    assert [r["epoch"] for r in wandb_history(logs()[0])] == next(iter(before.values()))
