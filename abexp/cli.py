@@ -41,6 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_processes(cfg, args.nproc, args.config)
     preflight_data([cfg])
     out = Path(args.out) if args.out else Path(args.results) / "runs" / run_id(cfg)
+    check_results_dir(str(out), write=True, flag="--out" if args.out else "--results")
     if args.nproc > 1:
         return launch_torchrun(args.nproc, out, args)
     from abexp.distributed import shutdown
@@ -112,7 +113,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for r in plan:
         state = run_state(runs_dir(args.results) / r.run_id)
         label = " ".join(f"{k}={v}" for k, v in r.overrides.items()) or "(base)"
-        print(f"{r.run_id}  {state:<8} {label}")
+        print(f"{r.run_id}  {state:<9} {label}")
     print(f"{len(plan)} runs")
     return 0
 
@@ -122,10 +123,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from abexp.runner import run_local
     from abexp.spec import load_spec
 
-    check_results_dir(args.results)
+    check_results_dir(args.results, write=True)
     plan = load_spec(args.spec, args.set).expand()  # validate every run before anything starts
     for run in plan:
         check_processes(run.config, args.gpus_per_run, args.spec)
+    check_run_folders(plan, args.results)
     preflight_data([run.config for run in plan])
     gpus = [g for g in args.gpus.split(",") if g] if args.gpus else None
     if args.backend == "slurm":
@@ -177,10 +179,43 @@ def preflight_data(configs: list) -> None:
             preflight(cfg)
 
 
-def check_results_dir(path: str) -> None:
-    """--results must be a folder (or not exist yet): a file there is one clear error."""
+def check_results_dir(path: str, write: bool = False, flag: str = "--results") -> None:
+    """--results must be a folder (or not exist yet), and writable where we will write."""
+    import os
+
     if Path(path).exists() and not Path(path).is_dir():
-        raise ConfigError("--results", "", f"{path} is a file, not a results folder")
+        raise ConfigError(flag, "", f"{path} is a file, not a folder")
+    if write:
+        existing = Path(path).absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(flag, "", f"{path}: cannot write in {existing} (permission denied)")
+
+
+def check_run_folders(plan: list, results: str) -> None:
+    """A run folder must hold the run it is named after: a folder copied or edited by hand
+    would otherwise fail its run inside a worker, once per retry."""
+    import json
+
+    from abexp.config import load_config, run_id
+    from abexp.runner import runs_dir
+
+    for run in plan:
+        folder = runs_dir(results) / run.run_id
+        if (folder / "config.yaml").exists():
+            other = run_id(load_config(folder / "config.yaml"))
+            if other != run.run_id:
+                raise ConfigError(str(folder / "config.yaml"), "", f"holds run {other}, not {run.run_id} "
+                                  "(copied or edited by hand?); move the folder away")
+        if (folder / "result.json").exists():
+            try:
+                other = json.loads((folder / "result.json").read_text()).get("run_id")
+            except (OSError, ValueError, AttributeError):
+                continue  # damaged: collect and status report it
+            if other != run.run_id:
+                raise ConfigError(str(folder / "result.json"), "run_id", f"is {other}, not {run.run_id}; "
+                                  "move the folder away")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -194,17 +229,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     damaged: list[str] = []
     table = collect(args.results, [r.run_id for r in plan], damaged).set_index("run_id") if plan else None
     damaged_ids = {Path(d.split(":", 1)[0]).parent.name for d in damaged}
+    states = []
     for r in plan:
         state = "damaged" if r.run_id in damaged_ids else run_state(runs_dir(args.results) / r.run_id)
-        if state == "done" and table is not None and r.run_id in table.index:
-            state = str(table.loc[r.run_id, "status"])  # completed | diverged | pruned, as collect says
+        states.append(state)
         acc = ""
         if table is not None and r.run_id in table.index and pd.notna(table.loc[r.run_id, "test_acc"]):
             acc = f"test_acc={float(table.loc[r.run_id, 'test_acc']):.4f}"
         label = " ".join(f"{k}={v}" for k, v in r.overrides.items()) or "(base)"
-        print(f"{r.run_id}  {state:<8} {acc:<16} {label}")
-    counts = summarize(plan, args.results)
-    print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f" ({len(plan)} runs)")
+        print(f"{r.run_id}  {state:<9} {acc:<16} {label}")
+    print(summarize(states))
     return 1 if damaged else 0
 
 
@@ -252,7 +286,7 @@ def readable(table, summary: list[str]):
 def cmd_sweep(args: argparse.Namespace) -> int:
     from abexp import sweep
 
-    check_results_dir(args.results)
+    check_results_dir(args.results, write=not args.best)
     if args.best:
         return sweep.best(args.sweep, args.results, args.storage, args.set, args.export)
     return sweep.run_sweep(args.sweep, args.results, args.workers, args.n_trials, args.storage,
@@ -363,12 +397,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # --help and usage errors end here, before torch is imported
     from abexp.data import DataError
+    from abexp.io import WriteError
     from abexp.train import RunDirError
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DataError, RunDirError) as err:
         sys.stderr.write(f"abexp: error: {err}\n")
         return EXIT_BAD_INPUT
+    except WriteError as err:  # a full disk is not bad input: exit 1, still one line
+        sys.stderr.write(f"abexp: error: {err.strerror}\n")
+        return 1
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ class ConfigError(Exception):
 
 
 class _Locked(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # nan and inf are refused everywhere: a .inf learning rate is a typo, not an experiment
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelCfg(_Locked):
@@ -223,6 +224,24 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int):
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> Any:
     """Safe-load a YAML file; any failure is a ConfigError naming the file."""
     path = Path(path)
@@ -231,7 +250,10 @@ def read_yaml(path: str | Path) -> Any:
     except OSError as err:
         raise ConfigError(str(path), "", f"cannot read: {err.strerror or err}") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
+    except DuplicateKey as err:
+        raise ConfigError(str(path), str(err.key), f"given twice (line {err.line}); "
+                                                    "YAML would silently keep the last") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""

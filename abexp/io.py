@@ -11,19 +11,38 @@ from typing import Any
 import torch
 
 
+class WriteError(OSError):
+    """A write the file system refused (full disk, permissions); the message names the file.
+    The file it would have replaced is untouched."""
+
+
 def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        cause = _os_error(err)
+        if cause is not None and not isinstance(err, WriteError):
+            raise WriteError(cause.errno, f"{path}: cannot write ({cause.strerror or cause})") from None
         raise
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    """The OSError behind ``err`` (torch.save re-raises a failed write as a RuntimeError)."""
+    seen = 0
+    while err is not None and seen < 5:
+        if isinstance(err, OSError):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
@@ -48,8 +67,11 @@ def load_torch(path: str | Path, map_location=None) -> Any:
 
 def append_jsonl(path: str | Path, row: dict) -> None:
     """Append one JSON line (metrics, events): a torn last line is skipped by read_jsonl."""
-    with open(path, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
+    try:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+    except OSError as err:
+        raise WriteError(err.errno, f"{path}: cannot append ({err.strerror or err})") from None
 
 
 class DamagedFile(Exception):

@@ -36,10 +36,18 @@ def runs_dir(results: str | Path) -> Path:
     return Path(results) / "runs"
 
 
+STATES = ("completed", "diverged", "pruned", "running", "partial", "failed", "pending", "damaged")
+
+
 def run_state(run_dir: Path) -> str:
-    """done | failed | running | partial | pending, from the files in the run folder alone."""
+    """One of STATES, from the files in the run folder alone: the one vocabulary of plan,
+    status, collect and the progress line. Finished runs say how (result.json's status)."""
     if (run_dir / "result.json").exists():
-        return "done"
+        try:
+            status = json.loads((run_dir / "result.json").read_text())["status"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return "damaged"
+        return status if status in STATES else "damaged"
     if (run_dir / LOCK).exists() and not is_stale(run_dir / LOCK):
         return "running"
     if (run_dir / FAILED).exists():
@@ -200,19 +208,25 @@ def apply_thread_budget() -> None:
 
 
 def supervise(commands: list[tuple[list[str], dict]], total: int, count: Callable[[], int],
-              unit: str, desc: str, progress: bool) -> list[int]:
-    """Start worker processes (each dies with this one), show ``count()`` of ``total`` until
-    they have all exited, and return their exit codes."""
+              unit: str, desc: str, progress: bool, postfix: Callable[[], str] | None = None) -> list[int]:
+    """Start worker processes (each dies with this one), show ``count()`` of ``total`` (and
+    ``postfix()``) until they have all exited, and return their exit codes."""
     from tqdm import tqdm
 
     procs = [subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent) for cmd, env in commands]
     bar = tqdm(total=total, initial=min(total, count()), unit=unit, desc=desc, disable=not progress,
                dynamic_ncols=True)
+
+    def refresh() -> None:
+        if postfix is not None and progress:
+            bar.set_postfix_str(postfix(), refresh=False)
+        bar.update(min(total, count()) - bar.n)
+
     try:
         while any(p.poll() is None for p in procs):
             time.sleep(1.0)
-            bar.update(min(total, count()) - bar.n)
-        bar.update(min(total, count()) - bar.n)
+            refresh()
+        refresh()
     finally:
         bar.close()
         for p in procs:
@@ -245,12 +259,10 @@ def _slots(workers: int | None, gpus: list[str] | None, runs_per_gpu: int,
     return [None] * (workers or 1)
 
 
-def summarize(plan: list[PlannedRun], results: str | Path) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for run in plan:
-        state = run_state(runs_dir(results) / run.run_id)
-        counts[state] = counts.get(state, 0) + 1
-    return counts
+def summarize(states: list[str]) -> str:
+    """``3 completed, 1 diverged, 20 pending (24 runs)``, in STATES order."""
+    counts = [f"{states.count(s)} {s}" for s in STATES if states.count(s)]
+    return ", ".join(counts) + f" ({len(states)} runs)"
 
 
 def run_local(spec_path: str, results: str, workers: int | None = None,
@@ -275,7 +287,23 @@ def run_local(spec_path: str, results: str, workers: int | None = None,
             env["ABEXP_NPROC"] = str(gpus_per_run)
         commands.append(([sys.executable, "-m", "abexp.runner", spec_path, results, session,
                           *(overrides or [])], env))
-    codes = supervise(commands, len(ids), done, "run", Path(spec_path).stem, progress)
+    # progress in epochs (with their rate), not whole runs: the first run's minutes show too
+    epochs = {r.run_id: r.config.train.epochs for r in plan}
+
+    def epochs_done() -> int:
+        n = 0
+        for rid, total in epochs.items():
+            if (root / rid / "result.json").exists():
+                n += total
+            else:
+                try:
+                    n += (root / rid / "metrics.jsonl").read_bytes().count(b"\n")
+                except OSError:
+                    pass
+        return n
+
+    codes = supervise(commands, sum(epochs.values()), epochs_done, "epoch", Path(spec_path).stem, progress,
+                      postfix=lambda: f"{done()}/{len(ids)} runs done")
     failed = [rid for rid in ids if _failed_in_session(root / rid, session)]
     crashed = [code for code in codes if code != 0]
     for rid in failed:

@@ -120,6 +120,12 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     for key, spec in space.items():
         _check_param(source, key, spec, base)
     objective = doc.get("objective") or {}
+    if not isinstance(objective, dict):
+        raise ConfigError(source, "objective", f"expected a mapping such as {{metric: test_acc, reduce: best}} "
+                                               f"(got {objective!r})")
+    for key in ("sampler", "pruner"):
+        if not isinstance(doc.get(key) or {}, dict):
+            raise ConfigError(source, key, f"expected a mapping such as {{name: ...}} (got {doc[key]!r})")
     metric = objective.get("metric", "test_acc")
     if metric not in METRICS:
         raise ConfigError(source, "objective.metric", f"expected one of {list(METRICS)}")
@@ -479,6 +485,10 @@ def best(sweep_path: str, results: str, storage: str | None = None, overrides: l
 
     sweep = load_sweep(sweep_path, overrides)
     url = storage_url(sweep, results, storage)
+    journal = "://" not in url or url.startswith("journal://")
+    if journal and not Path(url.removeprefix("journal://")).exists():  # opening it would create it
+        print(f"{sweep.name}: no study in {url} yet (run the sweep first)", file=sys.stderr)
+        return 1
     try:
         study = open_study(sweep, url)
     except KeyError:  # optuna: "Record does not exist." -- the study was never created there

@@ -302,8 +302,8 @@ class Run:
                     tracker.log(row)
                 break
             if self.ddp.is_main:  # one writer; every rank holds the same state
-                io.append_jsonl(self.out / METRICS, row)
-                io.save_torch(self.out / CHECKPOINT, self.state_dict())
+                io.save_torch(self.out / CHECKPOINT, self.state_dict())  # first: a failed write
+                io.append_jsonl(self.out / METRICS, row)                 # leaves both as they were
             if tracker:  # after the checkpoint: W&B never holds an epoch that is trained again
                 tracker.log(row)
             if on_epoch is not None and self.epoch < self.cfg.train.epochs and on_epoch(row):
