@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export WANDB_SILENT := true
 
-.PHONY: setup fashion-mnist test bench demo figures reproduce resilience clean
+.PHONY: setup fashion-mnist test bench demo demo-check figures reproduce resilience clean
 
 setup: $(STAMP) fashion-mnist
 
@@ -41,10 +41,24 @@ CIFAR10_DIR ?= data/cifar10
 WORKERS ?= 2
 GPUS_PER_IMAGENET_RUN ?= 1
 
-# The whole pipeline at CPU scale on the bundled digits (ResNet-8), W&B offline.
+# The whole pipeline at CPU scale on the bundled digits (ResNet-8), W&B offline. One torch
+# thread per worker: the numbers are then the same on every CPU machine (make demo-check).
+DEMO_RUN = ABEXP_THREADS=1 $(BIN)/abexp run experiments/digits_demo.yaml --workers $(WORKERS)
 demo: $(STAMP)
-	$(BIN)/abexp run experiments/digits_demo.yaml --results $(RESULTS) --workers $(WORKERS)
+	$(DEMO_RUN) --results $(RESULTS)
 	$(BIN)/python analysis/make_figures.py --results $(RESULTS) --experiment digits_demo
+
+# CI: a fresh demo in an empty folder must reproduce README's demo table (WRITE=1 updates it
+# and the figure). Only the table and that figure are drawn (no stability bisections).
+DEMO_CHECK_DIR ?= .demo-check
+DEMO_FIGS = $(DEMO_CHECK_DIR)/figures/digits_demo
+demo-check: $(STAMP)
+	rm -rf $(DEMO_CHECK_DIR)
+	WANDB_MODE=disabled $(DEMO_RUN) --results $(DEMO_CHECK_DIR) --no-progress
+	$(BIN)/abexp collect --results $(DEMO_CHECK_DIR) -o $(DEMO_CHECK_DIR)/runs.csv
+	for script in tables accuracy_vs_delay; do $(BIN)/python analysis/$$script.py \
+	  --table $(DEMO_CHECK_DIR)/runs.csv --experiment digits_demo --out $(DEMO_FIGS) || exit 1; done
+	$(BIN)/python analysis/check_readme.py --results $(DEMO_CHECK_DIR) $(if $(WRITE),--write)
 
 # Every figure from $(RESULTS) alone: no training.
 figures: $(STAMP)

@@ -143,6 +143,8 @@ def submit_slurm(args: argparse.Namespace) -> int:
 
     from abexp import slurm
 
+    if args.pack > 1:
+        raise ConfigError("--pack", "", "local only: SLURM tasks train one run at a time")
     req = slurm.Request(array=args.array, cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task,
                         mem=args.mem, partition=args.partition, account=args.account, qos=args.qos,
                         time=args.time)
@@ -294,10 +296,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def add_spec_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec")
+    p.add_argument("spec", help="experiment spec YAML (experiments/*.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a dotted key in the base of every run (e.g. data.root=...)")
-    p.add_argument("--results", default="results")
+    p.add_argument("--results", default="results", help="results folder (default results/)")
 
 
 def build_parser() -> Parser:
@@ -312,7 +314,8 @@ def build_parser() -> Parser:
                    help="override a dotted key, e.g. --set optim.lr=0.05 (repeatable)")
     p.add_argument("--out", help="run folder (default RESULTS/runs/<run_id>)")
     p.add_argument("--results", default="results", help="results folder (default results/)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: CUDA when available")
     p.add_argument("--stop-after", type=int, metavar="EPOCHS",
                    help="stop (resumably) after this many epochs; for tests and time-boxed jobs")
     p.add_argument("--nproc", type=int, default=1,
@@ -320,21 +323,23 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("stability", help="largest stable step on a quadratic, per optimizer and delay")
-    p.add_argument("--optim", nargs="+", default=["sgdm", "ab"], choices=OPTIM_NAMES)
-    p.add_argument("--rho", type=float, default=1.0)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--delays", nargs="+", type=non_negative_int, default=[0, 1, 2, 4, 8, 16, 32])
+    p.add_argument("--optim", nargs="+", default=["sgdm", "ab"], choices=OPTIM_NAMES, metavar="NAME",
+                   help=f"optimizers to compare (default sgdm ab; any of {', '.join(OPTIM_NAMES)})")
+    p.add_argument("--rho", type=float, default=1.0, help="AB's braking strength (default 1.0)")
+    p.add_argument("--momentum", type=float, default=0.9, help="momentum (default 0.9)")
+    p.add_argument("--delays", nargs="+", type=non_negative_int, default=[0, 1, 2, 4, 8, 16, 32], metavar="D",
+                   help="gradient delays in steps (default 0 1 2 4 8 16 32)")
     p.add_argument("--stages", nargs="+", type=positive_int, metavar="S",
                    help="instead of --delays: S pipeline stages (delays 2(S-1-s)) next to one "
                         "constant delay 2(S-1), e.g. --stages 1 2 4 8 16")
     p.add_argument("--steps", type=positive_int, default=3000, help="simulated steps per trial")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--out", help="also write the table to FILE.csv (for analysis/stability.py)")
     p.set_defaults(func=cmd_stability)
 
     p = sub.add_parser("plan", help="list the runs a spec expands to, with their state")
     add_spec_args(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="run every run of a spec (resumable, exactly once)")
@@ -352,15 +357,15 @@ def build_parser() -> Parser:
     g.add_argument("--array", type=positive_int, default=4, help="array tasks (workers)")
     g.add_argument("--slurm-folder", default="results/slurm", help="job scripts and logs")
     g.add_argument("--partition", "--slurm-partition", dest="partition", help="default: the cluster's")
-    g.add_argument("--account")
-    g.add_argument("--qos")
+    g.add_argument("--account", help="SLURM account to charge")
+    g.add_argument("--qos", help="SLURM quality of service")
     g.add_argument("--time", help="per task, SLURM syntax (90, 4:00:00, 1-00:00:00); USR1 comes "
                                   "2 min before it, the task checkpoints and requeues")
     g.add_argument("--cpus-per-task", type=positive_int, default=2, help="also the torch threads of a task")
     g.add_argument("--mem", help="per task, SLURM syntax (16G, 4000)")
     g.add_argument("--gpus-per-task", type=non_negative_int,
                    help="default: --gpus-per-run where the partition has GPUs, else 0")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("cancel", help="stop a SLURM submission for good (no requeue)")
@@ -372,22 +377,22 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("collect", help="one table row per run in RESULTS/runs")
-    p.add_argument("--results", default="results")
+    p.add_argument("--results", default="results", help="results folder (default results/)")
     p.add_argument("-o", "--output", help="FILE.csv or FILE.parquet (default: print)")
     p.add_argument("--curves", help="also write per-epoch metrics of every run to FILE.csv|.parquet")
     p.set_defaults(func=cmd_collect)
     p = sub.add_parser("sweep", help="Optuna sweep whose trials are ordinary runs")
-    p.add_argument("sweep")
+    p.add_argument("sweep", help="sweep YAML (sweeps/*.yaml)")
     p.add_argument("--n-trials", type=int, help="total target (default: the file's n_trials)")
-    p.add_argument("--workers", type=positive_int, default=1)
+    p.add_argument("--workers", type=positive_int, default=1, help="worker processes on this machine")
     p.add_argument("--storage", help="Optuna storage: FILE.journal (default results/sweeps/NAME.journal), "
                                      "sqlite:///FILE.db or postgresql://...")
-    p.add_argument("--results", default="results")
+    p.add_argument("--results", default="results", help="results folder (default results/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a key (e.g. delay.steps=32); the study name records it")
     p.add_argument("--best", action="store_true", help="print the best trial instead of running")
     p.add_argument("--export", help="with --best: write a spec re-running the best config over seeds")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     p.set_defaults(func=cmd_sweep)
     return parser
 

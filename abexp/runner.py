@@ -279,6 +279,7 @@ def run_local(spec_path: str, results: str, workers: int | None = None,
         return 0
     slots = _slots(workers, gpus, runs_per_gpu, gpus_per_run)
     threads = max(1, (os.cpu_count() or 1) // len(slots)) if slots[0] is None else 4
+    threads = int(os.environ.get("ABEXP_THREADS") or threads)  # fixed by the caller (make demo)
     commands = []
     for gpu in slots:
         env = dict(os.environ, ABEXP_THREADS=str(threads), ABEXP_PACK=str(pack))

@@ -112,3 +112,13 @@ def test_help_does_not_import_torch():
             "except SystemExit:\n    pass\nprint('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("False")
+
+
+def test_every_option_of_every_command_has_help_text():
+    import argparse
+
+    from abexp.cli import build_parser
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [f"{name} {a.option_strings or a.dest}" for name, sub in commands.choices.items()
+            for a in sub._actions if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
+    assert bare == []

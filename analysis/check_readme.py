@@ -1,0 +1,64 @@
+"""Fail when README.md's demo table is not what a fresh `make demo` gives (`make demo-check`).
+
+The demo is deterministic on CPU (fixed seeds, one torch thread per worker), so the table in
+README.md under "What the demo shows" must equal results/figures/digits_demo/accuracy_table.md
+of a fresh run, line for line. ``--write`` puts the fresh table (and figure) into the README
+instead of failing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADING = "### What the demo shows"
+FIGURE = ROOT / "results" / "demo_accuracy_vs_delay.png"
+
+
+def table_lines(lines: list[str], start: int = 0) -> tuple[int, int]:
+    """[first, end) of the first markdown table at or after line ``start``."""
+    first = next(i for i in range(start, len(lines)) if lines[i].startswith("|"))
+    end = first
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return first, end
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", required=True, help="the results folder of a fresh `make demo`")
+    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    p.add_argument("--write", action="store_true", help="update the README (and figure) instead")
+    args = p.parse_args()
+    fresh_file = Path(args.results) / "figures" / "digits_demo" / "accuracy_table.md"
+    if not fresh_file.exists():
+        print(f"check_readme: {fresh_file} missing: run make demo RESULTS={args.results} first", file=sys.stderr)
+        return 2
+    fresh_lines = fresh_file.read_text().splitlines()
+    a, b = table_lines(fresh_lines)
+    fresh = fresh_lines[a:b]
+    readme = Path(args.readme).read_text().splitlines()
+    first, end = table_lines(readme, readme.index(HEADING))
+    if readme[first:end] == fresh:
+        print(f"README demo table matches a fresh make demo ({fresh_file})")
+        return 0
+    if args.write:
+        readme[first:end] = fresh
+        Path(args.readme).write_text("\n".join(readme) + "\n")
+        shutil.copyfile(Path(args.results) / "figures" / "digits_demo" / "accuracy_vs_delay.png", FIGURE)
+        print(f"updated the demo table in {args.readme} and {FIGURE.relative_to(ROOT)}; "
+              "re-read the prose around it")
+        return 0
+    sys.stdout.writelines(difflib.unified_diff([line + "\n" for line in readme[first:end]],
+                                               [line + "\n" for line in fresh], "README.md", str(fresh_file)))
+    print("README's demo table is stale: `make demo-check WRITE=1` updates it (then re-read the prose)",
+          file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
