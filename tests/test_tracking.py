@@ -28,7 +28,9 @@ def test_every_epoch_reaches_wandb_once_after_a_sigkill_between_epochs(tmp_path)
     cmd = [sys.executable, "-m", "abexp.cli", "train", str(cfg_file), "--out", str(out), "--device", "cpu"]
     for o in overrides:
         cmd += ["--set", o]
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    # no WANDB_* from this process: an earlier in-process test may have left its wandb service
+    # address (WANDB_SERVICE), which would outlive the kill and hold the run id
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(WANDB_SILENT="true", WANDB_DIR=str(tmp_path))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
