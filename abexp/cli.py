@@ -291,6 +291,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_results_dir(args.results, write=not args.best)
     if args.best:
         return sweep.best(args.sweep, args.results, args.storage, args.set, args.export)
+    from abexp.config import validate
+    spec = sweep.load_sweep(args.sweep, args.set)
+    preflight_data([validate(spec.base, args.sweep)])  # the base's data; a space over data.root: per trial
     return sweep.run_sweep(args.sweep, args.results, args.workers, args.n_trials, args.storage,
                            args.set, progress=not args.no_progress)
 

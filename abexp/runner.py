@@ -322,7 +322,8 @@ def worker_main(argv: Iterable[str]) -> int:
     if under_slurm:
         preempt.install()
     counts = worker_loop(spec_path, results, session, overrides)
-    print(f"worker {os.getpid()}: {counts}", flush=True)
+    if under_slurm:  # the task's log says what it did
+        print(f"worker {os.getpid()}: {counts}", flush=True)
     if under_slurm and counts.get("preempted"):
         from abexp.slurm import requeue_self
         requeue_self(lambda msg: print(msg, flush=True))

@@ -239,12 +239,18 @@ def requeue_self(log=print) -> str | None:
 
 
 def cancel(folder: str | Path) -> list[str]:
-    """Stop every job of every session under ``folder`` for good: marker first, then scancel."""
-    cancelled = []
-    for jobs in sorted(Path(folder).glob(f"*/{JOBS}")):
-        io.write_text(jobs.parent / STOP, f"{time.time()}\n")
-        ids = [line.strip() for line in jobs.read_text().splitlines() if line.strip()]
-        if ids:
-            subprocess.run(["scancel", *ids], capture_output=True)
-            cancelled += ids
+    """Stop every job of every session under ``folder`` for good: markers first, then scancel.
+    A second pass catches a replacement submitted by a task that checked just before the marker."""
+    sessions = sorted(p.parent for p in Path(folder).glob(f"*/{JOBS}"))
+    for session in sessions:
+        io.write_text(session / STOP, f"{time.time()}\n")
+    cancelled: list[str] = []
+    for attempt in range(2):
+        for session in sessions:
+            ids = [i for i in (session / JOBS).read_text().split() if i not in cancelled]
+            if ids:
+                subprocess.run(["scancel", *ids], capture_output=True)
+                cancelled += ids
+        if attempt == 0 and cancelled:
+            time.sleep(2)
     return cancelled

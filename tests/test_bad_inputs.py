@@ -90,6 +90,9 @@ CASES = [
     ("sweep objective as a string", {"w.yaml": "name: w\nbase: {}\nspace: {optim.lr: {type: float, low: 0.01, "
                                                "high: 0.1}}\nobjective: test_acc\n"},
      ["sweep", "w.yaml", "--results", "r"], 2, ["w.yaml", "objective"]),
+    ("sweep over a missing dataset", {"w.yaml": "name: w\nbase: {data: {name: fashion_mnist, root: nowhere}}\n"
+                                                "space: {optim.lr: {type: float, low: 0.01, high: 0.1}}\n"},
+     ["sweep", "w.yaml", "--results", "r"], 2, ["nowhere"]),
     ("sweep --best before any trial", {"w.yaml": "name: w\nbase: {}\nspace: {optim.lr: {type: float, low: 0.01, "
                                                  "high: 0.1}}\n"},
      ["sweep", "w.yaml", "--results", "r", "--best"], 1, ["w", "no study"]),
