@@ -322,7 +322,7 @@ def fail_stale_trials(study) -> int:
     retried = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         host, pid, rid = t.user_attrs.get("host"), t.user_attrs.get("pid"), t.user_attrs.get("run_dir")
-        if host is None:
+        if host is None or pid is None:  # attrs are written one by one: a trial mid-start
             continue
         if host == socket.gethostname():
             stale = not pid_alive(int(pid))
