@@ -189,9 +189,7 @@ def worker_loop(spec_path: str, results: str, session: str, overrides: list[str]
                     for _, c in group:
                         heartbeat.remove(c)
                         c.release()
-                if counts.get("preempted"):
-                    return counts
-            if unfinished == 0 or preempt.requested():
+            if unfinished == 0 or preempt.requested():  # a stopped run also stops the next claim
                 return counts
             time.sleep(poll_s)  # the rest are claimed by live workers: wait, they may die
     finally:

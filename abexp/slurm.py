@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from abexp import io
-from abexp.claims import slurm_task as this_task
+from abexp.claims import slurm_task
 from abexp.config import ConfigError
 
 SCRIPT, JOBS, STOP = "task.sbatch", "jobs.txt", "stop"
@@ -104,9 +104,10 @@ def parse_sinfo(text: str) -> list[Node]:
         if len(fields) != 5:
             continue
         part, cpus, mem, gres, limit = fields
+        limit_min = parse_time_min(limit)
         nodes.append(Node(part.rstrip("*"), part.endswith("*"), int(cpus.rstrip("+") or 0),
                           int(mem.rstrip("+") or 0), gres_gpus(gres),
-                          parse_time_min(limit) or float("inf")))
+                          float("inf") if limit_min is None else limit_min))
     return nodes
 
 
@@ -127,10 +128,6 @@ def check_request(req: Request, nodes: list[Node] | None, gpus_per_run: int = 1)
 
     Raises ConfigError naming the flag when no node of the partition can run one task.
     """
-    if req.cpus_per_task < 1:
-        raise ConfigError("--cpus-per-task", "", f"must be >= 1, got {req.cpus_per_task}")
-    if req.array < 1:
-        raise ConfigError("--array", "", f"must be >= 1, got {req.array}")
     mem_mb = None if req.mem is None else parse_mem_mb(req.mem)
     if req.mem is not None and mem_mb is None:
         raise ConfigError("--mem", "", f"{req.mem!r}: expected a size such as 4000, 500M or 16G")
@@ -226,7 +223,7 @@ def requeue_self(log=print) -> str | None:
     worker finds the runs claimed or done and exits.
     """
     folder = Path(os.environ.get("ABEXP_SLURM_FOLDER", ""))
-    task = this_task()
+    task = slurm_task()
     if not task or not (folder / SCRIPT).exists():
         return None
     if (folder / STOP).exists():

@@ -158,12 +158,17 @@ def storage_url(sweep: Sweep, results: str | Path, override: str | None = None) 
     return override or sweep.storage or str(Path(results) / "sweeps" / f"{sweep.name}.journal")
 
 
+def journal_path(url: str) -> Path | None:
+    """The journal file a storage URL names (a path or journal://path), or None for a database."""
+    return Path(url.removeprefix("journal://")) if "://" not in url or url.startswith("journal://") else None
+
+
 def make_storage(url: str):
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
-    if "://" not in url or url.startswith("journal://"):
-        path = Path(url.removeprefix("journal://"))
+    path = journal_path(url)
+    if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
@@ -185,15 +190,19 @@ def rdb_url(url: str) -> str:
     return url
 
 
+def finite_values(s: dict) -> list | None:
+    """Every value a parameter can take, or None when there are infinitely many (or a log scale)."""
+    if s["type"] == "categorical":
+        return list(s["choices"])
+    if s.get("log") or (s["type"] == "float" and s.get("step") is None):
+        return None
+    step = s.get("step", 1)
+    n = int((s["high"] - s["low"]) / step + 1e-9) + 1  # Optuna's grid: low + k*step <= high
+    return [s["low"] + i * step for i in range(n)]
+
+
 def _grid_space(space: dict) -> dict[str, list]:
-    grid = {}
-    for key, s in space.items():
-        if s["type"] == "categorical":
-            grid[key] = list(s["choices"])
-        else:
-            n = int(round((s["high"] - s["low"]) / s["step"])) + 1
-            grid[key] = [s["low"] + i * s["step"] for i in range(n)]
-    return grid
+    return {key: finite_values(s) for key, s in space.items()}  # load_sweep checked they are finite
 
 
 def process_seed(sweep: Sweep) -> int:
@@ -225,14 +234,10 @@ def space_size(space: dict) -> float:
     """How many distinct configurations the space holds (inf when any parameter is continuous)."""
     size = 1.0
     for s in space.values():
-        if s["type"] == "categorical":
-            size *= len(s["choices"])
-        elif s["type"] == "int" and not s.get("log"):
-            size *= (int(s["high"]) - int(s["low"])) // int(s.get("step", 1)) + 1
-        elif s.get("step") is not None and not s.get("log"):
-            size *= int(round((s["high"] - s["low"]) / s["step"])) + 1
-        else:
+        values = finite_values(s)
+        if values is None:
             return float("inf")
+        size *= len(values)
     return size
 
 
@@ -424,7 +429,7 @@ def worker_loop(sweep_path: str, results: str, url: str, n_trials: int, worker: 
             finished, running, waiting = _counted(study)
             if finished >= n_trials:
                 return done_here
-            if distinct_finished(study) >= size or repeats >= MAX_REPEATS:
+            if (size < float("inf") and distinct_finished(study) >= size) or repeats >= MAX_REPEATS:
                 print(f"{sweep.name}: search space exhausted ({distinct_finished(study)} distinct "
                       f"configurations finished)", file=sys.stderr)
                 return done_here
@@ -473,7 +478,8 @@ def run_sweep(sweep_path: str, results: str, workers: int = 1, n_trials: int | N
                   *(overrides or [])], env) for i in range(workers)]
     codes = supervise(commands, target, lambda: _counted(study)[0], "trial", sweep.name, progress)
     finished = _counted(study)[0]
-    exhausted = distinct_finished(study) >= space_size(sweep.space)
+    size = space_size(sweep.space)
+    exhausted = size < float("inf") and distinct_finished(study) >= size
     print(f"{sweep.name}: {finished}/{target} trials finished ({url})"
           + (" -- every configuration of the space is done" if exhausted and finished < target else ""))
     return 0 if (finished >= target or exhausted) and not any(codes) else 1
@@ -485,8 +491,8 @@ def best(sweep_path: str, results: str, storage: str | None = None, overrides: l
 
     sweep = load_sweep(sweep_path, overrides)
     url = storage_url(sweep, results, storage)
-    journal = "://" not in url or url.startswith("journal://")
-    if journal and not Path(url.removeprefix("journal://")).exists():  # opening it would create it
+    journal = journal_path(url)
+    if journal is not None and not journal.exists():  # opening it would create it
         print(f"{sweep.name}: no study in {url} yet (run the sweep first)", file=sys.stderr)
         return 1
     try:
