@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -44,9 +45,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_results_dir(str(out), write=True, flag="--out" if args.out else "--results")
     if args.nproc > 1:
         return launch_torchrun(args.nproc, out, args)
+    from abexp import io
+    from abexp.claims import ClaimLost, from_env
     from abexp.distributed import shutdown
+    claim = from_env()  # a rank of a worker's multi-GPU run: fenced by the worker's claim
     try:
-        result = train_run(cfg, out, device=args.device, stop_after_epochs=args.stop_after)
+        with io.fenced(out, claim.check) if claim else contextlib.nullcontext():
+            result = train_run(cfg, out, device=args.device, stop_after_epochs=args.stop_after)
+    except ClaimLost as lost:
+        print(lost, file=sys.stderr)
+        return 3
     finally:
         shutdown()
     if result is None:

@@ -239,7 +239,7 @@ class PackedRun:
         io.save_torch(self.outs[i] / WEIGHTS, self.model.run_state(i))
         io.write_json(self.outs[i] / RESULT, self.result(i))
         _event(self.outs[i], "end", status=self.status[i], packed=self.k)
-        (self.outs[i] / CHECKPOINT).unlink(missing_ok=True)
+        io.remove(self.outs[i] / CHECKPOINT)
 
     def result(self, i: int) -> dict:
         extra = {"stage_map": self.stage_maps[i]} if self.stage_maps[i] else {}

@@ -10,6 +10,7 @@ training a run that a restarted runner would then train twice.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -25,7 +26,7 @@ from typing import Callable, Iterable
 
 from abexp import io, preempt
 from abexp.config import RunConfig, dump_yaml
-from abexp.claims import LOCK, Heartbeat, is_stale, try_claim
+from abexp.claims import LOCK, Claim, ClaimLost, Heartbeat, is_stale, try_claim
 from abexp.spec import PlannedRun, load_spec
 
 FAILED, EVENTS, LOG = "failed.json", "events.jsonl", "log.txt"
@@ -64,60 +65,106 @@ def _failed_in_session(run_dir: Path, session: str) -> bool:
         return False
 
 
-def train_claimed(config: RunConfig, run_dir: Path, session: str, on_epoch=None) -> str:
-    """Train a run this process has claimed; a crash becomes failed.json, never an exception."""
+def _worker_log(run_dirs: list[Path], claims: list[Claim]):
+    """A log function writing to each run's log.txt while its claim is held (fenced like
+    every other write); the handles, to close."""
+    handles = [open(d / LOG, "a", buffering=1) for d in run_dirs]
+
+    def log(msg: str) -> None:
+        for fh, claim in zip(handles, claims):
+            claim.check()
+            fh.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+    return log, handles
+
+
+def _record_failure(run_dirs: list[Path], handles, session: str, err: Exception) -> None:
+    tb = traceback.format_exc()
+    for d, fh in zip(run_dirs, handles):
+        fh.write(tb)
+        io.write_json(d / FAILED, {"status": "failed", "session": session, "error": repr(err),
+                                   "traceback": tb, "host": socket.gethostname(), "time": time.time()})
+
+
+def _say_lost(lost: ClaimLost) -> None:
+    """A lost claim is said on this worker's stderr: the run folder is no longer ours."""
+    print(f"worker {socket.gethostname()}:{os.getpid()}: {lost}", file=sys.stderr, flush=True)
+
+
+def train_claimed(config: RunConfig, run_dir: Path, session: str, claim: Claim, on_epoch=None) -> str:
+    """Train a run this process has claimed; a crash becomes failed.json, never an exception.
+    Every write into the run folder is fenced by ``claim``: on finding it lost the run stops
+    at once, nothing more is written there, and the status is ``lost``."""
     from abexp.train import train_run
 
-    if not (run_dir / "config.yaml").exists():  # so status and collect see even a failed run
-        io.write_text(run_dir / "config.yaml", dump_yaml(config))
-    log_fh = open(run_dir / LOG, "a", buffering=1)
-    log = lambda msg: log_fh.write(f"{time.strftime('%H:%M:%S')} {msg}\n")  # noqa: E731
     nproc = int(os.environ.get("ABEXP_NPROC", "1"))
-    try:
-        if nproc > 1:  # a multi-GPU run: torchrun in a child that dies with this worker
-            cmd = [sys.executable, "-m", "abexp.cli", "train", str(run_dir / "config.yaml"),
-                   "--out", str(run_dir), "--nproc", str(nproc)]
-            code = subprocess.run(cmd, stdout=log_fh, stderr=subprocess.STDOUT,
-                                  preexec_fn=die_with_parent).returncode
-            if code != 0:
-                raise RuntimeError(f"torchrun exited with {code}")
-            return json.loads((run_dir / "result.json").read_text())["status"]
-        result = train_run(config, run_dir, device="auto", log=log, on_epoch=on_epoch)
-        (run_dir / FAILED).unlink(missing_ok=True)
-        return result["status"]
-    except preempt.Preempted as stop:  # checkpoint saved; whoever claims the run next resumes it
-        log(f"signal {preempt.requested()}: stopped at {stop}, checkpoint saved")
-        return "preempted"
-    except Exception as err:  # a crashed run must not stop the others
-        tb = traceback.format_exc()
-        log_fh.write(tb)
-        io.write_json(run_dir / FAILED, {"status": "failed", "session": session, "error": repr(err),
-                                         "traceback": tb, "host": socket.gethostname(),
-                                         "time": time.time()})
-        return "failed"
-    finally:
-        log_fh.close()
+    with io.fenced(run_dir, claim.check):
+        try:
+            if not (run_dir / "config.yaml").exists():  # so status and collect see even a failed run
+                io.write_text(run_dir / "config.yaml", dump_yaml(config))
+            log, (log_fh,) = _worker_log([run_dir], [claim])
+        except ClaimLost as lost:
+            _say_lost(lost)
+            return "lost"
+        try:
+            if nproc > 1:  # a multi-GPU run: torchrun in a child that dies with this worker
+                cmd = [sys.executable, "-m", "abexp.cli", "train", str(run_dir / "config.yaml"),
+                       "--out", str(run_dir), "--nproc", str(nproc)]
+                code = subprocess.run(cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=dict(os.environ, **claim.env()),
+                                      preexec_fn=die_with_parent).returncode
+                claim.check()
+                if code != 0:
+                    raise RuntimeError(f"torchrun exited with {code}")
+                return json.loads((run_dir / "result.json").read_text())["status"]
+            result = train_run(config, run_dir, device="auto", log=log, on_epoch=on_epoch)
+            io.remove(run_dir / FAILED)
+            return result["status"]
+        except ClaimLost as lost:
+            _say_lost(lost)
+            return "lost"
+        except preempt.Preempted as stop:  # checkpoint saved; whoever claims the run next resumes it
+            log(f"signal {preempt.requested()}: stopped at {stop}, checkpoint saved")
+            return "preempted"
+        except Exception as err:  # a crashed run must not stop the others
+            try:
+                _record_failure([run_dir], [log_fh], session, err)
+            except ClaimLost as lost:
+                _say_lost(lost)
+                return "lost"
+            return "failed"
+        finally:
+            log_fh.close()
 
 
-def train_pack_claimed(runs: list[PlannedRun], run_dirs: list[Path], session: str) -> list[str]:
-    """Train claimed runs together (abexp.packed); a crash fails every run of the pack."""
+def train_pack_claimed(runs: list[PlannedRun], run_dirs: list[Path], session: str,
+                       claims: list[Claim]) -> list[str]:
+    """Train claimed runs together (abexp.packed); a crash fails every run of the pack, and a
+    claim lost on any of them stops the pack (the others resume alone from their checkpoints)."""
     from abexp.packed import train_pack
 
-    logs = [open(d / LOG, "a", buffering=1) for d in run_dirs]
-    log = lambda msg: [fh.write(f"{time.strftime('%H:%M:%S')} {msg}\n") for fh in logs]  # noqa: E731
-    try:
-        results = train_pack([r.config for r in runs], run_dirs, device="auto", log=log)
-        return [r["status"] for r in results]
-    except Exception as err:
-        tb = traceback.format_exc()
-        for d, fh in zip(run_dirs, logs):
-            fh.write(tb)
-            io.write_json(d / FAILED, {"status": "failed", "session": session, "error": repr(err),
-                                       "traceback": tb, "host": socket.gethostname(), "time": time.time()})
-        return ["failed"] * len(runs)
-    finally:
-        for fh in logs:
-            fh.close()
+    with contextlib.ExitStack() as stack:
+        for d, c in zip(run_dirs, claims):
+            stack.enter_context(io.fenced(d, c.check))
+        try:
+            for r, d in zip(runs, run_dirs):  # so status and collect see even a failed run
+                if not (d / "config.yaml").exists():
+                    io.write_text(d / "config.yaml", dump_yaml(r.config))
+            log, logs = _worker_log(run_dirs, claims)
+        except ClaimLost as lost:
+            _say_lost(lost)
+            return ["lost" if not c.held() else "stopped" for c in claims]
+        stack.callback(lambda: [fh.close() for fh in logs])
+        try:
+            results = train_pack([r.config for r in runs], run_dirs, device="auto", log=log)
+            return [r["status"] for r in results]
+        except ClaimLost as lost:
+            _say_lost(lost)
+            return ["lost" if not c.held() else "stopped" for c in claims]
+        except Exception as err:
+            try:
+                _record_failure(run_dirs, logs, session, err)
+            except ClaimLost as lost:
+                _say_lost(lost)
+            return ["failed"] * len(runs)
 
 
 def _pack_partners(run: PlannedRun, plan: list[PlannedRun], root: Path, session: str, size: int):
@@ -173,14 +220,13 @@ def worker_loop(spec_path: str, results: str, session: str, overrides: list[str]
                 try:
                     group_todo = [(r, root / r.run_id) for r, _ in group
                                   if not (root / r.run_id / "result.json").exists()]
+                    held = {r.run_id: c for r, c in group}
                     if len(group_todo) == 1:
-                        statuses = [train_claimed(group_todo[0][0].config, group_todo[0][1], session)]
+                        r, d = group_todo[0]
+                        statuses = [train_claimed(r.config, d, session, held[r.run_id])]
                     elif group_todo:
-                        for r, d in group_todo:
-                            if not (d / "config.yaml").exists():
-                                io.write_text(d / "config.yaml", dump_yaml(r.config))
                         statuses = train_pack_claimed([r for r, _ in group_todo], [d for _, d in group_todo],
-                                                      session)
+                                                      session, [held[r.run_id] for r, _ in group_todo])
                     else:
                         statuses = []
                     for status in statuses:

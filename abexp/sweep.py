@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from abexp import io
-from abexp.claims import Heartbeat, is_stale, pid_alive, try_claim
+from abexp.claims import STALE_AFTER_S, ClaimLost, Heartbeat, create_lock, is_stale, pid_alive, try_claim
 from abexp.config import (ConfigError, RunConfig, flatten, parse_override, read_locked_mapping,
                           run_id, set_dotted, validate)
 from abexp.runner import POLL_S, apply_thread_budget, runs_dir, supervise, train_claimed
@@ -241,19 +241,51 @@ def space_size(space: dict) -> float:
     return size
 
 
-def duplicate_of(study, trial, params: dict) -> int | None:
+def config_key(params: dict) -> str:
+    """A trial's whole configuration as one string, published in one write (user attr
+    ``config``): Optuna writes the parameters one at a time, so ``t.params`` of a live trial
+    may be incomplete; its ``config`` is all or nothing."""
+    import json
+
+    return json.dumps(sorted(params.items()), sort_keys=True)
+
+
+def published_config(t) -> str | None:
+    """The configuration trial ``t`` has claimed: its ``config`` attr, a waiting (enqueued)
+    trial's fixed parameters, or a finished trial's parameters; None while it is unknown."""
+    from optuna.trial import TrialState
+
+    if "config" in t.user_attrs:
+        return t.user_attrs["config"]
+    if t.state == TrialState.WAITING and "fixed_params" in t.system_attrs:
+        return config_key(t.system_attrs["fixed_params"])
+    if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return config_key(t.params)
+    return None
+
+
+def duplicate_of(study, trial, params: dict, poll_s: float = 0.05) -> int | None:
     """The number of an earlier live or finished trial with these parameters, or None.
 
-    Earlier only: of two workers that drew the same parameters at once, the later trial
-    number (assigned atomically by the storage) gives way.
+    Called after this trial published its own ``config``. Every earlier trial still RUNNING
+    without a published configuration is waited for (it is mid-proposal, or dead and then
+    failed by ``fail_stale_trials``), so of two trials that drew one configuration the later
+    always sees the earlier and gives way, whatever order the storage shows the writes in.
     """
     from optuna.trial import TrialState
 
-    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    for t in study.get_trials(deepcopy=False, states=live):
-        if t.number < trial.number and t.params == params:
-            return t.number
-    return None
+    mine = config_key(params)
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    while True:
+        earlier = [t for t in study.get_trials(deepcopy=False, states=live) if t.number < trial.number]
+        unknown = [t for t in earlier if published_config(t) is None]
+        for t in earlier:
+            if published_config(t) == mine:
+                return t.number
+        if not unknown:
+            return None
+        fail_stale_trials(study)
+        time.sleep(poll_s)
 
 
 def distinct_finished(study) -> int:
@@ -319,30 +351,63 @@ def objective_value(sweep: Sweep, rows: list[dict]) -> float | None:
     return float(max(values) if sweep.direction == "maximize" else min(values))
 
 
+def worker_lock_dir(results: str | Path, sweep: Sweep) -> Path:
+    """Where each sweep worker keeps a heartbeat lock (abexp.claims) naming it alive."""
+    return Path(results) / "sweeps" / f"{sweep.name}.workers"
+
+
+def trial_is_stale(t, stale_after: float = STALE_AFTER_S) -> bool:
+    """Is a RUNNING trial's worker gone? By its worker's heartbeat lock (pid on this host,
+    else the lock's age in the shared filesystem's clock). A trial with no ``worker`` attr
+    (its process died between ``ask`` and its first write) is judged by its start time, the
+    only clock it has (the asking host's)."""
+    import datetime
+
+    worker = t.user_attrs.get("worker")
+    if worker is not None:
+        lock = Path(worker["lock"])
+        return not lock.exists() or is_stale(lock, stale_after)
+    host, pid, rid = t.user_attrs.get("host"), t.user_attrs.get("pid"), t.user_attrs.get("run_dir")
+    if host is not None and pid is not None:  # a trial of a journal written before worker locks
+        if host == socket.gethostname():
+            return not pid_alive(int(pid))
+        lock = Path(rid) / "claim.lock" if rid else None
+        return lock is not None and lock.exists() and is_stale(lock, stale_after)
+    started = t.datetime_start
+    if started is None:
+        return False
+    return (datetime.datetime.now() - started).total_seconds() > stale_after
+
+
 def fail_stale_trials(study) -> int:
-    """Fail RUNNING trials whose worker is gone, and re-enqueue their parameters once."""
+    """Fail RUNNING trials whose worker is gone, and re-enqueue their parameters once (when
+    they had published a whole configuration)."""
     import optuna
     from optuna.trial import TrialState
 
     retried = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        host, pid, rid = t.user_attrs.get("host"), t.user_attrs.get("pid"), t.user_attrs.get("run_dir")
-        if host is None or pid is None:  # attrs are written one by one: a trial mid-start
-            continue
-        if host == socket.gethostname():
-            stale = not pid_alive(int(pid))
-        else:
-            lock = Path(rid) / "claim.lock" if rid else None
-            stale = lock is not None and lock.exists() and is_stale(lock)
-        if not stale:
+        if not trial_is_stale(t):
             continue
         try:
             study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
         except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
             continue  # another worker failed it first
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-        retried += 1
+        if "config" in t.user_attrs:
+            study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
+            retried += 1
     return retried
+
+
+def trial_running(study, trial) -> bool:
+    from optuna.trial import TrialState
+
+    return study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING
+
+
+class TrialAbandoned(ClaimLost):
+    """This worker's trial was failed by another worker (it judged this one dead) and retried:
+    like a lost run claim, the worker stops and writes nothing more for it."""
 
 
 def _counted(study) -> tuple[int, int, int]:
@@ -354,7 +419,8 @@ def _counted(study) -> tuple[int, int, int]:
     return finished, states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
 
 
-def run_trial(sweep: Sweep, trial, params: dict, results: str | Path, session: str, heartbeat: Heartbeat):
+def run_trial(sweep: Sweep, study, trial, params: dict, results: str | Path, session: str,
+              heartbeat: Heartbeat):
     """Train (or reuse) the run of one trial; returns the Optuna outcome."""
     import json
 
@@ -368,6 +434,8 @@ def run_trial(sweep: Sweep, trial, params: dict, results: str | Path, session: s
         trial.set_user_attr(key, value)
 
     def on_epoch(row: dict) -> bool:
+        if not trial_running(study, trial):
+            raise TrialAbandoned(f"trial {trial.number}: failed and retried by another worker")
         if row.get(sweep.metric) is None:
             return False
         trial.report(float(row[sweep.metric]), step=int(row["epoch"]))
@@ -380,11 +448,15 @@ def run_trial(sweep: Sweep, trial, params: dict, results: str | Path, session: s
             continue
         heartbeat.add(claim)
         try:
-            if not (run_dir / "result.json").exists():
-                train_claimed(cfg, run_dir, session, on_epoch)
+            status = train_claimed(cfg, run_dir, session, claim, on_epoch) \
+                if not (run_dir / "result.json").exists() else "completed"
         finally:
             heartbeat.remove(claim)
             claim.release()
+        if status == "lost":  # taken over while this worker was frozen
+            if not trial_running(study, trial):
+                raise TrialAbandoned(f"trial {trial.number}: failed and retried by another worker")
+            continue  # still ours: wait for the run's new holder, then report its result
         if not (run_dir / "result.json").exists():
             raise RuntimeError(f"run {rid} failed: see {run_dir / 'log.txt'}")
     result = json.loads((run_dir / "result.json").read_text())
@@ -404,11 +476,20 @@ def _tell(study, trial, **outcome) -> None:
     Optuna records the trial's state even when the sampler's after_trial raises, and the loop
     stops by counting trials, not through ``study.stop``.
     """
-    try:
-        study.tell(trial, **outcome)
+    try:  # a trial another worker failed meanwhile (judged dead, then thawed) keeps that state
+        study.tell(trial, skip_if_finished=True, **outcome)
     except RuntimeError as err:
         if "Study.stop" not in str(err):
             raise
+
+
+def propose(study, trial, space: dict, seed: int | None) -> tuple[dict, int | None]:
+    """Suggest the trial's configuration, publish it whole in one write, and name an earlier
+    trial holding the same configuration (this trial must then give way), or None."""
+    trial.set_user_attr("sampler_seed", seed)
+    params = suggest(trial, space)
+    trial.set_user_attr("config", config_key(params))
+    return params, duplicate_of(study, trial, params)
 
 
 def worker_loop(sweep_path: str, results: str, url: str, n_trials: int, worker: int,
@@ -423,6 +504,11 @@ def worker_loop(sweep_path: str, results: str, url: str, n_trials: int, worker: 
     study = open_study(sweep, url, seed)
     size = space_size(sweep.space)
     session, heartbeat, done_here, repeats = uuid.uuid4().hex[:12], Heartbeat(), 0, 0
+    locks = worker_lock_dir(results, sweep)
+    locks.mkdir(parents=True, exist_ok=True)
+    alive = create_lock(locks / f"{socket.gethostname()}.{os.getpid()}.{session}.lock")
+    heartbeat.add(alive)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "lock": str(alive.lock)}
     try:
         while True:
             fail_stale_trials(study)
@@ -437,15 +523,14 @@ def worker_loop(sweep_path: str, results: str, url: str, n_trials: int, worker: 
                 time.sleep(poll_s)  # the rest are running elsewhere; they may die and need retry
                 continue
             trial = study.ask()
+            trial.set_user_attr("worker", me)  # first: from now on its liveness is known
             before = [t for t in study.get_trials(deepcopy=False)
                       if t.number < trial.number and t.state != TrialState.FAIL]
             if len(before) >= n_trials:  # another worker asked first: do not overshoot
                 trial.set_user_attr("surplus", True)
                 _tell(study, trial, state=TrialState.FAIL)
                 continue
-            trial.set_user_attr("sampler_seed", seed)
-            params = suggest(trial, sweep.space)
-            earlier = duplicate_of(study, trial, params)
+            params, earlier = propose(study, trial, sweep.space, seed)
             if earlier is not None:  # the same configuration again: give way and ask anew
                 trial.set_user_attr("duplicate_of", earlier)
                 _tell(study, trial, state=TrialState.FAIL)
@@ -453,7 +538,10 @@ def worker_loop(sweep_path: str, results: str, url: str, n_trials: int, worker: 
                 continue
             repeats = 0
             try:
-                outcome = {"values": run_trial(sweep, trial, params, results, session, heartbeat)}
+                outcome = {"values": run_trial(sweep, study, trial, params, results, session, heartbeat)}
+            except TrialAbandoned as gone:
+                print(f"{sweep.name}: {gone}", file=sys.stderr)
+                continue
             except optuna.TrialPruned:
                 outcome = {"state": TrialState.PRUNED}
             except Exception as err:  # a crashed trial does not stop the sweep
@@ -463,6 +551,7 @@ def worker_loop(sweep_path: str, results: str, url: str, n_trials: int, worker: 
             done_here += 1
     finally:
         heartbeat.stop()
+        alive.release()
 
 
 def run_sweep(sweep_path: str, results: str, workers: int = 1, n_trials: int | None = None,

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from abexp import io
 from abexp.config import RunConfig
 
 
@@ -81,10 +82,12 @@ class Tracker:
 
     def log(self, row: dict[str, Any]) -> None:
         if self.run is not None:
+            io.check_fence(self.run_dir)  # a worker that lost the run's claim logs nothing more
             self.run.log({k: v for k, v in row.items() if v is not None}, step=int(row["epoch"]))
 
     def finish(self, result: dict[str, Any]) -> None:
         if self.run is not None:
+            io.check_fence(self.run_dir)
             for key in ("status", "test_acc", "best_test_acc", "epochs_completed", "steps", "wall_s"):
                 self.run.summary[key] = result.get(key)
 

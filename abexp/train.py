@@ -389,7 +389,7 @@ def train_run(cfg: RunConfig, out_dir: str | Path, device: str = "auto",
             tracker.close()
     run.ddp.barrier()
     if main:
-        (out / CHECKPOINT).unlink(missing_ok=True)
+        io.remove(out / CHECKPOINT)
     return result
 
 

@@ -22,18 +22,19 @@ ENV = dict(os.environ, WANDB_MODE="disabled", ABEXP_POLL_S="0.3", ABEXP_HEARTBEA
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_sweep(path: Path, epochs=2, n_trials=6, pruner="none", sampler="random", space=None) -> Path:
+def write_sweep(path: Path, epochs=2, n_trials=6, pruner="none", sampler="random", space=None,
+                subset=128, metric="test_acc") -> Path:
     space = space or ("  optim.lr: {type: float, low: 0.005, high: 0.2, log: true}\n"
                       "  optim.rho: {type: float, low: 0.0, high: 2.0}\n")
     path.write_text(textwrap.dedent(f"""\
         name: {path.stem}
         base:
           model: {{name: resnet8}}
-          data: {{name: digits, subset: 128, test_subset: 64}}
+          data: {{name: digits, subset: {subset}, test_subset: 64}}
           train: {{epochs: {epochs}, batch_size: 32}}
           schedule: {{name: constant}}
         fixed: {{optim.name: ab, delay.steps: 2}}
-        objective: {{metric: test_acc, reduce: best}}
+        objective: {{metric: {metric}, reduce: best}}
         sampler: {{name: {sampler}, seed: 0}}
         pruner: {{name: {pruner}}}
         n_trials: {n_trials}
@@ -101,15 +102,79 @@ def test_sigkill_then_rerun_reaches_the_target_and_resumes(tmp_path):
 
 
 def test_pruning_marks_trials_and_runs(tmp_path):
-    sweep = write_sweep(tmp_path / "prune.yaml", epochs=4, n_trials=8, pruner="median",
-                        space="  optim.lr: {type: float, low: 1.0e-5, high: 0.3, log: true}\n")
-    assert main(["sweep", str(sweep), "--results", str(tmp_path / "r"), "--no-progress"]) == 0
-    complete, pruned, trials = trial_counts(sweep, tmp_path / "r")
-    assert complete + pruned == 8 and pruned >= 1
+    """Certain, not likely: two good configurations are enqueued first (they finish the median
+    pruner's startup), then two that cannot learn (lr 1e-7): their training loss stays at its
+    initial value while the good ones' falls, so the median pruner must stop them."""
+    space = ("  optim.lr: {type: categorical, choices: [0.1, 0.05, 1.0e-7]}\n"
+             "  optim.rho: {type: categorical, choices: [0.5, 1.0]}\n")
+    sweep = write_sweep(tmp_path / "prune.yaml", epochs=4, n_trials=4, pruner="median", space=space,
+                        metric="train_loss")
+    results = tmp_path / "r"
+    study = open_study(load_sweep(sweep), storage_url(load_sweep(sweep), results), create=True)
+    for lr, rho in ((0.1, 1.0), (0.05, 1.0), (1.0e-7, 1.0), (1.0e-7, 0.5)):
+        study.enqueue_trial({"optim.lr": lr, "optim.rho": rho})
+    assert main(["sweep", str(sweep), "--results", str(results), "--no-progress"]) == 0
+    complete, pruned, trials = trial_counts(sweep, results)
+    by_lr = {}
+    for t in trials:
+        by_lr.setdefault(t.params["optim.lr"], []).append(t.state.name)
+    assert complete == 2 and pruned == 2, by_lr
+    assert by_lr[0.1] == by_lr[0.05] == ["COMPLETE"] and by_lr[1.0e-7] == ["PRUNED", "PRUNED"]
     for t in trials:
         if t.state.name == "PRUNED":
             result = json.loads((Path(t.user_attrs["run_dir"]) / "result.json").read_text())
             assert result["status"] == "pruned" and result["epochs_completed"] < 4
+
+
+PROPOSER = """
+import random, sys, time
+import optuna
+from optuna.trial import TrialState
+from abexp.sweep import distinct_finished, load_sweep, open_study, propose, space_size, storage_url
+
+# widen every race: a random pause before and after each parameter Optuna writes
+real = optuna.trial.Trial.suggest_categorical
+def slow(self, *a, **k):
+    time.sleep(random.uniform(0, 0.02)); value = real(self, *a, **k); time.sleep(random.uniform(0, 0.02))
+    return value
+optuna.trial.Trial.suggest_categorical = slow
+sweep = load_sweep(sys.argv[1])
+study = open_study(sweep, sys.argv[2] if len(sys.argv) > 2 else storage_url(sweep, sys.argv[3]), seed=None)
+for _ in range(40):
+    if distinct_finished(study) >= space_size(sweep.space):
+        break
+    trial = study.ask()
+    trial.set_user_attr("worker", {"host": "test", "pid": 0, "lock": "/nonexistent"})
+    params, earlier = propose(study, trial, sweep.space, None)
+    if earlier is None:
+        study.tell(trial, 0.0)
+    else:
+        trial.set_user_attr("duplicate_of", earlier)
+        study.tell(trial, state=TrialState.FAIL)
+"""
+
+
+def many_concurrent_proposals(tmp_path, sweep, url, processes=6):
+    """``processes`` proposers at once on a 6-configuration space, each accepting whatever
+    ``propose`` says is new: no configuration may be accepted twice."""
+    script = tmp_path / "proposer.py"
+    script.write_text(PROPOSER)
+    env = dict(ENV, ABEXP_STALE_AFTER_S="600")  # the fake worker lock must not look dead
+    procs = [subprocess.Popen([sys.executable, str(script), str(sweep), url], env=env, stderr=subprocess.PIPE,
+                              text=True) for _ in range(processes)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+    study = open_study(load_sweep(sweep), url)
+    accepted = [tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False)
+                if t.state.name == "COMPLETE"]
+    assert len(accepted) == len(set(accepted)) == 6, accepted
+
+
+def test_concurrent_proposals_never_accept_a_configuration_twice(tmp_path):
+    sweep = write_sweep(tmp_path / "race.yaml", sampler="random", space=SMALL_SPACE)
+    url = str(tmp_path / "race.journal")
+    open_study(load_sweep(sweep), url, create=True)
+    many_concurrent_proposals(tmp_path, sweep, url)
 
 
 def test_trial_equal_to_a_finished_run_reuses_it(tmp_path):
@@ -265,3 +330,7 @@ def test_postgresql_storage_with_two_workers(tmp_path, postgres_url):
     assert codes == [0, 0], outs
     done = finished_params(trial_counts(small, tmp_path / "r", plain_url)[2])
     assert len(done) == 5 and len(set(done)) == 5, done
+    # many proposers at once, with pauses between Optuna's per-parameter writes
+    race = write_sweep(tmp_path / "pg_race.yaml", sampler="random", space=SMALL_SPACE)
+    open_study(load_sweep(race), postgres_url, create=True)
+    many_concurrent_proposals(tmp_path, race, postgres_url)
