@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export WANDB_SILENT := true
 
-.PHONY: setup fashion-mnist test bench demo demo-check figures reproduce resilience clean
+.PHONY: setup fashion-mnist test bench demo demo-check figures reproduce resilience clean gpu-check gpu-wheels
 
 setup: $(STAMP) fashion-mnist
 
@@ -76,3 +76,21 @@ reproduce: $(STAMP)
 # SIGKILL the runner three times during a 16-run spec; audit completed/duplicate/lost runs.
 resilience: $(STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m abexp.resilience
+
+# On a GPU node with its own CUDA torch (no venv is built, nothing is downloaded): tests/test_gpu.py
+# as JUnit XML and a probe of resume, determinism, CPU-vs-GPU and step times, all in
+# $(GPU_CHECK_DIR) (docs/gpu.md). GPU_PY is that node's python. abexp needs pydantic there; a node
+# without it takes the wheels that `make gpu-wheels` put in wheels/ (carried over by hand).
+GPU_PY ?= python3
+GPU_CHECK_DIR ?= gpu-check
+GPU_DEPS := .gpu-deps
+gpu-check:
+	@$(GPU_PY) -c "import pydantic" 2>/dev/null || { test -d wheels && \
+	  $(GPU_PY) -m pip install -q --no-index --find-links wheels --target $(GPU_DEPS) pydantic; } || \
+	  { echo "gpu-check: $(GPU_PY) lacks pydantic: pip install pydantic, or run make gpu-wheels where there is a network and copy wheels/ here"; exit 2; }
+	WANDB_MODE=disabled PYTHONPATH=$(CURDIR):$(CURDIR)/$(GPU_DEPS) $(GPU_PY) -m abexp.gpu_check --out $(GPU_CHECK_DIR)
+
+# Wheels of what a GPU node may lack, for Python 3.12 on x86_64 (copy wheels/ to the node).
+gpu-wheels:
+	$(PY) -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+	  --platform manylinux_2_17_x86_64 --implementation cp -d wheels pydantic

@@ -12,7 +12,7 @@ from abexp.config import ConfigError, flatten, load_config
 from abexp.runner import FAILED, run_state, runs_dir
 
 SUMMARY = ["run_id", "experiment", "variant", "status", "test_acc", "test_acc_running_bn", "best_test_acc",
-           "epochs_completed", "steps", "wall_s", "eval_bn"]
+           "epochs_completed", "steps", "wall_s", "eval_bn", "device"]
 
 
 def _read_result(path: Path) -> dict:

@@ -70,6 +70,9 @@ class TrainCfg(_Locked):
     micro_batches: int = Field(1, ge=1)  # split each (per-process) batch; gradients averaged
     channels_last: bool = False  # NHWC convolution weights and activations
     compile: bool = False  # torch.compile the training forward/backward (first step compiles)
+    # CUDA: deterministic cuDNN/cuBLAS algorithms, so resume and repeated runs are bitwise (the
+    # CPU is deterministic anyway); the price is measured by make gpu-check (docs/gpu.md)
+    deterministic: bool = True
 
 
 class OptimCfg(_Locked):
@@ -186,7 +189,9 @@ ADDED_KEYS: dict[str, Any] = {"data.crop_pad": None, "data.flip": None,
                               "delay.stages": None, "delay.stage_delays": None,
                               "delay.stage_balance": "params", "delay.stage_profile": "pipeline",
                               "delay.trace": None,
-                              "delay.histogram": None}
+                              "delay.histogram": None,
+                              # every stored run trained on the CPU, where this changes nothing
+                              "train.deterministic": True}
 
 
 def defaults() -> dict[str, Any]:

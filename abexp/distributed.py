@@ -47,18 +47,27 @@ class Dist:
         return t
 
     def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
+        if self.enabled:  # NCCL: name this rank's GPU, never let it guess
+            nccl = dist.get_backend() == "nccl"
+            dist.barrier(device_ids=[self.local_rank] if nccl else None)
 
 
 def init_from_env(device_type: str) -> Dist:
-    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1)."""
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1). On CUDA
+    the rank's GPU is set first and bound to the group (``device_id``), so NCCL never guesses
+    it (a guess puts every rank's first collective on GPU 0)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        if device_type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def shutdown() -> None:

@@ -14,6 +14,22 @@ CIFAR_DEPTHS = {"resnet8": 8, "resnet20": 20, "resnet32": 32, "resnet44": 44,
                 "resnet56": 56, "resnet110": 110}
 
 
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> [N, C]. On CUDA a mean, whose backward is deterministic
+    (adaptive_avg_pool2d's is not, and refuses train.deterministic); elsewhere
+    adaptive_avg_pool2d, bit for bit the numbers every stored CPU run was trained with."""
+    if x.is_cuda:
+        return x.mean((2, 3))
+    return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+
+class GlobalAvgPool(nn.Module):
+    """torchvision ResNets' ``avgpool`` (keeps [N, C, 1, 1]) through ``global_avg_pool``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return global_avg_pool(x)[:, :, None, None]
+
+
 class ShortcutA(nn.Module):
     """Option A: subsample spatially and zero-pad the new channels (no parameters)."""
 
@@ -65,8 +81,7 @@ class CifarResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn(self.conv(x)))
         out = self.layers(out)
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.fc(out)
+        return self.fc(global_avg_pool(out))
 
 
 def build_model(name: str, num_classes: int = 10, zero_init_residual: bool = False,
@@ -80,7 +95,9 @@ def build_model(name: str, num_classes: int = 10, zero_init_residual: bool = Fal
     builders = {"resnet18": tv.models.resnet18, "resnet50": tv.models.resnet50}
     if name not in builders:
         raise ValueError(f"unknown model {name!r}")
-    return builders[name](num_classes=num_classes, zero_init_residual=zero_init_residual)
+    model = builders[name](num_classes=num_classes, zero_init_residual=zero_init_residual)
+    model.avgpool = GlobalAvgPool()  # no parameters: state dicts and stored weights are unchanged
+    return model
 
 
 # ---------------------------------------------------------------- packing: K runs, one model
@@ -140,7 +157,7 @@ class PackedCifarResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn(self.conv(x)))
         out = self.layers(out)
-        pooled = F.adaptive_avg_pool2d(out, 1).flatten(1).view(x.shape[0], self.runs, 64)
+        pooled = global_avg_pool(out).view(x.shape[0], self.runs, 64)
         weight = self.fc.weight.view(self.runs, self.num_classes, 64)
         return torch.einsum("bkc,koc->bko", pooled, weight) + self.fc.bias.view(self.runs, self.num_classes)
 

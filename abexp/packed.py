@@ -28,8 +28,8 @@ from abexp.engine import DelayedSGD, FlatParams
 from abexp.models import CIFAR_DEPTHS, PackedCifarResNet, build_model
 from abexp.pipeline import run_stages
 from abexp.schedule import lr_at
-from abexp.train import (CHECKPOINT, CONFIG, METRICS, RESULT, WEIGHTS, _event, autocast,
-                         recalibrated_bn, resolve_device, result_record, set_precision)
+from abexp.train import (CHECKPOINT, CONFIG, METRICS, RESULT, WEIGHTS, _event, autocast, cpu_state,
+                         recalibrated_bn, resolve_device, result_record, set_determinism, set_precision)
 
 SHARED_KEYS = ("model", "data", "train", "eval")
 
@@ -69,6 +69,7 @@ class PackedRun:
         shared = cfgs[0]
         self.device = resolve_device(device)
         set_precision(shared.train.precision)
+        set_determinism(shared.train.deterministic, self.device)
         data = load_image_data(shared, self.device)  # one copy on the device for all runs
         self.batches = [Batches(data, shared.train.batch_size, shared.data.augment, c.seed) for c in cfgs]
         singles = []
@@ -99,7 +100,7 @@ class PackedRun:
     # ---------------------------------------------------------------- state (per run, Run's format)
     def run_state(self, i: int) -> dict:
         buffers = self.model.run_state(i, buffers_only=True)
-        return {"epoch": self.epoch, "engine": self.engines[i].state_dict(), "buffers": buffers,
+        return {"epoch": self.epoch, "device": self.device.type, "engine": self.engines[i].state_dict(), "buffers": buffers,
                 "rng": {"torch": torch.get_rng_state()}, "history": self.histories[i],
                 "wall_s": self.wall_s, "run_id": self.ids[i]}
 
@@ -236,7 +237,7 @@ class PackedRun:
 
     def _finish(self, i: int) -> None:
         # the model already holds the current weights: evaluate() put them there this epoch
-        io.save_torch(self.outs[i] / WEIGHTS, self.model.run_state(i))
+        io.save_torch(self.outs[i] / WEIGHTS, cpu_state(self.model.run_state(i)))
         io.write_json(self.outs[i] / RESULT, self.result(i))
         _event(self.outs[i], "end", status=self.status[i], packed=self.k)
         io.remove(self.outs[i] / CHECKPOINT)
@@ -258,7 +259,7 @@ def train_pack(cfgs: list[RunConfig], out_dirs: list[Path], device: str = "auto"
         out.mkdir(parents=True, exist_ok=True)
         io.write_text(out / CONFIG, dump_yaml(cfg))
         if (out / CHECKPOINT).exists():
-            pack.load_run_state(i, io.load_torch(out / CHECKPOINT, map_location=pack.device))
+            pack.load_run_state(i, io.load_torch(out / CHECKPOINT, map_location="cpu"))
     epochs = {len(h) for h in pack.histories}
     if len(epochs) != 1:
         raise ValueError(f"runs of a pack are at different epochs {sorted(epochs)}")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from abexp import io, preempt
-from abexp.config import RunConfig, dump_yaml
+from abexp.config import ConfigError, RunConfig, dump_yaml
 from abexp.claims import LOCK, Claim, ClaimLost, Heartbeat, is_stale, try_claim
 from abexp.spec import PlannedRun, load_spec
 
@@ -286,21 +286,64 @@ def die_with_parent() -> None:
         pass
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process was given, as CUDA_VISIBLE_DEVICES names them (indices, UUIDs,
+    MIG names: a node restricted to "2,3", SLURM without device cgroups), else 0..n-1; none
+    when this torch sees no GPU. Children get these names, never renumbered ones."""
+    try:
+        import torch
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        return []
+    if count == 0:
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(count)]
+    names = []
+    for name in (n.strip() for n in listed.split(",")):
+        if not name or name.startswith("-"):  # CUDA stops at the first invalid entry
+            break
+        names.append(name)
+    return names[:count]
+
+
 def _slots(workers: int | None, gpus: list[str] | None, runs_per_gpu: int,
            gpus_per_run: int = 1) -> list[str | None]:
-    """One entry per worker: the GPUs it sees (CUDA_VISIBLE_DEVICES) or None for CPU."""
-    if gpus is None:
-        try:
-            import torch
-            if torch.cuda.is_available():
-                gpus = [str(i) for i in range(torch.cuda.device_count())]
-        except ImportError:
-            pass
-    if gpus:
-        groups = [",".join(gpus[i:i + gpus_per_run]) for i in range(0, len(gpus) - gpus_per_run + 1, gpus_per_run)]
+    """One entry per worker: the GPUs it sees (its CUDA_VISIBLE_DEVICES) or None for CPU.
+    ``gpus`` (``--gpus``) are indices as torch numbers the visible GPUs in this process."""
+    visible = visible_gpus()
+    if gpus is not None and visible:
+        bad = [g for g in gpus if not g.isdigit() or int(g) >= len(visible)]
+        if bad:
+            raise ConfigError("--gpus", "", f"{bad[0]!r}: this process sees {len(visible)} GPU(s), "
+                                            f"numbered 0..{len(visible) - 1}")
+        visible = [visible[int(g)] for g in gpus]
+    if visible:
+        if gpus_per_run > len(visible):
+            raise ConfigError("--gpus-per-run", "", f"{gpus_per_run} GPUs per run, but only {len(visible)} "
+                                                    f"visible ({','.join(visible)})")
+        groups = [",".join(visible[i:i + gpus_per_run])
+                  for i in range(0, len(visible) - gpus_per_run + 1, gpus_per_run)]
         slots: list[str | None] = [g for g in groups for _ in range(runs_per_gpu)]
         return slots[:workers] if workers else slots
     return [None] * (workers or 1)
+
+
+def worker_env(gpu: str | None, threads: int, **extra: str) -> dict[str, str]:
+    """A worker's environment: its GPUs (and one process per GPU of a run), its CPU threads."""
+    env = dict(os.environ, ABEXP_THREADS=str(threads), **extra)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+        env["ABEXP_NPROC"] = str(len(gpu.split(",")))
+    return env
+
+
+def thread_share(slots: list[str | None]) -> int:
+    """CPU threads per worker: the cores shared out on a CPU, 4 beside a GPU; ABEXP_THREADS
+    fixes it (make demo: the numbers then do not depend on the core count)."""
+    threads = max(1, (os.cpu_count() or 1) // len(slots)) if slots[0] is None else 4
+    return int(os.environ.get("ABEXP_THREADS") or threads)
 
 
 def summarize(states: list[str]) -> str:
@@ -322,16 +365,9 @@ def run_local(spec_path: str, results: str, workers: int | None = None,
         print(f"all {len(ids)} runs of {spec_path} are done")
         return 0
     slots = _slots(workers, gpus, runs_per_gpu, gpus_per_run)
-    threads = max(1, (os.cpu_count() or 1) // len(slots)) if slots[0] is None else 4
-    threads = int(os.environ.get("ABEXP_THREADS") or threads)  # fixed by the caller (make demo)
-    commands = []
-    for gpu in slots:
-        env = dict(os.environ, ABEXP_THREADS=str(threads), ABEXP_PACK=str(pack))
-        if gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = gpu
-            env["ABEXP_NPROC"] = str(gpus_per_run)
-        commands.append(([sys.executable, "-m", "abexp.runner", spec_path, results, session,
-                          *(overrides or [])], env))
+    threads = thread_share(slots)
+    commands = [([sys.executable, "-m", "abexp.runner", spec_path, results, session, *(overrides or [])],
+                 worker_env(gpu, threads, ABEXP_PACK=str(pack))) for gpu in slots]
     # progress in epochs (with their rate), not whole runs: the first run's minutes show too
     epochs = {r.run_id: r.config.train.epochs for r in plan}
 

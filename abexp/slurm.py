@@ -46,6 +46,7 @@ class Request:
     qos: str | None = None
     time: str | None = None           # SLURM syntax: minutes, H:MM:SS, D-HH:MM:SS
     signal_grace_s: int = 120         # USR1 this long before the time limit
+    nproc: int = 1                    # processes per run (one per GPU of a run): ABEXP_NPROC
 
 
 @dataclass
@@ -137,7 +138,7 @@ def check_request(req: Request, nodes: list[Node] | None, gpus_per_run: int = 1)
     if nodes is None:
         if req.gpus_per_task is None:
             req.gpus_per_task = 0
-        return req
+        return _processes(req, gpus_per_run)
     if req.partition is None:
         pool = [n for n in nodes if n.default] or nodes
     else:
@@ -165,6 +166,16 @@ def check_request(req: Request, nodes: list[Node] | None, gpus_per_run: int = 1)
                                                      " (0 runs on CPU)")
     if time_min is not None and time_min > max(n.time_limit_min for n in fits):
         raise ConfigError("--time", "", f"{req.time}: over the time limit of {where}")
+    return _processes(req, gpus_per_run)
+
+
+def _processes(req: Request, gpus_per_run: int) -> Request:
+    """A task with GPUs trains each run with one process per GPU of the run (--gpus-per-run)."""
+    if req.gpus_per_task and gpus_per_run > 1:
+        if req.gpus_per_task < gpus_per_run:
+            raise ConfigError("--gpus-per-task", "", f"{req.gpus_per_task} GPU(s) per task cannot hold a run "
+                                                     f"of --gpus-per-run {gpus_per_run}")
+        req.nproc = gpus_per_run
     return req
 
 
@@ -179,6 +190,8 @@ def script_text(req: Request, worker_cmd: list[str], folder: Path, name: str) ->
             lines.append(f"#SBATCH --{flag}={value}")
     if req.gpus_per_task:
         lines.append(f"#SBATCH --gres=gpu:{req.gpus_per_task}")
+    if req.nproc > 1:  # the worker starts each run under torchrun with this many processes
+        lines.append(f"export ABEXP_NPROC={req.nproc}")
     lines += [f"export ABEXP_SLURM_FOLDER={shlex.quote(str(folder))}",
               "# exec: the worker itself receives SLURM's signals (see abexp/preempt.py)",
               "exec " + " ".join(shlex.quote(part) for part in worker_cmd), ""]

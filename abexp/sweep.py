@@ -38,7 +38,8 @@ from abexp import io
 from abexp.claims import STALE_AFTER_S, ClaimLost, Heartbeat, create_lock, is_stale, pid_alive, try_claim
 from abexp.config import (ConfigError, RunConfig, flatten, parse_override, read_locked_mapping,
                           run_id, set_dotted, validate)
-from abexp.runner import POLL_S, apply_thread_budget, runs_dir, supervise, train_claimed
+from abexp.runner import (POLL_S, apply_thread_budget, runs_dir, supervise, thread_share, train_claimed,
+                          visible_gpus, worker_env)
 from abexp.spec import _resolve_base
 
 SWEEP_KEYS = {"name", "description", "base", "fixed", "space", "objective", "sampler", "pruner",
@@ -554,6 +555,14 @@ def worker_loop(sweep_path: str, results: str, url: str, n_trials: int, worker: 
         alive.release()
 
 
+def worker_envs(workers: int) -> list[dict[str, str]]:
+    """Each sweep worker's environment: on a GPU machine the visible GPUs dealt round-robin
+    (worker i gets GPU i mod n), one process each; on a CPU the cores shared out."""
+    gpus = visible_gpus()
+    slots = [gpus[i % len(gpus)] for i in range(workers)] if gpus else [None] * workers
+    return [worker_env(gpu, thread_share(slots)) for gpu in slots]
+
+
 def run_sweep(sweep_path: str, results: str, workers: int = 1, n_trials: int | None = None,
               storage: str | None = None, overrides: list[str] | None = None,
               progress: bool = True) -> int:
@@ -561,10 +570,8 @@ def run_sweep(sweep_path: str, results: str, workers: int = 1, n_trials: int | N
     url = storage_url(sweep, results, storage)
     target = n_trials or sweep.n_trials
     study = open_study(sweep, url, create=True)  # created once, before any worker starts
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    env = dict(os.environ, ABEXP_THREADS=str(threads))
     commands = [([sys.executable, "-m", "abexp.sweep", sweep_path, results, url, str(target), str(i),
-                  *(overrides or [])], env) for i in range(workers)]
+                  *(overrides or [])], env) for i, env in enumerate(worker_envs(workers))]
     codes = supervise(commands, target, lambda: _counted(study)[0], "trial", sweep.name, progress)
     finished = _counted(study)[0]
     size = space_size(sweep.space)

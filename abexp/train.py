@@ -47,6 +47,32 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def set_determinism(on: bool, device: torch.device) -> None:
+    """train.deterministic on CUDA: deterministic cuDNN and cuBLAS algorithms, an error for any
+    op that has none. CPU kernels are deterministic already and are left alone."""
+    if device.type != "cuda":
+        return
+    if on:  # cuBLAS reads it when its handle is created: before the first matmul of the process
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = on
+    torch.use_deterministic_algorithms(on)
+
+
+def restore_rng(rng: dict, device: torch.device) -> None:
+    """Restore saved RNG states, whatever device the checkpoint's tensors were mapped to
+    (torch.set_rng_state takes CPU byte tensors only). A CUDA state saved as a list (one per
+    GPU of the node, older checkpoints) gives this device's entry, or the first."""
+    torch.set_rng_state(rng["torch"].cpu())
+    cuda = rng.get("cuda")
+    if cuda is None or device.type != "cuda" or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, (list, tuple)):
+        index = device.index or 0
+        cuda = cuda[index] if index < len(cuda) else cuda[0]
+    torch.cuda.set_rng_state(cuda.cpu(), device)
+
+
 def set_precision(precision: str) -> None:
     tf32 = precision == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -131,6 +157,7 @@ class Run:
         # the CLI checks this against the file first; here for a WORLD_SIZE set by hand
         check_processes(cfg, self.ddp.world, f"run {self.run_id} (WORLD_SIZE={self.ddp.world})")
         set_precision(cfg.train.precision)
+        set_determinism(cfg.train.deterministic, self.device)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.batches = build_data(cfg, self.device, self.ddp)
         self.model = build_model(cfg.model.name, self.batches.num_classes,
@@ -150,9 +177,9 @@ class Run:
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
         rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"epoch": self.epoch, "engine": self.engine.state_dict(),
+        if self.device.type == "cuda":  # this run's GPU only: a resume may see other GPUs
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"epoch": self.epoch, "device": self.device.type, "engine": self.engine.state_dict(),
                 "buffers": dict(self.model.named_buffers()), "rng": rng,
                 "history": self.history, "wall_s": self.wall_s, "run_id": self.run_id,
                 "step_in_epoch": self.step_in_epoch,
@@ -161,6 +188,12 @@ class Run:
     def load_state_dict(self, state: dict) -> None:
         if state.get("run_id") != self.run_id:
             raise RunDirError(f"{self.out / CHECKPOINT}: belongs to run {state.get('run_id')}")
+        saved_on = state.get("device")  # absent in checkpoints older than this check
+        if saved_on is not None and saved_on != self.device.type:
+            # the data order comes from per-device generators: the rest of the run would differ
+            raise RunDirError(f"{self.out / CHECKPOINT}: this run started on {saved_on} and cannot resume "
+                              f"on {self.device.type} (resume it on {saved_on}, or delete the checkpoint "
+                              "to restart it here)")
         self.epoch, self.history, self.wall_s = int(state["epoch"]), list(state["history"]), float(state["wall_s"])
         self.step_in_epoch = int(state.get("step_in_epoch", 0))
         if self.step_in_epoch:  # the interrupted epoch's running loss and accuracy sums
@@ -172,9 +205,7 @@ class Run:
         buffers = dict(self.model.named_buffers())
         for name, value in state["buffers"].items():
             buffers[name].copy_(value)
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        restore_rng(state["rng"], self.device)
 
     def use_current_weights(self) -> None:
         self.flat.data.copy_(self.engine.w)
@@ -380,7 +411,7 @@ def train_run(cfg: RunConfig, out_dir: str | Path, device: str = "auto",
             return None
         run.use_current_weights()
         if main:
-            io.save_torch(out / WEIGHTS, run.model.state_dict())
+            io.save_torch(out / WEIGHTS, cpu_state(run.model.state_dict()))
             io.write_json(out / RESULT, result)
             _event(out, "end", status=result["status"])
             tracker.finish(result)
@@ -393,6 +424,11 @@ def train_run(cfg: RunConfig, out_dir: str | Path, device: str = "auto",
     return result
 
 
+def cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights as CPU tensors: model.pt loads on a machine without a GPU, no map_location."""
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
 def _read_checkpoint(out: Path, run: Run, main: bool, log: Callable[[str], None]) -> dict | None:
     """The checkpoint's state, or None. A damaged one (truncated, not a torch file) is moved
     aside, never deleted, and the run restarts from its last good state: the start, since one
@@ -401,7 +437,7 @@ def _read_checkpoint(out: Path, run: Run, main: bool, log: Callable[[str], None]
     if not path.exists():
         return None
     try:
-        return io.load_torch(path, map_location=run.device)
+        return io.load_torch(path, map_location="cpu")  # each consumer copies onto its device
     except FileNotFoundError:  # another rank moved it aside first
         return None
     except Exception as err:  # zip/pickle errors of a truncated or foreign file

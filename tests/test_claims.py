@@ -48,7 +48,11 @@ def test_other_host_is_stale_only_when_its_heartbeat_is_old(tmp_path):
     assert try_claim(tmp_path / "b") is not None
 
 
-def test_worker_slots_for_gpus():
+def test_worker_slots_for_gpus(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert _slots(None, ["0", "1"], 2) == ["0", "0", "1", "1"]
     assert _slots(3, ["0", "1"], 2) == ["0", "0", "1"]
     assert _slots(None, ["0", "1", "2", "3"], 1, gpus_per_run=2) == ["0,1", "2,3"]

@@ -127,8 +127,10 @@ def test_pruning_marks_trials_and_runs(tmp_path):
 
 
 PROPOSER = """
-import random, sys, time
+import os, random, sys, time
+from pathlib import Path
 import optuna
+from abexp.claims import create_lock
 from optuna.trial import TrialState
 from abexp.sweep import distinct_finished, load_sweep, open_study, propose, space_size, storage_url
 
@@ -139,12 +141,13 @@ def slow(self, *a, **k):
     return value
 optuna.trial.Trial.suggest_categorical = slow
 sweep = load_sweep(sys.argv[1])
-study = open_study(sweep, sys.argv[2] if len(sys.argv) > 2 else storage_url(sweep, sys.argv[3]), seed=None)
+study = open_study(sweep, sys.argv[2], seed=None)
+alive = create_lock(Path(sys.argv[3]) / f"{os.getpid()}.lock")  # a live worker's lock, as a sweep worker keeps
 for _ in range(40):
     if distinct_finished(study) >= space_size(sweep.space):
         break
     trial = study.ask()
-    trial.set_user_attr("worker", {"host": "test", "pid": 0, "lock": "/nonexistent"})
+    trial.set_user_attr("worker", {"host": "test", "pid": os.getpid(), "lock": str(alive.lock)})
     params, earlier = propose(study, trial, sweep.space, None)
     if earlier is None:
         study.tell(trial, 0.0)
@@ -159,9 +162,11 @@ def many_concurrent_proposals(tmp_path, sweep, url, processes=6):
     ``propose`` says is new: no configuration may be accepted twice."""
     script = tmp_path / "proposer.py"
     script.write_text(PROPOSER)
-    env = dict(ENV, ABEXP_STALE_AFTER_S="600")  # the fake worker lock must not look dead
-    procs = [subprocess.Popen([sys.executable, str(script), str(sweep), url], env=env, stderr=subprocess.PIPE,
-                              text=True) for _ in range(processes)]
+    env = dict(ENV, ABEXP_STALE_AFTER_S="600")  # no heartbeat thread here: the locks must not age out
+    locks = tmp_path / "workers" / "x"
+    locks.mkdir(parents=True)
+    procs = [subprocess.Popen([sys.executable, str(script), str(sweep), url, str(locks)], env=env,
+                              stderr=subprocess.PIPE, text=True) for _ in range(processes)]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()
     study = open_study(load_sweep(sweep), url)

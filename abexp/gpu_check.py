@@ -1,0 +1,339 @@
+"""``make gpu-check``: what a first GPU session must learn, in a few minutes, in one folder.
+
+    python -m abexp.gpu_check --out gpu-check [--device cuda] [--quick]
+
+Runs with the python it is started by (a cluster node's own CUDA torch; no venv, no network)
+and writes at most seven files to ``--out``:
+
+- ``env.json``: GPU, driver, CUDA, cuDNN, torch, torchvision, Python, abexp commit;
+- ``test_gpu.xml``: tests/test_gpu.py as JUnit XML (a skipped test counts as failed here);
+- ``probe.json``: resume after a stop vs an uninterrupted run; two identical runs with and
+  without ``train.deterministic``; CPU vs GPU after 20 identical steps; ResNet-20 batch 128
+  step time for fp32 / tf32 / bf16 / bf16 + channels_last, SGDM and AB, with the share of wall
+  time the GPU is busy; packed K = 1 / 8 / 32 step time and peak memory; a ResNet-50 224x224
+  bf16 step at D = 32;
+- ``bench.json`` / ``bench.md``: a trimmed ``abexp.bench``;
+- ``summary.md``: the table the README shows; ``log.txt``: everything printed.
+
+``--device cpu --quick`` runs the same code at toy sizes (the test suite does, so the script
+cannot rot between GPU sessions); its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+
+from abexp import io
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def environment(device: torch.device) -> dict:
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+           "device": str(device), "date": time.strftime("%Y-%m-%d %H:%M")}
+    try:
+        from abexp.tv_compat import import_torchvision
+        env["torchvision"] = import_torchvision().__version__
+    except Exception as err:  # noqa: BLE001 - recorded, not fatal
+        env["torchvision"] = f"unavailable: {err}"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                   capability=f"{props.major}.{props.minor}", gpus_visible=torch.cuda.device_count())
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=30).stdout.strip()
+    else:
+        from abexp.bench import machine_name
+        env["cpu"] = machine_name(device)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        env["abexp_commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                             capture_output=True, text=True, timeout=10).stdout.strip() or None
+    return env
+
+
+def run_gpu_tests(out: Path, log) -> dict:
+    """tests/test_gpu.py under pytest, as JUnit XML; skips are failures on a GPU machine."""
+    xml = out / "test_gpu.xml"
+    env = dict(os.environ, ABEXP_REQUIRE_GPU="1", WANDB_MODE="disabled")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_gpu.py"),
+                           f"--junitxml={xml}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    log(proc.stdout[-4000:] + proc.stderr[-2000:])
+    counts = {"exit_code": proc.returncode}
+    if xml.exists():
+        suite = ET.parse(xml).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        for key in ("tests", "failures", "errors", "skipped"):
+            counts[key] = int(suite.get(key, 0))
+    counts["passed"] = proc.returncode == 0 and counts.get("skipped", 1) == 0
+    return counts
+
+
+# ---------------------------------------------------------------- probe
+
+def tiny_run_config(device: torch.device, quick: bool, *extra: str) -> list[str]:
+    size = 256 if quick else 2048
+    return ["model.name=resnet8" if quick else "model.name=resnet20", "data.name=synthetic",
+            f"data.synthetic_size={size}", "train.batch_size=32" if quick else "train.batch_size=128",
+            "train.epochs=2", "optim.name=ab", "optim.lr=0.05", "delay.steps=4", "schedule.name=constant",
+            "tracking.wandb.mode=disabled", *extra]
+
+
+def train_to_end(overrides: list[str], out: Path, device: torch.device, stop_after: int | None = None):
+    from abexp.config import load_config
+    from abexp.train import train_run
+
+    return train_run(load_config(None, overrides), out, device=device.type, stop_after_epochs=stop_after,
+                     log=lambda m: None)
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return io.load_torch(out / "model.pt", map_location="cpu")
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
+
+
+def resume_and_determinism(device: torch.device, quick: bool, work: Path) -> dict:
+    """Resume after a stop vs uninterrupted, and two identical runs, deterministic or not."""
+    report = {}
+    for det in (True, False):
+        cfg = tiny_run_config(device, quick, f"train.deterministic={str(det).lower()}")
+        a, b, c = (work / f"det{det}_{name}" for name in ("a", "b", "stopped"))
+        ra, rb = train_to_end(cfg, a, device), train_to_end(cfg, b, device)
+        report[f"identical_runs_equal_deterministic_{det}"] = max_abs_diff(weights(a), weights(b)) == 0.0
+        report[f"identical_runs_max_abs_diff_deterministic_{det}"] = max_abs_diff(weights(a), weights(b))
+        report[f"identical_runs_test_acc_deterministic_{det}"] = [ra["test_acc"], rb["test_acc"]]
+        train_to_end(cfg, c, device, stop_after=1)
+        train_to_end(cfg, c, device)
+        report[f"resume_equal_deterministic_{det}"] = max_abs_diff(weights(a), weights(c)) == 0.0
+        report[f"resume_max_abs_diff_deterministic_{det}"] = max_abs_diff(weights(a), weights(c))
+    return report
+
+
+def cpu_vs_gpu(device: torch.device, quick: bool, steps: int = 20) -> dict:
+    """The same initial weights and batches on the CPU and on ``device``, 20 fp32 steps."""
+    from abexp.config import load_config
+    from abexp.train import Run
+
+    cfg = load_config(None, tiny_run_config(device, quick, "train.precision=fp32"))
+    cpu, dev = Run(cfg, "/nonexistent", "cpu", log=lambda m: None), Run(cfg, "/nonexistent", device.type, log=lambda m: None)
+    # the same initial weights: both models are initialised on the CPU from cfg.seed
+    batches = iter(cpu.batches.epoch(0))
+    for i in range(steps):
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            batches = iter(cpu.batches.epoch(i))
+            x, y = next(batches)
+        cpu.train_step(x, y, 0.05)
+        dev.train_step(x.to(device), y.to(device), 0.05)
+    w_cpu, w_dev = cpu.engine.w.double(), dev.engine.w.double().cpu()
+    return {"steps": steps, "relative_l2": float((w_cpu - w_dev).norm() / w_cpu.norm()),
+            "max_abs": float((w_cpu - w_dev).abs().max())}
+
+
+def busy_share(step, device: torch.device, steps: int) -> float | None:
+    """The share of wall time the GPU spends in kernels over ``steps`` steps (profiler)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(steps)
+        torch.cuda.synchronize(device)
+    wall_us = (time.perf_counter() - start) * 1e6
+    busy_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+                  for e in prof.key_averages())
+    return round(busy_us / wall_us, 3)
+
+
+def step_times(device: torch.device, quick: bool) -> list[dict]:
+    from abexp.bench import step_timer
+
+    model, batch, steps = ("resnet8", 32, 3) if quick else ("resnet20", 128, 50)
+    rows = []
+    variants = {"fp32": ("train.precision=fp32",), "tf32": ("train.precision=tf32",),
+                "bf16": ("train.precision=bf16",), "bf16+channels_last": ("train.precision=bf16", "train.channels_last=true")}
+    for optim in ("sgdm", "ab"):
+        for name, extra in variants.items():
+            _, timer = step_timer(32, model, batch, device.type, optim=optim, extra=extra)
+            timer(3)
+            rows.append({"model": model, "batch": batch, "optim": optim, "precision": name, "delay": 32,
+                         "step_ms": round(timer(steps) * 1e3, 3), "gpu_busy_share": busy_share(timer, device, min(steps, 20))})
+    return rows
+
+
+def packed(device: torch.device, quick: bool) -> list[dict]:
+    from abexp.bench import packed_step_time
+
+    rows = []
+    for k in ((1, 2) if quick else (1, 8, 32)):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        ms = packed_step_time(device.type, k, 2 if quick else 20, batch=32 if quick else 128) * 1e3
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        rows.append({"k": k, "step_ms": round(ms, 3), "ms_per_run_step": round(ms / k, 3),
+                     "peak_memory_gib": None if peak is None else round(peak, 2)})
+    return rows
+
+
+def resnet50_step(device: torch.device, quick: bool) -> dict:
+    """An ImageNet-sized step: ResNet-50 at 224x224 (112 in quick mode), bf16, delay 32."""
+    from abexp.engine import DelayedSGD, FlatParams
+    from abexp.config import load_config
+    from abexp.models import build_model
+    from abexp.train import autocast
+
+    batch, size, steps = (4, 112, 2) if quick else (128, 224, 20)
+    cfg = load_config(None, ["delay.steps=32", "optim.name=ab"])
+    torch.manual_seed(0)
+    model = build_model("resnet50", 1000).to(device).to(memory_format=torch.channels_last)
+    flat = FlatParams(model, True)
+    engine = DelayedSGD(flat.data, flat.sizes, cfg.optim, cfg.delay, 0)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def grad_fn(w):
+        flat.data.copy_(w)
+        flat.grad.zero_()
+        with autocast(device, "bf16"):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        return flat.grad
+
+    def timer(n):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(n):
+            engine.step(grad_fn, 0.1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) / n
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timer(2)
+    ms = timer(steps) * 1e3
+    return {"batch": batch, "image": size, "precision": "bf16+channels_last", "delay": 32, "optim": "ab",
+            "step_ms": round(ms, 2), "images_per_s": round(batch / ms * 1e3, 1),
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None}
+
+
+def summary_markdown(env: dict, tests: dict, probe: dict) -> str:
+    gpu = env.get("gpu") or env.get("cpu")
+    lines = [f"# abexp gpu-check: {gpu}", "",
+             f"torch {env['torch']}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, driver {env.get('driver')}, "
+             f"Python {env['python']}, abexp {env.get('abexp_commit')}, {env['date']}", "",
+             "tests/test_gpu.py: not run (--skip-tests)" if tests.get("skipped_by_flag") else
+             f"tests/test_gpu.py: {tests.get('tests')} tests, {tests.get('failures')} failed, "
+             f"{tests.get('errors')} errors, {tests.get('skipped')} skipped -> {'PASS' if tests.get('passed') else 'FAIL'}", ""]
+    det = probe.get("determinism", {})
+    if det:
+        lines += ["| check | deterministic on | off |", "|---|---|---|"]
+        for key, label in (("resume_equal", "resume = uninterrupted (bitwise)"),
+                           ("identical_runs_equal", "two identical runs equal (bitwise)")):
+            lines.append(f"| {label} | {det.get(key + '_deterministic_True')} | {det.get(key + '_deterministic_False')} |")
+        lines.append("")
+    if "cpu_vs_gpu" in probe:
+        c = probe["cpu_vs_gpu"]
+        lines += [f"CPU vs GPU after {c['steps']} fp32 steps: relative L2 {c['relative_l2']:.3g}, max abs {c['max_abs']:.3g}", ""]
+    if probe.get("step_times"):
+        lines += ["| optim | precision | step ms | GPU busy |", "|---|---|---|---|"]
+        lines += [f"| {r['optim']} | {r['precision']} | {r['step_ms']} | {r['gpu_busy_share']} |" for r in probe["step_times"]]
+        lines.append("")
+    if probe.get("packed"):
+        lines += ["| K packed | step ms | ms per run-step | peak GiB |", "|---|---|---|---|"]
+        lines += [f"| {r['k']} | {r['step_ms']} | {r['ms_per_run_step']} | {r['peak_memory_gib']} |" for r in probe["packed"]]
+        lines.append("")
+    if "resnet50" in probe:
+        r = probe["resnet50"]
+        lines += [f"ResNet-50 {r['image']}px batch {r['batch']} {r['precision']} AB at D = 32: {r['step_ms']} ms/step, "
+                  f"{r['images_per_s']} images/s, peak {r['peak_memory_gib']} GiB", ""]
+    for key, err in probe.get("errors", {}).items():
+        lines.append(f"- {key} FAILED: {err.splitlines()[-1] if err else ''}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m abexp.gpu_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="gpu-check", help="folder for the (at most seven) files")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: the same code at --quick sizes, to test the script itself")
+    parser.add_argument("--quick", action="store_true", help="toy sizes (seconds)")
+    parser.add_argument("--skip-tests", action="store_true", help="do not run tests/test_gpu.py")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu-check: torch.cuda.is_available() is False with this python "
+              f"({sys.executable}, torch {torch.__version__})", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logged: list[str] = []
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        logged.append(msg)
+
+    env = environment(device)
+    io.write_json(out / "env.json", env)
+    log(json.dumps(env))
+    tests = {"skipped_by_flag": True} if args.skip_tests else run_gpu_tests(out, log)
+    probe: dict = {"errors": {}}
+    work = out / ".work"
+    parts = [("determinism", lambda: resume_and_determinism(device, args.quick, work)),
+             ("cpu_vs_gpu", lambda: cpu_vs_gpu(device, args.quick)),
+             ("step_times", lambda: step_times(device, args.quick)),
+             ("packed", lambda: packed(device, args.quick)),
+             ("resnet50", lambda: resnet50_step(device, args.quick)),
+             ("bench", lambda: trimmed_bench(device, args.quick, out))]
+    for name, part in parts:  # one failing part does not cost the others
+        start = time.perf_counter()
+        try:
+            probe[name] = part()
+        except Exception:  # noqa: BLE001 - recorded in probe.json and the summary
+            probe["errors"][name] = traceback.format_exc()
+        log(f"{name}: {time.perf_counter() - start:.1f}s {json.dumps(probe.get(name))[:2000]}")
+        io.write_json(out / "probe.json", probe)
+    import shutil
+    shutil.rmtree(work, ignore_errors=True)
+    summary = summary_markdown(env, tests, probe)
+    io.write_text(out / "summary.md", summary)
+    log(summary)
+    io.write_text(out / "log.txt", "\n".join(logged) + "\n")
+    return 0 if (tests.get("passed") or args.skip_tests) and not probe["errors"] else 1
+
+
+def trimmed_bench(device: torch.device, quick: bool, out: Path) -> dict:
+    """abexp.bench's figures a-c at fewer steps and packs (its bench.json / bench.md)."""
+    from abexp import bench
+
+    argv = ["--device", device.type, "--out", str(out)]
+    argv += ["--steps", "2", "--rounds", "1", "--only-delay"] if quick else \
+        ["--steps", "10", "--rounds", "2", "--packs", "1", "8", "32", "--procs", "4", "16"]
+    with contextlib.redirect_stdout(open(os.devnull, "w")):
+        bench.main(argv)
+    return json.loads((out / "bench.json").read_text())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""What a first GPU user would hit, checked where a CPU can reach it: which GPUs each worker
+gets, the SLURM script's process count, RNG state and weights whatever device they were
+mapped to, a device change on resume, the deterministic option and gpu-check itself."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from abexp.config import ConfigError, load_config, run_id
+from abexp.runner import _slots, visible_gpus
+from abexp.train import CHECKPOINT, Run, RunDirError, _read_checkpoint, train_run
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["model.name=resnet8", "data.name=digits", "data.subset=64", "data.test_subset=32", "train.epochs=2",
+        "train.batch_size=32", "optim.name=ab", "delay.steps=2", "schedule.name=constant"]
+
+
+def fake_cuda(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_workers_get_the_gpus_the_parent_was_given(monkeypatch):
+    fake_cuda(monkeypatch, 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")  # a node restricted to GPUs 2 and 3
+    assert visible_gpus() == ["2", "3"]
+    assert _slots(None, None, 1) == ["2", "3"]
+    assert _slots(None, None, 2) == ["2", "2", "3", "3"]
+    assert _slots(None, ["1"], 1) == ["3"]  # --gpus counts as torch does: the second visible one
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8c1e,MIG-4f2a/1/0")  # UUID and MIG names
+    assert _slots(None, None, 1) == ["GPU-8c1e", "MIG-4f2a/1/0"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert _slots(None, None, 1, gpus_per_run=2) == ["0,1"]
+
+
+def test_more_gpus_per_run_than_present_is_one_clear_error(monkeypatch):
+    fake_cuda(monkeypatch, 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(ConfigError, match="--gpus-per-run"):
+        _slots(None, None, 1, gpus_per_run=4)
+    with pytest.raises(ConfigError, match="--gpus"):
+        _slots(None, ["5"], 1)
+
+
+def test_no_gpu_means_cpu_workers(monkeypatch):
+    fake_cuda(monkeypatch, 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # set, but this torch sees no GPU
+    assert _slots(2, None, 1) == [None, None]
+
+
+def test_sweep_workers_are_spread_over_the_gpus(monkeypatch):
+    from abexp.sweep import worker_envs
+
+    fake_cuda(monkeypatch, 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    envs = worker_envs(4)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["4", "5", "4", "5"]
+    fake_cuda(monkeypatch, 0)
+    assert all("CUDA_VISIBLE_DEVICES" not in e or e["CUDA_VISIBLE_DEVICES"] == "4,5" for e in worker_envs(2))
+
+
+def test_slurm_script_starts_one_process_per_gpu_of_a_run():
+    from abexp.slurm import Node, Request, check_request, script_text
+
+    nodes = [Node("gpu", True, 16, 64000, 8, float("inf"))]
+    req = check_request(Request(array=2, cpus_per_task=4, partition="gpu"), nodes, gpus_per_run=4)
+    text = script_text(req, ["python", "-m", "abexp.runner"], Path("/tmp/s"), "x")
+    assert "#SBATCH --gres=gpu:4" in text and "export ABEXP_NPROC=4" in text
+    one = check_request(Request(array=2, cpus_per_task=4, partition="gpu"), nodes, gpus_per_run=1)
+    assert "ABEXP_NPROC" not in script_text(one, ["python"], Path("/tmp/s"), "x")
+
+
+def test_a_checkpoint_is_read_onto_the_cpu_whatever_the_run_device(tmp_path):
+    """The saved RNG state must reach torch.set_rng_state as a CPU ByteTensor: mapping the
+    checkpoint to the run's device (a GPU) made every resume raise. A meta device stands in
+    for the GPU here: the same TypeError as on CUDA before the fix."""
+    cfg = load_config(None, TINY)
+    assert train_run(cfg, tmp_path, device="cpu", stop_after_epochs=1, log=lambda m: None) is None
+    run = Run(cfg, tmp_path, "cpu", log=lambda m: None)
+    run.device = torch.device("meta")
+    state = _read_checkpoint(tmp_path, run, True, print)
+    run.device = torch.device("cpu")
+    tensors = [state["rng"]["torch"], *state["buffers"].values(), state["engine"]["w"]]
+    assert all(t.device.type == "cpu" for t in tensors)
+    run.load_state_dict(state)  # raised TypeError: RNG state must be a torch.ByteTensor
+    assert torch.equal(torch.get_rng_state(), state["rng"]["torch"])
+
+
+def test_a_saved_cuda_rng_list_longer_than_the_visible_gpus_is_restored(tmp_path, monkeypatch):
+    from abexp.train import restore_rng
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device=None: seen.update(state=s, device=device))
+    states = [torch.zeros(16, dtype=torch.uint8) + i for i in range(4)]  # saved on a 4-GPU node
+    restore_rng({"torch": torch.get_rng_state(), "cuda": states}, torch.device("cuda", 0))
+    assert torch.equal(seen["state"], states[0])
+
+
+def test_resume_on_another_device_kind_is_refused_in_one_line(tmp_path):
+    cfg = load_config(None, TINY)
+    train_run(cfg, tmp_path, device="cpu", stop_after_epochs=1, log=lambda m: None)
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert state["device"] == "cpu"
+    state["device"] = "cuda"  # as if the first epoch had run on a GPU
+    torch.save(state, tmp_path / CHECKPOINT)
+    with pytest.raises(RunDirError, match="cuda") as err:
+        train_run(cfg, tmp_path, device="cpu", log=lambda m: None)
+    assert "\n" not in str(err.value) and str(tmp_path / CHECKPOINT) in str(err.value)
+
+
+def test_model_weights_are_saved_as_cpu_tensors(tmp_path):
+    train_run(load_config(None, TINY), tmp_path, device="cpu", log=lambda m: None)
+    weights = torch.load(tmp_path / "model.pt", weights_only=True)  # no map_location needed
+    assert weights and all(v.device.type == "cpu" for v in weights.values())
+
+
+def test_deterministic_is_on_by_default_and_keeps_stored_run_ids():
+    cfg = load_config(None, TINY)
+    assert cfg.train.deterministic is True
+    stored = cfg.model_dump()
+    del stored["train"]["deterministic"]  # a run stored before the key existed
+    assert run_id(stored) == run_id(cfg)
+    assert run_id(load_config(None, TINY + ["train.deterministic=false"])) != run_id(cfg)
+
+
+def test_the_global_pool_keeps_the_cpu_numerics():
+    """On CUDA the pool is a mean (its backward is deterministic; adaptive_avg_pool2d's is
+    not); on the CPU it stays adaptive_avg_pool2d, bit for bit, so stored results hold."""
+    from abexp.models import global_avg_pool
+
+    x = torch.randn(3, 8, 5, 5)
+    assert torch.equal(global_avg_pool(x), torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+    assert torch.allclose(global_avg_pool(x), x.mean((2, 3)))
+
+
+def test_gpu_check_runs_end_to_end_on_the_cpu_and_writes_few_files(tmp_path):
+    out = tmp_path / "gpu-check"
+    proc = subprocess.run([sys.executable, "-m", "abexp.gpu_check", "--device", "cpu", "--quick", "--skip-tests",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**__import__("os").environ, "WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and {"env.json", "probe.json", "summary.md", "log.txt"} <= set(files), files
+    probe = json.loads((out / "probe.json").read_text())
+    assert not probe["errors"]
+    assert probe["determinism"]["resume_equal_deterministic_True"] is True  # bitwise on the CPU
+    assert probe["cpu_vs_gpu"]["relative_l2"] == 0.0  # CPU against itself: the probe compares like with like
+    assert {r["precision"] for r in probe["step_times"]} == {"fp32", "tf32", "bf16", "bf16+channels_last"}
