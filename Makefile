@@ -31,7 +31,7 @@ test: $(STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest tests
 
 bench: $(STAMP)
-	WANDB_MODE=disabled $(BIN)/python -m abexp.bench
+	WANDB_MODE=disabled $(BIN)/python -m abexp.tools.bench
 
 clean:
 	rm -rf $(VENV) *.egg-info
@@ -75,7 +75,7 @@ reproduce: $(STAMP)
 
 # SIGKILL the runner three times during a 16-run spec; audit completed/duplicate/lost runs.
 resilience: $(STAMP)
-	WANDB_MODE=disabled $(BIN)/python -m abexp.resilience
+	WANDB_MODE=disabled $(BIN)/python -m abexp.tools.resilience
 
 # On a GPU node with its own CUDA torch (no venv is built, nothing is downloaded): tests/test_gpu.py
 # as JUnit XML and a probe of resume, determinism, CPU-vs-GPU and step times, all in
@@ -88,7 +88,7 @@ gpu-check:
 	@$(GPU_PY) -c "import pydantic" 2>/dev/null || { test -d wheels && \
 	  $(GPU_PY) -m pip install -q --no-index --find-links wheels --target $(GPU_DEPS) pydantic; } || \
 	  { echo "gpu-check: $(GPU_PY) lacks pydantic: pip install pydantic, or run make gpu-wheels where there is a network and copy wheels/ here"; exit 2; }
-	WANDB_MODE=disabled PYTHONPATH=$(CURDIR):$(CURDIR)/$(GPU_DEPS) $(GPU_PY) -m abexp.gpu_check --out $(GPU_CHECK_DIR)
+	WANDB_MODE=disabled PYTHONPATH=$(CURDIR):$(CURDIR)/$(GPU_DEPS) $(GPU_PY) -m abexp.tools.gpu_check --out $(GPU_CHECK_DIR)
 
 # Wheels of what a GPU node may lack, for Python 3.12 on x86_64 (copy wheels/ to the node).
 gpu-wheels:

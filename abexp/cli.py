@@ -36,7 +36,7 @@ class Parser(argparse.ArgumentParser):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from abexp.config import check_processes, load_config, run_id
-    from abexp.train import train_run
+    from abexp.train.run import train_run
 
     cfg = load_config(args.config, args.set)  # validated before any process is started
     check_processes(cfg, args.nproc, args.config)
@@ -46,8 +46,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         return launch_torchrun(args.nproc, out, args)
     from abexp import io
-    from abexp.claims import ClaimLost, from_env
-    from abexp.distributed import shutdown
+    from abexp.lab.claims import ClaimLost, from_env
+    from abexp.train.distributed import shutdown
     claim = from_env()  # a rank of a worker's multi-GPU run: fenced by the worker's claim
     try:
         with io.fenced(out, claim.check) if claim else contextlib.nullcontext():
@@ -79,7 +79,7 @@ def launch_torchrun(nproc: int, out: Path, args: argparse.Namespace) -> int:
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
-    from abexp.stability import pipeline_table, stability_table
+    from abexp.sim.stability import pipeline_table, stability_table
 
     def progress(row: dict) -> None:  # a bisection per row: say where we are
         what = f"S={row['stages']} {row['kind']}" if "stages" in row else f"D={row['delay']}"
@@ -91,7 +91,7 @@ def cmd_stability(args: argparse.Namespace) -> int:
         rows = stability_table(args.optim, args.delays, args.momentum, args.rho, args.steps, progress)
     if args.out:
         import pandas as pd
-        from abexp.collect import write_table
+        from abexp.lab.collect import write_table
         write_table(pd.DataFrame(rows), args.out)
     keys = ("optim", "rho", "momentum", "stages", "kind", "delay", "x_max")
     if args.json:
@@ -109,8 +109,8 @@ def cmd_stability(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from abexp.runner import run_state, runs_dir
-    from abexp.spec import load_spec
+    from abexp.lab.runner import run_state, runs_dir
+    from abexp.lab.spec import load_spec
 
     check_results_dir(args.results)
     plan = load_spec(args.spec, args.set).expand()
@@ -128,8 +128,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from abexp.config import check_processes
-    from abexp.runner import run_local
-    from abexp.spec import load_spec
+    from abexp.lab.runner import run_local
+    from abexp.lab.spec import load_spec
 
     check_results_dir(args.results, write=True)
     plan = load_spec(args.spec, args.set).expand()  # validate every run before anything starts
@@ -149,7 +149,7 @@ def submit_slurm(args: argparse.Namespace) -> int:
     """Check the request against sinfo, write the array script, submit it."""
     import uuid
 
-    from abexp import slurm
+    from abexp.lab import slurm
 
     if args.pack > 1:
         raise ConfigError("--pack", "", "local only: SLURM tasks train one run at a time")
@@ -166,7 +166,7 @@ def submit_slurm(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from abexp.slurm import cancel
+    from abexp.lab.slurm import cancel
 
     if not Path(args.slurm_folder).is_dir():
         raise ConfigError("--slurm-folder", "", f"{args.slurm_folder}: no such folder")
@@ -179,7 +179,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def preflight_data(configs: list) -> None:
     """Every distinct dataset of a plan, checked present and well-formed before any worker
     starts: a missing folder is one error line, not one failed run per grid cell."""
-    from abexp.data import preflight
+    from abexp.data.load import preflight
 
     seen = set()
     for cfg in configs:
@@ -209,7 +209,7 @@ def check_run_folders(plan: list, results: str) -> None:
     import json
 
     from abexp.config import load_config, run_id
-    from abexp.runner import runs_dir
+    from abexp.lab.runner import runs_dir
 
     for run in plan:
         folder = runs_dir(results) / run.run_id
@@ -229,13 +229,13 @@ def check_run_folders(plan: list, results: str) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from abexp.runner import run_state, runs_dir, summarize
-    from abexp.spec import load_spec
+    from abexp.lab.runner import run_state, runs_dir, summarize
+    from abexp.lab.spec import load_spec
 
     check_results_dir(args.results)
     plan = load_spec(args.spec, args.set).expand()
     import pandas as pd
-    from abexp.collect import collect
+    from abexp.lab.collect import collect
     damaged: list[str] = []
     table = collect(args.results, [r.run_id for r in plan], damaged).set_index("run_id") if plan else None
     damaged_ids = {Path(d.split(":", 1)[0]).parent.name for d in damaged}
@@ -253,7 +253,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from abexp.collect import SUMMARY, collect, write_table
+    from abexp.lab.collect import SUMMARY, collect, write_table
 
     check_results_dir(args.results)
     for target in (args.output, args.curves):
@@ -263,7 +263,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     damaged: list[str] = []
     table = collect(args.results, damaged=damaged)
     if args.curves:
-        from abexp.collect import collect_epochs
+        from abexp.lab.collect import collect_epochs
         curves = collect_epochs(args.results, table)
         write_table(curves, args.curves)
         print(f"wrote {len(curves)} epoch rows to {args.curves}")
@@ -294,7 +294,7 @@ def readable(table, summary: list[str]):
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from abexp import sweep
+    from abexp.lab import sweep
 
     check_results_dir(args.results, write=not args.best)
     if args.best:
@@ -412,9 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `abexp plan ... | head` exits quietly
     parser = build_parser()
     args = parser.parse_args(argv)  # --help and usage errors end here, before torch is imported
-    from abexp.data import DataError
+    from abexp.data.common import DataError
     from abexp.io import WriteError
-    from abexp.train import RunDirError
+    from abexp.train.run import RunDirError
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DataError, RunDirError) as err:

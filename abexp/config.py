@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 MODEL_NAMES = ("resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
                "resnet18", "resnet50")
 DATA_NAMES = ("cifar10", "digits", "synthetic", "imagenet", "fashion_mnist", "mnist")
-# optimizer name -> which mitigations it switches on (see abexp/optim.py)
+# optimizer name -> which mitigations it switches on (see abexp/sim/optim.py)
 OPTIM_NAMES = ("sgdm", "ab", "sc", "lwp", "dcasgd", "salr", "ab_lwp", "sc_lwp",
                "adam", "adamw", "ab_adam", "ab_adamw")
 ADAM_NAMES = ("adam", "adamw", "ab_adam", "ab_adamw")

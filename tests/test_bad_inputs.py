@@ -13,7 +13,7 @@ import pytest
 
 from abexp.cli import main
 from abexp.config import load_config, run_id
-from abexp.spec import load_spec
+from abexp.lab.spec import load_spec
 
 TINY = "model: {name: resnet8}\ndata: {name: digits, subset: 64, test_subset: 32}\ntrain: {epochs: 1, batch_size: 32}\n"
 

@@ -5,7 +5,7 @@ Tiny settings (a step or two per figure); the speeds themselves are not asserted
 
 import json
 
-from abexp import bench
+from abexp.tools import bench
 
 
 def test_grid_figure_compares_packed_and_process_sharing():

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from abexp.claims import LOCK, is_stale, try_claim
-from abexp.runner import _slots
-from abexp.tracking import resolve_mode
+from abexp.lab.claims import LOCK, is_stale, try_claim
+from abexp.lab.runner import _slots
+from abexp.train.tracking import resolve_mode
 
 
 def fake_lock(run_dir, host, pid, age_s):

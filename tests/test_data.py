@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from abexp import data as D
+from abexp.data import images as D
+from abexp.data import load
 from conftest import write_cifar10_batches
 
 

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 from abexp.cli import main
 from abexp.config import ConfigError, DelayCfg, OptimCfg, load_config
-from abexp.delay import DelaySampler
-from abexp.engine import DelayedSGD, FlatParams
-from abexp.models import build_model
-from abexp.pipeline import balanced_cuts, profile_delays, stage_ranges, tensor_flops
-from abexp.train import train_run
+from abexp.sim.delay import DelaySampler
+from abexp.sim.engine import DelayedSGD, FlatParams
+from abexp.train.models import build_model
+from abexp.sim.pipeline import balanced_cuts, profile_delays, stage_ranges, tensor_flops
+from abexp.train.run import train_run
 from conftest import drive
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from abexp.claims import LOCK, try_claim
+from abexp.lab.claims import LOCK, try_claim
 
 needs_hosts = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
                                  reason="UTS namespaces (unshare --uts) need root")
@@ -155,7 +155,7 @@ space:
 
 @needs_hosts
 def test_a_frozen_sweep_trial_is_retried_elsewhere_and_the_thawed_one_gives_way(tmp_path):
-    from abexp.sweep import load_sweep, open_study, storage_url
+    from abexp.lab.sweep import load_sweep, open_study, storage_url
 
     sweep = tmp_path / "frozen_sweep.yaml"
     sweep.write_text(SWEEP.format())
@@ -196,7 +196,7 @@ def shifted_clock(offset: str) -> list[str]:
 CLAIMER = """
 import sys
 from pathlib import Path
-from abexp.claims import try_claim
+from abexp.lab.claims import try_claim
 print("claimed" if try_claim(Path(sys.argv[1]), stale_after=120) is not None else "refused")
 """
 
@@ -223,7 +223,7 @@ def test_staleness_is_judged_in_the_filesystem_clock(tmp_path, offset, age_s, ex
 
 def test_a_lost_claim_refuses_every_write_and_its_heartbeat_touches_only_its_own_lock(tmp_path):
     from abexp import io
-    from abexp.claims import ClaimLost, is_stale
+    from abexp.lab.claims import ClaimLost, is_stale
 
     run_dir = tmp_path / "runs" / "r"
     mine = try_claim(run_dir)

@@ -11,12 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from abexp import data as D
-from abexp import mnist as M
+from abexp.data import images as D
+from abexp.data import load
+from abexp.data import idx as M
 from abexp.cli import main
 from abexp.config import load_config
-from abexp.packed import PackedRun
-from abexp.train import Run, train_run
+from abexp.train.packed import PackedRun
+from abexp.train.run import Run, train_run
 from conftest import idx_bytes, write_idx_dataset
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
@@ -41,7 +42,7 @@ def test_mnist_digits_are_not_flipped(tmp_path):
     assert not M.load_idx_dataset("mnist", str(tmp_path)).flip  # a mirrored 2 is not a 2
     cfg = load_config(None, ["data.name=mnist", f"data.root={tmp_path}", "model.name=resnet8",
                              "data.flip=true", "data.crop_pad=0"])
-    ds = D.load_dataset(cfg)
+    ds = load.load_dataset(cfg)
     assert ds.flip and ds.crop_pad == 0  # the config overrides the dataset's choice
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from abexp.collect import collect, collect_epochs, write_table
-from abexp.spec import load_spec
-from abexp.train import train_run
+from abexp.lab.collect import collect, collect_epochs, write_table
+from abexp.lab.spec import load_spec
+from abexp.train.run import train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = """

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from abexp.config import load_config
-from abexp.packed import PackedRun
-from abexp.train import Run, evaluate, train_run
+from abexp.train.packed import PackedRun
+from abexp.train.run import Run, evaluate, train_run
 
 REQUIRED = os.environ.get("ABEXP_REQUIRE_GPU") == "1"
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and not REQUIRED, reason="needs a CUDA device")
@@ -134,7 +134,7 @@ def test_resume_on_the_gpu_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_cuda_batches_are_seeded_crops_and_flips():
-    from abexp.data import Batches, make_synthetic
+    from abexp.data.images import Batches, make_synthetic
 
     data = make_synthetic(64).to("cuda")
     a, b = (list(Batches(data, 16, True, seed=3).epoch(2)) for _ in range(2))

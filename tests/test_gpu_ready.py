@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from abexp.config import ConfigError, load_config, run_id
-from abexp.runner import _slots, visible_gpus
-from abexp.train import CHECKPOINT, Run, RunDirError, _read_checkpoint, train_run
+from abexp.lab.runner import _slots, visible_gpus
+from abexp.train.run import CHECKPOINT, Run, RunDirError, _read_checkpoint, train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.name=resnet8", "data.name=digits", "data.subset=64", "data.test_subset=32", "train.epochs=2",
@@ -53,7 +53,7 @@ def test_no_gpu_means_cpu_workers(monkeypatch):
 
 
 def test_sweep_workers_are_spread_over_the_gpus(monkeypatch):
-    from abexp.sweep import worker_envs
+    from abexp.lab.sweep import worker_envs
 
     fake_cuda(monkeypatch, 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
@@ -64,11 +64,11 @@ def test_sweep_workers_are_spread_over_the_gpus(monkeypatch):
 
 
 def test_slurm_script_starts_one_process_per_gpu_of_a_run():
-    from abexp.slurm import Node, Request, check_request, script_text
+    from abexp.lab.slurm import Node, Request, check_request, script_text
 
     nodes = [Node("gpu", True, 16, 64000, 8, float("inf"))]
     req = check_request(Request(array=2, cpus_per_task=4, partition="gpu"), nodes, gpus_per_run=4)
-    text = script_text(req, ["python", "-m", "abexp.runner"], Path("/tmp/s"), "x")
+    text = script_text(req, ["python", "-m", "abexp.lab.runner"], Path("/tmp/s"), "x")
     assert "#SBATCH --gres=gpu:4" in text and "export ABEXP_NPROC=4" in text
     one = check_request(Request(array=2, cpus_per_task=4, partition="gpu"), nodes, gpus_per_run=1)
     assert "ABEXP_NPROC" not in script_text(one, ["python"], Path("/tmp/s"), "x")
@@ -91,7 +91,7 @@ def test_a_checkpoint_is_read_onto_the_cpu_whatever_the_run_device(tmp_path):
 
 
 def test_a_saved_cuda_rng_list_longer_than_the_visible_gpus_is_restored(tmp_path, monkeypatch):
-    from abexp.train import restore_rng
+    from abexp.train.run import restore_rng
 
     seen = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -131,7 +131,7 @@ def test_deterministic_is_on_by_default_and_keeps_stored_run_ids():
 def test_the_global_pool_keeps_the_cpu_numerics():
     """On CUDA the pool is a mean (its backward is deterministic; adaptive_avg_pool2d's is
     not); on the CPU it stays adaptive_avg_pool2d, bit for bit, so stored results hold."""
-    from abexp.models import global_avg_pool
+    from abexp.train.models import global_avg_pool
 
     x = torch.randn(3, 8, 5, 5)
     assert torch.equal(global_avg_pool(x), torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
@@ -140,7 +140,7 @@ def test_the_global_pool_keeps_the_cpu_numerics():
 
 def test_gpu_check_runs_end_to_end_on_the_cpu_and_writes_few_files(tmp_path):
     out = tmp_path / "gpu-check"
-    proc = subprocess.run([sys.executable, "-m", "abexp.gpu_check", "--device", "cpu", "--quick", "--skip-tests",
+    proc = subprocess.run([sys.executable, "-m", "abexp.tools.gpu_check", "--device", "cpu", "--quick", "--skip-tests",
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**__import__("os").environ, "WANDB_MODE": "disabled"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

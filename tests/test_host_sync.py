@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from abexp.config import load_config
-from abexp.host_sync import HostSyncAudit
-from abexp.packed import PackedRun
-from abexp.train import Run
+from abexp.tools.host_sync import HostSyncAudit
+from abexp.train.packed import PackedRun
+from abexp.train.run import Run
 
 
 def audit(fn) -> list[str]:

@@ -13,9 +13,9 @@ import torch
 from abexp import io
 from abexp.cli import main
 from abexp.config import load_config
-from abexp.data import DataError
-from abexp.imagenet import ImageNetBatches, check_image_folder
-from abexp.train import RESULT, train_run
+from abexp.data.common import DataError
+from abexp.data.imagenet import ImageNetBatches, check_image_folder
+from abexp.train.run import RESULT, train_run
 
 ENV = dict(os.environ, WANDB_MODE="disabled")
 
@@ -96,8 +96,8 @@ def _ddp_worker(rank, world, port, overrides, out, dump):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), WANDB_MODE="disabled")
     torch.set_num_threads(1)
-    from abexp.distributed import shutdown
-    from abexp.train import Run
+    from abexp.train.distributed import shutdown
+    from abexp.train.run import Run
     run = Run(load_config(None, overrides), out, "cpu", log=lambda s: None)
     run.fit()
     torch.save({"w": run.engine.w, "v": run.engine.optimizer.v, "hist": run.engine.history.buffer,
@@ -128,7 +128,7 @@ def test_two_process_ddp_ranks_agree_and_match_one_process_micro_batches(tmp_pat
     finally:
         torch.set_num_threads(threads)
     w_single = io.load_torch(tmp_path / "single" / "model.pt")
-    from abexp.models import build_model
+    from abexp.train.models import build_model
     model = build_model("resnet8")
     model.load_state_dict(w_single)
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -159,8 +159,8 @@ def test_cli_nproc_2_resumes_under_ddp(tmp_path):
 def test_runner_gives_a_run_two_processes(tmp_path, monkeypatch):
     """A worker with ABEXP_NPROC=2 (what --gpus-per-run 2 sets) trains its run under torchrun."""
     import json
-    from abexp.runner import runs_dir, worker_loop
-    from abexp.spec import load_spec
+    from abexp.lab.runner import runs_dir, worker_loop
+    from abexp.lab.spec import load_spec
     spec = tmp_path / "s.yaml"
     spec.write_text("name: nproc\nbase:\n  model: {name: resnet8}\n"
                     "  data: {name: digits, subset: 64, test_subset: 32}\n"

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from abexp.models import build_model
+from abexp.train.models import build_model
 
 
 def count(model):

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from abexp.config import DelayCfg, OptimCfg
-from abexp.engine import DelayedSGD, FlatParams
-from abexp.models import build_model
-from abexp.optim import segment_cosine
+from abexp.sim.engine import DelayedSGD, FlatParams
+from abexp.train.models import build_model
+from abexp.sim.optim import segment_cosine
 from conftest import drive
 
 

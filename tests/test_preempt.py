@@ -7,9 +7,10 @@ import signal
 import pytest
 import torch
 
-from abexp import io, preempt
+from abexp import io
+from abexp.train import preempt
 from abexp.config import load_config
-from abexp.train import RESULT, Run, train_run
+from abexp.train.run import RESULT, Run, train_run
 
 
 @pytest.fixture

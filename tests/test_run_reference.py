@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from abexp.config import load_config
-from abexp.models import build_model
-from abexp.train import Run
+from abexp.train.models import build_model
+from abexp.train.run import Run
 
 BASE = ["data.name=digits", "model.name=resnet8", "data.subset=128", "data.test_subset=64",
         "train.batch_size=32", "train.epochs=2", "optim.lr=0.05", "optim.momentum=0.9",

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from abexp.runner import runs_dir
-from abexp.spec import load_spec
+from abexp.lab.runner import runs_dir
+from abexp.lab.spec import load_spec
 
 ENV = dict(os.environ, WANDB_MODE="disabled", ABEXP_POLL_S="0.3", ABEXP_HEARTBEAT_S="1")
 
@@ -113,14 +113,14 @@ def test_diverging_and_crashing_runs_do_not_stop_the_others(tmp_path):
     assert failed["status"] == "failed" and "DataError" in failed["traceback"]
     assert "Traceback" in (crash / "log.txt").read_text()
     # collect reports all four, with their states
-    from abexp.collect import collect
+    from abexp.lab.collect import collect
     table = collect(results).set_index("variant")
     assert table.loc["crash", "status"] == "failed" and table.loc["diverge", "status"] == "diverged"
 
 
 def test_wandb_offline_folders_are_named_by_run_id(tmp_path, monkeypatch):
     from abexp.config import load_config, run_id
-    from abexp.train import train_run
+    from abexp.train.run import train_run
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     cfg = load_config(None, ["data.name=digits", "model.name=resnet8", "data.subset=64",

@@ -3,8 +3,8 @@ import math
 import pytest
 
 from abexp.config import ScheduleCfg
-from abexp.delay import DelaySampler, WeightHistory
-from abexp.schedule import lr_at
+from abexp.sim.delay import DelaySampler, WeightHistory
+from abexp.sim.schedule import lr_at
 
 
 def test_multistep_milestones_are_fractions_of_training():

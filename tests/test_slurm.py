@@ -14,11 +14,11 @@ import torch
 
 from abexp import io
 from abexp.config import ConfigError, load_config
-from abexp.runner import runs_dir
-from abexp.slurm import (Node, Request, check_request, gres_gpus, parse_mem_mb, parse_sinfo,
+from abexp.lab.runner import runs_dir
+from abexp.lab.slurm import (Node, Request, check_request, gres_gpus, parse_mem_mb, parse_sinfo,
                          parse_time_min, requeue_self, script_text)
-from abexp.spec import load_spec
-from abexp.train import train_run
+from abexp.lab.spec import load_spec
+from abexp.train.run import train_run
 
 from slurm_cluster import missing_reason, start, stop
 from test_runner import assert_each_run_once, events
@@ -71,7 +71,7 @@ def test_gpus_only_where_the_partition_has_them():
 
 
 def test_slurm_cpus_per_task_sets_the_torch_threads():
-    code = "from abexp.runner import apply_thread_budget as a; import torch; a(); print(torch.get_num_threads())"
+    code = "from abexp.lab.runner import apply_thread_budget as a; import torch; a(); print(torch.get_num_threads())"
     env = {k: v for k, v in os.environ.items() if k != "ABEXP_THREADS"}
     out = subprocess.run([sys.executable, "-c", code], env=dict(env, SLURM_CPUS_PER_TASK="1"),
                          capture_output=True, text=True, check=True)

@@ -8,7 +8,7 @@ import pytest
 
 from abexp.cli import main
 from abexp.config import ConfigError, load_config, run_id
-from abexp.spec import load_spec
+from abexp.lab.spec import load_spec
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 

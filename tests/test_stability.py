@@ -2,7 +2,7 @@
 
 import pytest
 
-from abexp.stability import analytic_x_max, quadratic_optim_cfg, simulated_x_max
+from abexp.sim.stability import analytic_x_max, quadratic_optim_cfg, simulated_x_max
 
 # docs/science.md §1, computed independently: largest stable x for SGDM with m = 0.9
 DESIGN_VALUES = {0: 3.8, 1: 0.1, 2: 0.0512, 4: 0.0265, 8: 0.0139, 16: 0.0075, 32: 0.0041}
@@ -38,7 +38,7 @@ def test_ab_with_rho0_has_sgdm_stability():
 def test_pipeline_sgdm_matches_its_exact_limit_and_one_stage_is_undelayed():
     """Per-stage delays on the quadratic: simulated SGDM against the exact per-direction limit
     (each direction is scalar delayed SGDM with its stage's delay); S = 1 is delay 0."""
-    from abexp.stability import pipeline_table
+    from abexp.sim.stability import pipeline_table
     rows = {(r["stages"], r["kind"]): r for r in pipeline_table(["sgdm"], [1, 4], steps=1500)}
     for row in rows.values():
         assert row["x_max"] == pytest.approx(row["sgdm_analytic"], rel=0.03)

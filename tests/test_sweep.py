@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from abexp.cli import main
-from abexp.sweep import load_sweep, open_study, storage_url
+from abexp.lab.sweep import load_sweep, open_study, storage_url
 
 ENV = dict(os.environ, WANDB_MODE="disabled", ABEXP_POLL_S="0.3", ABEXP_HEARTBEAT_S="1")
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,9 +130,9 @@ PROPOSER = """
 import os, random, sys, time
 from pathlib import Path
 import optuna
-from abexp.claims import create_lock
+from abexp.lab.claims import create_lock
 from optuna.trial import TrialState
-from abexp.sweep import distinct_finished, load_sweep, open_study, propose, space_size, storage_url
+from abexp.lab.sweep import distinct_finished, load_sweep, open_study, propose, space_size, storage_url
 
 # widen every race: a random pause before and after each parameter Optuna writes
 real = optuna.trial.Trial.suggest_categorical
@@ -212,7 +212,7 @@ def test_invalid_search_space_exits_2_naming_the_key(tmp_path, capsys, space, ke
 
 
 def test_best_exports_a_spec_over_seeds(tmp_path, capsys):
-    from abexp.spec import load_spec
+    from abexp.lab.spec import load_spec
     space = "  optim.lr: {type: categorical, choices: [0.01, 0.05]}\n"
     sweep = write_sweep(tmp_path / "b.yaml", epochs=1, n_trials=2, sampler="grid", space=space)
     results = tmp_path / "r"

@@ -7,7 +7,7 @@ import torch
 from abexp import io
 from abexp.cli import main
 from abexp.config import load_config, run_id
-from abexp.train import RESULT, recalibrated_bn, train_run
+from abexp.train.run import RESULT, recalibrated_bn, train_run
 
 REQUIRED_KEYS = ["seed", "model.name", "data.name", "data.subset", "train.epochs", "train.batch_size",
                  "optim.name", "optim.lr", "optim.momentum", "optim.rho", "delay.steps"]
@@ -81,7 +81,7 @@ def test_divergence_stops_the_run_with_status_diverged(tmp_path, tiny_overrides)
 
 
 def test_bn_recalibration_recomputes_statistics_at_current_weights_and_restores_them():
-    from abexp.models import build_model
+    from abexp.train.models import build_model
     torch.manual_seed(0)
     model = build_model("resnet8")
     xs = [torch.randn(16, 3, 32, 32) for _ in range(3)]
@@ -102,8 +102,8 @@ def test_channels_last_views_match_torch_sgd_on_a_channels_last_model(tmp_path, 
     the reference is PyTorch's own channels_last model trained by torch.optim.SGD."""
 
     import torch.nn.functional as F
-    from abexp.models import build_model
-    from abexp.train import Run
+    from abexp.train.models import build_model
+    from abexp.train.run import Run
     cfg = load_config(None, tiny_overrides + ["optim.name=sgdm", "optim.weight_decay=1e-4",
                                               "train.channels_last=true"])
     run = Run(cfg, tmp_path, "cpu", log=lambda s: None)
@@ -125,7 +125,7 @@ def test_channels_last_views_match_torch_sgd_on_a_channels_last_model(tmp_path, 
 
 def test_compiled_training_matches_eager(tmp_path, tiny_overrides):
     """torch.compile reads the same flat-buffer parameter views (compiling takes ~20 s on CPU)."""
-    from abexp.train import Run
+    from abexp.train.run import Run
     runs = [Run(load_config(None, tiny_overrides + ["optim.name=ab", "delay.steps=1", f"train.compile={c}"]),
                 tmp_path, "cpu", log=lambda s: None) for c in (False, True)]
     w0 = runs[0].engine.w.clone()

@@ -3,7 +3,7 @@ pre-emption and an approaching time limit (``--signal``).
 
 The handler only records the signal. Training checks ``requested()`` after every optimizer
 step, saves a mid-epoch checkpoint and raises ``Preempted``; the worker releases its claim
-and, under SLURM, requeues itself (abexp.slurm). Installed by SLURM workers only: a local
+and, under SLURM, requeues itself (abexp.lab.slurm). Installed by SLURM workers only: a local
 worker dies with its runner instead.
 """
 

@@ -1,7 +1,7 @@
 """Run every run of a spec, each exactly once, resumably, with N worker processes.
 
-Workers (``python -m abexp.runner ...``, locally or as SLURM array tasks: abexp.slurm) all run
-``worker_loop``: walk the plan, claim a run (abexp.claims), train it in-process (resuming its
+Workers (``python -m abexp.lab.runner ...``, locally or as SLURM array tasks: abexp.lab.slurm) all run
+``worker_loop``: walk the plan, claim a run (abexp.lab.claims), train it in-process (resuming its
 checkpoint if any), release it. A run that raises is recorded in ``failed.json`` with its
 traceback and is not retried within the same session; the next ``abexp run`` retries it.
 A local worker dies with its runner (PR_SET_PDEATHSIG), so a killed runner leaves no orphan
@@ -24,10 +24,11 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable
 
-from abexp import io, preempt
+from abexp import io
+from abexp.train import preempt
 from abexp.config import ConfigError, RunConfig, dump_yaml
-from abexp.claims import LOCK, Claim, ClaimLost, Heartbeat, is_stale, try_claim
-from abexp.spec import PlannedRun, load_spec
+from abexp.lab.claims import LOCK, Claim, ClaimLost, Heartbeat, is_stale, try_claim
+from abexp.lab.spec import PlannedRun, load_spec
 
 FAILED, EVENTS, LOG = "failed.json", "events.jsonl", "log.txt"
 POLL_S = float(os.environ.get("ABEXP_POLL_S", "2"))
@@ -94,7 +95,7 @@ def train_claimed(config: RunConfig, run_dir: Path, session: str, claim: Claim, 
     """Train a run this process has claimed; a crash becomes failed.json, never an exception.
     Every write into the run folder is fenced by ``claim``: on finding it lost the run stops
     at once, nothing more is written there, and the status is ``lost``."""
-    from abexp.train import train_run
+    from abexp.train.run import train_run
 
     nproc = int(os.environ.get("ABEXP_NPROC", "1"))
     with io.fenced(run_dir, claim.check):
@@ -137,9 +138,9 @@ def train_claimed(config: RunConfig, run_dir: Path, session: str, claim: Claim, 
 
 def train_pack_claimed(runs: list[PlannedRun], run_dirs: list[Path], session: str,
                        claims: list[Claim]) -> list[str]:
-    """Train claimed runs together (abexp.packed); a crash fails every run of the pack, and a
+    """Train claimed runs together (abexp.train.packed); a crash fails every run of the pack, and a
     claim lost on any of them stops the pack (the others resume alone from their checkpoints)."""
-    from abexp.packed import train_pack
+    from abexp.train.packed import train_pack
 
     with contextlib.ExitStack() as stack:
         for d, c in zip(run_dirs, claims):
@@ -169,7 +170,7 @@ def train_pack_claimed(runs: list[PlannedRun], run_dirs: list[Path], session: st
 
 def _pack_partners(run: PlannedRun, plan: list[PlannedRun], root: Path, session: str, size: int):
     """Claim up to size-1 fresh runs that can share a pack with ``run``."""
-    from abexp.packed import pack_key
+    from abexp.train.packed import pack_key
 
     key = pack_key(run.config)
     if size <= 1 or key is None or (root / run.run_id / "checkpoint.pt").exists():
@@ -193,7 +194,7 @@ def worker_loop(spec_path: str, results: str, session: str, overrides: list[str]
     """Claim and train pending runs until every run is done or failed in this session.
 
     With ``pack`` > 1, up to that many fresh compatible runs are trained together in one
-    process (abexp.packed); runs resuming from a checkpoint are trained alone.
+    process (abexp.train.packed); runs resuming from a checkpoint are trained alone.
     """
     pack = int(os.environ.get("ABEXP_PACK", pack))
     apply_thread_budget()
@@ -366,7 +367,7 @@ def run_local(spec_path: str, results: str, workers: int | None = None,
         return 0
     slots = _slots(workers, gpus, runs_per_gpu, gpus_per_run)
     threads = thread_share(slots)
-    commands = [([sys.executable, "-m", "abexp.runner", spec_path, results, session, *(overrides or [])],
+    commands = [([sys.executable, "-m", "abexp.lab.runner", spec_path, results, session, *(overrides or [])],
                  worker_env(gpu, threads, ABEXP_PACK=str(pack))) for gpu in slots]
     # progress in epochs (with their rate), not whole runs: the first run's minutes show too
     epochs = {r.run_id: r.config.train.epochs for r in plan}
@@ -396,7 +397,7 @@ def run_local(spec_path: str, results: str, workers: int | None = None,
 
 def worker_main(argv: Iterable[str]) -> int:
     """A worker process; as a SLURM task (ABEXP_SLURM_FOLDER set) it stops on SLURM's signals
-    at the next step boundary and requeues itself (abexp.slurm)."""
+    at the next step boundary and requeues itself (abexp.lab.slurm)."""
     spec_path, results, session, *overrides = list(argv)
     under_slurm = bool(os.environ.get("ABEXP_SLURM_FOLDER"))
     if under_slurm:
@@ -405,7 +406,7 @@ def worker_main(argv: Iterable[str]) -> int:
     if under_slurm:  # the task's log says what it did
         print(f"worker {os.getpid()}: {counts}", flush=True)
     if under_slurm and counts.get("preempted"):
-        from abexp.slurm import requeue_self
+        from abexp.lab.slurm import requeue_self
         requeue_self(lambda msg: print(msg, flush=True))
     return 0
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from abexp.data import DataError, ImageData
+from abexp.data.common import DataError, ImageData
 
 SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
           "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}

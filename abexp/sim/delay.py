@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from abexp.data import epoch_seed
+from abexp.seeds import epoch_seed
 
 _CHUNK = 4096  # delays are drawn in seeded chunks: tau_t is a pure function of (seed, t)
 

@@ -14,7 +14,7 @@ import pickle
 import tarfile
 import tempfile
 import urllib.request
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -22,60 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from abexp.data.common import DataError, ImageData
+from abexp.seeds import epoch_seed
+
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-
-
-class DataError(Exception):
-    """A data folder that is missing or malformed; the message names the path."""
-
-
-def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
-    """A well-mixed 63-bit seed per (run seed, epoch, stream)."""
-    digest = hashlib.sha256(f"{seed}/{epoch}/{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-@dataclass
-class ImageData:
-    """uint8 images [N, C, H, W] and int64 labels, on one device, with normalisation constants
-    and the augmentation that suits the images (crop padding; whether a mirror image is still
-    the same class)."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    num_classes: int = 10
-    crop_pad: int = 4
-    flip: bool = True
-    _constants_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    @property
-    def channels(self) -> int:
-        return self.train_x.shape[1]
-
-    def to(self, device: torch.device | str) -> "ImageData":
-        return replace(self, train_x=self.train_x.to(device), train_y=self.train_y.to(device),
-                       test_x=self.test_x.to(device), test_y=self.test_y.to(device))
-
-    def normalize(self, x_uint8: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-        mean, std = self._constants(x_uint8.device, dtype)
-        return (x_uint8.to(dtype) / 255.0 - mean) / std
-
-    def _constants(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """mean and std as [1, C, 1, 1] device tensors, made once: building them from Python
-        floats every batch would be a blocking host-to-device copy per step on a GPU."""
-        key = (str(device), dtype)
-        if key not in self._constants_cache:
-            self._constants_cache[key] = tuple(torch.tensor(v, device=device, dtype=dtype).view(1, -1, 1, 1)
-                                               for v in (self.mean, self.std))
-        return self._constants_cache[key]
 
 
 class Batches:
@@ -235,59 +189,3 @@ def take_subset(data: ImageData, n_train: int | None, n_test: int | None, seed: 
     train_x, train_y = pick(data.train_x, data.train_y, n_train, 0)
     test_x, test_y = pick(data.test_x, data.test_y, n_test, 1)
     return replace(data, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
-
-
-IDX_DATASETS = ("fashion_mnist", "mnist")
-DEFAULT_ROOTS = {"cifar10": "data/cifar10", "imagenet": "data/imagenet"}
-
-
-def data_root(cfg) -> str | None:
-    """data.root, or the dataset's default folder (None: the IDX reader picks its own)."""
-    return cfg.data.root or DEFAULT_ROOTS.get(cfg.data.name)
-
-
-def load_dataset(cfg) -> ImageData:
-    """The whole in-memory dataset a run config names, on the CPU, with the config's
-    augmentation overrides applied."""
-    d = cfg.data
-    if d.name == "cifar10":
-        data = load_cifar10(data_root(cfg), d.download)
-    elif d.name in IDX_DATASETS:
-        from abexp.mnist import load_idx_dataset
-        data = load_idx_dataset(d.name, d.root, d.download)
-    elif d.name == "digits":
-        data = load_digits(d.split_seed)
-    elif d.name == "synthetic":
-        data = make_synthetic(d.synthetic_size, seed=d.split_seed)
-    else:
-        raise DataError(f"data.name={d.name} is not an in-memory dataset")
-    if d.crop_pad is not None:
-        data = replace(data, crop_pad=d.crop_pad)
-    if d.flip is not None:
-        data = replace(data, flip=d.flip)
-    return data
-
-
-def preflight(cfg) -> None:
-    """Check that a run's data is present and well-formed, before any worker starts: the same
-    DataError a worker would raise, but raised once, up front, naming the file."""
-    d = cfg.data
-    if d.name == "cifar10" and not d.download:
-        folder = cifar10_folder(data_root(cfg))
-        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-            if not (folder / name).is_file():
-                raise DataError(f"data.root: CIFAR-10 not found: {folder / name} is missing (point "
-                                "data.root at a local copy of cifar-10-batches-py, or set "
-                                "data.download: true)")
-    elif d.name in IDX_DATASETS:
-        from abexp.mnist import read_arrays
-        read_arrays(d.name, d.root, d.download)
-    elif d.name == "imagenet":
-        from abexp.imagenet import check_image_folder
-        check_image_folder(Path(data_root(cfg)))
-
-
-def load_image_data(cfg, device: torch.device | str) -> ImageData:
-    """The in-memory dataset a run config names, subset and moved to ``device``."""
-    d = cfg.data
-    return take_subset(load_dataset(cfg), d.subset, d.test_subset, d.split_seed).to(device)

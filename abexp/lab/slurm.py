@@ -2,14 +2,14 @@
 
 ``abexp run --backend slurm`` writes ``<slurm folder>/<session>/task.sbatch`` (readable, plain
 ``#SBATCH`` lines) and submits it as an array of ``--array`` tasks. Every task runs
-``abexp.runner``'s worker loop, so runs are claimed exactly once, as locally.
+``abexp.lab.runner``'s worker loop, so runs are claimed exactly once, as locally.
 
 Resources are flags, checked before submitting against what ``sinfo`` reports for the
 partition, so a request no node can satisfy is an error naming the flag, not a job pending
 forever. GPUs are asked for only when the partition has them (or ``--gpus-per-task`` says so).
 
 Pre-emption, ``scancel`` and the time-limit warning (``--signal=B:USR1@grace``) all reach the
-worker as a signal (abexp.preempt): it checkpoints at the next step boundary, releases its
+worker as a signal (abexp.train.preempt): it checkpoints at the next step boundary, releases its
 claim and submits a replacement task (``requeue_self``), so a pre-empted grid finishes by
 itself. ``abexp cancel`` writes a ``stop`` marker first: cancelled tasks then checkpoint and do
 not come back.
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from abexp import io
-from abexp.claims import slurm_task
+from abexp.lab.claims import slurm_task
 from abexp.config import ConfigError
 
 SCRIPT, JOBS, STOP = "task.sbatch", "jobs.txt", "stop"
@@ -193,7 +193,7 @@ def script_text(req: Request, worker_cmd: list[str], folder: Path, name: str) ->
     if req.nproc > 1:  # the worker starts each run under torchrun with this many processes
         lines.append(f"export ABEXP_NPROC={req.nproc}")
     lines += [f"export ABEXP_SLURM_FOLDER={shlex.quote(str(folder))}",
-              "# exec: the worker itself receives SLURM's signals (see abexp/preempt.py)",
+              "# exec: the worker itself receives SLURM's signals (see abexp/train/preempt.py)",
               "exec " + " ".join(shlex.quote(part) for part in worker_cmd), ""]
     return "\n".join(lines)
 
@@ -214,7 +214,7 @@ def submit(req: Request, spec_path: str, results: str, session: str, folder: str
         raise ConfigError("--backend", "", "slurm: sbatch not found on PATH")
     here = Path(folder).resolve() / session
     spec_path, results = str(Path(spec_path).resolve()), str(Path(results).resolve())
-    cmd = [sys.executable, "-m", "abexp.runner", spec_path, results, session, *(overrides or [])]
+    cmd = [sys.executable, "-m", "abexp.lab.runner", spec_path, results, session, *(overrides or [])]
     io.write_text(here / SCRIPT, script_text(req, cmd, here, Path(spec_path).stem))
     job = sbatch(here / SCRIPT)
     record_job(here, job)

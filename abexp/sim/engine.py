@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 
 from abexp.config import DelayCfg, OptimCfg
-from abexp.delay import DelaySampler, WeightHistory
-from abexp.optim import DelayedOptimizer
+from abexp.sim.delay import DelaySampler, WeightHistory
+from abexp.sim.optim import DelayedOptimizer
 
 
 class DelayedSGD:
@@ -28,11 +28,11 @@ class DelayedSGD:
     def __init__(self, w0: torch.Tensor, segment_sizes: list[int], optim: OptimCfg,
                  delay: DelayCfg, seed: int, stages: list[tuple[int, int]] | None = None):
         """``stages``: element ranges of the pipeline stages (delay.kind pipeline); by default
-        the parameter tensors cut by parameter count (abexp.pipeline)."""
+        the parameter tensors cut by parameter count (abexp.sim.pipeline)."""
         self.w = w0.detach().clone()
         numel = self.w.numel()
         if delay.kind == "pipeline":
-            from abexp.pipeline import stage_delays, stage_ranges
+            from abexp.sim.pipeline import stage_delays, stage_ranges
             self.stage_delays = stage_delays(delay)
             self.ranges = stages or stage_ranges(segment_sizes, segment_sizes, len(self.stage_delays))
             if len(self.ranges) != len(self.stage_delays):

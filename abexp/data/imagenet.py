@@ -17,7 +17,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from abexp.data import DataError, data_root, epoch_seed
+from abexp.data.common import DataError, data_root
+from abexp.seeds import epoch_seed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -64,7 +65,7 @@ class _Batches(torch.utils.data.Sampler):
 
 
 class ImageNetBatches:
-    """Same interface as abexp.data.Batches: epoch(e), plain(n), test(bs), steps_per_epoch."""
+    """Same interface as abexp.data.images.Batches: epoch(e), plain(n), test(bs), steps_per_epoch."""
 
     sharded = True  # batches are already this rank's share
 

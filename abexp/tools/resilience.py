@@ -76,7 +76,7 @@ def hosts_available() -> bool:
 
 def audit(spec: Path, results: Path, reference: Path) -> dict:
     from abexp.io import load_torch, read_jsonl
-    from abexp.spec import load_spec
+    from abexp.lab.spec import load_spec
 
     plan = load_spec(spec).expand(warn=lambda m: None)
     completed = duplicates = lost = equal = restarted = resumed = twice = 0
@@ -143,7 +143,7 @@ def clock_fault(spec: Path, tmp: Path, workers: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m abexp.resilience")
+    parser = argparse.ArgumentParser(prog="python -m abexp.tools.resilience")
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

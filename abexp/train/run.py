@@ -21,15 +21,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from abexp import io, preempt
+from abexp import io
+from abexp.train import preempt
 from abexp.config import RunConfig, check_processes, dump_yaml, load_config, run_id
-from abexp.distributed import Dist, init_from_env
-from abexp.data import Batches, load_image_data
-from abexp.engine import DelayedSGD, FlatParams
-from abexp.models import build_model
-from abexp.pipeline import run_stages
-from abexp.schedule import lr_at
-from abexp.tracking import Tracker
+from abexp.train.distributed import Dist, init_from_env
+from abexp.data.images import Batches
+from abexp.data.load import load_image_data
+from abexp.sim.engine import DelayedSGD, FlatParams
+from abexp.train.models import build_model
+from abexp.sim.pipeline import run_stages
+from abexp.sim.schedule import lr_at
+from abexp.train.tracking import Tracker
 
 CONFIG, METRICS, CHECKPOINT, RESULT, WEIGHTS, EVENTS = (
     "config.yaml", "metrics.jsonl", "checkpoint.pt", "result.json", "model.pt", "events.jsonl")
@@ -88,7 +90,7 @@ def autocast(device: torch.device, precision: str):
 def build_data(cfg: RunConfig, device: torch.device, ddp: Dist = Dist()):
     """Batches for the run: in-memory (cifar10, digits, synthetic) or ImageNet's DataLoader."""
     if cfg.data.name == "imagenet":
-        from abexp.imagenet import ImageNetBatches
+        from abexp.data.imagenet import ImageNetBatches
         return ImageNetBatches(cfg, device, ddp.rank, ddp.world)
     data = load_image_data(cfg, device)
     return Batches(data, cfg.train.batch_size, cfg.data.augment, cfg.seed)

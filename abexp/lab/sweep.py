@@ -35,12 +35,12 @@ from typing import Any
 import yaml
 
 from abexp import io
-from abexp.claims import STALE_AFTER_S, ClaimLost, Heartbeat, create_lock, is_stale, pid_alive, try_claim
+from abexp.lab.claims import STALE_AFTER_S, ClaimLost, Heartbeat, create_lock, is_stale, pid_alive, try_claim
 from abexp.config import (ConfigError, RunConfig, flatten, parse_override, read_locked_mapping,
                           run_id, set_dotted, validate)
-from abexp.runner import (POLL_S, apply_thread_budget, runs_dir, supervise, thread_share, train_claimed,
+from abexp.lab.runner import (POLL_S, apply_thread_budget, runs_dir, supervise, thread_share, train_claimed,
                           visible_gpus, worker_env)
-from abexp.spec import _resolve_base
+from abexp.lab.spec import _resolve_base
 
 SWEEP_KEYS = {"name", "description", "base", "fixed", "space", "objective", "sampler", "pruner",
               "n_trials", "storage"}
@@ -353,7 +353,7 @@ def objective_value(sweep: Sweep, rows: list[dict]) -> float | None:
 
 
 def worker_lock_dir(results: str | Path, sweep: Sweep) -> Path:
-    """Where each sweep worker keeps a heartbeat lock (abexp.claims) naming it alive."""
+    """Where each sweep worker keeps a heartbeat lock (abexp.lab.claims) naming it alive."""
     return Path(results) / "sweeps" / f"{sweep.name}.workers"
 
 
@@ -570,7 +570,7 @@ def run_sweep(sweep_path: str, results: str, workers: int = 1, n_trials: int | N
     url = storage_url(sweep, results, storage)
     target = n_trials or sweep.n_trials
     study = open_study(sweep, url, create=True)  # created once, before any worker starts
-    commands = [([sys.executable, "-m", "abexp.sweep", sweep_path, results, url, str(target), str(i),
+    commands = [([sys.executable, "-m", "abexp.lab.sweep", sweep_path, results, url, str(target), str(i),
                   *(overrides or [])], env) for i, env in enumerate(worker_envs(workers))]
     codes = supervise(commands, target, lambda: _counted(study)[0], "trial", sweep.name, progress)
     finished = _counted(study)[0]

@@ -1,4 +1,4 @@
-"""Run tracking: metrics.jsonl always (written by abexp.train); Weights & Biases when enabled.
+"""Run tracking: metrics.jsonl always (written by abexp.train.run); Weights & Biases when enabled.
 
 ``tracking.wandb.mode``: ``auto`` is online when an API key is configured (WANDB_API_KEY or a
 netrc entry for the W&B host), else offline; an environment variable WANDB_MODE, when set,

@@ -1,12 +1,12 @@
 """Packing: K runs of one grid trained together in one process on one device.
 
 A small ResNet at batch 128 leaves a GPU mostly idle; K runs as one network of grouped
-convolutions (abexp.models.PackedCifarResNet) fill it. Each run keeps everything of its own:
+convolutions (abexp.train.models.PackedCifarResNet) fill it. Each run keeps everything of its own:
 seed (initial weights, data order, augmentation, delay draws), lr, momentum, rho, optimizer and
 delay — each has its own DelayedSGD engine on a run-major copy of its weights. What runs in a
 pack must share: the CIFAR model, the data, epochs, batch size, precision and evaluation.
 
-Each run's folder is written exactly as ``abexp.train`` writes it (the checkpoint format is the
+Each run's folder is written exactly as ``abexp.train.run`` writes it (the checkpoint format is the
 same, so a packed run can be resumed unpacked and vice versa).
 """
 
@@ -23,12 +23,13 @@ import torch.nn.functional as F
 
 from abexp import io
 from abexp.config import RunConfig, dump_yaml, run_id
-from abexp.data import Batches, load_image_data
-from abexp.engine import DelayedSGD, FlatParams
-from abexp.models import CIFAR_DEPTHS, PackedCifarResNet, build_model
-from abexp.pipeline import run_stages
-from abexp.schedule import lr_at
-from abexp.train import (CHECKPOINT, CONFIG, METRICS, RESULT, WEIGHTS, _event, autocast, cpu_state,
+from abexp.data.images import Batches
+from abexp.data.load import load_image_data
+from abexp.sim.engine import DelayedSGD, FlatParams
+from abexp.train.models import CIFAR_DEPTHS, PackedCifarResNet, build_model
+from abexp.sim.pipeline import run_stages
+from abexp.sim.schedule import lr_at
+from abexp.train.run import (CHECKPOINT, CONFIG, METRICS, RESULT, WEIGHTS, _event, autocast, cpu_state,
                          recalibrated_bn, resolve_device, result_record, set_determinism, set_precision)
 
 SHARED_KEYS = ("model", "data", "train", "eval")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from abexp.config import DelayCfg, OptimCfg
-from abexp.engine import DelayedSGD
+from abexp.sim.engine import DelayedSGD
 
 
 def analytic_roots_max(x: float, delay: int, momentum: float) -> float:
@@ -110,7 +110,7 @@ def stage_layout(n_eigen: int, stages: int) -> tuple[torch.Tensor, list[tuple[in
 def pipeline_sgdm_analytic(stages: int, momentum: float, n_eigen: int = 50) -> float:
     """Exact pipeline SGDM limit: each direction is scalar delayed SGDM with its stage's delay,
     stable iff x * lam_i / lam_max < x_max(D_s); the pipeline is stable iff all are."""
-    from abexp.pipeline import profile_delays
+    from abexp.sim.pipeline import profile_delays
     lam, ranges = stage_layout(n_eigen, stages)
     return min(analytic_x_max(d, momentum) / float(lam[a:b].max())
                for (a, b), d in zip(ranges, profile_delays(stages)))

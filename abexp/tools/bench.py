@@ -1,6 +1,6 @@
 """``make bench``: speed figures as ratios measured in one process, with the machine named.
 
-    python -m abexp.bench [--steps N] [--rounds R] [--packs 1 2 4 ...] [--device auto|cpu|cuda]
+    python -m abexp.tools.bench [--steps N] [--rounds R] [--packs 1 2 4 ...] [--device auto|cpu|cuda]
 
 a. delay overhead: ResNet-20 step time (batch 128, synthetic CIFAR-shaped data) at delay 32 vs
    delay 0, and with per-stage pipeline delays (16 stages) vs constant delay 32, in interleaved
@@ -9,7 +9,7 @@ b. abexp's path (data on the device as uint8, batched augmentation, flat-buffer 
    naive baseline written here (torch DataLoader over PIL images with per-sample torchvision
    transforms, fp32, eager, torch.optim.SGD): time per CIFAR-10 epoch (390 steps), extrapolated
    from the measured step time;
-c. grid throughput: K runs sharing one device, packed into one network (abexp.packed) or as K
+c. grid throughput: K runs sharing one device, packed into one network (abexp.train.packed) or as K
    processes started together (``--runs-per-gpu K``; the only part that spawns processes),
    K = 1, 2, 4, ...: run-epochs per hour, the best mode and K, and its speed-up over K = 1 and
    over the naive one-run baseline.
@@ -29,7 +29,7 @@ import torch
 
 from abexp import io
 from abexp.config import load_config
-from abexp.train import Run
+from abexp.train.run import Run
 
 
 def machine_name(device: torch.device) -> str:
@@ -100,7 +100,7 @@ def naive_step_time(device: torch.device, steps: int, batch: int = 128) -> float
     """The typical PyTorch pipeline: per-sample PIL transforms in a DataLoader, fp32, eager."""
     import numpy as np
     import torch.nn.functional as F
-    from abexp.models import build_model
+    from abexp.train.models import build_model
     from abexp.tv_compat import import_torchvision
 
     T = import_torchvision().transforms
@@ -156,7 +156,7 @@ def path_vs_naive(device: str, steps: int) -> dict:
 
 
 def packed_step_time(device: str, k: int, steps: int, batch: int = 128) -> float:
-    from abexp.packed import PackedRun
+    from abexp.train.packed import PackedRun
 
     cfgs = [load_config(None, ["model.name=resnet20", "data.name=synthetic", f"data.synthetic_size={batch * 4}",
                                f"train.batch_size={batch}", f"seed={i}", "train.epochs=1000",
@@ -290,7 +290,7 @@ def to_markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m abexp.bench")
+    parser = argparse.ArgumentParser(prog="python -m abexp.tools.bench")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -1,6 +1,6 @@
 """``make gpu-check``: what a first GPU session must learn, in a few minutes, in one folder.
 
-    python -m abexp.gpu_check --out gpu-check [--device cuda] [--quick]
+    python -m abexp.tools.gpu_check --out gpu-check [--device cuda] [--quick]
 
 Runs with the python it is started by (a cluster node's own CUDA torch; no venv, no network)
 and writes at most seven files to ``--out``:
@@ -12,7 +12,7 @@ and writes at most seven files to ``--out``:
   step time for fp32 / tf32 / bf16 / bf16 + channels_last, SGDM and AB, with the share of wall
   time the GPU is busy; packed K = 1 / 8 / 32 step time and peak memory; a ResNet-50 224x224
   bf16 step at D = 32;
-- ``bench.json`` / ``bench.md``: a trimmed ``abexp.bench``;
+- ``bench.json`` / ``bench.md``: a trimmed ``abexp.tools.bench``;
 - ``summary.md``: the table the README shows; ``log.txt``: everything printed.
 
 ``--device cpu --quick`` runs the same code at toy sizes (the test suite does, so the script
@@ -57,7 +57,7 @@ def environment(device: torch.device) -> dict:
             env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                            capture_output=True, text=True, timeout=30).stdout.strip()
     else:
-        from abexp.bench import machine_name
+        from abexp.tools.bench import machine_name
         env["cpu"] = machine_name(device)
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         env["abexp_commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
@@ -94,7 +94,7 @@ def tiny_run_config(device: torch.device, quick: bool, *extra: str) -> list[str]
 
 def train_to_end(overrides: list[str], out: Path, device: torch.device, stop_after: int | None = None):
     from abexp.config import load_config
-    from abexp.train import train_run
+    from abexp.train.run import train_run
 
     return train_run(load_config(None, overrides), out, device=device.type, stop_after_epochs=stop_after,
                      log=lambda m: None)
@@ -128,7 +128,7 @@ def resume_and_determinism(device: torch.device, quick: bool, work: Path) -> dic
 def cpu_vs_gpu(device: torch.device, quick: bool, steps: int = 20) -> dict:
     """The same initial weights and batches on the CPU and on ``device``, 20 fp32 steps."""
     from abexp.config import load_config
-    from abexp.train import Run
+    from abexp.train.run import Run
 
     cfg = load_config(None, tiny_run_config(device, quick, "train.precision=fp32"))
     cpu, dev = Run(cfg, "/nonexistent", "cpu", log=lambda m: None), Run(cfg, "/nonexistent", device.type, log=lambda m: None)
@@ -165,7 +165,7 @@ def busy_share(step, device: torch.device, steps: int) -> float | None:
 
 
 def step_times(device: torch.device, quick: bool) -> list[dict]:
-    from abexp.bench import step_timer
+    from abexp.tools.bench import step_timer
 
     model, batch, steps = ("resnet8", 32, 3) if quick else ("resnet20", 128, 50)
     rows = []
@@ -181,7 +181,7 @@ def step_times(device: torch.device, quick: bool) -> list[dict]:
 
 
 def packed(device: torch.device, quick: bool) -> list[dict]:
-    from abexp.bench import packed_step_time
+    from abexp.tools.bench import packed_step_time
 
     rows = []
     for k in ((1, 2) if quick else (1, 8, 32)):
@@ -197,10 +197,10 @@ def packed(device: torch.device, quick: bool) -> list[dict]:
 
 def resnet50_step(device: torch.device, quick: bool) -> dict:
     """An ImageNet-sized step: ResNet-50 at 224x224 (112 in quick mode), bf16, delay 32."""
-    from abexp.engine import DelayedSGD, FlatParams
+    from abexp.sim.engine import DelayedSGD, FlatParams
     from abexp.config import load_config
-    from abexp.models import build_model
-    from abexp.train import autocast
+    from abexp.train.models import build_model
+    from abexp.train.run import autocast
 
     batch, size, steps = (4, 112, 2) if quick else (128, 224, 20)
     cfg = load_config(None, ["delay.steps=32", "optim.name=ab"])
@@ -274,7 +274,7 @@ def summary_markdown(env: dict, tests: dict, probe: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m abexp.gpu_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m abexp.tools.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="gpu-check", help="folder for the (at most seven) files")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: the same code at --quick sizes, to test the script itself")
@@ -324,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def trimmed_bench(device: torch.device, quick: bool, out: Path) -> dict:
-    """abexp.bench's figures a-c at fewer steps and packs (its bench.json / bench.md)."""
-    from abexp import bench
+    """abexp.tools.bench's figures a-c at fewer steps and packs (its bench.json / bench.md)."""
+    from abexp.tools import bench
 
     argv = ["--device", device.type, "--out", str(out)]
     argv += ["--steps", "2", "--rounds", "1", "--only-delay"] if quick else \

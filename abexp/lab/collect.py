@@ -9,7 +9,7 @@ import pandas as pd
 
 from abexp import io
 from abexp.config import ConfigError, flatten, load_config
-from abexp.runner import FAILED, run_state, runs_dir
+from abexp.lab.runner import FAILED, run_state, runs_dir
 
 SUMMARY = ["run_id", "experiment", "variant", "status", "test_acc", "test_acc_running_bn", "best_test_acc",
            "epochs_completed", "steps", "wall_s", "eval_bn", "device"]
