@@ -12,7 +12,8 @@ import torch
 
 from abexp.config import ConfigError, load_config, run_id
 from abexp.lab.runner import _slots, visible_gpus
-from abexp.train.run import CHECKPOINT, Run, RunDirError, _read_checkpoint, train_run
+from abexp.train.lifecycle import read_checkpoint
+from abexp.train.run import CHECKPOINT, Run, RunDirError, train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.name=resnet8", "data.name=digits", "data.subset=64", "data.test_subset=32", "train.epochs=2",
@@ -76,14 +77,15 @@ def test_slurm_script_starts_one_process_per_gpu_of_a_run():
 
 def test_a_checkpoint_is_read_onto_the_cpu_whatever_the_run_device(tmp_path):
     """The saved RNG state must reach torch.set_rng_state as a CPU ByteTensor: mapping the
-    checkpoint to the run's device (a GPU) made every resume raise. A meta device stands in
-    for the GPU here: the same TypeError as on CUDA before the fix."""
+    checkpoint to the run's device (a GPU) made every resume raise (the same TypeError as
+    setting a meta-device state on the CPU). The checkpoint is now read onto the CPU, whatever
+    the run's device, and each consumer copies what it needs onto its own."""
     cfg = load_config(None, TINY)
     assert train_run(cfg, tmp_path, device="cpu", stop_after_epochs=1, log=lambda m: None) is None
+    with pytest.raises(TypeError, match="ByteTensor"):
+        torch.set_rng_state(torch.get_rng_state().to("meta"))
     run = Run(cfg, tmp_path, "cpu", log=lambda m: None)
-    run.device = torch.device("meta")
-    state = _read_checkpoint(tmp_path, run, True, print)
-    run.device = torch.device("cpu")
+    state = read_checkpoint(tmp_path, run.run_id, True, print)
     tensors = [state["rng"]["torch"], *state["buffers"].values(), state["engine"]["w"]]
     assert all(t.device.type == "cpu" for t in tensors)
     run.load_state_dict(state)  # raised TypeError: RNG state must be a torch.ByteTensor

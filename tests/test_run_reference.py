@@ -73,7 +73,7 @@ def test_run_matches_the_naive_reference(tmp_path, name, delay):
     theirs = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
     assert float((ours - theirs).norm() / theirs.norm()) < 2e-5
     # the final test metrics are those of the current weights, not of the stale ones
-    loss, acc = run.evaluate()
+    (loss, acc), = run.evaluate()
     ref.eval()
     with torch.no_grad():
         x, y = next(run.batches.test(1000))

@@ -55,3 +55,31 @@ def test_every_epoch_reaches_wandb_once_after_a_sigkill_between_epochs(tmp_path)
     assert {r["epoch"]: r["test_acc"] for r in rows} == truth
     # the first process's log kept only what wandb had flushed; the rest came from the checkpoint
     assert [r["epoch"] for r in wandb_history(logs()[0])] == next(iter(before.values()))
+
+
+PACK = """
+import sys
+from abexp.config import load_config
+from abexp.train.packed import train_pack
+cfgs = [load_config(None, sys.argv[2:] + [f"seed={s}", f"optim.name={o}"]) for s, o in ((0, "sgdm"), (1, "ab"))]
+train_pack(cfgs, [f"{sys.argv[1]}/a", f"{sys.argv[1]}/b"], device="cpu", log=lambda m: None)
+"""
+
+
+def test_packed_runs_log_every_epoch_to_their_own_wandb_run(tmp_path):
+    """A pack of two runs: each run's own offline W&B log holds its epochs, once, with the
+    values of its metrics.jsonl (packed runs logged nothing to W&B before the shared lifecycle)."""
+    overrides = TINY + ["train.epochs=3", "tracking.wandb.mode=offline", "experiment=wbpack"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_SILENT="true", WANDB_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", PACK, str(tmp_path), *overrides], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("a", "b"):
+        out = tmp_path / name
+        rid = json.loads((out / "result.json").read_text())["run_id"]
+        logs = sorted(out.glob(f"wandb/offline-run-*-{rid}/run-{rid}.wandb"))
+        assert len(logs) == 1
+        rows = wandb_history(logs[0])
+        truth = {r["epoch"]: r["test_acc"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+        assert {r["epoch"]: r["test_acc"] for r in rows} == truth and len(rows) == 3

@@ -6,31 +6,32 @@ seed (initial weights, data order, augmentation, delay draws), lr, momentum, rho
 delay — each has its own DelayedSGD engine on a run-major copy of its weights. What runs in a
 pack must share: the CIFAR model, the data, epochs, batch size, precision and evaluation.
 
-Each run's folder is written exactly as ``abexp.train.run`` writes it (the checkpoint format is the
-same, so a packed run can be resumed unpacked and vice versa).
+Each run's folder is written by the same lifecycle as a single run's (abexp.train.lifecycle: the
+checkpoint format is the same, so a packed run can be resumed unpacked and vice versa, and
+packed runs log to W&B like single ones); this module supplies only how a step serves K runs.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from abexp import io
-from abexp.config import RunConfig, dump_yaml, run_id
+from abexp.config import RunConfig, run_id
 from abexp.data.images import Batches
 from abexp.data.load import load_image_data
 from abexp.sim.engine import DelayedSGD, FlatParams
 from abexp.train.models import CIFAR_DEPTHS, PackedCifarResNet, build_model
 from abexp.sim.pipeline import run_stages
 from abexp.sim.schedule import lr_at
-from abexp.train.run import (CHECKPOINT, CONFIG, METRICS, RESULT, WEIGHTS, _event, autocast, cpu_state,
-                         recalibrated_bn, resolve_device, result_record, set_determinism, set_precision)
+from abexp.train import lifecycle
+from abexp.train.lifecycle import RESULT, Member
+from abexp.train.run import (autocast, cpu_state, recalibrated_bn, resolve_device, result_record, set_determinism,
+                             set_precision)
 
 SHARED_KEYS = ("model", "data", "train", "eval")
 
@@ -94,20 +95,30 @@ class PackedRun:
         self.steps_per_epoch = self.batches[0].steps_per_epoch
         self.total_steps = self.steps_per_epoch * shared.train.epochs
         self.epoch, self.wall_s = 0, 0.0
-        self.histories: list[list[dict]] = [[] for _ in cfgs]
-        self.status = ["running"] * self.k
+        self.members = [Member(c, o, rid) for c, o, rid in zip(cfgs, self.outs, self.ids)]
+        self.is_main = True
         self.reset_counters()
 
+    @property
+    def histories(self) -> list[list[dict]]:
+        return [m.history for m in self.members]
+
+    @property
+    def status(self) -> list[str]:
+        return [m.status for m in self.members]
+
     # ---------------------------------------------------------------- state (per run, Run's format)
-    def run_state(self, i: int) -> dict:
+    def checkpoint(self, i: int) -> dict:
         buffers = self.model.run_state(i, buffers_only=True)
         return {"epoch": self.epoch, "device": self.device.type, "engine": self.engines[i].state_dict(), "buffers": buffers,
                 "rng": {"torch": torch.get_rng_state()}, "history": self.histories[i],
                 "wall_s": self.wall_s, "run_id": self.ids[i]}
 
-    def load_run_state(self, i: int, state: dict) -> None:
+    def restore(self, i: int, state: dict) -> None:
+        if state.get("run_id") != self.ids[i]:
+            raise lifecycle.RunDirError(f"{self.outs[i] / lifecycle.CHECKPOINT}: belongs to run {state.get('run_id')}")
         self.engines[i].load_state_dict(state["engine"])
-        self.histories[i] = list(state["history"])
+        self.members[i].history = list(state["history"])
         buffers = dict(self.model.named_buffers())
         for name, value in state["buffers"].items():
             target = buffers[name]
@@ -172,11 +183,12 @@ class PackedRun:
                  "diverged": not math.isfinite(losses[i]) or not bool(torch.isfinite(self.engines[i].w).all())}
                 for i in range(self.k)]
 
-    def evaluate(self) -> list[tuple[float, float]]:
-        """(test loss, test accuracy) per run: one pass of the packed network over the test set."""
+    def evaluate(self, bn: str | None = None) -> list[tuple[float, float]]:
+        """(test loss, test accuracy) per run: one pass of the packed network over the test set.
+        ``bn`` overrides eval.bn (the last epoch of a recalibrated pack also reports the other)."""
         self.use_current_weights()
         cfg = self.cfgs[0]
-        if cfg.eval.bn == "recalibrate":
+        if (bn or cfg.eval.bn) == "recalibrate":
             plain = (torch.cat(xs, dim=1) for xs in zip(*(b.plain(cfg.eval.recal_batches) for b in self.batches)))
             with recalibrated_bn(self.model, plain, cfg.train.precision, self.device):
                 sums = self._test_sums()
@@ -200,48 +212,19 @@ class PackedRun:
         self.model.train()
         return sums
 
-    def fit(self, stop_after_epochs: int | None = None) -> list[dict] | None:
-        """Train every run to the end (or stop early, resumably: returns None)."""
-        shared = self.cfgs[0]
-        while self.epoch < shared.train.epochs and "running" in self.status:
-            if stop_after_epochs is not None and self.epoch >= stop_after_epochs:
-                return None
-            start = time.perf_counter()
-            stats = self.train_epoch()
-            evals = self.evaluate()
-            self.epoch += 1
-            epoch_s = time.perf_counter() - start
-            self.wall_s += epoch_s
-            for i in range(self.k):
-                if self.status[i] != "running":
-                    continue
-                diverged = stats[i].pop("diverged")
-                test_loss, test_acc = (math.nan, None) if diverged else evals[i]
-                row = {"epoch": self.epoch, **stats[i], "test_loss": test_loss, "test_acc": test_acc,
-                       "wall_s": round(epoch_s / self.k, 4), "elapsed_s": round(self.wall_s / self.k, 4),
-                       "step": self.engines[i].t}
-                self.histories[i].append(row)
-                io.append_jsonl(self.outs[i] / METRICS, row)
-                if diverged:
-                    self.status[i] = "diverged"
-                    self._finish(i)
-                else:
-                    io.save_torch(self.outs[i] / CHECKPOINT, self.run_state(i))
-            self.log(f"[pack of {self.k}] epoch {self.epoch}/{shared.train.epochs} {epoch_s:.1f}s")
-        results = []
-        for i in range(self.k):
-            if self.status[i] == "running":
-                self.status[i] = "completed"
-                self._finish(i)
-            results.append(self.result(i))
-        return results
+    # ---------------------------------------------------------------- what the lifecycle asks
+    def weights(self, i: int) -> dict[str, torch.Tensor]:
+        self.use_current_weights()
+        return cpu_state(self.model.run_state(i))
 
-    def _finish(self, i: int) -> None:
-        # the model already holds the current weights: evaluate() put them there this epoch
-        io.save_torch(self.outs[i] / WEIGHTS, cpu_state(self.model.run_state(i)))
-        io.write_json(self.outs[i] / RESULT, self.result(i))
-        _event(self.outs[i], "end", status=self.status[i], packed=self.k)
-        io.remove(self.outs[i] / CHECKPOINT)
+    def steps(self, i: int) -> int:
+        return self.engines[i].t
+
+    def event_fields(self, end: bool = False) -> dict:
+        return {"packed": self.k}
+
+    def barrier(self) -> None:
+        pass
 
     def result(self, i: int) -> dict:
         extra = {"stage_map": self.stage_maps[i]} if self.stage_maps[i] else {}
@@ -252,21 +235,9 @@ class PackedRun:
 def train_pack(cfgs: list[RunConfig], out_dirs: list[Path], device: str = "auto",
                log: Callable[[str], None] = print, stop_after_epochs: int | None = None) -> list[dict] | None:
     """Train runs together; finished runs are skipped, all others must be at the same epoch."""
-    todo = [(c, Path(o)) for c, o in zip(cfgs, out_dirs) if not (Path(o) / RESULT).exists()]
-    if not todo:
-        return [json.loads((Path(o) / RESULT).read_text()) for o in out_dirs]
-    pack = PackedRun([c for c, _ in todo], [o for _, o in todo], device, log)
-    for i, (cfg, out) in enumerate(todo):
-        out.mkdir(parents=True, exist_ok=True)
-        io.write_text(out / CONFIG, dump_yaml(cfg))
-        if (out / CHECKPOINT).exists():
-            pack.load_run_state(i, io.load_torch(out / CHECKPOINT, map_location="cpu"))
-    epochs = {len(h) for h in pack.histories}
-    if len(epochs) != 1:
-        raise ValueError(f"runs of a pack are at different epochs {sorted(epochs)}")
-    for i, (_, out) in enumerate(todo):
-        io.write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in pack.histories[i]))
-        _event(out, "start", from_epoch=pack.epoch, packed=pack.k)
-    if pack.fit(stop_after_epochs) is None:
-        return None
+    todo = [(c, Path(o)) for c, o in zip(cfgs, out_dirs) if lifecycle.finished_result(Path(o), c) is None]
+    if todo:
+        pack = PackedRun([c for c, _ in todo], [o for _, o in todo], device, log)
+        if lifecycle.train(pack, stop_after_epochs, None, log) is None:
+            return None
     return [json.loads((Path(o) / RESULT).read_text()) for o in out_dirs]

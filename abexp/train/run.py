@@ -1,19 +1,15 @@
 """One training run under simulated gradient delay: the unit every experiment is made of.
 
-A run folder holds config.yaml, metrics.jsonl (one line per epoch), checkpoint.pt (replaced
-atomically at the end of each epoch, RNG states included) and, written atomically last,
-result.json: the completion marker. A folder without result.json is resumed from its
-checkpoint and ends bitwise-identical (on CPU) to an uninterrupted run.
+``Run`` is the trainer of one run: model, data, delay engine and how a step is taken (with
+micro-batches, DDP ranks, precision and compilation). Its folder and its life from start to
+result are ``abexp.train.lifecycle``'s, shared with packed runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import socket
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -21,9 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from abexp import io
-from abexp.train import preempt
-from abexp.config import RunConfig, check_processes, dump_yaml, load_config, run_id
+from abexp.train import lifecycle, preempt
+from abexp.config import RunConfig, check_processes, run_id
 from abexp.train.distributed import Dist, init_from_env
 from abexp.data.images import Batches
 from abexp.data.load import load_image_data
@@ -31,14 +26,9 @@ from abexp.sim.engine import DelayedSGD, FlatParams
 from abexp.train.models import build_model
 from abexp.sim.pipeline import run_stages
 from abexp.sim.schedule import lr_at
+from abexp.train.lifecycle import (CHECKPOINT, CONFIG, EVENTS, METRICS, RESULT, WEIGHTS, Member,  # noqa: F401
+                                   RunDirError)
 from abexp.train.tracking import Tracker
-
-CONFIG, METRICS, CHECKPOINT, RESULT, WEIGHTS, EVENTS = (
-    "config.yaml", "metrics.jsonl", "checkpoint.pt", "result.json", "model.pt", "events.jsonl")
-
-
-class RunDirError(Exception):
-    """The output folder holds a different run."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -172,9 +162,19 @@ class Run:
         self.engine = DelayedSGD(self.flat.data, self.flat.sizes, cfg.optim, cfg.delay, cfg.seed, ranges)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
-        self.epoch, self.history, self.wall_s, self.status = 0, [], 0.0, "running"
+        self.members = [Member(cfg, self.out, self.run_id)]
+        self.is_main = self.ddp.is_main
+        self.epoch, self.wall_s = 0, 0.0
         self.step_in_epoch = 0  # > 0 only in a checkpoint saved mid-epoch on a signal
         self.reset_counters()
+
+    @property
+    def history(self) -> list[dict]:
+        return self.members[0].history
+
+    @property
+    def status(self) -> str:
+        return self.members[0].status
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -196,7 +196,8 @@ class Run:
             raise RunDirError(f"{self.out / CHECKPOINT}: this run started on {saved_on} and cannot resume "
                               f"on {self.device.type} (resume it on {saved_on}, or delete the checkpoint "
                               "to restart it here)")
-        self.epoch, self.history, self.wall_s = int(state["epoch"]), list(state["history"]), float(state["wall_s"])
+        self.epoch, self.wall_s = int(state["epoch"]), float(state["wall_s"])
+        self.members[0].history = list(state["history"])
         self.step_in_epoch = int(state.get("step_in_epoch", 0))
         if self.step_in_epoch:  # the interrupted epoch's running loss and accuracy sums
             counters = state["epoch_counters"]
@@ -247,7 +248,7 @@ class Run:
         self.correct = torch.zeros((), device=self.device, dtype=torch.long)
         self.seen = 0
 
-    def train_epoch(self) -> dict:
+    def train_epoch(self) -> list[dict]:
         """One epoch, or its rest after a mid-epoch checkpoint. Raises ``Preempted`` after the
         step during which a stop signal arrived (the caller saves the checkpoint)."""
         cfg = self.cfg
@@ -274,11 +275,11 @@ class Run:
         train_loss = float(totals[0]) / seen
         for buf in self.model.buffers():  # BN statistics: rank 0's, everywhere
             self.ddp.broadcast_(buf)
-        return {"train_loss": train_loss, "train_acc": float(totals[1]) / seen, "lr": lr,
-                "diverged": not math.isfinite(train_loss) or not bool(torch.isfinite(self.engine.w).all())}
+        return [{"train_loss": train_loss, "train_acc": float(totals[1]) / seen, "lr": lr,
+                 "diverged": not math.isfinite(train_loss) or not bool(torch.isfinite(self.engine.w).all())}]
 
-    def evaluate(self, bn: str | None = None) -> tuple[float, float]:
-        """(test loss, test accuracy) at the current weights; ranks add their shares. ``bn``
+    def evaluate(self, bn: str | None = None) -> list[tuple[float, float]]:
+        """[(test loss, test accuracy)] at the current weights; ranks add their shares. ``bn``
         overrides eval.bn (the last epoch of a recalibrated run also reports the other)."""
         self.use_current_weights()
         fmt = self.memory_format
@@ -293,62 +294,39 @@ class Run:
         if getattr(self.batches, "sharded", False):
             self.ddp.all_reduce_sum_(sums)
         n = max(float(sums[2]), 1.0)
-        return float(sums[0]) / n, float(sums[1]) / n
+        return [(float(sums[0]) / n, float(sums[1]) / n)]
 
     def fit(self, stop_after_epochs: int | None = None, tracker: Tracker | None = None,
             on_epoch: Callable[[dict], bool] | None = None) -> dict | None:
-        """Train to the configured number of epochs (or stop early: returns None, resumable).
+        """Train to the configured number of epochs with the shared loop (abexp.train.lifecycle),
+        or stop early (None, resumable). ``on_epoch(row)`` True prunes the run."""
+        self.members[0].tracker = tracker
+        prune = (lambda i, row: on_epoch(row)) if on_epoch is not None else None
+        if not lifecycle.fit(self, stop_after_epochs, prune, self.log):
+            return None
+        return self.members[0].result
 
-        ``on_epoch(row)`` returning True ends the run with status ``pruned`` (Optuna pruning).
-        """
-        while self.epoch < self.cfg.train.epochs:
-            if stop_after_epochs is not None and self.epoch >= stop_after_epochs:
-                return None
-            if preempt.requested():  # between epochs: the last checkpoint is this state already
-                raise preempt.Preempted(f"after epoch {self.epoch}")
-            start = time.perf_counter()
-            try:
-                stats = self.train_epoch()
-            except preempt.Preempted:
-                self.wall_s += time.perf_counter() - start
-                if self.ddp.is_main:
-                    io.save_torch(self.out / CHECKPOINT, self.state_dict())
-                raise
-            diverged = stats.pop("diverged")
-            test_loss, test_acc = (math.nan, None) if diverged else self.evaluate()
-            self.epoch += 1
-            epoch_s = time.perf_counter() - start
-            self.wall_s += epoch_s
-            row = {"epoch": self.epoch, **stats, "test_loss": test_loss, "test_acc": test_acc,
-                   "wall_s": round(epoch_s, 4), "elapsed_s": round(self.wall_s, 4),
-                   "step": self.engine.t}
-            if not diverged and self.epoch == self.cfg.train.epochs and self.cfg.eval.bn == "recalibrate":
-                # how much of the accuracy recalibration recovers, at one extra test pass a run
-                row["test_acc_running_bn"] = self.evaluate(bn="running")[1]
-            self.history.append(row)
-            self.log(f"[{self.run_id}] epoch {self.epoch}/{self.cfg.train.epochs} "
-                     f"loss {stats['train_loss']:.4f} test_acc {test_acc if test_acc is None else round(test_acc, 4)} "
-                     f"lr {stats['lr']:.4g} {epoch_s:.1f}s")
-            if diverged:
-                self.status = "diverged"
-                if tracker:
-                    tracker.log(row)
-                break
-            if self.ddp.is_main:  # one writer; every rank holds the same state
-                io.save_torch(self.out / CHECKPOINT, self.state_dict())  # first: a failed write
-                io.append_jsonl(self.out / METRICS, row)                 # leaves both as they were
-            if tracker:  # after the checkpoint: W&B never holds an epoch that is trained again
-                tracker.log(row)
-            if on_epoch is not None and self.epoch < self.cfg.train.epochs and on_epoch(row):
-                self.status = "pruned"
-                break
-        if self.status == "running":
-            self.status = "completed"
-        elif self.status == "diverged" and self.ddp.is_main:
-            io.append_jsonl(self.out / METRICS, self.history[-1])
-        return self.result()
+    # ---------------------------------------------------------------- what the lifecycle asks
+    def checkpoint(self, i: int) -> dict:
+        return self.state_dict()
 
-    def result(self) -> dict:
+    def restore(self, i: int, state: dict) -> None:
+        self.load_state_dict(state)
+
+    def weights(self, i: int) -> dict[str, torch.Tensor]:
+        self.use_current_weights()
+        return cpu_state(self.model.state_dict())
+
+    def steps(self, i: int) -> int:
+        return self.engine.t
+
+    def event_fields(self, end: bool = False) -> dict:
+        return {} if end else {"processes": self.ddp.world}
+
+    def barrier(self) -> None:
+        self.ddp.barrier()
+
+    def result(self, i: int = 0) -> dict:
         extra = {"stage_map": self.stage_map} if self.stage_map else {}
         return result_record(self.cfg, self.status, self.history, self.engine.t, self.wall_s,
                              self.device, processes=self.ddp.world, **extra)
@@ -376,83 +354,15 @@ def train_run(cfg: RunConfig, out_dir: str | Path, device: str = "auto",
     Returns result.json's content, or None when stopped early by ``stop_after_epochs``.
     """
     out = Path(out_dir)
-    rid = run_id(cfg)
-    if (out / RESULT).exists():
-        done = json.loads((out / RESULT).read_text())
-        if done.get("run_id") != rid:
-            raise RunDirError(f"{out / RESULT}: belongs to run {done.get('run_id')}, not {rid}")
+    done = lifecycle.finished_result(out, cfg)
+    if done is not None:
         return done
-    if (out / CONFIG).exists():
-        other = run_id(load_config(out / CONFIG))
-        if other != rid:
-            raise RunDirError(f"{out / CONFIG}: folder holds run {other}, not {rid}")
     run = Run(cfg, out, device, log)  # loads data: bad data folders fail before anything is written
-    main = run.ddp.is_main
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        io.write_text(out / CONFIG, dump_yaml(cfg))
-    state = _read_checkpoint(out, run, main, log)  # every rank resumes from the same checkpoint
-    if state is not None:
-        run.load_state_dict(state)
-        where = f" step {run.step_in_epoch} of epoch {run.epoch + 1}" if run.step_in_epoch else f" epoch {run.epoch}"
-        log(f"[{rid}] resuming after{where}")
-    run.ddp.barrier()
-    if main:
-        # metrics.jsonl is rewritten from the checkpoint: an epoch logged after the last
-        # checkpoint (a crash in between) is dropped and trained again, never duplicated
-        io.write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in run.history))
-        _event(out, "start", from_epoch=run.epoch, from_step=run.engine.t, processes=run.ddp.world)
-    tracker = Tracker(cfg, out, rid) if main else None
-    try:
-        if tracker is not None:
-            backfilled = tracker.backfill(run.history)
-            if backfilled:
-                log(f"[{rid}] W&B lacked epochs {backfilled} (lost to a kill); logged them from the checkpoint")
-        result = run.fit(stop_after_epochs, tracker, on_epoch)
-        if result is None:
-            return None
-        run.use_current_weights()
-        if main:
-            io.save_torch(out / WEIGHTS, cpu_state(run.model.state_dict()))
-            io.write_json(out / RESULT, result)
-            _event(out, "end", status=result["status"])
-            tracker.finish(result)
-    finally:
-        if tracker is not None:
-            tracker.close()
-    run.ddp.barrier()
-    if main:
-        io.remove(out / CHECKPOINT)
-    return result
+    prune = (lambda i, row: on_epoch(row)) if on_epoch is not None else None
+    results = lifecycle.train(run, stop_after_epochs, prune, log)
+    return None if results is None else results[0]
 
 
 def cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Weights as CPU tensors: model.pt loads on a machine without a GPU, no map_location."""
     return {k: v.detach().cpu() for k, v in state.items()}
-
-
-def _read_checkpoint(out: Path, run: Run, main: bool, log: Callable[[str], None]) -> dict | None:
-    """The checkpoint's state, or None. A damaged one (truncated, not a torch file) is moved
-    aside, never deleted, and the run restarts from its last good state: the start, since one
-    checkpoint is kept (metrics.jsonl is then rewritten from the empty history)."""
-    path = out / CHECKPOINT
-    if not path.exists():
-        return None
-    try:
-        return io.load_torch(path, map_location="cpu")  # each consumer copies onto its device
-    except FileNotFoundError:  # another rank moved it aside first
-        return None
-    except Exception as err:  # zip/pickle errors of a truncated or foreign file
-        if main:
-            aside = out / f"checkpoint.damaged-{time.strftime('%Y%m%d-%H%M%S')}.pt"
-            os.replace(path, aside)
-            log(f"[{run.run_id}] {path}: unreadable ({type(err).__name__}); moved to {aside.name}, "
-                "restarting from epoch 0")
-        return None
-
-
-def _event(out: Path, event: str, **fields) -> None:
-    """Append to events.jsonl: who trained this run when (audits exactly-once execution)."""
-    io.append_jsonl(out / EVENTS, {"event": event, "time": time.time(), "host": socket.gethostname(),
-                                   "pid": os.getpid(), **fields})
-

@@ -64,7 +64,7 @@ class Tracker:
         self.run = wandb.init(
             project=w.project, entity=w.entity, group=w.group or cfg.experiment or None,
             tags=list(w.tags), id=run_id, name=run_id, resume="allow", mode=self.mode,
-            dir=str(run_dir), config=cfg.model_dump(), reinit="finish_previous",
+            dir=str(run_dir), config=cfg.model_dump(), reinit="create_new",
             settings=wandb.Settings(silent=True, console="off", init_timeout=30))
 
     def backfill(self, history: list[dict[str, Any]]) -> list[int]:
