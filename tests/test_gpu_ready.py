@@ -60,8 +60,10 @@ def test_sweep_workers_are_spread_over_the_gpus(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
     envs = worker_envs(4)
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["4", "5", "4", "5"]
-    fake_cuda(monkeypatch, 0)
-    assert all("CUDA_VISIBLE_DEVICES" not in e or e["CUDA_VISIBLE_DEVICES"] == "4,5" for e in worker_envs(2))
+    assert all(e["ABEXP_NPROC"] == "1" for e in envs)
+    fake_cuda(monkeypatch, 0)  # no GPU: CPU workers, the parent's variable untouched, no process count
+    cpu = worker_envs(2)
+    assert all(e["CUDA_VISIBLE_DEVICES"] == "4,5" and "ABEXP_NPROC" not in e for e in cpu)
 
 
 def test_slurm_script_starts_one_process_per_gpu_of_a_run():
