@@ -221,6 +221,41 @@ def test_staleness_is_judged_in_the_filesystem_clock(tmp_path, offset, age_s, ex
     assert out.stdout.strip() == expected, out.stderr
 
 
+BEATER = """
+import sys, time
+from pathlib import Path
+from abexp.lab.claims import Heartbeat, try_claim
+claim = try_claim(Path(sys.argv[1]))
+beat = Heartbeat(interval=0.2)
+beat.add(claim)
+time.sleep(3)
+print("done")
+"""
+
+
+@pytest.mark.skipif(shutil.which("faketime") is None, reason="Debian's faketime is not installed")
+@pytest.mark.parametrize("offset", ["+10m", "-10m"])
+def test_a_heartbeat_keeps_beating_under_a_shifted_clock(tmp_path, offset):
+    """The heartbeat must refresh its lock in the filesystem's time whatever the host's clock
+    says (a timed ``Event.wait`` never returns under libfaketime: the beat then stopped after
+    the first interval and every claim of a skewed host went stale)."""
+    run_dir = tmp_path / "runs" / "r"
+    env = dict(os.environ, FAKE_UTIME="1", NO_FAKE_STAT="1")
+    proc = subprocess.Popen(shifted_clock(offset) + [sys.executable, "-c", BEATER, str(run_dir)], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    ages = []
+    for _ in range(40):
+        time.sleep(0.05)
+        if (run_dir / LOCK).exists():
+            break
+    time.sleep(1.0)
+    for _ in range(6):  # the lock's age in the true (filesystem) clock stays below a few intervals
+        ages.append(time.time() - os.stat(run_dir / LOCK).st_mtime)
+        time.sleep(0.25)
+    assert proc.communicate(timeout=60)[0].strip() == "done"
+    assert max(ages) < 0.9, ages
+
+
 def test_a_lost_claim_refuses_every_write_and_its_heartbeat_touches_only_its_own_lock(tmp_path):
     from abexp import io
     from abexp.lab.claims import ClaimLost, is_stale

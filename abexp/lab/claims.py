@@ -223,7 +223,13 @@ class Heartbeat:
             self.claims.discard(claim)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        # A plain sleep, not ``Event.wait(timeout)``: a timed wait takes a CLOCK_MONOTONIC
+        # deadline, and under a shifted clock (libfaketime, as the skewed-clock tests run) it
+        # never returns, so the heartbeat would stop and every claim would look dead.
+        while True:
+            time.sleep(self.interval)
+            if self._stop.is_set():
+                return
             with self._lock:
                 for claim in list(self.claims):
                     claim.touch()

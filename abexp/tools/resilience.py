@@ -147,8 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--faults", default="kill,freeze,clock",
+                        help="comma-separated subset of kill, freeze, clock")
     parser.add_argument("--out", default="results/bench/resilience.json")
     args = parser.parse_args(argv)
+    faults = set(args.faults.split(","))
+    if not faults <= {"kill", "freeze", "clock"}:
+        parser.error(f"--faults: unknown {sorted(faults - {'kill', 'freeze', 'clock'})}")
     import shutil
 
     rng = random.Random(args.seed)
@@ -159,14 +164,16 @@ def main(argv: list[str] | None = None) -> int:
         start = time.time()
         _run(spec, tmp / "reference", args.workers).wait()
         clean_s = time.time() - start
-        report = {"uninterrupted_s": round(clean_s, 1),
-                  "kill": kill_fault(spec, tmp, args.workers, args.kills, clean_s, rng)}
-        if hosts_available():
-            report["freeze"] = freeze_fault(spec, tmp, args.workers, clean_s, rng)
-            report["skewed_clocks"] = clock_fault(spec, tmp, args.workers) if shutil.which("faketime") \
-                else "skipped: Debian's faketime is not installed"
-        else:
-            report["freeze"] = report["skewed_clocks"] = "skipped: several hosts need root and unshare --uts"
+        report: dict = {"uninterrupted_s": round(clean_s, 1)}
+        if "kill" in faults:
+            report["kill"] = kill_fault(spec, tmp, args.workers, args.kills, clean_s, rng)
+        no_hosts = "skipped: several hosts need root and unshare --uts"
+        if "freeze" in faults:
+            report["freeze"] = freeze_fault(spec, tmp, args.workers, clean_s, rng) if hosts_available() else no_hosts
+        if "clock" in faults:
+            report["skewed_clocks"] = (no_hosts if not hosts_available()
+                                       else "skipped: Debian's faketime is not installed" if not shutil.which("faketime")
+                                       else clock_fault(spec, tmp, args.workers))
     from abexp import io
     io.write_json(args.out, report)
     print(json.dumps(report, indent=1))
