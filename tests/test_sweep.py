@@ -202,6 +202,15 @@ def test_trial_equal_to_a_finished_run_reuses_it(tmp_path):
     ("  optim.lr: {type: gaussian, low: 0.0, high: 0.1}\n", "space.optim.lr.type"),
     ("  optim.momentum: {type: float, low: 0.5, high: 1.5}\n", "optim.momentum"),
     ("  optim.name: {type: categorical, choices: []}\n", "space.optim.name.choices"),
+    # Optuna's own rules, which used to crash the first worker and leave a trial RUNNING:
+    ("  optim.lr: {type: float, low: 0.001, high: 0.1, log: true, step: 0.01}\n", "space.optim.lr.step"),
+    ("  optim.lr: {type: float, low: 0.01, high: 0.1, step: 0}\n", "space.optim.lr.step"),
+    ("  optim.lr: {type: float, low: 0.01, high: 0.1, step: 0.5}\n", "space.optim.lr.step"),
+    ("  train.epochs: {type: int, low: 1, high: 8, log: true, step: 2}\n", "space.train.epochs.step"),
+    ("  train.epochs: {type: int, low: 1.5, high: 3}\n", "space.train.epochs.low"),
+    ("  optim.lr: {type: float, low: 0.01, high: 0.1, log: 'yes'}\n", "space.optim.lr.log"),
+    ("  optim.momentum: {type: categorical, choices: [[0.9], 0.8]}\n", "space.optim.momentum.choices"),
+    ("  optim.momentum: {type: categorical, choices: [0.9, 0.9]}\n", "space.optim.momentum.choices"),
 ])
 def test_invalid_search_space_exits_2_naming_the_key(tmp_path, capsys, space, key):
     sweep = write_sweep(tmp_path / "bad.yaml", space=space)
@@ -209,6 +218,23 @@ def test_invalid_search_space_exits_2_naming_the_key(tmp_path, capsys, space, ke
     err = capsys.readouterr().err
     assert key in err and str(sweep) in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_a_trial_left_without_parameters_is_named_then_failed_and_the_sweep_finishes(tmp_path):
+    """A worker that died right after asking (no parameters, no worker lock, no pid) leaves a
+    RUNNING trial: the next sweep says it waits for it, fails it once it is older than the
+    stale limit, and finishes (it used to wait silently for ever)."""
+    sweep = write_sweep(tmp_path / "s.yaml", epochs=1, n_trials=1)
+    results = tmp_path / "r"
+    study = open_study(load_sweep(sweep), storage_url(load_sweep(sweep), results), create=True)
+    orphan = study.ask()
+    out = subprocess.run(sweep_cmd(sweep, results), env=dict(ENV, ABEXP_STALE_AFTER_S="20"),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert f"waiting for trial {orphan.number} (no worker recorded" in out.stderr
+    complete, _, trials = trial_counts(sweep, results)
+    assert complete == 1
+    assert [t.state.name for t in trials if t.number == orphan.number] == ["FAIL"]
 
 
 def test_best_exports_a_spec_over_seeds(tmp_path, capsys):

@@ -67,6 +67,8 @@ class Sweep:
 
 
 def _check_param(source: str, key: str, spec: Any, base: dict) -> None:
+    """One parameter of the space, checked by Optuna's own rules before any study exists (a bad
+    one used to crash the first worker inside ``suggest`` and leave a trial RUNNING)."""
     where = f"space.{key}"
     if not isinstance(spec, dict) or spec.get("type") not in PARAM_KEYS:
         raise ConfigError(source, f"{where}.type", "expected float, int or categorical")
@@ -77,23 +79,59 @@ def _check_param(source: str, key: str, spec: Any, base: dict) -> None:
         values = spec.get("choices")
         if not isinstance(values, list) or not values:
             raise ConfigError(source, f"{where}.choices", "expected a non-empty list")
+        for value in values:
+            if value is not None and not isinstance(value, (bool, int, float, str)):
+                raise ConfigError(source, f"{where}.choices", f"choices must be numbers, strings, booleans or "
+                                                              f"null (got {value!r})")
+        if len({repr(v) for v in values}) < len(values):
+            raise ConfigError(source, f"{where}.choices", "a choice is listed twice")
     else:
+        number = int if spec["type"] == "int" else (int, float)
         low, high = spec.get("low"), spec.get("high")
         for bound, value in (("low", low), ("high", high)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ConfigError(source, f"{where}.{bound}", f"expected a number (got {value!r})")
+            if not isinstance(value, number) or isinstance(value, bool):
+                kind = "an integer" if spec["type"] == "int" else "a number"
+                raise ConfigError(source, f"{where}.{bound}", f"expected {kind} (got {value!r})")
         if low >= high:
             raise ConfigError(source, f"{where}.high", f"must exceed low ({low})")
+        if "log" in spec and not isinstance(spec["log"], bool):
+            raise ConfigError(source, f"{where}.log", f"expected true or false (got {spec['log']!r})")
         if spec.get("log") and low <= 0:
             raise ConfigError(source, f"{where}.low", "must be > 0 on a log scale")
+        if "step" in spec:
+            step = spec["step"]
+            if not isinstance(step, number) or isinstance(step, bool) or step <= 0:
+                raise ConfigError(source, f"{where}.step", f"expected a positive {'integer' if number is int else 'number'}"
+                                                           f" (got {step!r})")
+            if spec.get("log") and (spec["type"] == "float" or step != 1):
+                raise ConfigError(source, f"{where}.step", "Optuna allows no step on a log scale (drop step or log)")
+            if step > high - low:
+                raise ConfigError(source, f"{where}.step", f"larger than high - low ({high - low})")
+        _optuna_distribution(source, where, spec)
         values = [low, high]
     for value in values:  # every end of the space must give a valid run config
         tree = yaml.safe_load(yaml.safe_dump(base))
-        set_dotted(tree, key, int(value) if spec["type"] == "int" else value, source)
+        set_dotted(tree, key, value, source)
         try:
             validate(tree, source)
         except ConfigError as err:
             raise ConfigError(source, where, f"{err.key}: {err.message}") from None
+
+
+def _optuna_distribution(source: str, where: str, spec: dict) -> None:
+    """Whatever the checks above missed, Optuna's distribution refuses here, as one line."""
+    import warnings
+
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    kind = IntDistribution if spec["type"] == "int" else FloatDistribution
+    step = spec.get("step", 1 if spec["type"] == "int" else None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kind(spec["low"], spec["high"], log=bool(spec.get("log", False)), step=step)
+    except ValueError as err:
+        raise ConfigError(source, where, f"refused by Optuna: {err}") from None
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
@@ -493,6 +531,23 @@ def propose(study, trial, space: dict, seed: int | None) -> tuple[dict, int | No
     return params, duplicate_of(study, trial, params)
 
 
+def _say_waiting(sweep: Sweep, study, announced: tuple) -> tuple:
+    """Name the RUNNING trials this worker waits for, once each time that set changes: a sweep
+    never waits silently (each is failed and retried when its worker is judged dead)."""
+    from optuna.trial import TrialState
+
+    running = tuple(sorted(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))))
+    if running and running != announced:
+        def who(t) -> str:
+            w = t.user_attrs.get("worker")
+            return f"trial {t.number} ({w['host']} pid {w['pid']})" if w else \
+                f"trial {t.number} (no worker recorded: dead if older than {STALE_AFTER_S:g} s)"
+        trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+        print(f"{sweep.name}: waiting for {', '.join(who(t) for t in trials)}; a trial whose worker stops "
+              f"beating for {STALE_AFTER_S:g} s is failed and retried", file=sys.stderr, flush=True)
+    return running
+
+
 def worker_loop(sweep_path: str, results: str, url: str, n_trials: int, worker: int,
                 overrides: list[str] | None = None, poll_s: float = POLL_S) -> int:
     """Ask and run trials until ``n_trials`` are COMPLETE or PRUNED; returns trials run here."""
@@ -510,6 +565,7 @@ def worker_loop(sweep_path: str, results: str, url: str, n_trials: int, worker: 
     alive = create_lock(locks / f"{socket.gethostname()}.{os.getpid()}.{session}.lock")
     heartbeat.add(alive)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "lock": str(alive.lock)}
+    announced: tuple = ()
     try:
         while True:
             fail_stale_trials(study)
@@ -521,8 +577,10 @@ def worker_loop(sweep_path: str, results: str, url: str, n_trials: int, worker: 
                       f"configurations finished)", file=sys.stderr)
                 return done_here
             if not waiting and finished + running >= n_trials:
+                announced = _say_waiting(sweep, study, announced)
                 time.sleep(poll_s)  # the rest are running elsewhere; they may die and need retry
                 continue
+            announced = ()
             trial = study.ask()
             trial.set_user_attr("worker", me)  # first: from now on its liveness is known
             before = [t for t in study.get_trials(deepcopy=False)
