@@ -109,6 +109,7 @@ def cmd_stability(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from abexp.lab import length
     from abexp.lab.runner import run_state, runs_dir
     from abexp.lab.spec import load_spec
 
@@ -121,8 +122,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for r in plan:
         state = run_state(runs_dir(args.results) / r.run_id)
         label = " ".join(f"{k}={v}" for k, v in r.overrides.items()) or "(base)"
-        print(f"{r.run_id}  {state:<9} {label}")
+        print(f"{r.run_id}  {state:<9} {length.describe(r.config):<32} {label}")
     print(f"{len(plan)} runs")
+    for line in length.summary([r.config for r in plan]):
+        print(line, file=sys.stderr if line.startswith("warning") else sys.stdout)
     return 0
 
 
@@ -137,6 +140,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_processes(run.config, args.gpus_per_run, args.spec)
     check_run_folders(plan, args.results)
     preflight_data([run.config for run in plan])
+    from abexp.lab import length
+    for line in length.summary([run.config for run in plan]):  # the run's length, before it trains
+        print(line, file=sys.stderr, flush=True)
     gpus = [g for g in args.gpus.split(",") if g] if args.gpus else None
     if args.backend == "slurm":
         return submit_slurm(args)
@@ -313,10 +319,21 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", default="results", help="results folder (default results/)")
 
 
+def package_version() -> str:
+    """The installed package's version (pyproject.toml), read without importing torch."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("abexp")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> Parser:
     from abexp.config import OPTIM_NAMES
 
     parser = Parser(prog="abexp", description="Gradient-delay experiments (Adaptive Braking et al.)")
+    parser.add_argument("--version", action="version", version=f"abexp {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("train", help="train one run from a YAML config")

@@ -34,8 +34,10 @@ class ConfigError(Exception):
 
 
 class _Locked(BaseModel):
-    # nan and inf are refused everywhere: a .inf learning rate is a typo, not an experiment
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # nan and inf are refused everywhere: a .inf learning rate is a typo, not an experiment.
+    # Strict types: `nesterov: "yes"` or `epochs: "10"` is refused, never coerced (an integer
+    # is still accepted where a float is expected: `lr: 1`).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, strict=True)
 
 
 class ModelCfg(_Locked):
@@ -273,7 +275,10 @@ def read_locked_mapping(path: Path, allowed: set[str], what: str) -> dict:
         raise ConfigError(str(path), "", f"expected a mapping with {what}")
     unknown = sorted(set(doc) - allowed)
     if unknown:
-        raise ConfigError(str(path), unknown[0], f"unknown key (expected one of {sorted(allowed)})")
+        import difflib
+        close = difflib.get_close_matches(unknown[0], sorted(allowed), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else f"expected one of {sorted(allowed)}"
+        raise ConfigError(str(path), unknown[0], f"unknown key ({hint})")
     return doc
 
 
@@ -288,6 +293,23 @@ def parse_override(item: str, source: str = "--set") -> tuple[str, Any]:
         raise ConfigError(source, key.strip(), f"cannot parse value {raw!r}") from None
 
 
+def unknown_key_message(loc: tuple) -> str:
+    """``unknown key (did you mean optim.nesterov?)``: the closest keys of the same section."""
+    import difflib
+
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return "unknown key"
+        model = field.annotation
+    prefix = "".join(f"{p}." for p in loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=2, cutoff=0.6)
+    hint = " or ".join(prefix + c for c in close)
+    return f"unknown key (did you mean {hint}?)" if close else \
+        f"unknown key (expected one of {', '.join(prefix + k for k in model.model_fields)})"
+
+
 def validate(raw: dict, source: str) -> RunConfig:
     """Validate a full nested dict; raise ConfigError naming the first offending dotted key."""
     if not isinstance(raw, dict):
@@ -297,7 +319,7 @@ def validate(raw: dict, source: str) -> RunConfig:
     except ValidationError as err:
         first = err.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
-        msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        msg = unknown_key_message(first["loc"]) if first["type"] == "extra_forbidden" else first["msg"]
         if "input" in first and first["type"] != "extra_forbidden":
             msg += f" (got {first['input']!r})"
         raise ConfigError(source, key, msg) from None

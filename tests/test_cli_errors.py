@@ -122,3 +122,14 @@ def test_every_option_of_every_command_has_help_text():
     bare = [f"{name} {a.option_strings or a.dest}" for name, sub in commands.choices.items()
             for a in sub._actions if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
     assert bare == []
+
+
+def test_version_is_the_pyproject_version(capsys):
+    import tomllib
+    from pathlib import Path
+
+    expected = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]["version"]
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out.strip() == f"abexp {expected}"

@@ -51,6 +51,10 @@ class ImageData:
 
 
 IDX_DATASETS = ("fashion_mnist", "mnist")
+# Training examples of each dataset's full train split, for planning without loading it
+# (digits: 1,797 images less the 20% test split; ImageNet: the ILSVRC-2012 train set).
+TRAIN_EXAMPLES = {"cifar10": 50_000, "fashion_mnist": 60_000, "mnist": 60_000, "digits": 1_438,
+                  "imagenet": 1_281_167}
 DEFAULT_ROOTS = {"cifar10": "data/cifar10", "imagenet": "data/imagenet"}
 
 
