@@ -46,7 +46,7 @@ GPUS_PER_IMAGENET_RUN ?= 1
 DEMO_RUN = ABEXP_THREADS=1 $(BIN)/abexp run experiments/digits_demo.yaml --workers $(WORKERS)
 demo: $(STAMP)
 	$(DEMO_RUN) --results $(RESULTS)
-	$(BIN)/python analysis/make_figures.py --results $(RESULTS) --experiment digits_demo
+	$(BIN)/abexp figures --results $(RESULTS) --experiment digits_demo
 
 # CI: a fresh demo in an empty folder must reproduce README's demo table (WRITE=1 updates it
 # and the figure). Only the table and that figure are drawn (no stability bisections).
@@ -56,13 +56,16 @@ demo-check: $(STAMP)
 	rm -rf $(DEMO_CHECK_DIR)
 	WANDB_MODE=disabled $(DEMO_RUN) --results $(DEMO_CHECK_DIR) --no-progress
 	$(BIN)/abexp collect --results $(DEMO_CHECK_DIR) -o $(DEMO_CHECK_DIR)/runs.csv
-	for script in tables accuracy_vs_delay; do $(BIN)/python analysis/$$script.py \
+	for script in tables accuracy_vs_delay; do $(BIN)/python -m abexp.figures.$$script \
 	  --table $(DEMO_CHECK_DIR)/runs.csv --experiment digits_demo --out $(DEMO_FIGS) || exit 1; done
 	$(BIN)/python analysis/check_readme.py --results $(DEMO_CHECK_DIR) $(if $(WRITE),--write)
 
-# Every figure from $(RESULTS) alone: no training.
-figures: $(STAMP)
-	$(BIN)/python analysis/make_figures.py --results $(RESULTS)
+# Every figure from $(RESULTS) alone: no training. `abexp figures` of the venv when there is one,
+# else of an installed abexp (no venv is built then), else the venv is bootstrapped.
+ABEXP_CMD = $(or $(wildcard $(BIN)/abexp),$(shell command -v abexp 2>/dev/null))
+figures:
+	$(if $(ABEXP_CMD),,$(MAKE) $(STAMP))
+	$(or $(ABEXP_CMD),$(BIN)/abexp) figures --results $(RESULTS)
 
 # Paper scale: CIFAR-10 ResNet-20 accuracy vs delay, 4 optimizers x 8 delays x 3 seeds on the
 # GPUs present (resumable), ImageNet when IMAGENET_DIR is set, then the figures.
@@ -71,7 +74,7 @@ reproduce: $(STAMP)
 		--set data.root=$(CIFAR10_DIR) $(if $(RUNS_PER_GPU),--runs-per-gpu $(RUNS_PER_GPU))
 	$(if $(IMAGENET_DIR),$(BIN)/abexp run experiments/imagenet_resnet50_delay.yaml \
 		--results $(RESULTS) --set data.root=$(IMAGENET_DIR) --gpus-per-run $(GPUS_PER_IMAGENET_RUN))
-	$(BIN)/python analysis/make_figures.py --results $(RESULTS)
+	$(BIN)/abexp figures --results $(RESULTS)
 
 # SIGKILL the runner three times during a 16-run spec; audit completed/duplicate/lost runs.
 resilience: $(STAMP)

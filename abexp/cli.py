@@ -299,10 +299,20 @@ def readable(table, summary: list[str]):
     return table[columns].sort_values(["experiment"] + keys, kind="stable")
 
 
+def cmd_figures(args: argparse.Namespace) -> int:
+    from abexp.figures.make import main as figures_main
+
+    check_results_dir(args.results)
+    argv = ["--results", args.results] + [a for e in args.experiment for a in ("--experiment", e)]
+    return figures_main(argv + (["--stability"] if args.stability else []))
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from abexp.lab import sweep
 
-    check_results_dir(args.results, write=not args.best)
+    check_results_dir(args.results, write=not (args.best or args.trials))
+    if args.trials:
+        return sweep.trials(args.sweep, args.results, args.storage, args.set)
     if args.best:
         return sweep.best(args.sweep, args.results, args.storage, args.set, args.export)
     from abexp.config import validate
@@ -409,6 +419,13 @@ def build_parser() -> Parser:
     p.add_argument("-o", "--output", help="FILE.csv or FILE.parquet (default: print)")
     p.add_argument("--curves", help="also write per-epoch metrics of every run to FILE.csv|.parquet")
     p.set_defaults(func=cmd_collect)
+    p = sub.add_parser("figures", help="every figure from a results folder (no training)")
+    p.add_argument("--results", default="results", help="results folder (default results/)")
+    p.add_argument("--experiment", action="append", default=[],
+                   help="only this experiment or sweep (repeatable); seconds, no stability tables")
+    p.add_argument("--stability", action="store_true", help="(re)compute and draw the quadratic stability tables")
+    p.set_defaults(func=cmd_figures)
+
     p = sub.add_parser("sweep", help="Optuna sweep whose trials are ordinary runs")
     p.add_argument("sweep", help="sweep YAML (sweeps/*.yaml)")
     p.add_argument("--n-trials", type=int, help="total target (default: the file's n_trials)")
@@ -419,6 +436,8 @@ def build_parser() -> Parser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a key (e.g. delay.steps=32); the study name records it")
     p.add_argument("--best", action="store_true", help="print the best trial instead of running")
+    p.add_argument("--trials", action="store_true",
+                   help="print every trial (number, state, parameters, objective, run id) instead of running")
     p.add_argument("--export", help="with --best: write a spec re-running the best config over seeds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     p.set_defaults(func=cmd_sweep)

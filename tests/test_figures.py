@@ -63,7 +63,7 @@ def results(tmp_path_factory):
 
 
 def run_script(name, *args):
-    proc = subprocess.run([sys.executable, str(ROOT / "analysis" / f"{name}.py"), *args],
+    proc = subprocess.run([sys.executable, "-m", f"abexp.figures.{name}", *args],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
@@ -102,8 +102,8 @@ def test_table_numbers_match_the_collected_results(results, tmp_path):
     got = sorted((int(r["n"]), round(r["mean"], 12)) for r in shown.to_dict("records") if r["n"] > 0)
     assert got == expected and max(n for n, _ in got) == 2  # the two-seed spec's groups
     md = (tmp_path / "accuracy_table.md").read_text()
-    assert "| AB, optim.rho=2.0 |" in md and "| SGDM, optim.lr=0.05, optim.momentum=0.5," in md
-    assert "| SGDM, optim.lr=1e+30, " in md and "| diverged |" in md  # the diverged run, in its own row
+    assert "| AB, ρ 2 |" in md and "| SGDM, lr 0.05, momentum 0.5," in md  # series named in words
+    assert "| SGDM, lr 1e+30, " in md and "| diverged |" in md  # the diverged run, in its own row
     assert "\\begin{tabular}" in (tmp_path / "accuracy_table.tex").read_text()
 
 
@@ -114,7 +114,7 @@ def test_accuracy_vs_delay_marks_diverged_runs(results, tmp_path):
 
 
 def test_make_figures_regenerates_everything_from_results_alone(results):
-    proc = subprocess.run([sys.executable, str(ROOT / "analysis" / "make_figures.py"), "--results",
+    proc = subprocess.run([sys.executable, "-m", "abexp.cli", "figures", "--results",
                            str(results)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     figs = results / "figures" / "fig"
@@ -153,7 +153,7 @@ def test_delay_drop_is_the_paired_per_seed_difference(results, tmp_path):
                 and c["optim"]["name"] == "sgdm" and r["status"] == "completed":
             acc[c["seed"], c["delay"]["steps"]] = r["test_acc"]
     drops = [acc[s, 0] - acc[s, 2] for s in (0, 1)]
-    [label] = [s for s in shown.index if s.startswith("SGDM, optim.lr=0.1, optim.momentum=0.9")]
+    [label] = [s for s in shown.index if s.startswith("SGDM, lr 0.1, momentum 0.9")]
     row = shown.loc[label]
     assert row["drop_mean"] == pytest.approx(sum(drops) / 2)
     assert row["drop_sd"] == pytest.approx(abs(drops[0] - drops[1]) / 2 ** 0.5)

@@ -639,20 +639,62 @@ def run_sweep(sweep_path: str, results: str, workers: int = 1, n_trials: int | N
     return 0 if (finished >= target or exhausted) and not any(codes) else 1
 
 
+def trials_frame(study):
+    """One row per trial: number, state, each parameter, objective, run id (from Optuna's own
+    ``trials_dataframe``)."""
+    frame = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs"))
+    if frame.empty:
+        return frame
+    keep = ["number", "state", "value"] + [c for c in frame.columns if c.startswith("params_")]
+    keep += [c for c in ("user_attrs_run_id", "user_attrs_duplicate_of", "user_attrs_retry_of") if c in frame]
+    return frame[keep].rename(columns=lambda c: c.removeprefix("params_").removeprefix("user_attrs_"))
+
+
+def existing_study(sweep: Sweep, results: str, storage: str | None = None):
+    """The sweep's study, or None (said in one line) when it was never created there."""
+    url = storage_url(sweep, results, storage)
+    journal = journal_path(url)
+    if journal is not None and not journal.exists():  # opening it would create it
+        print(f"{sweep.name}: no study in {url} yet (run the sweep first)", file=sys.stderr)
+        return None
+    try:
+        return open_study(sweep, url)
+    except KeyError:  # optuna: "Record does not exist." -- the study was never created there
+        print(f"{sweep.name}: no study in {url} yet (run the sweep first)", file=sys.stderr)
+        return None
+
+
+def trials(sweep_path: str, results: str, storage: str | None = None, overrides: list[str] | None = None) -> int:
+    """``abexp sweep SWEEP --trials``: every trial as a table, best first among the finished."""
+    import pandas as pd
+
+    sweep = load_sweep(sweep_path, overrides)
+    study = existing_study(sweep, results, storage)
+    if study is None:
+        return 1
+    frame = trials_frame(study)
+    if frame.empty:
+        print(f"{sweep.name}: no trials yet")
+        return 0
+    for key in sweep.space:
+        if key in frame and frame[key].dtype.kind == "f":
+            frame[key] = frame[key].map(lambda v: f"{v:.4g}" if v == v else "")
+    frame["value"] = frame["value"].map(lambda v: f"{v:.4f}" if v == v else "")
+    with pd.option_context("display.max_rows", None, "display.width", 200):
+        print(frame.fillna("").to_string(index=False))
+    states = frame["state"].value_counts()
+    print(f"{sweep.name}: {len(frame)} trials (" + ", ".join(f"{n} {s}" for s, n in states.items())
+          + f"); objective {sweep.metric} ({sweep.reduce}, {sweep.direction})")
+    return 0
+
+
 def best(sweep_path: str, results: str, storage: str | None = None, overrides: list[str] | None = None,
          export: str | None = None, seeds: tuple[int, ...] = (0, 1, 2)) -> int:
     from optuna.trial import TrialState
 
     sweep = load_sweep(sweep_path, overrides)
-    url = storage_url(sweep, results, storage)
-    journal = journal_path(url)
-    if journal is not None and not journal.exists():  # opening it would create it
-        print(f"{sweep.name}: no study in {url} yet (run the sweep first)", file=sys.stderr)
-        return 1
-    try:
-        study = open_study(sweep, url)
-    except KeyError:  # optuna: "Record does not exist." -- the study was never created there
-        print(f"{sweep.name}: no study in {url} yet (run the sweep first)", file=sys.stderr)
+    study = existing_study(sweep, results, storage)
+    if study is None:
         return 1
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         print(f"{sweep.name}: no completed trial yet", file=sys.stderr)

@@ -2,15 +2,16 @@
 
 import matplotlib.pyplot as plt
 
-import common
+from abexp.figures import common
 
 
-def main() -> None:
-    args = common.parser(__doc__).parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = common.parser(__doc__).parse_args(argv)
     table = common.finished(common.load(args.table, args.experiment))
     table = table[table["optim.name"].isin(["ab", "ab_lwp"])] if not table.empty else table
     if table.empty or table["optim.rho"].nunique() < 2:
         common.skip("rho_sensitivity", "needs AB runs at 2 or more values of optim.rho")
+    common.skip_sweeps("rho_sensitivity", table)
     table["acc"] = table["test_acc"].where(table["status"] == "completed", 0.0)
     series = common.add_series(table, axes=("delay.steps", "optim.rho"))
     summary = (table.groupby(["series", "delay.steps", "optim.rho"])["acc"]
@@ -26,7 +27,7 @@ def main() -> None:
                         label=f"D = {d}" if len(series) == 1 else f"{name}, D = {d}")
     ax.set_xlabel("AB braking strength rho")
     ax.set_ylabel("final test accuracy (diverged = 0)")
-    ax.set_ylim(0, 1)
+    common.accuracy_axis(ax, list(summary["mean"] + summary["std"].fillna(0)) + list(summary["mean"]), table)
     ax.set_title(f"Adaptive Braking: sensitivity to rho\n({common.bn_note(table)})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -4,11 +4,11 @@ first stage's, 2(S-1) (dashed); SGDM's exact pipeline limit as black dots."""
 
 import matplotlib.pyplot as plt
 
-import common
+from abexp.figures import common
 
 
-def main() -> None:
-    args = common.parser(__doc__, table="results/pipeline_stability.csv").parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = common.parser(__doc__, table="results/pipeline_stability.csv").parse_args(argv)
     table = common.load(args.table)
     if table.empty:
         common.skip("pipeline_stability", "empty table")

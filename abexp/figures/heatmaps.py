@@ -3,14 +3,15 @@
 import matplotlib.pyplot as plt
 import numpy as np
 
-import common
+from abexp.figures import common
 
 
-def main() -> None:
-    args = common.parser(__doc__).parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = common.parser(__doc__).parse_args(argv)
     table = common.finished(common.load(args.table, args.experiment))
     if table.empty or table["optim.lr"].nunique() < 2 or table["optim.momentum"].nunique() < 2:
         common.skip("heatmaps", "needs runs over at least 2 learning rates and 2 momenta")
+    common.skip_sweeps("heatmaps", table)
     table["acc"] = table["test_acc"].where(table["status"] == "completed", 0.0)
     series = common.add_series(table, axes=("delay.steps", "optim.lr", "optim.momentum"))
     grid = (table.groupby(["series", "delay.steps", "optim.lr", "optim.momentum"])["acc"]

@@ -5,14 +5,15 @@ first stage's delay 2(S-1) (``flat``, dashed). Mean ± std over seeds, every see
 import matplotlib.pyplot as plt
 import numpy as np
 
-import common
+from abexp.figures import common
 
 
-def main() -> None:
-    args = common.parser(__doc__).parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = common.parser(__doc__).parse_args(argv)
     table = common.finished(common.load(args.table, args.experiment))
     if table.empty or "delay.stages" not in table or table["delay.stages"].isna().all():
         common.skip("accuracy_vs_stages", "no pipeline runs")
+    common.skip_sweeps("accuracy_vs_stages", table)
     table = table[table["delay.kind"] == "pipeline"].copy()
     table["stages"] = table["delay.stages"].astype(int)
     table["diverged"] = table["status"] == "diverged"
@@ -22,6 +23,7 @@ def main() -> None:
                .agg(mean=("acc", "mean"), std=("acc", "std"), seeds=("acc", "count"),
                     diverged=("diverged", "sum"), runs=("run_id", "count")).reset_index())
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    bottom, _ = common.accuracy_axis(ax, list(table["acc"]) + list(summary["mean"] + summary["std"].fillna(0)), table)
     for name, style in common.styles(series).items():
         rows = summary[summary["series"] == name].sort_values("stages")
         if "stage_profile=" in name:  # the two profiles: per-stage solid, flat dashed
@@ -34,16 +36,15 @@ def main() -> None:
         ax.scatter(runs["stages"] * 1.03, runs["acc"], color=style["color"], s=10, alpha=0.5, zorder=3)
         div = runs[runs["diverged"]]
         if len(div):
-            ax.scatter(div["stages"], np.zeros(len(div)), color=style["color"], marker="x", s=50, zorder=4)
+            ax.scatter(div["stages"], np.full(len(div), bottom), clip_on=False, color=style["color"], marker="x", s=50, zorder=4)
     ticks = sorted(table["stages"].unique())
     ax.set_xscale("log", base=2)
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.set_xlabel("pipeline stages S (first stage's delay 2(S-1))")
     ax.set_ylabel("final test accuracy")
-    ax.set_ylim(-0.03, 1.0)
     ax.set_title(f"Accuracy vs pipeline depth\n({common.bn_note(table)}; mean ± std, dots = seeds)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    ax.legend(fontsize=7, loc="best", ncol=2)
     common.save(fig, summary, args.out, "accuracy_vs_stages")
 
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-import common
+from abexp.figures import common
 
 
 def cell(mean, std, n, diverged) -> str:
@@ -12,11 +12,12 @@ def cell(mean, std, n, diverged) -> str:
     return text + (f" ({diverged} div.)" if diverged else "")
 
 
-def main() -> None:
-    args = common.parser(__doc__).parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = common.parser(__doc__).parse_args(argv)
     table = common.finished(common.load(args.table, args.experiment))
     if table.empty:
         common.skip("tables", "no finished runs")
+    common.skip_sweeps("tables", table)
     table["acc"] = table["test_acc"].where(table["status"] == "completed")
     table["div"] = table["status"] == "diverged"
     series = common.add_series(table)

@@ -9,18 +9,19 @@ A diverged run counts as accuracy 0 (it has none), so its drop is the whole D = 
 
 import pandas as pd
 
-import common
+from abexp.figures import common
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = common.parser(__doc__)
     p.add_argument("--delay", type=int, help="the large delay (default: the largest in the table)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     table = common.finished(common.load(args.table, args.experiment))
     if "delay.kind" in table:
         table = table[table["delay.kind"] != "pipeline"]  # one delay for the whole network only
     if table.empty:
         common.skip("delay_drop", "no finished runs")
+    common.skip_sweeps("delay_drop", table)
     d_max = args.delay if args.delay is not None else int(table["delay.steps"].max())
     table["acc"] = table["test_acc"].where(table["status"] == "completed", 0.0)
     series = common.add_series(table)
@@ -39,9 +40,12 @@ def main() -> None:
             row["acc_Dmax_running_bn"] = at[d_max].loc[seeds, "test_acc_running_bn"].mean()
         rows.append(row)
     out = pd.DataFrame(rows)
+    if out.empty:
+        common.skip("delay_drop", f"no series has the same seed at D = 0 and D = {d_max}")
     lines = [f"| optimizer | acc D=0 | acc D={d_max} | drop (mean ± sd, {out['seeds'].max()} seeds) |",
              "|---|---|---|---|"]
-    lines += [f"| {r.series} | {r.acc_D0:.4f} | {r.acc_Dmax:.4f} | {r.drop_mean:.4f} ± {r.drop_sd:.4f} |"
+    sd = lambda v: f" ± {v:.4f}" if v == v else " (one seed)"  # noqa: E731
+    lines += [f"| {r.series} | {r.acc_D0:.4f} | {r.acc_Dmax:.4f} | {r.drop_mean:.4f}{sd(r.drop_sd)} |"
               for r in out.itertuples()]
     print("\n".join(lines))
     from pathlib import Path

@@ -1,17 +1,19 @@
 """Training curves at chosen delays: test accuracy and train loss vs epoch, per optimizer."""
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter
 
-import common
+from abexp.figures import common
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = common.parser(__doc__, table="results/epochs.csv")
     p.add_argument("--delays", type=int, nargs="*", help="delays to show (default: all, up to 4)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     curves = common.load(args.table, args.experiment)
     if curves.empty:
         common.skip("training_curves", "no per-epoch metrics")
+    common.skip_sweeps("training_curves", curves)
     delays = args.delays or sorted(curves["delay.steps"].unique())
     if len(delays) > 4:
         delays = [delays[0], delays[len(delays) // 3], delays[2 * len(delays) // 3], delays[-1]]
@@ -21,7 +23,7 @@ def main() -> None:
             .agg(test_acc=("test_acc", "mean"), train_loss=("train_loss", "mean"),
                  seeds=("run_id", "nunique")).reset_index())
     fig, axes = plt.subplots(2, len(delays), figsize=(3.2 * len(delays), 5.6), squeeze=False,
-                             sharex=True)
+                             sharex=True, sharey="row", constrained_layout=True)
     for j, d in enumerate(delays):
         at_d = mean[mean["delay.steps"] == d]
         for name, style in common.styles(series).items():
@@ -30,11 +32,16 @@ def main() -> None:
             axes[0, j].plot(rows["epoch"], rows["test_acc"], **kw)
             axes[1, j].plot(rows["epoch"], rows["train_loss"], **kw)
         axes[0, j].set_title(f"delay D = {d}")
-        axes[0, j].set_ylim(0, 1)
         axes[1, j].set_yscale("log")
+        axes[1, j].yaxis.set_major_locator(LogLocator(base=10, numticks=4))
+        axes[1, j].yaxis.set_minor_formatter(NullFormatter())  # minor labels collided
         axes[1, j].set_xlabel("epoch")
         for ax in axes[:, j]:
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
             ax.grid(alpha=0.3)
+    common.accuracy_axis(axes[0, 0], list(mean["test_acc"]), curves)
+    for ax in axes[0, 1:]:
+        ax.axhline(common.chance(curves), color="0.5", ls=":", lw=1, zorder=1)
     axes[0, 0].set_ylabel("test accuracy")
     axes[1, 0].set_ylabel("train loss")
     axes[0, 0].legend(fontsize=8)

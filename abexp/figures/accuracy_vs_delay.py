@@ -1,22 +1,24 @@
 """The paper's headline: final test accuracy vs delay, one line per optimizer.
 
 Mean ± std over seeds, every seed as a dot; diverged runs as crosses at the bottom; the
-undelayed SGDM accuracy as a dashed reference line.
+undelayed SGDM accuracy as a reference line (one per SGDM series); the y-range fitted to the
+data, with the chance level dotted.
 """
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-import common
+from abexp.figures import common
 
 
-def main() -> None:
-    args = common.parser(__doc__).parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = common.parser(__doc__).parse_args(argv)
     table = common.finished(common.load(args.table, args.experiment))
     if "delay.kind" in table:
         table = table[table["delay.kind"] != "pipeline"]  # those have their own figure (stages)
     if table.empty:
         common.skip("accuracy_vs_delay", "no finished runs with one delay for the whole network")
+    common.skip_sweeps("accuracy_vs_delay", table)
     table["diverged"] = table["status"] == "diverged"
     table["acc"] = table["test_acc"].where(~table["diverged"])
     series = common.add_series(table)
@@ -25,6 +27,8 @@ def main() -> None:
                     diverged=("diverged", "sum"), runs=("run_id", "count"))
                .reset_index())
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    bottom, _ = common.accuracy_axis(ax, list(table["acc"]) + list(summary["mean"] + summary["std"].fillna(0))
+                                     + list(summary["mean"] - summary["std"].fillna(0)), table)
     for name, style in common.styles(series).items():
         rows = summary[summary["series"] == name].sort_values("delay.steps")
         c = style["color"]
@@ -36,20 +40,15 @@ def main() -> None:
         ax.scatter(runs["delay.steps"] + jitter, runs["acc"], color=c, s=12, alpha=0.5, zorder=3)
         div = runs[runs["diverged"]]
         if len(div):
-            ax.scatter(div["delay.steps"], np.zeros(len(div)), color=c, marker="x", s=50, zorder=4,
-                       label=f"{name} diverged")
-    sgdm = [name for name, optim in series.items() if optim == "sgdm"]
-    base = table[(table["series"] == sgdm[0]) & (table["delay.steps"] == 0)]["acc"].dropna() \
-        if len(sgdm) == 1 else []  # one undelayed reference, or none when SGDM has several series
-    if len(base):
-        ax.axhline(base.mean(), color="k", ls="--", lw=1, label=f"SGDM, no delay ({base.mean():.3f})")
+            ax.scatter(div["delay.steps"], np.full(len(div), bottom), color=c, marker="x", s=50, zorder=4,
+                       clip_on=False, label=f"{name} diverged")
+    common.undelayed_references(ax, table, series)
     common.log2_delay_axis(ax, summary["delay.steps"])
     ax.set_ylabel("final test accuracy")
-    ax.set_ylim(-0.03, 1.0)
     ax.set_title(f"Accuracy vs gradient delay\n({common.bn_note(table)}; mean ± std, dots = seeds)",
                  fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="best")
     common.save(fig, summary, args.out, "accuracy_vs_delay")
 
 

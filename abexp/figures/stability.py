@@ -2,11 +2,11 @@
 
 import matplotlib.pyplot as plt
 
-import common
+from abexp.figures import common
 
 
-def main() -> None:
-    args = common.parser(__doc__, table="results/stability.csv").parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = common.parser(__doc__, table="results/stability.csv").parse_args(argv)
     table = common.load(args.table)
     if table.empty:
         common.skip("stability", "empty stability table")

@@ -1,7 +1,10 @@
-"""Shared plumbing of the figure scripts: the table, one colour per optimizer, saving.
+"""Shared plumbing of the figure scripts: the table, one colour per optimizer, series named
+in words, an accuracy axis fitted to the data with the chance level marked, saving.
 
 Every script reads only the tables ``abexp collect`` writes (runs, and per-epoch curves) or
 ``abexp stability --out``, and writes PNG + PDF + the CSV of exactly the numbers it shows.
+A script with nothing to draw (a sweep, a single seed, no pipeline runs) says so in one line
+and exits 0 (``Skipped``), so the scripts after it still run.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def add_series(table: pd.DataFrame, axes: tuple[str, ...] = ("delay.steps",)) ->
     A series is an optimizer plus every other config key that varies among that optimizer's
     runs and is not one of the figure's own axes: figures average over seeds only, never over
     a key the spec varied (fp32 and bf16 runs, two learning rates, two experiments stay apart).
+    Labels are words: "AB + Nesterov", "SGDM, bf16", "AB, lr 0.05" (``describe``).
     """
     skip = {"optim.name", "seed", *axes}
     config = [c for c in table.columns if "." in c and c not in skip
@@ -48,11 +52,79 @@ def add_series(table: pd.DataFrame, axes: tuple[str, ...] = ("delay.steps",)) ->
     table["series"] = ""
     for optim, runs in table.groupby("optim.name"):
         keys = [c for c in config if runs[c].astype(str).nunique() > 1]
-        table.loc[runs.index, "series"] = [label(optim) + "".join(f", {k}={row[k]}" for k in keys)
+        if "experiment" in runs and runs["experiment"].astype(str).nunique() > 1 and "experiment" not in axes:
+            keys.append("experiment")
+        table.loc[runs.index, "series"] = [label(optim) + "".join(describe(k, row[k]) for k in keys)
                                            for _, row in runs.iterrows()]
     optim_of = dict(zip(table["series"], table["optim.name"]))
     rank = {o: i for i, o in enumerate(ordered(optim_of.values()))}
     return {s: optim_of[s] for s in sorted(optim_of, key=lambda s: (rank[optim_of[s]], s))}
+
+
+# config keys in words, for series labels; any other key is shown as "name value"
+WORDS = {"optim.lr": "lr", "optim.momentum": "momentum", "optim.rho": "ρ", "optim.weight_decay": "wd",
+         "train.epochs": "epochs", "train.batch_size": "batch", "delay.kind": "delay",
+         "delay.stage_profile": "profile", "optim.dc_lambda": "λ", "optim.lwp_horizon": "horizon"}
+
+
+def describe(key: str, value) -> str:
+    """One varying key of a series in words: ``+ Nesterov`` (or nothing when off), ``, bf16``,
+    ``, lr 0.05`` (numbers to 3 significant digits: no 16-digit learning rates in a legend)."""
+    if key == "optim.nesterov":
+        return " + Nesterov" if str(value) == "True" else ""
+    if key in ("train.precision", "experiment"):
+        return f", {value}"
+    if isinstance(value, bool) or str(value) in ("True", "False"):
+        name = key.split(".")[-1].replace("_", " ")
+        return f", {name}" if str(value) == "True" else f", no {name}"
+    if isinstance(value, float):
+        value = f"{value:.3g}"
+    return f", {WORDS.get(key, key.split('.')[-1].replace('_', ' '))} {value}"
+
+
+# classes per dataset: the chance level an accuracy axis marks
+CLASSES = {"imagenet": 1000}
+
+
+def chance(table: pd.DataFrame) -> float:
+    names = set(table.get("data.name", pd.Series(dtype=str)).dropna())
+    return min((1.0 / CLASSES.get(n, 10) for n in names), default=0.1)
+
+
+def accuracy_axis(ax, values, table: pd.DataFrame) -> tuple[float, float]:
+    """Fit the y-range to the accuracies shown (and the chance level, marked as a dotted line);
+    returns (bottom, top). Diverged runs are drawn at the bottom."""
+    level = chance(table)
+    shown = [float(v) for v in values if v == v] + [level]
+    low, high = min(shown), max(shown)
+    pad = max(0.02, 0.08 * (high - low))
+    bottom, top = max(-0.02, low - pad), min(1.0, high + pad)
+    ax.set_ylim(bottom, top)
+    ax.axhline(level, color="0.5", ls=":", lw=1, zorder=1)
+    ax.annotate("chance", (1.0, level), xycoords=("axes fraction", "data"), xytext=(-2, 2),
+                textcoords="offset points", ha="right", va="bottom", fontsize=7, color="0.4")
+    return bottom, top
+
+
+def undelayed_references(ax, table: pd.DataFrame, series: dict[str, str], x: str = "delay.steps") -> None:
+    """The undelayed SGDM accuracy as a horizontal line: one per SGDM series, so the reference
+    stays when SGDM splits into several series (black dashed when there is one)."""
+    sgdm = [name for name, optim in series.items() if optim == "sgdm"]
+    styled = styles(series)
+    for name in sgdm:
+        base = table[(table["series"] == name) & (table[x] == 0)]["acc"].dropna()
+        if not len(base):
+            continue
+        color = "k" if len(sgdm) == 1 else styled[name]["color"]
+        ls = "--" if len(sgdm) == 1 else styled[name]["ls"]
+        ax.axhline(base.mean(), color=color, ls=ls, lw=0.9, alpha=0.8,
+                   label=f"{name}, no delay ({base.mean():.3f})")
+
+
+def is_sweep(table: pd.DataFrame) -> bool:
+    """Runs of an Optuna sweep (variant ``trial``): each is one point of a search, not a grid
+    cell, so the delay figures do not apply (abexp.figures.sweep draws them)."""
+    return "variant" in table and len(table) > 0 and (table["variant"] == "trial").all()
 
 
 def styles(series: dict[str, str]) -> dict[str, dict]:
@@ -110,9 +182,18 @@ def save(fig, data: pd.DataFrame, out: str, name: str) -> None:
     print(f"wrote {folder / name}.png/.pdf/.csv")
 
 
+class Skipped(SystemExit):
+    """Nothing to draw: a clean exit 0 for a script run alone, one line for the driver."""
+
+
 def skip(name: str, why: str) -> None:
     print(f"skipped {name}: {why}")
-    sys.exit(0)
+    raise Skipped(0)
+
+
+def skip_sweeps(name: str, table: pd.DataFrame) -> None:
+    if is_sweep(table):
+        skip(name, "a sweep's trials (see sweep_objective.png and sweep_history.png)")
 
 
 def log2_delay_axis(ax, delays) -> None:

@@ -1,0 +1,123 @@
+"""``abexp figures``: every figure from a results folder alone (no training).
+
+Collects ``RESULTS/runs`` into ``runs.csv`` and ``epochs.csv``, draws each experiment's figures
+into ``RESULTS/figures/<experiment>/``, an Optuna sweep's own figures for each study in
+``RESULTS/sweeps/``, and the quadratic stability figures. The stability tables are bisections
+(minutes of CPU), so they are computed only when asked for (``--stability``) or, for a run over
+every experiment, when missing, and then kept (``RESULTS/stability.csv``,
+``RESULTS/pipeline_stability.csv``); ``--experiment NAME`` alone takes seconds.
+
+Scripts run in this one process; one that has nothing to draw says so in a line, and one that
+fails says so in a line too, and the rest still run (the exit code is then 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+RUN_SCRIPTS = ["accuracy_vs_delay", "accuracy_vs_stages", "delay_drop", "heatmaps", "rho_sensitivity", "tables"]
+STABILITY_DELAYS = [0, 1, 2, 4, 8, 16, 32]
+STABILITY_OPTIMS = ["sgdm", "ab", "sc", "lwp"]
+STABILITY_STAGES = [1, 2, 4, 8, 16]
+
+
+def script(name: str, *argv: str) -> bool:
+    """Run one figure script's ``main`` here; False when it failed (said in one line)."""
+    from abexp.figures.common import Skipped
+
+    try:
+        importlib.import_module(f"abexp.figures.{name}").main(list(argv))
+    except Skipped:
+        pass
+    except Exception as err:  # noqa: BLE001 -- one broken figure must not stop the others
+        print(f"failed {name}: {type(err).__name__}: {err}", file=sys.stderr)
+        return False
+    return True
+
+
+def stability_tables(res: Path, force: bool) -> bool:
+    """The quadratic tables, computed when forced or missing, then drawn; True when all drew."""
+    import pandas as pd
+
+    from abexp.lab.collect import write_table
+    from abexp.sim.stability import pipeline_table, stability_table
+
+    ok = True
+    for name, compute, figure in (
+            ("stability", lambda: stability_table(STABILITY_OPTIMS, STABILITY_DELAYS), "stability"),
+            ("pipeline_stability", lambda: pipeline_table(STABILITY_OPTIMS, STABILITY_STAGES), "pipeline_stability")):
+        path = res / f"{name}.csv"
+        if force or not path.exists():
+            print(f"computing {path} (quadratic bisections; kept for later runs)", flush=True)
+            write_table(pd.DataFrame(compute()), path)
+        ok &= script(figure, "--table", str(path), "--out", str(res / "figures"))
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="abexp figures", description=__doc__.splitlines()[0])
+    p.add_argument("--results", default="results", help="results folder (default results/)")
+    p.add_argument("--experiment", action="append", help="only these experiments or sweeps (repeatable)")
+    p.add_argument("--stability", action="store_true",
+                   help="(re)compute and draw the quadratic stability tables")
+    args = p.parse_args(argv)
+    import pandas as pd
+
+    from abexp.lab.collect import collect, collect_epochs, write_table
+
+    res = Path(args.results)
+    if not res.is_dir():
+        print(f"abexp figures: --results: {res} is not a folder", file=sys.stderr)
+        return 2
+    damaged: list[str] = []
+    table = collect(res, damaged=damaged)
+    runs, epochs = res / "runs.csv", res / "epochs.csv"
+    write_table(table, runs)
+    write_table(collect_epochs(res, table), epochs)
+    print(f"collected {len(table)} runs into {runs}", flush=True)
+    ok = True
+    if args.stability or not args.experiment:
+        ok &= stability_tables(res, args.stability)
+    names = set(table.get("experiment", pd.Series(dtype=str)).dropna())
+    experiments = args.experiment or sorted(names)
+    sweeps = sweep_studies(res)
+    for exp in experiments:
+        out = str(res / "figures" / (exp or "unnamed"))
+        if exp in sweeps:
+            from abexp.figures.common import Skipped
+            from abexp.figures.sweep import draw
+            try:
+                draw(sweeps[exp], out)
+            except Skipped:
+                pass
+            print(f"skipped the delay figures of {exp}: a sweep's trials (its figures are sweep_*.png)")
+            continue
+        if exp not in names:
+            print(f"skipped {exp}: no runs of that experiment in {runs}")
+            continue
+        for name in RUN_SCRIPTS:
+            ok &= script(name, "--table", str(runs), "--experiment", exp, "--out", out)
+        ok &= script("training_curves", "--table", str(epochs), "--experiment", exp, "--out", out)
+    if damaged:
+        print(f"abexp figures: {len(damaged)} damaged run folder(s) skipped; the figures omit them", file=sys.stderr)
+    return 0 if ok and not damaged else 1
+
+
+def sweep_studies(res: Path) -> dict:
+    """{study name: study} for every journal in RESULTS/sweeps (a sweep's trials are runs whose
+    experiment is the study's name)."""
+    folder = res / "sweeps"
+    if not folder.is_dir():
+        return {}
+    import optuna
+
+    from abexp.figures.sweep import studies
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return {s.study_name: s for journal in sorted(folder.glob("*.journal")) for s in studies(str(journal))}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
