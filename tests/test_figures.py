@@ -157,3 +157,74 @@ def test_delay_drop_is_the_paired_per_seed_difference(results, tmp_path):
     row = shown.loc[label]
     assert row["drop_mean"] == pytest.approx(sum(drops) / 2)
     assert row["drop_sd"] == pytest.approx(abs(drops[0] - drops[1]) / 2 ** 0.5)
+
+
+def test_series_are_named_in_words():
+    from abexp.figures.common import describe, label
+
+    assert label("ab") + describe("optim.nesterov", True) == "AB + Nesterov"
+    assert label("ab") + describe("optim.nesterov", False) == "AB"
+    assert label("sgdm") + describe("train.precision", "bf16") == "SGDM, bf16"
+    assert describe("optim.lr", 0.012345678901234567) == ", lr 0.0123"  # no 16-digit lrs
+
+
+def test_the_accuracy_axis_fits_the_data_and_marks_chance():
+    import matplotlib.pyplot as plt
+
+    from abexp.figures.common import accuracy_axis
+
+    fig, ax = plt.subplots()
+    bottom, top = accuracy_axis(ax, [0.31, 0.45, float("nan")], pd.DataFrame({"data.name": ["digits"]}))
+    assert 0.0 < bottom < 0.1 < 0.45 < top < 0.6  # 10 classes: chance 0.1 is in view, 0-1 is not
+    assert [line.get_ydata()[0] for line in ax.get_lines()] == [0.1]
+    plt.close(fig)
+
+
+def test_one_experiment_takes_no_stability_bisections(results, tmp_path):
+    import shutil
+
+    copy = tmp_path / "r"
+    shutil.copytree(results / "runs", copy / "runs")
+    proc = subprocess.run([sys.executable, "-m", "abexp.cli", "figures", "--results", str(copy),
+                           "--experiment", "pipe"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (copy / "figures" / "pipe" / "accuracy_vs_stages.png").exists()
+    assert not (copy / "stability.csv").exists() and not (copy / "figures" / "stability.png").exists()
+    # a script with nothing to draw is one line and the rest still run
+    assert "skipped heatmaps: needs runs over at least 2 learning rates" in proc.stdout
+
+
+def test_a_sweep_gets_its_own_figures_and_a_trials_table(tmp_path, capsys):
+    from abexp.cli import main
+    from abexp.lab.sweep import load_sweep, open_study, storage_url
+
+    sweep = tmp_path / "sw.yaml"
+    sweep.write_text("name: sw\nbase:\n  model: {name: resnet8}\n  data: {name: digits, subset: 64, test_subset: 48}\n"
+                     "  train: {epochs: 1, batch_size: 32}\n  schedule: {name: constant}\n"
+                     "fixed: {optim.name: ab, delay.steps: 2}\nsampler: {name: random, seed: 0}\nn_trials: 3\n"
+                     "space:\n  optim.lr: {type: float, low: 0.01, high: 0.2, log: true}\n"
+                     "  optim.rho: {type: float, low: 0.0, high: 2.0}\n")
+    res = tmp_path / "r"
+    env = dict(__import__("os").environ, WANDB_MODE="disabled")
+    assert subprocess.run([sys.executable, "-m", "abexp.cli", "sweep", str(sweep), "--results", str(res),
+                           "--no-progress"], env=env, capture_output=True).returncode == 0
+    proc = subprocess.run([sys.executable, "-m", "abexp.cli", "figures", "--results", str(res),
+                           "--experiment", "sw"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("sweep_objective", "sweep_history"):
+        assert (res / "figures" / "sw" / f"{name}.png").stat().st_size > 0
+    assert "skipped the delay figures of sw: a sweep's trials" in proc.stdout
+    # the delay scripts on a sweep's rows: one line, exit 0 (delay_drop used to raise KeyError)
+    write_table(collect(res), res / "runs.csv")
+    for script in ("accuracy_vs_delay", "delay_drop", "tables"):
+        out = run_script(script, "--table", str(res / "runs.csv"), "--experiment", "sw", "--out", str(tmp_path / "f"))
+        assert out.strip() == f"skipped {script}: a sweep's trials (see sweep_objective.png and sweep_history.png)"
+    # --trials: one row per trial, the objective equal to the study's own values
+    capsys.readouterr()
+    assert main(["sweep", str(sweep), "--results", str(res), "--trials"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    study = open_study(load_sweep(sweep), storage_url(load_sweep(sweep), res))
+    for t in study.get_trials():
+        [row] = [line for line in out if line.split()[:2] == [str(t.number), t.state.name]]
+        assert f"{t.value:.4f}" in row and t.user_attrs["run_id"] in row
+    assert out[-1].startswith("sw: 3 trials (3 COMPLETE)")
