@@ -47,7 +47,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return launch_torchrun(args.nproc, out, args)
     from abexp import io
     from abexp.lab.claims import ClaimLost, from_env
+    from abexp.lab.runner import apply_thread_budget
     from abexp.train.distributed import shutdown
+    apply_thread_budget()  # ABEXP_THREADS (or SLURM's CPUs) bound torch's threads, as in a worker
     claim = from_env()  # a rank of a worker's multi-GPU run: fenced by the worker's claim
     try:
         with io.fenced(out, claim.check) if claim else contextlib.nullcontext():
@@ -317,6 +319,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return sweep.best(args.sweep, args.results, args.storage, args.set, args.export)
     from abexp.config import validate
     spec = sweep.load_sweep(args.sweep, args.set)
+    for note in spec.notes:
+        print(f"note: {note}", file=sys.stderr)
     preflight_data([validate(spec.base, args.sweep)])  # the base's data; a space over data.root: per trial
     return sweep.run_sweep(args.sweep, args.results, args.workers, args.n_trials, args.storage,
                            args.set, progress=not args.no_progress)

@@ -365,3 +365,15 @@ def test_postgresql_storage_with_two_workers(tmp_path, postgres_url):
     race = write_sweep(tmp_path / "pg_race.yaml", sampler="random", space=SMALL_SPACE)
     open_study(load_sweep(race), postgres_url, create=True)
     many_concurrent_proposals(tmp_path, race, postgres_url)
+
+
+def test_a_spec_as_base_says_its_grid_and_variants_are_not_used(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: s\nbase: {model: {name: resnet8}, data: {name: digits}, train: {epochs: 1}}\n"
+                    "variants: {ab: {optim.name: ab}}\ngrid: {delay.steps: [0, 8]}\n")
+    sweep = tmp_path / "sw.yaml"
+    sweep.write_text("name: sw\nbase: spec.yaml\nspace:\n  optim.lr: {type: float, low: 0.01, high: 0.1}\n")
+    s = load_sweep(sweep)
+    assert s.base["optim"]["name"] == "sgdm" and s.base["delay"]["steps"] == 0  # the spec's base only
+    [note] = s.notes
+    assert note.startswith(f"{sweep}: base spec.yaml is a spec") and "its grid and variants are not" in note

@@ -28,6 +28,7 @@ import socket
 import sys
 import time
 import uuid
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ import yaml
 from abexp import io
 from abexp.lab.claims import STALE_AFTER_S, ClaimLost, Heartbeat, create_lock, is_stale, pid_alive, try_claim
 from abexp.config import (ConfigError, RunConfig, flatten, parse_override, read_locked_mapping,
-                          run_id, set_dotted, validate)
+                          read_yaml, run_id, set_dotted, validate)
 from abexp.lab.runner import (POLL_S, apply_thread_budget, runs_dir, supervise, thread_share, train_claimed,
                           visible_gpus, worker_env)
 from abexp.lab.spec import _resolve_base
@@ -64,6 +65,7 @@ class Sweep:
     pruner: str
     n_trials: int
     storage: str | None
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the user may not expect
 
 
 def _check_param(source: str, key: str, spec: Any, base: dict) -> None:
@@ -142,6 +144,13 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     base_doc = doc.get("base")
     base_ref = {"extends": base_doc} if isinstance(base_doc, str) else base_doc
     base = _resolve_base(base_ref, path.parent, source, (path.resolve(),))
+    notes = []
+    if isinstance(base_doc, str):  # a spec as base: only its base is used (docs/sweeps.md)
+        parent = read_yaml(path.parent / base_doc)
+        dropped = [k for k in ("grid", "variants", "zip") if isinstance(parent, dict) and parent.get(k)]
+        if dropped:
+            notes.append(f"{source}: base {base_doc} is a spec: its base is used, its {' and '.join(dropped)} "
+                         f"{'are' if len(dropped) > 1 else 'is'} not (keys they set stay at the base's values unless fixed here or swept)")
     fixed = doc.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise ConfigError(source, "fixed", "expected a mapping of key -> value")
@@ -188,7 +197,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     if not isinstance(n_trials, int) or n_trials < 1:
         raise ConfigError(source, "n_trials", "expected a positive integer")
     return Sweep(path, name, base, space, metric, reduce, direction, float(diverged),
-                 dict(sampler), pruner, n_trials, doc.get("storage"))
+                 dict(sampler), pruner, n_trials, doc.get("storage"), notes)
 
 
 # ---------------------------------------------------------------- Optuna plumbing
