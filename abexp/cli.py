@@ -40,6 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)  # validated before any process is started
     check_processes(cfg, args.nproc, args.config)
+    check_pipelines([cfg], args.config)
     preflight_data([cfg])
     out = Path(args.out) if args.out else Path(args.results) / "runs" / run_id(cfg)
     check_results_dir(str(out), write=True, flag="--out" if args.out else "--results")
@@ -141,6 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for run in plan:
         check_processes(run.config, args.gpus_per_run, args.spec)
     check_run_folders(plan, args.results)
+    check_pipelines([run.config for run in plan], args.spec)
     preflight_data([run.config for run in plan])
     from abexp.lab import length
     for line in length.summary([run.config for run in plan]):  # the run's length, before it trains
@@ -182,6 +184,22 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     print(f"cancelled {len(ids)} job(s); their tasks checkpoint and are not requeued" if ids
           else f"no jobs recorded under {args.slurm_folder}")
     return 0
+
+
+def check_pipelines(configs: list, source: str) -> None:
+    """More pipeline stages than the model has parameter tensors cannot be cut: one line naming
+    the key, before any worker starts (it used to be a traceback inside the worker)."""
+    from abexp.train.models import parameter_tensors
+
+    for cfg in configs:
+        if cfg.delay.kind != "pipeline":
+            continue
+        stages = cfg.delay.stages if cfg.delay.stage_delays is None else len(cfg.delay.stage_delays)
+        tensors = parameter_tensors(cfg.model.name)
+        if stages > tensors:
+            key = "delay.stages" if cfg.delay.stage_delays is None else "delay.stage_delays"
+            raise ConfigError(source, key, f"{stages} stages, but {cfg.model.name} has {tensors} parameter "
+                                           f"tensors to cut into stages (at most {tensors} stages)")
 
 
 def preflight_data(configs: list) -> None:

@@ -80,6 +80,12 @@ CASES = [
      ["plan", "s.yaml"], 2, ["s.yaml", "gird", "did you mean grid"]),
     ("a misspelt key in a spec's grid", {"s.yaml": spec_text("s").replace("optim.name:", "optim.nme:")},
      ["plan", "s.yaml"], 2, ["s.yaml", "optim.nme", "did you mean optim.name"]),
+    ("more pipeline stages than parameter tensors", {"s.yaml": spec_text("s").replace(
+        "batch_size: 32}\n", "batch_size: 32}\n  delay: {kind: pipeline, stages: 24}\n")},
+     ["run", "s.yaml", "--results", "r"], 2, ["s.yaml", "delay.stages", "resnet8 has 23 parameter tensors"]),
+    ("more stage delays than parameter tensors",
+     {"c.yaml": TINY + "delay: {kind: pipeline, stage_delays: [" + ", ".join(["1"] * 24) + "]}\n"},
+     ["train", "c.yaml", "--out", "o"], 2, ["c.yaml", "delay.stage_delays", "at most 23 stages"]),
     ("a misspelt section", {"c.yaml": TINY + "optimizer: {momentum: 0.9}\n"},
      ["train", "c.yaml", "--out", "o"], 2, ["c.yaml", "optimizer", "did you mean optim"]),
     ("nan in a spec's grid", {"s.yaml": spec_text("s").replace("[sgdm, ab]", "[sgdm]\n  optim.lr: [.nan]")},

@@ -180,3 +180,10 @@ class PackedCifarResNet(nn.Module):
             out[name] = tensor.clone() if name.endswith("num_batches_tracked") else \
                 tensor.chunk(self.runs, dim=0)[k].clone()
         return out
+
+
+def parameter_tensors(name: str) -> int:
+    """How many parameter tensors model ``name`` has (a pipeline has at most that many stages);
+    built on the meta device, so no memory or initialisation is spent."""
+    with torch.device("meta"):
+        return sum(1 for _ in build_model(name).parameters())
