@@ -323,7 +323,8 @@ def cmd_figures(args: argparse.Namespace) -> int:
     from abexp.figures.make import main as figures_main
 
     check_results_dir(args.results)
-    argv = ["--results", args.results] + [a for e in args.experiment for a in ("--experiment", e)]
+    argv = ["--results", args.results] + [a for e in args.experiment for a in ("--experiment", e)] \
+        + [a for f in args.spec for a in ("--spec", f)]
     return figures_main(argv + (["--stability"] if args.stability else []))
 
 
@@ -445,6 +446,8 @@ def build_parser() -> Parser:
     p.add_argument("--results", default="results", help="results folder (default results/)")
     p.add_argument("--experiment", action="append", default=[],
                    help="only this experiment or sweep (repeatable); seconds, no stability tables")
+    p.add_argument("--spec", action="append", default=[],
+                   help="the runs of this spec, whichever spec trained them (repeatable)")
     p.add_argument("--stability", action="store_true", help="(re)compute and draw the quadratic stability tables")
     p.set_defaults(func=cmd_figures)
 

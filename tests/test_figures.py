@@ -36,6 +36,9 @@ grid: {delay.steps: [0, 2], optim.rho: [0.5, 2.0]}
 variants: {per_stage: {delay.stage_profile: pipeline}, flat: {delay.stage_profile: flat}}
 grid: {delay.kind: [pipeline], delay.stages: [1, 2], optim.name: [sgdm, ab]}
 """,
+    "length": "name: length\n" + BASE + """
+grid: {train.epochs: [1, 2], seed: [0, 1], delay.steps: [0, 2]}
+""",
     "diverge": "name: fig\n" + BASE + """
 variants: {sgdm: {optim.name: sgdm, optim.lr: 1.0e+30, train.divergence_check_every: 1}}
 grid: {delay.steps: [2]}
@@ -228,3 +231,29 @@ def test_a_sweep_gets_its_own_figures_and_a_trials_table(tmp_path, capsys):
         [row] = [line for line in out if line.split()[:2] == [str(t.number), t.state.name]]
         assert f"{t.value:.4f}" in row and t.user_attrs["run_id"] in row
     assert out[-1].startswith("sw: 3 trials (3 COMPLETE)")
+
+
+def test_drop_vs_length_of_a_spec_is_the_paired_drop_per_run_length(results, tmp_path):
+    """The "length" spec shares its 2-epoch runs with the "fig" spec (same configs, same run
+    ids; trained once, labelled fig): its figures select its runs by id, not by label."""
+    proc = subprocess.run([sys.executable, "-m", "abexp.cli", "figures", "--results", str(results),
+                           "--spec", str(results / "length.yaml")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "length: 8 of its 8 runs found" in proc.stdout
+    folder = results / "figures" / "length"
+    table = pd.read_csv(folder / "runs.csv")
+    assert set(table["experiment"]) == {"length"} and len(table) == 8
+    shown = pd.read_csv(folder / "drop_vs_length.csv")
+    ids = {r.run_id for r in load_spec(results / "length.yaml").expand(warn=lambda m: None)}
+    acc = {}
+    for rid in ids:  # naive recomputation from the result files
+        r = json.loads((results / "runs" / rid / "result.json").read_text())
+        c = r["config"]
+        acc[c["train"]["epochs"], c["seed"], c["delay"]["steps"]] = (r["test_acc"], r["steps"])
+    assert len(shown) == 4  # 2 lengths x 2 seeds
+    for row in shown.to_dict("records"):
+        (a0, steps), (a2, _) = acc[row["epochs"], row["seed"], 0], acc[row["epochs"], row["seed"], 2]
+        assert row["drop"] == pytest.approx(a0 - a2) and row["steps"] == steps
+    assert sorted(set(shown["steps"])) == [2, 4]  # 64 examples / 32 = 2 steps per epoch
+    assert "| SGDM | 1 | 2 | 100.00% |" in (folder / "drop_vs_length.md").read_text()
+    assert (folder / "drop_vs_length.png").exists()

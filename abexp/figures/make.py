@@ -18,7 +18,8 @@ import importlib
 import sys
 from pathlib import Path
 
-RUN_SCRIPTS = ["accuracy_vs_delay", "accuracy_vs_stages", "delay_drop", "heatmaps", "rho_sensitivity", "tables"]
+RUN_SCRIPTS = ["accuracy_vs_delay", "accuracy_vs_stages", "delay_drop", "drop_vs_length", "heatmaps",
+               "rho_sensitivity", "tables"]
 STABILITY_DELAYS = [0, 1, 2, 4, 8, 16, 32]
 STABILITY_OPTIMS = ["sgdm", "ab", "sc", "lwp"]
 STABILITY_STAGES = [1, 2, 4, 8, 16]
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="abexp figures", description=__doc__.splitlines()[0])
     p.add_argument("--results", default="results", help="results folder (default results/)")
     p.add_argument("--experiment", action="append", help="only these experiments or sweeps (repeatable)")
+    p.add_argument("--spec", action="append", default=[],
+                   help="the runs of this spec, whichever spec trained them (repeatable): runs shared "
+                        "by several specs carry the label of the one that trained them first")
     p.add_argument("--stability", action="store_true",
                    help="(re)compute and draw the quadratic stability tables")
     args = p.parse_args(argv)
@@ -79,9 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     write_table(collect_epochs(res, table), epochs)
     print(f"collected {len(table)} runs into {runs}", flush=True)
     ok = True
-    if args.stability or not args.experiment:
+    if args.stability or not (args.experiment or args.spec):
         ok &= stability_tables(res, args.stability)
     names = set(table.get("experiment", pd.Series(dtype=str)).dropna())
+    for spec_path in args.spec:
+        ok &= spec_figures(spec_path, table, res)
+    if args.spec and not args.experiment:
+        return 0 if ok and not damaged else 1
     experiments = args.experiment or sorted(names)
     sweeps = sweep_studies(res)
     for exp in experiments:
@@ -104,6 +112,30 @@ def main(argv: list[str] | None = None) -> int:
     if damaged:
         print(f"abexp figures: {len(damaged)} damaged run folder(s) skipped; the figures omit them", file=sys.stderr)
     return 0 if ok and not damaged else 1
+
+
+def spec_figures(spec_path: str, table, res: Path) -> bool:
+    """Figures of exactly a spec's runs (selected by run id, labelled with the spec's name) into
+    RESULTS/figures/<spec name>/, from a table of their own (runs.csv there)."""
+    from abexp.lab.collect import collect_epochs, write_table
+    from abexp.lab.spec import load_spec
+
+    spec = load_spec(spec_path)
+    ids = {run.run_id for run in spec.expand(warn=lambda m: None)}
+    mine = table[table["run_id"].isin(ids)].copy() if len(table) else table
+    out = res / "figures" / spec.name
+    print(f"{spec.name}: {len(mine)} of its {len(ids)} runs found", flush=True)
+    if mine.empty:
+        return True
+    mine["experiment"] = spec.name
+    out.mkdir(parents=True, exist_ok=True)
+    write_table(mine, out / "runs.csv")
+    curves = collect_epochs(res, mine)
+    write_table(curves, out / "epochs.csv")
+    ok = True
+    for name in RUN_SCRIPTS:
+        ok &= script(name, "--table", str(out / "runs.csv"), "--out", str(out))
+    return ok & script("training_curves", "--table", str(out / "epochs.csv"), "--out", str(out))
 
 
 def sweep_studies(res: Path) -> dict:
