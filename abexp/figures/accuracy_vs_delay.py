@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     ax.set_title(f"Accuracy vs gradient delay\n({common.bn_note(table)}; mean ± std, dots = seeds)",
                  fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    common.legend(ax)
     common.save(fig, summary, args.out, "accuracy_vs_delay")
 
 

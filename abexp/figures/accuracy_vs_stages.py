@@ -26,10 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     bottom, _ = common.accuracy_axis(ax, list(table["acc"]) + list(summary["mean"] + summary["std"].fillna(0)), table)
     for name, style in common.styles(series).items():
         rows = summary[summary["series"] == name].sort_values("stages")
-        if "stage_profile=" in name:  # the two profiles: per-stage solid, flat dashed
-            style = {**style, "ls": "--" if "stage_profile=flat" in name else "-"}
-        label = name.replace("delay.stage_profile=pipeline", "per-stage 2(S-1-s)")
-        label = label.replace("delay.stage_profile=flat", "flat 2(S-1)")
+        if "2(S-1" in name:  # the two profiles (common.describe): per-stage solid, flat dashed
+            style = {**style, "ls": "--" if "flat delay" in name else "-"}
+        label = name
         ax.errorbar(rows["stages"], rows["mean"], yerr=rows["std"].fillna(0), **style, marker="o",
                     capsize=3, lw=1.6, label=label)
         runs = table[table["series"] == name]
@@ -44,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     ax.set_ylabel("final test accuracy")
     ax.set_title(f"Accuracy vs pipeline depth\n({common.bn_note(table)}; mean ± std, dots = seeds)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best", ncol=2)
+    common.legend(ax)
     common.save(fig, summary, args.out, "accuracy_vs_stages")
 
 

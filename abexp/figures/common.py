@@ -64,7 +64,7 @@ def add_series(table: pd.DataFrame, axes: tuple[str, ...] = ("delay.steps",)) ->
 # config keys in words, for series labels; any other key is shown as "name value"
 WORDS = {"optim.lr": "lr", "optim.momentum": "momentum", "optim.rho": "ρ", "optim.weight_decay": "wd",
          "train.epochs": "epochs", "train.batch_size": "batch", "delay.kind": "delay",
-         "delay.stage_profile": "profile", "optim.dc_lambda": "λ", "optim.lwp_horizon": "horizon"}
+         "optim.dc_lambda": "λ", "optim.lwp_horizon": "horizon"}
 
 
 def describe(key: str, value) -> str:
@@ -72,6 +72,8 @@ def describe(key: str, value) -> str:
     ``, lr 0.05`` (numbers to 3 significant digits: no 16-digit learning rates in a legend)."""
     if key == "optim.nesterov":
         return " + Nesterov" if str(value) == "True" else ""
+    if key == "delay.stage_profile":
+        return ", per-stage delays 2(S-1-s)" if value == "pipeline" else ", flat delay 2(S-1)"
     if key in ("train.precision", "experiment"):
         return f", {value}"
     if isinstance(value, bool) or str(value) in ("True", "False"):
@@ -119,6 +121,17 @@ def undelayed_references(ax, table: pd.DataFrame, series: dict[str, str], x: str
         ls = "--" if len(sgdm) == 1 else styled[name]["ls"]
         ax.axhline(base.mean(), color=color, ls=ls, lw=0.9, alpha=0.8,
                    label=f"{name}, no delay ({base.mean():.3f})")
+
+
+def legend(ax, fontsize: float = 8) -> None:
+    """A legend inside the axes when it is short, beside them when it is long (a long legend
+    inside hides the data)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if len(labels) > 5:
+        ax.legend(handles, labels, fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  borderaxespad=0.0)
+    elif labels:
+        ax.legend(handles, labels, fontsize=fontsize, loc="best")
 
 
 def is_sweep(table: pd.DataFrame) -> bool:

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     ax.set_title(f"Accuracy lost to a delay of {d_max} steps vs training length\n"
                  f"({common.bn_note(table)}; paired per seed, dots = seeds)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    common.legend(ax)
     common.save(fig, per_seed, args.out, "drop_vs_length")
     lines = [f"| optimizer | epochs | steps | D = {d_max} as share | drop per seed | drop mean ± sd |",
              "|---|---|---|---|---|---|"]

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     common.accuracy_axis(ax, list(summary["mean"] + summary["std"].fillna(0)) + list(summary["mean"]), table)
     ax.set_title(f"Adaptive Braking: sensitivity to rho\n({common.bn_note(table)})", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    common.legend(ax)
     common.save(fig, summary, args.out, "rho_sensitivity")
 
 

@@ -1,7 +1,7 @@
 """Training curves at chosen delays: test accuracy and train loss vs epoch, per optimizer."""
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from abexp.figures import common
 
@@ -33,8 +33,10 @@ def main(argv: list[str] | None = None) -> None:
             axes[1, j].plot(rows["epoch"], rows["train_loss"], **kw)
         axes[0, j].set_title(f"delay D = {d}")
         axes[1, j].set_yscale("log")
-        axes[1, j].yaxis.set_major_locator(LogLocator(base=10, numticks=4))
-        axes[1, j].yaxis.set_minor_formatter(NullFormatter())  # minor labels collided
+        # labelled ticks at 1, 2, 5 x 10^k only: matplotlib's minor labels collided
+        axes[1, j].yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=8))
+        axes[1, j].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
+        axes[1, j].yaxis.set_minor_formatter(NullFormatter())
         axes[1, j].set_xlabel("epoch")
         for ax in axes[:, j]:
             ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
         ax.axhline(common.chance(curves), color="0.5", ls=":", lw=1, zorder=1)
     axes[0, 0].set_ylabel("test accuracy")
     axes[1, 0].set_ylabel("train loss")
-    axes[0, 0].legend(fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()  # below the panels, not over them
+    fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncol=2 if len(labels) > 3 else len(labels))
     fig.suptitle("Training curves (mean over seeds)", fontsize=11)
     common.save(fig, mean, args.out, "training_curves")
 
