@@ -103,8 +103,8 @@ def accuracy_axis(ax, values, table: pd.DataFrame) -> tuple[float, float]:
     bottom, top = max(-0.02, low - pad), min(1.0, high + pad)
     ax.set_ylim(bottom, top)
     ax.axhline(level, color="0.5", ls=":", lw=1, zorder=1)
-    ax.annotate("chance", (1.0, level), xycoords=("axes fraction", "data"), xytext=(-2, 2),
-                textcoords="offset points", ha="right", va="bottom", fontsize=7, color="0.4")
+    ax.annotate("chance", (0.0, level), xycoords=("axes fraction", "data"), xytext=(3, 2),
+                textcoords="offset points", ha="left", va="bottom", fontsize=7, color="0.4")
     return bottom, top
 
 
