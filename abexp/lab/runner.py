@@ -384,8 +384,11 @@ def run_local(spec_path: str, results: str, workers: int | None = None,
                     pass
         return n
 
+    from abexp.lab.length import steps_per_run
+    steps = sorted({steps_per_run(r.config) for r in plan})
+    per_run = f"{steps[0]:,}" if len(steps) == 1 else f"{steps[0]:,}-{steps[-1]:,}"
     codes = supervise(commands, sum(epochs.values()), epochs_done, "epoch", Path(spec_path).stem, progress,
-                      postfix=lambda: f"{done()}/{len(ids)} runs done")
+                      postfix=lambda: f"{done()}/{len(ids)} runs done, {per_run} steps per run")
     failed = [rid for rid in ids if _failed_in_session(root / rid, session)]
     crashed = [code for code in codes if code != 0]
     for rid in failed:
