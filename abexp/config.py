@@ -21,7 +21,7 @@ MODEL_NAMES = ("resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resne
 DATA_NAMES = ("cifar10", "digits", "synthetic", "imagenet", "fashion_mnist", "mnist")
 # optimizer name -> which mitigations it switches on (see abexp/sim/optim.py)
 OPTIM_NAMES = ("sgdm", "ab", "sc", "lwp", "dcasgd", "salr", "ab_lwp", "sc_lwp",
-               "adam", "adamw", "ab_adam", "ab_adamw")
+               "adam", "adamw", "ab_adam", "ab_adamw", "gap_aware", "delay_adaptive")
 ADAM_NAMES = ("adam", "adamw", "ab_adam", "ab_adamw")
 
 
@@ -88,6 +88,10 @@ class OptimCfg(_Locked):
     ab_cosine: Literal["tensor", "global"] = "tensor"  # AB: cosine per parameter tensor or one
     dc_lambda: float = Field(0.04, ge=0.0)  # DC-ASGD variance-control strength
     lwp_horizon: Optional[float] = Field(None, ge=0.0)  # LWP look-ahead; None = expected delay
+    # delay_adaptive: lr * M / max(M, tau), M = max(1, tau_c); None = the expected delay
+    tau_c: Optional[float] = Field(None, ge=0.0)
+    gap_gamma: float = Field(0.999, gt=0.0, lt=1.0)  # gap_aware: decay of the EMA of v^2 (FTPipe's)
+    gap_eps: float = Field(1e-8, gt=0.0)  # gap_aware: added to RMS(v) (FTPipe's)
     betas: list[float] = [0.9, 0.999]  # adam family: the moments' decay rates
     eps: float = Field(1e-8, gt=0.0)  # adam family: added to the root of the second moment
 
@@ -192,6 +196,7 @@ ADDED_KEYS: dict[str, Any] = {"data.crop_pad": None, "data.flip": None,
                               "delay.stage_balance": "params", "delay.stage_profile": "pipeline",
                               "delay.trace": None,
                               "delay.histogram": None,
+                              "optim.tau_c": None, "optim.gap_gamma": 0.999, "optim.gap_eps": 1e-8,
                               # every stored run trained on the CPU, where this changes nothing
                               "train.deterministic": True}
 

@@ -236,3 +236,71 @@ def test_weight_decay_on_current_or_stale_weights(where):
     w1 = 1.0 - 0.05
     expect = w1 - 0.05 * (w1 if where == "current" else 1.0)
     assert float(engine.w) == pytest.approx(expect)
+
+
+def _linear_grad(w):  # a gradient that depends on the weights it is computed at
+    return 0.5 * w + torch.tensor([1.0, -2.0], dtype=torch.float64)
+
+
+def test_gap_aware_hand_computed_against_ftpipes_rule():
+    """Gap-Aware as FTPipe's sgd_gap_aware.py: C = lr_max (sqrt(EMA_0.999(v^2) / (1 - 0.999^k))
+    + 1e-8) from v before the step; (g + wd w) / (1 + |w - w_fwd| / C); then momentum SGD.
+    A naive recomputation with an explicit weight history, lrs that rise and fall (lr_max)."""
+    m, wd, beta, eps, delay = 0.9, 0.1, 0.999, 1e-8, 2
+    cfg = OptimCfg(name="gap_aware", lr=0.1, momentum=m, weight_decay=wd)
+    engine = DelayedSGD(torch.tensor([1.0, -1.0], dtype=torch.float64), [2], cfg, DelayCfg(steps=delay), seed=0)
+    history, v, avg, lr_max = [torch.tensor([1.0, -1.0], dtype=torch.float64)], torch.zeros(2, dtype=torch.float64), \
+        torch.zeros(2, dtype=torch.float64), 0.0
+    for t, lr in enumerate([0.05, 0.1, 0.2, 0.1, 0.05, 0.02]):
+        engine.step(_linear_grad, lr)
+        w, w_fwd = history[-1], history[max(0, t - delay)]
+        lr_max = max(lr_max, lr)
+        avg = beta * avg + (1 - beta) * v * v
+        c = lr_max * (torch.sqrt(avg / (1 - beta ** (t + 1))) + eps)
+        g = (_linear_grad(w_fwd) + wd * w) / (1 + (w - w_fwd).abs() / c)
+        v = m * v + g
+        history.append(w - lr * v)
+        assert engine.w.tolist() == pytest.approx(history[-1].tolist(), rel=1e-12)
+    assert (history[3] - history[1]).abs().max() > 0  # the gap was not zero: the penalty acted
+
+
+def test_gap_aware_and_delay_adaptive_without_delay_are_sgdm_bitwise():
+    data = batches(6)
+    sgdm = run_engine(OptimCfg(name="sgdm"), 0, data, 0.05)
+    for name in ("gap_aware", "delay_adaptive"):
+        assert torch.equal(run_engine(OptimCfg(name=name), 0, data, 0.05), sgdm), name
+
+
+def test_delay_adaptive_step_is_lr_m_over_max_m_tau():
+    """Mishchenko et al. 2022: eta = lr M / max(M, tau), M = tau_c; tau the actual staleness
+    (min(t, D) while the pipeline fills)."""
+    cfg = OptimCfg(name="delay_adaptive", lr=0.1, momentum=0.0, weight_decay=0.0, tau_c=2.0)
+    engine = DelayedSGD(torch.tensor([0.0], dtype=torch.float64), [1], cfg, DelayCfg(steps=6), seed=0)
+    w = 0.0
+    for t in range(9):
+        engine.step(lambda w: torch.tensor([1.0], dtype=torch.float64), 0.1)
+        w -= 0.1 * 2 / max(2, min(t, 6))
+        assert float(engine.w) == pytest.approx(w, rel=1e-12)
+    # tau_c unset: M is the expected delay, so a constant delay is not rescaled at all
+    plain = DelayedSGD(torch.tensor([0.0], dtype=torch.float64), [1], OptimCfg(
+        name="delay_adaptive", momentum=0.0, weight_decay=0.0), DelayCfg(steps=6), seed=0)
+    for t in range(9):
+        plain.step(lambda w: torch.tensor([1.0], dtype=torch.float64), 0.1)
+    assert float(plain.w) == pytest.approx(-0.9, rel=1e-12)
+
+
+def test_gap_aware_resumes_bitwise_from_its_state():
+    cfg = OptimCfg(name="gap_aware", lr=0.1, momentum=0.9, weight_decay=0.01)
+    make = lambda: DelayedSGD(torch.tensor([1.0, -1.0], dtype=torch.float64), [2], cfg,  # noqa: E731
+                              DelayCfg(steps=3), seed=0)
+    whole, first = make(), make()
+    for _ in range(5):
+        whole.step(_linear_grad, 0.1)
+        first.step(_linear_grad, 0.1)
+    state = copy.deepcopy(first.state_dict())
+    resumed = make()
+    resumed.load_state_dict(state)
+    for _ in range(5):
+        whole.step(_linear_grad, 0.1)
+        resumed.step(_linear_grad, 0.1)
+    assert torch.equal(whole.w, resumed.w)

@@ -14,6 +14,9 @@ only the rules that depend on the staleness loop over the stages (one range with
     w  -= eta (a v + b g),  a = m^tau, b = (1 - m^tau)/(1 - m) spike compensation (a=1, b=0 without)
     w  -= eta (g + m v)                                        Nesterov instead of the line above
     eta = lr / max(1, tau)                                     staleness-aware lr (salr)
+    eta = lr * M / max(M, tau),  M = max(1, tau_C)             delay-adaptive step (Mishchenko et al. 2022)
+    g  /= 1 + |w - w_fwd| / C,                                 Gap-Aware (Barkai et al. 2020), per element,
+          C = lr_max (sqrt(EMA_0.999(v^2) / (1 - 0.999^k)) + 1e-8)   from v before this step
     stored forward weights: w - eta_s * H * v                  linear weight prediction (lwp)
 
 tau is a stage's actual staleness, min(D, t) while the pipeline fills. The Adam family follows
@@ -37,6 +40,8 @@ class Mitigations:
     lwp: bool = False
     dc: bool = False
     salr: bool = False
+    gap_aware: bool = False
+    delay_adaptive: bool = False
     adam: bool = False
     decoupled_wd: bool = False  # AdamW
 
@@ -48,6 +53,8 @@ OPTIMIZERS: dict[str, Mitigations] = {
     "lwp": Mitigations(lwp=True),
     "dcasgd": Mitigations(dc=True),
     "salr": Mitigations(salr=True),
+    "gap_aware": Mitigations(gap_aware=True),
+    "delay_adaptive": Mitigations(delay_adaptive=True),
     "ab_lwp": Mitigations(ab=True, lwp=True),
     "sc_lwp": Mitigations(sc=True, lwp=True),
     "adam": Mitigations(adam=True),
@@ -90,12 +97,34 @@ class DelayedOptimizer:
         self.second = torch.zeros(numel, device=device, dtype=dtype) if self.rules.adam else None
         self.updates = 0  # Adam's bias-correction step count
         self.horizons = [h if cfg.lwp_horizon is None else cfg.lwp_horizon for h in horizons]
+        # delay-adaptive step: M per stage, tau_C or the stage's expected delay, at least 1
+        self.tau_c = [max(1.0, h if cfg.tau_c is None else cfg.tau_c) for h in horizons]
+        # Gap-Aware: EMA of v^2 per element, its update count, the largest lr seen (FTPipe's max_lr)
+        self.gap_avg = torch.zeros(numel, device=device, dtype=dtype) if self.rules.gap_aware else None
+        self.gap_updates, self.max_lr = 0, 0.0
         self.lengths = None
         if self.rules.ab and cfg.ab_cosine == "tensor":
             self.lengths = torch.tensor(segment_sizes, device=device, dtype=torch.long)
 
-    def step_size(self, lr: float, tau: int) -> float:
-        return lr / max(1, tau) if self.rules.salr else lr
+    def step_size(self, lr: float, tau: int, stage: int = 0) -> float:
+        if self.rules.salr:
+            return lr / max(1, tau)
+        if self.rules.delay_adaptive:
+            m = self.tau_c[stage]
+            return lr * m / max(m, tau)
+        return lr
+
+    def _gap_penalty(self, g: torch.Tensor, w: torch.Tensor, w_fwd: torch.Tensor, lr: float) -> None:
+        """Gap-Aware, as FTPipe implements it (pipe/pipeline/gap_aware/sgd_gap_aware.py): the
+        gradient (weight decay included) divided per element by 1 + gap / C, the gap being how
+        far the weights moved since the forward pass and C the typical step, lr_max * RMS(v),
+        from the velocity before this step. No gap (no delay) leaves g untouched."""
+        beta, eps = self.cfg.gap_gamma, self.cfg.gap_eps
+        self.max_lr = max(self.max_lr, lr)
+        self.gap_updates += 1
+        self.gap_avg.mul_(beta).addcmul_(self.v, self.v, value=1.0 - beta)
+        typical = (self.gap_avg / (1.0 - beta ** self.gap_updates)).sqrt_().add_(eps).mul_(self.max_lr)
+        g.div_((w - w_fwd).abs_().div_(typical).add_(1.0))
 
     def store_forward_weights(self, w: torch.Tensor, lr: float, out: torch.Tensor) -> None:
         """Write the weights the gradient of this step's batch will later be computed at."""
@@ -128,6 +157,8 @@ class DelayedOptimizer:
             g.add_(w if cfg.weight_decay_on == "current" else w_fwd, alpha=cfg.weight_decay)
         if correction is not None:
             g.add_(correction)
+        if rules.gap_aware:
+            self._gap_penalty(g, w, w_fwd, lr)
         if rules.ab and cfg.rho:
             self._brake(g, v)
         if rules.adam:
@@ -135,8 +166,8 @@ class DelayedOptimizer:
             return
         m = cfg.momentum
         v.mul_(m).add_(g)
-        for (a, b), tau in zip(self.ranges, taus):
-            eta = self.step_size(lr, tau)
+        for stage, ((a, b), tau) in enumerate(zip(self.ranges, taus)):
+            eta = self.step_size(lr, tau, stage)
             if rules.sc and tau > 0:
                 sc_a, sc_b = m ** tau, (1.0 - m ** tau) / (1.0 - m)
                 w[a:b].add_(v[a:b], alpha=-eta * sc_a).add_(g[a:b], alpha=-eta * sc_b)
@@ -161,6 +192,8 @@ class DelayedOptimizer:
         state = {"v": self.v}
         if self.second is not None:
             state.update(second=self.second, updates=self.updates)
+        if self.gap_avg is not None:
+            state.update(gap_avg=self.gap_avg, gap_updates=self.gap_updates, max_lr=self.max_lr)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -168,3 +201,6 @@ class DelayedOptimizer:
         if self.second is not None:
             self.second.copy_(state["second"])
             self.updates = int(state["updates"])
+        if self.gap_avg is not None:
+            self.gap_avg.copy_(state["gap_avg"])
+            self.gap_updates, self.max_lr = int(state["gap_updates"]), float(state["max_lr"])
