@@ -257,3 +257,19 @@ def test_drop_vs_length_of_a_spec_is_the_paired_drop_per_run_length(results, tmp
     assert sorted(set(shown["steps"])) == [2, 4]  # 64 examples / 32 = 2 steps per epoch
     assert "| SGDM | 1 | 2 | 100.00% |" in (folder / "drop_vs_length.md").read_text()
     assert (folder / "drop_vs_length.png").exists()
+
+
+def test_the_undelayed_reference_stays_when_sgdm_splits():
+    import matplotlib.pyplot as plt
+
+    from abexp.figures.common import add_series, undelayed_references
+
+    table = pd.DataFrame({"optim.name": ["sgdm"] * 4 + ["ab"] * 2, "optim.nesterov": [False, False, True, True, False, False],
+                          "delay.steps": [0, 8, 0, 8, 0, 8], "seed": 0, "acc": [0.9, 0.5, 0.8, 0.4, 0.9, 0.7]})
+    series = add_series(table)
+    assert list(series) == ["SGDM", "SGDM + Nesterov", "AB"]
+    fig, ax = plt.subplots()
+    undelayed_references(ax, table, series)
+    lines = {line.get_label(): line.get_ydata()[0] for line in ax.get_lines()}
+    assert lines == {"SGDM, no delay (0.900)": 0.9, "SGDM + Nesterov, no delay (0.800)": 0.8}
+    plt.close(fig)
