@@ -60,12 +60,11 @@ demo-check: $(STAMP)
 	  --table $(DEMO_CHECK_DIR)/runs.csv --experiment digits_demo --out $(DEMO_FIGS) || exit 1; done
 	$(BIN)/python analysis/check_readme.py --results $(DEMO_CHECK_DIR) $(if $(WRITE),--write)
 
-# Every figure from $(RESULTS) alone: no training. `abexp figures` of the venv when there is one,
-# else of an installed abexp (no venv is built then), else the venv is bootstrapped.
-ABEXP_CMD = $(or $(wildcard $(BIN)/abexp),$(shell command -v abexp 2>/dev/null))
-figures:
-	$(if $(ABEXP_CMD),,$(MAKE) $(STAMP))
-	$(or $(ABEXP_CMD),$(BIN)/abexp) figures --results $(RESULTS)
+# Every figure from $(RESULTS) alone: no training. With a .venv (kept up to date) its abexp; else
+# an installed abexp that has the figures command (nothing is built); else the venv is bootstrapped.
+INSTALLED_ABEXP = $(if $(wildcard $(BIN)/abexp),,$(shell abexp figures --help >/dev/null 2>&1 && command -v abexp))
+figures: $(if $(INSTALLED_ABEXP),,$(STAMP))
+	$(or $(INSTALLED_ABEXP),$(BIN)/abexp) figures --results $(RESULTS)
 
 # Paper scale: CIFAR-10 ResNet-20 accuracy vs delay, 4 optimizers x 8 delays x 3 seeds on the
 # GPUs present (resumable), ImageNet when IMAGENET_DIR is set, then the figures.

@@ -322,7 +322,7 @@ def readable(table, summary: list[str]):
 def cmd_figures(args: argparse.Namespace) -> int:
     from abexp.figures.make import main as figures_main
 
-    check_results_dir(args.results)
+    check_results_dir(args.results, write=True)  # runs.csv, epochs.csv and figures/ go there
     argv = ["--results", args.results] + [a for e in args.experiment for a in ("--experiment", e)] \
         + [a for f in args.spec for a in ("--spec", f)]
     return figures_main(argv + (["--stability"] if args.stability else []))

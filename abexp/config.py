@@ -278,7 +278,7 @@ def read_locked_mapping(path: Path, allowed: set[str], what: str) -> dict:
     doc = read_yaml(path)
     if not isinstance(doc, dict):
         raise ConfigError(str(path), "", f"expected a mapping with {what}")
-    unknown = sorted(set(doc) - allowed)
+    unknown = sorted((str(k) for k in set(doc) - allowed), key=str)  # YAML reads `on:` as True
     if unknown:
         import difflib
         close = difflib.get_close_matches(unknown[0], sorted(allowed), n=1, cutoff=0.6)

@@ -211,3 +211,10 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path):
     assert abexp(["train", "c.yaml", "--out", "o"], tmp_path).returncode == 0
     cfg = load_config(tmp_path / "c.yaml")
     assert (tmp_path / "o" / "result.json").exists() and run_id(cfg) in (tmp_path / "o" / "result.json").read_text()
+
+
+def test_a_yaml_boolean_key_in_a_spec_is_one_line(tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text(spec_text("s") + "on: 3\n")  # YAML 1.1 reads `on` as True
+    assert main(["plan", str(tmp_path / "s.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "s.yaml: True: unknown key" in err[0]

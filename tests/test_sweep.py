@@ -377,3 +377,29 @@ def test_a_spec_as_base_says_its_grid_and_variants_are_not_used(tmp_path, capsys
     assert s.base["optim"]["name"] == "sgdm" and s.base["delay"]["steps"] == 0  # the spec's base only
     [note] = s.notes
     assert note.startswith(f"{sweep}: base spec.yaml is a spec") and "its grid and variants are not" in note
+
+
+def test_space_checks_accept_what_optuna_accepts_and_name_the_closest_key(tmp_path, capsys):
+    ok = write_sweep(tmp_path / "ok.yaml", space="  optim.lr: {type: float, low: 0.1, high: 0.3, step: 0.2}\n")
+    assert load_sweep(ok).space["optim.lr"]["step"] == 0.2  # 0.3 - 0.1 rounds below 0.2: still fine
+    bad = write_sweep(tmp_path / "bad.yaml", space="  optim.lr: {type: float, low: 0.1, high: 0.3, lgo: true}\n")
+    assert main(["sweep", str(bad), "--results", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "space.optim.lr.lgo: unknown key (did you mean" in err and "log" in err.split("did you mean")[1]
+    grid = write_sweep(tmp_path / "grid.yaml", sampler="grid",
+                       space="  train.epochs: {type: int, low: 1, high: 8, step: 1, log: true}\n")
+    assert main(["sweep", str(grid), "--results", str(tmp_path / "r")]) == 2
+    assert "sampler.name" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_trials_table_while_no_trial_has_a_value(tmp_path, capsys):
+    sweep = write_sweep(tmp_path / "s.yaml")
+    results = tmp_path / "r"
+    study = open_study(load_sweep(sweep), storage_url(load_sweep(sweep), results), create=True)
+    study.ask()  # running, no value
+    failed = study.ask()
+    study.tell(failed, state=__import__("optuna").trial.TrialState.FAIL)
+    assert main(["sweep", str(sweep), "--results", str(results), "--trials"]) == 0
+    out = capsys.readouterr().out
+    assert "s: 2 trials (1 RUNNING, 1 FAIL)" in out or "s: 2 trials (1 FAIL, 1 RUNNING)" in out

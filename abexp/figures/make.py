@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     if args.stability or not (args.experiment or args.spec):
         ok &= stability_tables(res, args.stability)
-    names = set(table.get("experiment", pd.Series(dtype=str)).dropna())
+    names = {n for n in table.get("experiment", pd.Series(dtype=str)).dropna() if n}  # "": abexp train
     for spec_path in args.spec:
         ok &= spec_figures(spec_path, table, res)
     if args.spec and not args.experiment:
@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                 draw(sweeps[exp], out)
             except Skipped:
                 pass
+            except Exception as err:  # noqa: BLE001 -- as script(): one line, the rest still run
+                print(f"failed sweep {exp}: {type(err).__name__}: {err}", file=sys.stderr)
+                ok = False
             print(f"skipped the delay figures of {exp}: a sweep's trials (its figures are sweep_*.png)")
             continue
         if exp not in names:
@@ -148,7 +151,13 @@ def sweep_studies(res: Path) -> dict:
 
     from abexp.figures.sweep import studies
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return {s.study_name: s for journal in sorted(folder.glob("*.journal")) for s in studies(str(journal))}
+    found = {}
+    for journal in sorted(folder.glob("*.journal")):
+        try:
+            found.update({s.study_name: s for s in studies(str(journal))})
+        except Exception as err:  # noqa: BLE001 -- an unreadable journal costs its own figures only
+            print(f"failed to read {journal}: {type(err).__name__}: {err}", file=sys.stderr)
+    return found
 
 
 if __name__ == "__main__":

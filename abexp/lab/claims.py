@@ -222,17 +222,26 @@ class Heartbeat:
         with self._lock:
             self.claims.discard(claim)
 
+    TICK_S = 0.25  # how soon stop() takes effect
+
     def _run(self) -> None:
-        # A plain sleep, not ``Event.wait(timeout)``: a timed wait takes a CLOCK_MONOTONIC
+        # Plain short sleeps, not ``Event.wait(timeout)``: a timed wait takes a CLOCK_MONOTONIC
         # deadline, and under a shifted clock (libfaketime, as the skewed-clock tests run) it
-        # never returns, so the heartbeat would stop and every claim would look dead.
+        # never returns, so the heartbeat would stop and every claim would look dead. Ticks are
+        # counted, not timed, so no clock is read at all.
+        ticks = max(1, round(self.interval / self.TICK_S))
+        tick = min(self.interval, self.TICK_S)
         while True:
-            time.sleep(self.interval)
-            if self._stop.is_set():
-                return
+            for _ in range(ticks):
+                time.sleep(tick)
+                if self._stop.is_set():
+                    return
             with self._lock:
                 for claim in list(self.claims):
                     claim.touch()
 
     def stop(self) -> None:
+        """Stop beating; returns once no beat is under way (a released claim's descriptor may
+        then be closed and its number reused safely)."""
         self._stop.set()
+        self._thread.join(timeout=5 * self.TICK_S)

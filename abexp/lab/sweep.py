@@ -74,9 +74,12 @@ def _check_param(source: str, key: str, spec: Any, base: dict) -> None:
     where = f"space.{key}"
     if not isinstance(spec, dict) or spec.get("type") not in PARAM_KEYS:
         raise ConfigError(source, f"{where}.type", "expected float, int or categorical")
-    extra = set(spec) - PARAM_KEYS[spec["type"]]
+    extra = sorted((str(k) for k in set(spec) - PARAM_KEYS[spec["type"]]), key=str)
     if extra:
-        raise ConfigError(source, f"{where}.{sorted(extra)[0]}", "unknown key")
+        import difflib
+        close = difflib.get_close_matches(extra[0], sorted(PARAM_KEYS[spec["type"]]), n=2, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else f" (expected {', '.join(sorted(PARAM_KEYS[spec['type']]))})"
+        raise ConfigError(source, f"{where}.{extra[0]}", "unknown key" + hint)
     if spec["type"] == "categorical":
         values = spec.get("choices")
         if not isinstance(values, list) or not values:
@@ -107,7 +110,7 @@ def _check_param(source: str, key: str, spec: Any, base: dict) -> None:
                                                            f" (got {step!r})")
             if spec.get("log") and (spec["type"] == "float" or step != 1):
                 raise ConfigError(source, f"{where}.step", "Optuna allows no step on a log scale (drop step or log)")
-            if step > high - low:
+            if step > (high - low) * (1 + 1e-9):  # float ranges round: 0.3 - 0.1 < 0.2
                 raise ConfigError(source, f"{where}.step", f"larger than high - low ({high - low})")
         _optuna_distribution(source, where, spec)
         values = [low, high]
@@ -145,11 +148,15 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     base_ref = {"extends": base_doc} if isinstance(base_doc, str) else base_doc
     base = _resolve_base(base_ref, path.parent, source, (path.resolve(),))
     notes = []
-    if isinstance(base_doc, str):  # a spec as base: only its base is used (docs/sweeps.md)
-        parent = read_yaml(path.parent / base_doc)
-        dropped = [k for k in ("grid", "variants", "zip") if isinstance(parent, dict) and parent.get(k)]
+    parent_ref = base_doc if isinstance(base_doc, str) else (base_doc or {}).get("extends") \
+        if isinstance(base_doc, dict) else None
+    if isinstance(parent_ref, str):  # a spec as base: only its base is used (docs/sweeps.md)
+        parent = read_yaml(path.parent / parent_ref)
+        varied = lambda v: isinstance(v, dict) and bool(set(flatten(v)) - {"seed"})  # noqa: E731
+        dropped = [k for k in ("grid", "variants", "zip") if isinstance(parent, dict) and
+                   (varied(parent.get(k)) if k == "grid" else bool(parent.get(k)))]
         if dropped:
-            notes.append(f"{source}: base {base_doc} is a spec: its base is used, its {' and '.join(dropped)} "
+            notes.append(f"{source}: base {parent_ref} is a spec: its base is used, its {' and '.join(dropped)} "
                          f"{'are' if len(dropped) > 1 else 'is'} not (keys they set stay at the base's values unless fixed here or swept)")
     fixed = doc.get("fixed") or {}
     if not isinstance(fixed, dict):
@@ -187,9 +194,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     sampler = doc.get("sampler") or {"name": "tpe"}
     if sampler.get("name", "tpe") not in ("tpe", "random", "grid"):
         raise ConfigError(source, "sampler.name", "expected tpe, random or grid")
-    if sampler.get("name") == "grid" and any(s["type"] != "categorical" and "step" not in s
-                                             for s in space.values()):
-        raise ConfigError(source, "sampler.name", "grid needs categorical or stepped parameters")
+    if sampler.get("name") == "grid" and any(finite_values(s) is None for s in space.values()):
+        raise ConfigError(source, "sampler.name", "grid needs categorical or stepped parameters (not on a log scale)")
     pruner = (doc.get("pruner") or {}).get("name", "none")
     if pruner not in ("none", "median", "hyperband"):
         raise ConfigError(source, "pruner.name", "expected none, median or hyperband")
@@ -618,6 +624,7 @@ def worker_loop(sweep_path: str, results: str, url: str, n_trials: int, worker: 
             _tell(study, trial, **outcome)
             done_here += 1
     finally:
+        heartbeat.remove(alive)  # no beat can touch its descriptor once it is closed
         heartbeat.stop()
         alive.release()
 
@@ -674,7 +681,7 @@ def existing_study(sweep: Sweep, results: str, storage: str | None = None):
 
 
 def trials(sweep_path: str, results: str, storage: str | None = None, overrides: list[str] | None = None) -> int:
-    """``abexp sweep SWEEP --trials``: every trial as a table, best first among the finished."""
+    """``abexp sweep SWEEP --trials``: every trial as a table, in trial-number order."""
     import pandas as pd
 
     sweep = load_sweep(sweep_path, overrides)
@@ -688,9 +695,13 @@ def trials(sweep_path: str, results: str, storage: str | None = None, overrides:
     for key in sweep.space:
         if key in frame and frame[key].dtype.kind == "f":
             frame[key] = frame[key].map(lambda v: f"{v:.4g}" if v == v else "")
-    frame["value"] = frame["value"].map(lambda v: f"{v:.4f}" if v == v else "")
+    frame = frame.astype(object)
+    frame["value"] = frame["value"].map(lambda v: f"{v:.4f}" if pd.notna(v) else "")
+    for key in ("duplicate_of", "retry_of"):
+        if key in frame:
+            frame[key] = frame[key].map(lambda v: str(int(v)) if pd.notna(v) else "")
     with pd.option_context("display.max_rows", None, "display.width", 200):
-        print(frame.fillna("").to_string(index=False))
+        print(frame.where(frame.notna(), "").to_string(index=False))
     states = frame["state"].value_counts()
     print(f"{sweep.name}: {len(frame)} trials (" + ", ".join(f"{n} {s}" for s, n in states.items())
           + f"); objective {sweep.metric} ({sweep.reduce}, {sweep.direction})")
