@@ -282,3 +282,31 @@ def test_a_lost_claim_refuses_every_write_and_its_heartbeat_touches_only_its_own
     assert sorted(p.name for p in run_dir.iterdir()) == sorted([LOCK, "a.txt"])  # no temporary file either
     mine.release()  # releasing a lost claim leaves the new holder's lock alone
     assert theirs.held()
+
+
+def test_a_crash_after_the_claim_was_lost_writes_nothing(tmp_path):
+    """Seen once in 20 runs of the frozen-sweep test: the thawed holder's Optuna journal lock had
+    been broken meanwhile, its next trial.report raised, and the crash handler appended the
+    traceback to log.txt without the fence. A crash of a run whose claim is gone is the new
+    holder's business: nothing is written, the status is ``lost``."""
+    from abexp.config import load_config
+    from abexp.lab.runner import FAILED, LOG, train_claimed
+
+    cfg = load_config(None, ["model.name=resnet8", "data.name=digits", "data.subset=64", "data.test_subset=32",
+                             "train.epochs=3", "train.batch_size=32"])
+    run_dir = tmp_path / "runs" / "r"
+    claim = try_claim(run_dir)
+    seen = {}
+
+    def on_epoch(row):
+        if row["epoch"] == 2:  # taken over here, then the old holder crashes
+            (run_dir / LOCK).unlink()
+            seen["theirs"] = try_claim(run_dir)
+            seen["folder"] = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+            raise RuntimeError("Error: did not possess lock")
+        return False
+
+    assert train_claimed(cfg, run_dir, "s", claim, on_epoch) == "lost"
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == seen["folder"]
+    assert not (run_dir / FAILED).exists() and b"Traceback" not in (run_dir / LOG).read_bytes()
+    assert seen["theirs"].held()

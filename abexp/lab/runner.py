@@ -78,12 +78,20 @@ def _worker_log(run_dirs: list[Path], claims: list[Claim]):
     return log, handles
 
 
-def _record_failure(run_dirs: list[Path], handles, session: str, err: Exception) -> None:
+def _record_failure(run_dirs: list[Path], handles, claims: list[Claim], session: str, err: Exception) -> bool:
+    """The traceback into log.txt and failed.json of each run whose claim is still held; False
+    when a claim was lost (the crash may be the loss's doing: a holder frozen past the stale
+    limit finds, say, its Optuna journal lock broken; the run is no longer its to mark)."""
     tb = traceback.format_exc()
-    for d, fh in zip(run_dirs, handles):
+    all_held = True
+    for d, fh, claim in zip(run_dirs, handles, claims):
+        if not claim.held():
+            all_held = False
+            continue
         fh.write(tb)
         io.write_json(d / FAILED, {"status": "failed", "session": session, "error": repr(err),
                                    "traceback": tb, "host": socket.gethostname(), "time": time.time()})
+    return all_held
 
 
 def _say_lost(lost: ClaimLost) -> None:
@@ -127,7 +135,8 @@ def train_claimed(config: RunConfig, run_dir: Path, session: str, claim: Claim, 
             return "preempted"
         except Exception as err:  # a crashed run must not stop the others
             try:
-                _record_failure([run_dir], [log_fh], session, err)
+                if not _record_failure([run_dir], [log_fh], [claim], session, err):
+                    claim.check()  # raises: said below, nothing written
             except ClaimLost as lost:
                 _say_lost(lost)
                 return "lost"
@@ -162,10 +171,10 @@ def train_pack_claimed(runs: list[PlannedRun], run_dirs: list[Path], session: st
             return ["lost" if not c.held() else "stopped" for c in claims]
         except Exception as err:
             try:
-                _record_failure(run_dirs, logs, session, err)
+                _record_failure(run_dirs, logs, claims, session, err)
             except ClaimLost as lost:
                 _say_lost(lost)
-            return ["failed"] * len(runs)
+            return ["failed" if c.held() else "lost" for c in claims]
 
 
 def _pack_partners(run: PlannedRun, plan: list[PlannedRun], root: Path, session: str, size: int):
