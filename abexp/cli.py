@@ -8,8 +8,12 @@ import json
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from abexp.config import ConfigError
+
+if TYPE_CHECKING:
+    from abexp.lab import slurm
 
 EXIT_BAD_INPUT = 2
 
@@ -144,21 +148,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_run_folders(plan, args.results)
     check_pipelines([run.config for run in plan], args.spec)
     preflight_data([run.config for run in plan])
+    request = checked_slurm_request(args) if args.backend == "slurm" else None  # bad input: one line
     from abexp.lab import length
     for line in length.summary([run.config for run in plan]):  # the run's length, before it trains
         print(line, file=sys.stderr, flush=True)
     gpus = [g for g in args.gpus.split(",") if g] if args.gpus else None
-    if args.backend == "slurm":
-        return submit_slurm(args)
+    if request is not None:
+        return submit_slurm(args, request)
     return run_local(args.spec, args.results, args.workers, gpus, args.runs_per_gpu,
                      progress=not args.no_progress, overrides=args.set,
                      gpus_per_run=args.gpus_per_run, pack=args.pack)
 
 
-def submit_slurm(args: argparse.Namespace) -> int:
-    """Check the request against sinfo, write the array script, submit it."""
-    import uuid
-
+def checked_slurm_request(args: argparse.Namespace) -> slurm.Request:
+    """The array request, checked against sinfo before anything is printed or submitted."""
     from abexp.lab import slurm
 
     if args.pack > 1:
@@ -167,6 +170,15 @@ def submit_slurm(args: argparse.Namespace) -> int:
                         mem=args.mem, partition=args.partition, account=args.account, qos=args.qos,
                         time=args.time)
     slurm.check_request(req, slurm.query_nodes(), args.gpus_per_run)
+    return req
+
+
+def submit_slurm(args: argparse.Namespace, req: slurm.Request) -> int:
+    """Write the array script for a checked request and submit it."""
+    import uuid
+
+    from abexp.lab import slurm
+
     job, folder = slurm.submit(req, args.spec, args.results, uuid.uuid4().hex[:12], args.slurm_folder, args.set)
     print(f"submitted job array {job} ({req.array} tasks, {req.cpus_per_task} CPUs and "
           f"{req.gpus_per_task} GPU(s) each); script {folder / slurm.SCRIPT}")

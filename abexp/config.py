@@ -241,8 +241,19 @@ class DuplicateKey(yaml.YAMLError):
         self.key, self.line = key, line
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-4`` as a float, as YAML 1.2 does (PyYAML's YAML 1.1 rules
+    want a dot, ``1.0e-4``, and would hand the strict config a string)."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+class _UniqueKeyLoader(_ConfigLoader):
+    """Refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -293,7 +304,7 @@ def parse_override(item: str, source: str = "--set") -> tuple[str, Any]:
         raise ConfigError(source, item, "expected KEY=VALUE")
     key, raw = item.split("=", 1)
     try:
-        return key.strip(), yaml.safe_load(raw)
+        return key.strip(), yaml.load(raw, Loader=_ConfigLoader)  # noqa: S506 -- a SafeLoader subclass
     except yaml.YAMLError:
         raise ConfigError(source, key.strip(), f"cannot parse value {raw!r}") from None
 

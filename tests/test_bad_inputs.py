@@ -218,3 +218,15 @@ def test_a_yaml_boolean_key_in_a_spec_is_one_line(tmp_path, capsys):
     assert main(["plan", str(tmp_path / "s.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "s.yaml: True: unknown key" in err[0]
+
+
+@pytest.mark.parametrize("written", ["1e-4", "1E6", "2.5e+3", "1.0e-4", "3e0"])
+def test_exponent_floats_without_a_dot_are_floats_in_files_and_overrides(tmp_path, written):
+    """PyYAML (YAML 1.1) reads `1e-4` as a string, which the strict config would refuse:
+    researchers write it that way, so a file, --set and a spec's grid read it as float() does."""
+    (tmp_path / "c.yaml").write_text(TINY + f"optim: {{lr: {written}}}\n")
+    assert load_config(tmp_path / "c.yaml").optim.lr == float(written)
+    assert load_config(None, [f"optim.weight_decay={written}"]).optim.weight_decay == float(written)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(spec_text("s") + f"  optim.lr: [{written}]\n")
+    assert {r.config.optim.lr for r in load_spec(spec).expand()} == {float(written)}
