@@ -71,7 +71,10 @@ def test_run_matches_the_naive_reference(tmp_path, name, delay):
     ref, snapshots = naive_run(cfg, run.batches, run.steps_per_epoch)
     ours = run.engine.w
     theirs = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
-    assert float((ours - theirs).norm() / theirs.norm()) < 2e-5
+    # float32 rounding differs between the two (fused vs separate ops) and grows with training:
+    # measured 6.1e-5 after 8 steps on an Intel Xeon (Sapphire Rapids), under 2e-5 on an AMD
+    # EPYC, while a schedule read one step late gives 9.2e-3: the bound sits between the two
+    assert float((ours - theirs).norm() / theirs.norm()) < 1e-3
     # the final test metrics are those of the current weights, not of the stale ones
     (loss, acc), = run.evaluate()
     ref.eval()
