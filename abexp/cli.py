@@ -40,10 +40,13 @@ class Parser(argparse.ArgumentParser):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from abexp.config import check_processes, load_config, run_id
-    from abexp.train.run import train_run
+    from abexp.train.start import train_run
 
     cfg = load_config(args.config, args.set)  # validated before any process is started
     check_processes(cfg, args.nproc, args.config)
+    if cfg.delay.kind == "async" and args.nproc > 1:
+        raise ConfigError("--nproc", "", "delay.kind async starts its own processes (delay.workers + 1); "
+                          "leave --nproc at 1")
     check_pipelines([cfg], args.config)
     preflight_data([cfg])
     out = Path(args.out) if args.out else Path(args.results) / "runs" / run_id(cfg)
@@ -62,6 +65,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ClaimLost as lost:
         print(lost, file=sys.stderr)
         return 3
+    except RuntimeError as err:
+        from abexp.train.async_ps import AsyncWorkerError
+        if not isinstance(err, AsyncWorkerError):
+            raise
+        print(f"abexp: {err}", file=sys.stderr)  # one line: the checkpoint resumes the run
+        return 1
     finally:
         shutdown()
     if result is None:

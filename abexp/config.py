@@ -118,7 +118,7 @@ class ScheduleCfg(_Locked):
 
 
 class DelayCfg(_Locked):
-    kind: Literal["constant", "uniform", "geometric", "pipeline", "trace"] = "constant"
+    kind: Literal["constant", "uniform", "geometric", "pipeline", "trace", "async"] = "constant"
     # constant: D; uniform/geometric: the cap D_max; pipeline: caps the profile (0 = no cap);
     # trace: the buffer (0 = the largest delay in the trace or histogram)
     steps: int = Field(0, ge=0)
@@ -132,6 +132,14 @@ class DelayCfg(_Locked):
     stage_profile: Literal["pipeline", "flat"] = "pipeline"
     trace: Optional[str] = None  # trace: file of one delay per line, replayed and cycled
     histogram: Optional[dict[int, float]] = None  # trace: {delay: weight}, drawn per step, seeded
+    # async: a real parameter server with N worker processes (abexp.train.async_ps); the
+    # staleness is what they produce, recorded in the run folder's trace.txt
+    workers: Optional[int] = Field(None, ge=1)
+    order: Literal["arrival", "fifo"] = "arrival"  # fifo: gradient j is update j (= constant N-1)
+    slowdown: Optional[list[float]] = None  # async: per worker, time per gradient x this (>= 1)
+    pause_prob: float = Field(0.0, ge=0.0, le=1.0)  # async: chance a gradient is followed by a pause
+    pause_s: float = Field(0.0, ge=0.0)  # async: mean pause (exponential), seconds
+    worker_timeout_s: float = Field(600.0, gt=0.0)  # async: no gradient for this long = a hung worker
 
     @field_validator("stage_delays")
     @classmethod
@@ -184,7 +192,7 @@ class RunConfig(_Locked):
 # Keys that do not change what is computed (labels, logging, where the data lives):
 # excluded from the run id, so the same run on another machine has the same id.
 NON_IDENTITY_KEYS = ("tracking", "experiment", "variant", "data.root", "data.download",
-                     "data.workers", "eval.batch_size")
+                     "data.workers", "eval.batch_size", "delay.worker_timeout_s")
 
 # Keys added to the schema after run ids were first issued, each with the value that reproduces
 # the behaviour from before it existed. At that value a key is left out of the run id, so a new
@@ -196,6 +204,8 @@ ADDED_KEYS: dict[str, Any] = {"data.crop_pad": None, "data.flip": None,
                               "delay.stage_balance": "params", "delay.stage_profile": "pipeline",
                               "delay.trace": None,
                               "delay.histogram": None,
+                              "delay.workers": None, "delay.order": "arrival", "delay.slowdown": None,
+                              "delay.pause_prob": 0.0, "delay.pause_s": 0.0,
                               "optim.tau_c": None, "optim.gap_gamma": 0.999, "optim.gap_eps": 1e-8,
                               # every stored run trained on the CPU, where this changes nothing
                               "train.deterministic": True}
@@ -349,6 +359,9 @@ def _check_combinations(cfg: RunConfig, source: str) -> None:
     if cfg.delay.kind == "geometric" and cfg.delay.mean is None:
         raise ConfigError(source, "delay.mean", "required when delay.kind is geometric")
     _check_delay(cfg.delay, source)
+    if cfg.delay.kind == "async" and cfg.eval.bn != "recalibrate":
+        raise ConfigError(source, "eval.bn", "delay.kind async needs eval.bn: recalibrate (the parameter "
+                          "server runs no forward pass, so it has no running BN statistics)")
     if cfg.optim.name in ADAM_NAMES and cfg.optim.nesterov:
         raise ConfigError(source, "optim.nesterov", f"not defined for {cfg.optim.name}")
     if cfg.train.batch_size % cfg.train.micro_batches:
@@ -376,6 +389,20 @@ def _check_delay(d: DelayCfg, source: str) -> None:
         if d.stages is not None and d.stage_delays is not None and len(d.stage_delays) != d.stages:
             raise ConfigError(source, "delay.stage_delays",
                               f"has {len(d.stage_delays)} entries for {d.stages} stages")
+    async_keys = {"delay.workers": d.workers is not None, "delay.order": d.order != "arrival",
+                  "delay.slowdown": d.slowdown is not None, "delay.pause_prob": d.pause_prob > 0,
+                  "delay.pause_s": d.pause_s > 0}
+    if d.kind != "async" and any(async_keys.values()):
+        raise ConfigError(source, next(k for k, on in async_keys.items() if on), "only for delay.kind: async")
+    if d.kind == "async":
+        if d.workers is None:
+            raise ConfigError(source, "delay.workers", "required when delay.kind is async (N >= 1 worker processes)")
+        if d.steps:
+            raise ConfigError(source, "delay.steps", "not used by delay.kind async: the staleness is what "
+                              "the workers produce (set delay.workers)")
+        if d.slowdown is not None and (len(d.slowdown) != d.workers or any(not f >= 1.0 for f in d.slowdown)):
+            raise ConfigError(source, "delay.slowdown", f"needs {d.workers} factors >= 1, one per worker "
+                              f"(got {d.slowdown})")
     if d.kind == "trace":
         if (d.trace is None) == (d.histogram is None):
             raise ConfigError(source, "delay.trace", "delay.kind trace needs exactly one of "
@@ -390,24 +417,36 @@ def _check_delay(d: DelayCfg, source: str) -> None:
 def read_trace(path: str, cap: int = 0) -> list[int]:
     """A delay trace: one non-negative integer per line (blank lines and # comments skipped),
     none above ``cap`` when cap > 0. Any problem is a ConfigError naming the file and line."""
+    return read_trace_columns(path, cap)[0]
+
+
+def read_trace_columns(path: str, cap: int = 0) -> tuple[list[int], list[int] | None]:
+    """The delays of a trace and, when every line has a second integer, the batch each update
+    used (an async run's trace.txt: ``tau batch  # worker, seconds``), else None."""
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as err:
         raise ConfigError(path, "delay.trace", f"cannot read: {err.strerror or err}") from None
-    delays = []
+    delays, batches = [], []
     for i, line in enumerate(lines, 1):
         text = line.split("#", 1)[0].strip()
         if not text:
             continue
-        if not re.fullmatch(r"[0-9]+", text):
-            raise ConfigError(path, f"line {i}", f"expected a non-negative integer delay, got {text!r}")
-        if cap and int(text) > cap:
-            raise ConfigError(path, f"line {i}", f"delay {text} exceeds delay.steps = {cap}, "
+        if not re.fullmatch(r"[0-9]+(\s+[0-9]+)?", text):
+            raise ConfigError(path, f"line {i}", "expected a non-negative integer delay (and optionally "
+                              f"the batch index it used), got {text!r}")
+        fields = text.split()
+        if cap and int(fields[0]) > cap:
+            raise ConfigError(path, f"line {i}", f"delay {fields[0]} exceeds delay.steps = {cap}, "
                               "the weight buffer's size")
-        delays.append(int(text))
+        if delays and (len(fields) == 2) != bool(batches):
+            raise ConfigError(path, f"line {i}", "every line gives a batch index, or none does")
+        delays.append(int(fields[0]))
+        if len(fields) == 2:
+            batches.append(int(fields[1]))
     if not delays:
         raise ConfigError(path, "delay.trace", "holds no delays")
-    return delays
+    return delays, batches or None
 
 
 def check_processes(cfg: RunConfig, processes: int, source: str) -> None:

@@ -11,7 +11,8 @@ import pytest
 from abexp.cli import main
 from abexp.config import load_config
 from abexp.lab.spec import load_spec
-from abexp.train.run import CHECKPOINT, train_run
+from abexp.train.run import CHECKPOINT
+from abexp.train.start import train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "experiments" / "digits_tiny.yaml"

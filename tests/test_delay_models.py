@@ -17,7 +17,7 @@ from abexp.sim.delay import DelaySampler
 from abexp.sim.engine import DelayedSGD, FlatParams
 from abexp.train.models import build_model
 from abexp.sim.pipeline import balanced_cuts, profile_delays, stage_ranges, tensor_flops
-from abexp.train.run import train_run
+from abexp.train.start import train_run
 from conftest import drive
 
 

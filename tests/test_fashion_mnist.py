@@ -17,7 +17,8 @@ from abexp.data import idx as M
 from abexp.cli import main
 from abexp.config import load_config
 from abexp.train.packed import PackedRun
-from abexp.train.run import Run, train_run
+from abexp.train.run import Run
+from abexp.train.start import train_run
 from conftest import idx_bytes, write_idx_dataset
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"

@@ -10,7 +10,7 @@ import pytest
 
 from abexp.lab.collect import collect, collect_epochs, write_table
 from abexp.lab.spec import load_spec
-from abexp.train.run import train_run
+from abexp.train.start import train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = """

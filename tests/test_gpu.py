@@ -12,7 +12,8 @@ import torch
 
 from abexp.config import load_config
 from abexp.train.packed import PackedRun
-from abexp.train.run import Run, evaluate, train_run
+from abexp.train.run import Run, evaluate
+from abexp.train.start import train_run
 
 REQUIRED = os.environ.get("ABEXP_REQUIRE_GPU") == "1"
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and not REQUIRED, reason="needs a CUDA device")

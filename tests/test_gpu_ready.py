@@ -13,7 +13,8 @@ import torch
 from abexp.config import ConfigError, load_config, run_id
 from abexp.lab.runner import _slots, visible_gpus
 from abexp.train.lifecycle import read_checkpoint
-from abexp.train.run import CHECKPOINT, Run, RunDirError, train_run
+from abexp.train.run import CHECKPOINT, Run, RunDirError
+from abexp.train.start import train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.name=resnet8", "data.name=digits", "data.subset=64", "data.test_subset=32", "train.epochs=2",

@@ -15,7 +15,8 @@ from abexp.cli import main
 from abexp.config import load_config
 from abexp.data.common import DataError
 from abexp.data.imagenet import ImageNetBatches, check_image_folder
-from abexp.train.run import RESULT, train_run
+from abexp.train.run import RESULT
+from abexp.train.start import train_run
 
 ENV = dict(os.environ, WANDB_MODE="disabled")
 

@@ -9,7 +9,8 @@ from abexp import io
 from abexp.config import load_config
 from abexp.train.models import PackedCifarResNet, build_model
 from abexp.train.packed import PackedRun, pack_key, train_pack
-from abexp.train.run import Run, train_run
+from abexp.train.run import Run
+from abexp.train.start import train_run
 
 BASE = ["data.name=digits", "model.name=resnet8", "data.subset=128", "data.test_subset=64",
         "train.batch_size=32", "train.epochs=2", "schedule.name=constant"]

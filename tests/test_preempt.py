@@ -10,7 +10,8 @@ import torch
 from abexp import io
 from abexp.train import preempt
 from abexp.config import load_config
-from abexp.train.run import RESULT, Run, train_run
+from abexp.train.run import RESULT, Run
+from abexp.train.start import train_run
 
 
 @pytest.fixture

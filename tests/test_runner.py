@@ -120,7 +120,7 @@ def test_diverging_and_crashing_runs_do_not_stop_the_others(tmp_path):
 
 def test_wandb_offline_folders_are_named_by_run_id(tmp_path, monkeypatch):
     from abexp.config import load_config, run_id
-    from abexp.train.run import train_run
+    from abexp.train.start import train_run
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     cfg = load_config(None, ["data.name=digits", "model.name=resnet8", "data.subset=64",

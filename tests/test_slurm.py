@@ -18,7 +18,7 @@ from abexp.lab.runner import runs_dir
 from abexp.lab.slurm import (Node, Request, check_request, gres_gpus, parse_mem_mb, parse_sinfo,
                          parse_time_min, requeue_self, script_text)
 from abexp.lab.spec import load_spec
-from abexp.train.run import train_run
+from abexp.train.start import train_run
 
 from slurm_cluster import missing_reason, start, stop
 from test_runner import assert_each_run_once, events

@@ -7,7 +7,8 @@ import torch
 from abexp import io
 from abexp.cli import main
 from abexp.config import load_config, run_id
-from abexp.train.run import RESULT, recalibrated_bn, train_run
+from abexp.train.run import RESULT, recalibrated_bn
+from abexp.train.start import train_run
 
 REQUIRED_KEYS = ["seed", "model.name", "data.name", "data.subset", "train.epochs", "train.batch_size",
                  "optim.name", "optim.lr", "optim.momentum", "optim.rho", "delay.steps"]

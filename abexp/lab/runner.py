@@ -11,10 +11,8 @@ training a run that a restarted runner would then train twice.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable
 
+from abexp.train.preempt import die_with_parent
 from abexp import io
 from abexp.train import preempt
 from abexp.config import ConfigError, RunConfig, dump_yaml
@@ -103,7 +102,7 @@ def train_claimed(config: RunConfig, run_dir: Path, session: str, claim: Claim, 
     """Train a run this process has claimed; a crash becomes failed.json, never an exception.
     Every write into the run folder is fenced by ``claim``: on finding it lost the run stops
     at once, nothing more is written there, and the status is ``lost``."""
-    from abexp.train.run import train_run
+    from abexp.train.start import train_run
 
     nproc = int(os.environ.get("ABEXP_NPROC", "1"))
     with io.fenced(run_dir, claim.check):
@@ -287,13 +286,6 @@ def supervise(commands: list[tuple[list[str], dict]], total: int, count: Callabl
             if p.poll() is None:
                 p.kill()
     return [p.wait() for p in procs]
-
-
-def die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def visible_gpus() -> list[str]:

@@ -40,11 +40,15 @@ class DelayedSGD:
             self.sampler = None
             self.w_fwd = torch.empty_like(self.w)  # forward weights assembled per stage
             horizons = [float(d) for d in self.stage_delays]
+        elif delay.kind == "async":  # the parameter server applies updates (abexp.train.async_ps)
+            self.stage_delays, self.ranges, self.sampler = None, [(0, numel)], None
+            horizons = [float(delay.workers - 1)]  # N items always in flight: mean staleness N - 1
         else:
             self.stage_delays, self.ranges = None, [(0, numel)]
             self.sampler = DelaySampler.from_config(delay, seed)
             horizons = [self.sampler.expected()]
-        buffer = max(self.stage_delays) if self.stage_delays else self.sampler.max
+        buffer = (max(self.stage_delays) if self.stage_delays else
+                  0 if self.sampler is None else self.sampler.max)
         self.history = WeightHistory(buffer, numel, self.w.device, self.w.dtype)
         self.optimizer = DelayedOptimizer(optim, segment_sizes, horizons, self.w.device,
                                           self.w.dtype, ranges=self.ranges)

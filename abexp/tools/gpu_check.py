@@ -94,7 +94,7 @@ def tiny_run_config(device: torch.device, quick: bool, *extra: str) -> list[str]
 
 def train_to_end(overrides: list[str], out: Path, device: torch.device, stop_after: int | None = None):
     from abexp.config import load_config
-    from abexp.train.run import train_run
+    from abexp.train.start import train_run
 
     return train_run(load_config(None, overrides), out, device=device.type, stop_after_epochs=stop_after,
                      log=lambda m: None)

@@ -9,6 +9,7 @@ and how many runs one step serves (``members``: one for ``abexp.train.run.Run``,
 
     members: list[Member]      epoch: int      wall_s: float      is_main: bool
     train_epoch() -> [per member: train_loss, train_acc, lr, diverged]   (may raise Preempted)
+    side_files(i) -> {name: text}   (optional: files rewritten with each checkpoint and at the end)
     evaluate(bn=None) -> [per member: (test loss, test accuracy)]
     checkpoint(i) -> dict      restore(i, state)      weights(i) -> CPU state dict
     result(i) -> dict          steps(i) -> int        event_fields() -> dict      barrier()
@@ -132,6 +133,7 @@ def fit(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch | 
             if main:
                 for i, m in enumerate(members):
                     if m.status == "running":
+                        write_side_files(trainer, i)
                         io.save_torch(m.out / CHECKPOINT, trainer.checkpoint(i))
             raise
         diverged = [s.pop("diverged") for s in stats]
@@ -166,6 +168,7 @@ def fit(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch | 
                 finish(trainer, i)
                 continue
             if main:  # one writer; every rank holds the same state
+                write_side_files(trainer, i)  # a trace as long as the checkpoint's, or longer
                 io.save_torch(m.out / CHECKPOINT, trainer.checkpoint(i))  # first: a failed write
                 io.append_jsonl(m.out / METRICS, row)                     # leaves both as they were
             if m.tracker:  # after the checkpoint: W&B never holds an epoch that is trained again
@@ -187,11 +190,21 @@ def finish(trainer: Any, i: int) -> None:
     m = trainer.members[i]
     m.result = trainer.result(i)
     if trainer.is_main:
+        write_side_files(trainer, i)
         io.save_torch(m.out / WEIGHTS, trainer.weights(i))
         io.write_json(m.out / RESULT, m.result)
         event(m.out, "end", status=m.status, **trainer.event_fields(end=True))
     if m.tracker is not None:
         m.tracker.finish(m.result)
+
+
+def write_side_files(trainer: Any, i: int) -> None:
+    """Files a trainer keeps beside its checkpoint (an async run's trace.txt), rewritten whole
+    from the trainer's state: a resumed run rewrites them from its checkpoint, so they never
+    hold an update twice."""
+    files = getattr(trainer, "side_files", None)
+    for name, text in (files(i) if files else {}).items():
+        io.write_text(trainer.members[i].out / name, text)
 
 
 def read_checkpoint(out: Path, run_id: str, main: bool, log: Log) -> dict | None:

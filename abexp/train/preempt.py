@@ -9,6 +9,7 @@ worker dies with its runner instead.
 
 from __future__ import annotations
 
+import ctypes
 import signal
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -37,3 +38,11 @@ def requested() -> int | None:
 def reset() -> None:
     global _received
     _received = None
+
+
+def die_with_parent() -> None:
+    """preexec_fn of a child process: the kernel kills it when its parent dies (no orphans)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass

@@ -86,6 +86,26 @@ def build_data(cfg: RunConfig, device: torch.device, ddp: Dist = Dist()):
     return Batches(data, cfg.train.batch_size, cfg.data.augment, cfg.seed)
 
 
+def batch_gradient(trainer, chunks: list[tuple[torch.Tensor, torch.Tensor]], w_fwd: torch.Tensor
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The mean gradient of a batch's micro-batches at ``w_fwd``, into ``trainer.flat.grad``:
+    one function for the simulator and the async workers, so the two are bitwise comparable.
+    Returns per micro-batch (loss x examples as float64, correct count), on the device."""
+    cfg, flat = trainer.cfg, trainer.flat
+    micro = len(chunks)
+    flat.data.copy_(w_fwd)
+    flat.grad.zero_()
+    sums = []
+    for xm, ym in chunks:
+        xm = xm.contiguous(memory_format=trainer.memory_format)
+        with autocast(trainer.device, cfg.train.precision):
+            logits = trainer.train_model(xm)
+            loss = F.cross_entropy(logits.float(), ym, label_smoothing=cfg.train.label_smoothing)
+        (loss / micro if micro > 1 else loss).backward()
+        sums.append((loss.detach().double() * len(ym), (logits.argmax(1) == ym).sum()))
+    return sums
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, test_batches: Iterator, device: torch.device, precision: str
              ) -> torch.Tensor:
@@ -162,6 +182,7 @@ class Run:
         self.engine = DelayedSGD(self.flat.data, self.flat.sizes, cfg.optim, cfg.delay, cfg.seed, ranges)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.replay = replayed_batches(cfg, self.total_steps, self.batches)
         self.members = [Member(cfg, self.out, self.run_id)]
         self.is_main = self.ddp.is_main
         self.epoch, self.wall_s = 0, 0.0
@@ -224,21 +245,13 @@ class Run:
         if ddp.enabled and not getattr(self.batches, "sharded", False):
             share = len(y) // ddp.world
             x, y = x[ddp.rank * share:(ddp.rank + 1) * share], y[ddp.rank * share:(ddp.rank + 1) * share]
-        micro = cfg.train.micro_batches
-        chunks = list(zip(x.chunk(micro), y.chunk(micro)))
+        chunks = list(zip(x.chunk(cfg.train.micro_batches), y.chunk(cfg.train.micro_batches)))
         self.seen += len(y)
 
         def grad_fn(w_fwd: torch.Tensor) -> torch.Tensor:
-            self.flat.data.copy_(w_fwd)
-            self.flat.grad.zero_()
-            for xm, ym in chunks:
-                xm = xm.contiguous(memory_format=self.memory_format)
-                with autocast(self.device, cfg.train.precision):
-                    logits = self.train_model(xm)
-                    loss = F.cross_entropy(logits.float(), ym, label_smoothing=cfg.train.label_smoothing)
-                (loss / micro if micro > 1 else loss).backward()
-                self.loss_sum += loss.detach().double() * len(ym)
-                self.correct += (logits.argmax(1) == ym).sum()
+            for loss_sum, correct in batch_gradient(self, chunks, w_fwd):
+                self.loss_sum += loss_sum
+                self.correct += correct
             return ddp.all_reduce_mean_(self.flat.grad)
 
         self.engine.step(grad_fn, lr)
@@ -257,7 +270,8 @@ class Run:
             self.reset_counters()
         lr = cfg.optim.lr
         self.model.train()
-        for i, (x, y) in enumerate(self.batches.epoch(self.epoch)):
+        batches = self.batches.epoch(self.epoch) if self.replay is None else self.replay.epoch(self.epoch)
+        for i, (x, y) in enumerate(batches):
             if i < start:  # drawn and dropped: the data order and augmentation stay seeded
                 continue
             lr = lr_at(self.engine.t, cfg.optim.lr, self.total_steps, self.steps_per_epoch, cfg.schedule)
@@ -332,6 +346,34 @@ class Run:
                              self.device, processes=self.ddp.world, **extra)
 
 
+class ReplayedOrder:
+    """An async run's batch order (trace.txt's second column): update t trains on batch j(t)."""
+
+    def __init__(self, order: list[int], batches):
+        from abexp.data.stream import BatchStream
+        self.order, self.stream = order, BatchStream(batches, batches.steps_per_epoch)
+        self.steps = batches.steps_per_epoch
+
+    def epoch(self, epoch: int):
+        """The batches of ``epoch``'s updates (from its first: a resumed epoch skips as usual)."""
+        for u in range(epoch * self.steps, (epoch + 1) * self.steps):
+            yield self.stream.get(self.order[u])
+
+
+def replayed_batches(cfg: RunConfig, total_steps: int, batches) -> ReplayedOrder | None:
+    """A trace that gives each update's batch is replayed in that order; it must cover the run."""
+    if cfg.delay.kind != "trace" or not cfg.delay.trace:
+        return None
+    from abexp.config import ConfigError, read_trace_columns
+    delays, order = read_trace_columns(cfg.delay.trace, cfg.delay.steps)
+    if order is None:
+        return None
+    if len(order) < total_steps or sorted(order[:total_steps]) != list(range(total_steps)):
+        raise ConfigError(cfg.delay.trace, "delay.trace", f"its batch column must name each of the run's "
+                          f"{total_steps} batches once (it has {len(order)} lines): the trace of another run?")
+    return ReplayedOrder(order, batches)
+
+
 def result_record(cfg: RunConfig, status: str, history: list[dict], steps: int, wall_s: float,
                   device: torch.device, **extra) -> dict:
     """result.json's content, from the per-epoch rows (shared by plain and packed runs)."""
@@ -344,23 +386,6 @@ def result_record(cfg: RunConfig, status: str, history: list[dict], steps: int, 
             "train_loss": last.get("train_loss"), "train_acc": last.get("train_acc"),
             "epochs_completed": len(history), "steps": steps, "wall_s": round(wall_s, 3),
             "eval_bn": cfg.eval.bn, "device": str(device), **extra, "config": cfg.model_dump()}
-
-
-def train_run(cfg: RunConfig, out_dir: str | Path, device: str = "auto",
-              stop_after_epochs: int | None = None, log: Callable[[str], None] = print,
-              on_epoch: Callable[[dict], bool] | None = None) -> dict | None:
-    """Train (or resume, or skip if finished) the run ``cfg`` in ``out_dir``.
-
-    Returns result.json's content, or None when stopped early by ``stop_after_epochs``.
-    """
-    out = Path(out_dir)
-    done = lifecycle.finished_result(out, cfg)
-    if done is not None:
-        return done
-    run = Run(cfg, out, device, log)  # loads data: bad data folders fail before anything is written
-    prune = (lambda i, row: on_epoch(row)) if on_epoch is not None else None
-    results = lifecycle.train(run, stop_after_epochs, prune, log)
-    return None if results is None else results[0]
 
 
 def cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,373 @@
+"""Real asynchronous training (``delay.kind: async``): a parameter server and N worker processes.
+
+The server (this process, rank 0 of a gloo group) holds the weights, the version counter
+t = updates applied so far, and the optimizer state. It hands out *work items*: item j is batch
+j of the run's batch sequence (epoch j // S, position j % S, abexp's seeded order and
+augmentation) and the forward weights of the version current when it is handed out. A worker
+computes the gradient there and sends it back; the server applies gradients one at a time with
+abexp's own update rules (``abexp.sim.optim``), each with its *actual* staleness
+tau = t - (version the worker used), and hands that worker the next item.
+
+- ``delay.order: arrival``: gradients are applied in the order they arrive (announced through
+  the group's store: ``arrivals`` is a counter, so the order is one sequence even when two
+  arrive "at once"). ``fifo``: gradient j is update j; one that arrives early is held.
+- Each update is one line of the run folder's ``trace.txt``: ``tau batch  # worker, seconds``.
+  That file is a ``delay.trace`` input as it is: the simulator told both the staleness and the
+  batch of every update replays the run bitwise (tests/test_async.py).
+- A ``fifo`` run with N workers is the simulator at constant delay N - 1, pipeline fill
+  included, bitwise: the proof that the simulator models this system.
+
+BN: the server never runs a forward pass, so it has no running BN statistics; async runs
+evaluate with ``eval.bn: recalibrate`` (required) and report no ``test_acc_running_bn``.
+The run's life (epochs, checkpoint, metrics, events, W&B, stop signals, divergence) is
+``abexp.train.lifecycle``'s, as for every run: this module supplies only ``train_epoch``.
+
+A checkpoint holds the items handed out but not yet applied, with the weights of their
+versions; a resumed server hands them out again (the gradient of an item is a function of its
+weights and batch, so it is recomputed exactly) and the trace goes on without a gap or a repeat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from abexp.config import RunConfig, dump_yaml, load_config
+from abexp.sim.schedule import lr_at
+from abexp.train import preempt
+from abexp.data.stream import BatchStream
+from abexp.train.run import Run, batch_gradient
+
+TRACE = "trace.txt"
+TRACE_HEADER = ("# abexp async trace: one line per update, in the order applied: staleness, batch index"
+                "  # worker, seconds since the run started\n")
+POLL_S = 1.0  # how often a waiting side checks that the other is still alive
+
+
+class AsyncWorkerError(RuntimeError):
+    """A worker died or went silent: the run stops with this line (its checkpoint resumes it)."""
+
+
+class AsyncRun(Run):
+    """The parameter server of one run: ``Run``'s model, data, evaluation and checkpointing,
+    with ``train_epoch`` taken by N worker processes."""
+
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, device: str = "cpu",
+                 log: Callable[[str], None] = print):
+        if device not in ("cpu", "auto"):
+            raise ValueError("delay.kind async runs on the CPU (gloo); --device must be cpu")
+        super().__init__(cfg, out_dir, "cpu", log)
+        d = cfg.delay
+        self.workers, self.fifo = d.workers, d.order == "fifo"
+        self.stream = BatchStream(self.batches, self.steps_per_epoch)
+        self.next_item = 0                     # the next item to hand out
+        self.outstanding: dict[int, int] = {}  # item -> version its weights are
+        self.versions: dict[int, torch.Tensor] = {}  # version -> forward weights, while in use
+        self.trace_lines: list[str] = []
+        self.procs: list = []
+        self.store = None
+        self.started = time.time()
+        self.arrivals_read = 0
+        self.held: dict[int, dict] = {}  # fifo: gradients that arrived before their turn
+        self.items_sent = [0] * (self.workers + 1)  # per rank: items handed to it so far
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        used = sorted(set(self.outstanding.values()))
+        state["async"] = {"next_item": self.next_item,
+                          "outstanding": [[j, v] for j, v in sorted(self.outstanding.items())],
+                          "versions": {str(v): self.versions[v] for v in used},
+                          "trace": list(self.trace_lines), "elapsed": time.time() - self.started}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        a = state["async"]
+        self.next_item = int(a["next_item"])
+        self.outstanding = {int(j): int(v) for j, v in a["outstanding"]}
+        self.versions = {int(v): w.clone() for v, w in a["versions"].items()}
+        self.trace_lines = list(a["trace"])
+        self.started = time.time() - float(a["elapsed"])
+
+    def side_files(self, i: int) -> dict[str, str]:
+        """trace.txt, rewritten whole with every checkpoint and at the end (lifecycle)."""
+        return {TRACE: TRACE_HEADER + "".join(self.trace_lines)}
+
+    # ---------------------------------------------------------------- processes
+    def start_workers(self) -> None:
+        """N worker processes on this machine (``python -m abexp.train.async_ps``, one torch
+        thread each, killed with this process), joined by a TCP store that this process hosts."""
+        import subprocess
+        import sys
+        import tempfile
+
+        from abexp.train.preempt import die_with_parent
+
+        world = self.workers + 1
+        timeout = datetime.timedelta(seconds=self.cfg.delay.worker_timeout_s)
+        self.store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False, timeout=timeout)
+        self.tmp = tempfile.TemporaryDirectory(prefix="abexp-async-")
+        config = Path(self.tmp.name) / "config.yaml"
+        config.write_text(dump_yaml(self.cfg))
+        shape = ",".join(str(n) for n in self.batches.input_shape)
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        self.procs = [subprocess.Popen(
+            [sys.executable, "-m", "abexp.train.async_ps", str(rank), str(world), str(self.store.port),
+             str(config), str(os.getpid()), str(self.batches.num_classes), str(self.batches.channels), shape],
+            env=env, preexec_fn=die_with_parent) for rank in range(1, world)]
+        dist.init_process_group("gloo", store=dist.PrefixStore("pg", self.store), rank=0, world_size=world,
+                                timeout=timeout)
+        # items handed out before a checkpoint and not applied: handed out again, same weights
+        pending = sorted(self.outstanding.items())
+        self.outstanding = {}
+        if not pending and self.next_item == 0:
+            pending = [(j, 0) for j in range(min(self.workers, self.total_steps))]
+            self.next_item = len(pending)
+            self.versions = {0: self.forward_weights()}
+        for rank, (j, v) in zip(range(1, world), pending):
+            self.hand_out(rank, j, v)
+        idle = list(range(len(pending) + 1, world))
+        for rank in idle:  # a resume with fewer items in flight than workers: fill up
+            if self.next_item < self.total_steps:
+                self.hand_out_next(rank)
+
+    def close(self) -> None:
+        """Tell every worker to stop, then end the group (idempotent)."""
+        if self.store is not None:
+            for rank in range(1, self.workers + 1):
+                with _quiet():
+                    self.store.set(f"item/{rank}/{self.items_sent[rank]}", json.dumps({"stop": True}))
+            for p in self.procs:
+                try:
+                    p.wait(timeout=10)
+                except Exception:
+                    p.kill()
+            with _quiet():
+                dist.destroy_process_group()
+            self.tmp.cleanup()
+            self.store, self.procs = None, []
+
+    def forward_weights(self) -> torch.Tensor:
+        """The weights an item handed out now is computed at (LWP's prediction where asked)."""
+        out = torch.empty_like(self.engine.w)
+        lr = lr_at(self.engine.t, self.cfg.optim.lr, self.total_steps, self.steps_per_epoch, self.cfg.schedule)
+        self.engine.optimizer.store_forward_weights(self.engine.w, lr, out=out)
+        return out
+
+    def hand_out(self, rank: int, j: int, v: int) -> None:
+        x, y = self.stream.get(j)
+        self.store.set(f"item/{rank}/{self.items_sent[rank]}", json.dumps({"j": j, "v": v}))
+        self.items_sent[rank] += 1
+        with self.talking_to(rank):
+            dist.send(self.versions[v], dst=rank)
+            dist.send(x.contiguous(), dst=rank)
+            dist.send(y.contiguous(), dst=rank)
+        self.outstanding[j] = v
+
+    def dead_worker(self) -> AsyncWorkerError | None:
+        for rank, p in enumerate(self.procs, 1):
+            if p.poll() is not None:
+                return AsyncWorkerError(f"async worker {rank} (pid {p.pid}) exited with code {p.returncode} "
+                                        f"at update {self.engine.t}; the run stops here and resumes from "
+                                        "its last checkpoint when run again")
+        return None
+
+    @contextlib.contextmanager
+    def talking_to(self, rank: int):
+        """A gloo error while sending to or receiving from a worker: name the worker that died."""
+        try:
+            yield
+        except RuntimeError as err:
+            time.sleep(0.5)  # let the dead process be reaped
+            raise (self.dead_worker() or AsyncWorkerError(
+                f"lost the connection to async worker {rank} at update {self.engine.t}: "
+                f"{str(err).splitlines()[0]}")) from None
+
+    def hand_out_next(self, rank: int) -> None:
+        t = self.engine.t
+        if t not in self.versions:
+            self.versions[t] = self.forward_weights()
+        self.hand_out(rank, self.next_item, t)
+        self.next_item += 1
+
+    def next_arrival(self) -> dict:
+        """The next gradient announced in the store, waiting for it while every worker lives."""
+        key, waited = f"arrival/{self.arrivals_read}", 0.0
+        while True:
+            try:
+                self.store.wait([key], datetime.timedelta(seconds=POLL_S))
+                break
+            except RuntimeError:  # not there yet (a timeout): is everyone still alive?
+                waited += POLL_S
+                dead = self.dead_worker()
+                if dead is not None:
+                    raise dead from None
+                if waited >= self.cfg.delay.worker_timeout_s:
+                    raise AsyncWorkerError(f"no gradient arrived for {waited:.0f} s (delay.worker_timeout_s) at "
+                                           f"update {self.engine.t}: a worker hangs; the run stops here") from None
+        self.arrivals_read += 1
+        info = json.loads(self.store.get(key))
+        grad = torch.empty_like(self.engine.w)
+        with self.talking_to(info["worker"]):
+            dist.recv(grad, src=info["worker"])
+        info["grad"] = grad
+        return info
+
+    # ---------------------------------------------------------------- training
+    def train_epoch(self) -> list[dict]:
+        """Updates until the epoch's last (or a stop signal, or divergence)."""
+        cfg = self.cfg
+        if self.store is None:
+            self.start_workers()
+        start, self.step_in_epoch = self.step_in_epoch, 0
+        if start == 0:
+            self.reset_counters()
+        end = (self.epoch + 1) * self.steps_per_epoch
+        held = self.held
+        lr = cfg.optim.lr
+        while self.engine.t < end:
+            info = self.next_arrival()
+            if self.fifo and info["j"] != self.engine.t:
+                held[info["j"]] = info  # early: applied in its turn; its worker waits
+                continue
+            ready = [info]
+            while ready:
+                info = ready.pop()
+                lr = self.apply(info)
+                if self.next_item < self.total_steps:
+                    self.hand_out_next(info["worker"])
+                if self.fifo and self.engine.t in held:
+                    ready.append(held.pop(self.engine.t))
+            i = self.engine.t - self.epoch * self.steps_per_epoch
+            if i % cfg.train.divergence_check_every == 0 and not torch.isfinite(self.engine.w).all():
+                break
+            if preempt.requested() and self.engine.t < end:
+                self.step_in_epoch = i
+                raise preempt.Preempted(f"epoch {self.epoch + 1} update {i}")
+        seen = max(float(self.seen), 1.0)
+        train_loss = float(self.loss_sum) / seen
+        return [{"train_loss": train_loss, "train_acc": float(self.correct) / seen, "lr": lr,
+                 "diverged": not math.isfinite(train_loss) or not bool(torch.isfinite(self.engine.w).all())}]
+
+    def apply(self, info: dict) -> float:
+        """Update t with the gradient of item j, computed at version v: tau = t - v."""
+        t, j, v = self.engine.t, info["j"], info["v"]
+        lr = lr_at(t, self.cfg.optim.lr, self.total_steps, self.steps_per_epoch, self.cfg.schedule)
+        tau = t - v
+        self.engine.optimizer.step(self.engine.w, info["grad"], self.versions[v], [tau], lr)
+        self.engine.t += 1
+        for loss in info["losses"]:
+            self.loss_sum += loss
+        self.correct += info["correct"]
+        self.seen += self.cfg.train.batch_size
+        del self.outstanding[j]
+        if v not in self.outstanding.values() and v != self.engine.t:
+            self.versions.pop(v, None)
+        self.trace_lines.append(f"{tau} {j}  # worker {info['worker']} {time.time() - self.started:.4f}\n")
+        return lr
+
+    def evaluate(self, bn: str | None = None) -> list[tuple[float, float | None]]:
+        if (bn or self.cfg.eval.bn) == "running":  # the server has no running BN statistics
+            return [(math.nan, None)]
+        return super().evaluate(bn)
+
+    def event_fields(self, end: bool = False) -> dict:
+        return {} if end else {"processes": self.workers + 1, "async_workers": self.workers}
+
+    def result(self, i: int = 0) -> dict:
+        out = super().result(i)
+        out["async_workers"], out["processes"] = self.workers, self.workers + 1
+        return out
+
+
+class _quiet:
+    """Ignore errors while tearing down (a worker that is gone already)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return True
+
+
+class WorkerModel:
+    """What a worker needs to compute a gradient as ``Run`` does: model, flat views, layout.
+    Its initial weights do not matter: every item brings the weights to use."""
+
+    def __init__(self, cfg: RunConfig, num_classes: int, channels: int, input_shape: tuple):
+        from abexp.sim.engine import FlatParams
+        from abexp.train.models import build_model
+        self.cfg, self.device, self.input_shape = cfg, torch.device("cpu"), tuple(input_shape)
+        self.model = build_model(cfg.model.name, num_classes, cfg.model.zero_init_residual, channels)
+        self.flat = FlatParams(self.model, cfg.train.channels_last)
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
+        self.model.train()
+
+
+def worker_main(rank: int, world: int, port: int, config_path: str, server_pid: int,
+                num_classes: int, channels: int, input_shape: tuple) -> None:
+    """A worker: take an item, compute its gradient, announce it, send it; until told to stop
+    or the server is gone."""
+    torch.set_num_threads(1)
+    cfg = load_config(config_path)
+    timeout = datetime.timedelta(seconds=cfg.delay.worker_timeout_s)
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=dist.PrefixStore("pg", store), rank=rank, world_size=world,
+                            timeout=timeout)
+    model = WorkerModel(cfg, num_classes, channels, input_shape)
+    slowdown = (cfg.delay.slowdown or [1.0] * cfg.delay.workers)[rank - 1]
+    pauses = random.Random(cfg.seed * 1_000_003 + rank)
+    w = torch.empty_like(model.flat.data)
+    x = torch.empty((cfg.train.batch_size, *model.input_shape))
+    y = torch.empty(cfg.train.batch_size, dtype=torch.long)
+    n = 0
+    while True:
+        key = f"item/{rank}/{n}"
+        while True:
+            try:
+                store.wait([key], datetime.timedelta(seconds=POLL_S))
+                break
+            except RuntimeError:
+                if os.getppid() != server_pid:  # the server is gone: so are we
+                    os._exit(0)
+        item = json.loads(store.get(key))
+        if item.get("stop"):
+            break
+        dist.recv(w, src=0)
+        dist.recv(x, src=0)
+        dist.recv(y, src=0)
+        began = time.perf_counter()
+        micro = cfg.train.micro_batches
+        sums = batch_gradient(model, list(zip(x.chunk(micro), y.chunk(micro))), w)
+        losses, correct = [float(loss) for loss, _ in sums], sum(int(c) for _, c in sums)
+        if slowdown > 1.0:
+            time.sleep((slowdown - 1.0) * (time.perf_counter() - began))
+        if cfg.delay.pause_prob and pauses.random() < cfg.delay.pause_prob:
+            time.sleep(pauses.expovariate(1.0) * cfg.delay.pause_s)
+        k = store.add("arrivals", 1) - 1
+        store.set(f"arrival/{k}", json.dumps({"worker": rank, "j": item["j"], "v": item["v"],
+                                              "losses": losses, "correct": correct}))
+        dist.send(model.flat.grad, dst=0)
+        n += 1
+    with _quiet():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # a worker process, started by AsyncRun.start_workers
+    import sys
+
+    args = sys.argv[1:]
+    worker_main(int(args[0]), int(args[1]), int(args[2]), args[3], int(args[4]), int(args[5]), int(args[6]),
+                tuple(int(n) for n in args[7].split(",")))

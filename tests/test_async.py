@@ -1,0 +1,125 @@
+"""delay.kind async: a real parameter server with worker processes, against the simulator.
+
+The two exactness claims of docs/async.md, on CPU with one thread per process: a ``fifo`` run
+with N workers equals the simulator at constant delay N - 1 bitwise (weights and metrics),
+and a free-running run's trace.txt, replayed with ``delay.kind: trace``, reproduces it bitwise.
+Then the faults: a worker killed mid-run stops the run with one line, and a rerun resumes from
+the checkpoint to the same weights, with every update once in the trace."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from abexp.config import ConfigError, load_config, read_trace_columns
+from abexp.train.start import train_run
+
+BASE = ["data.name=digits", "model.name=resnet8", "data.subset=128", "data.test_subset=64",
+        "train.batch_size=32", "train.epochs=2", "optim.lr=0.05", "optim.momentum=0.9",
+        "optim.weight_decay=0.01", "schedule.name=cosine", "eval.bn=recalibrate"]
+COMPARED = ("train_loss", "train_acc", "lr", "test_loss", "test_acc", "step")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers use one thread: so does the simulator we compare with
+    yield
+    torch.set_num_threads(before)
+
+
+def parameters(folder):
+    state = torch.load(folder / "model.pt", weights_only=True)
+    return {k: v for k, v in state.items() if "running" not in k and "num_batches" not in k}
+
+
+def metrics(folder):
+    return [{k: row[k] for k in COMPARED} for row in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())]
+
+
+def assert_same_run(a, b):
+    pa, pb = parameters(a), parameters(b)
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert metrics(a) == metrics(b)
+
+
+@pytest.mark.parametrize("optim", ["sgdm", "ab"])
+def test_fifo_with_n_workers_is_the_simulator_at_constant_delay_n_minus_1(tmp_path, optim):
+    cfg = BASE + [f"optim.name={optim}"]
+    train_run(load_config(None, cfg + ["delay.kind=async", "delay.workers=3", "delay.order=fifo"]),
+              tmp_path / "async", log=lambda s: None)
+    train_run(load_config(None, cfg + ["delay.steps=2"]), tmp_path / "sim", log=lambda s: None)
+    assert_same_run(tmp_path / "async", tmp_path / "sim")
+    delays, order = read_trace_columns(str(tmp_path / "async" / "trace.txt"))
+    assert delays == [min(t, 2) for t in range(8)] and order == list(range(8))  # 4 steps x 2 epochs
+
+
+def test_a_free_running_trace_replayed_by_the_simulator_reproduces_the_run(tmp_path):
+    cfg = BASE + ["optim.name=ab", "data.subset=256"]
+    result = train_run(load_config(None, cfg + ["delay.kind=async", "delay.workers=3", "delay.slowdown=[1, 1, 3]"]),
+                       tmp_path / "async", log=lambda s: None)
+    trace = tmp_path / "async" / "trace.txt"
+    delays, order = read_trace_columns(str(trace))
+    assert sorted(order) == list(range(16)) and max(delays) > 2  # the slow worker's gradients are staler
+    replay = train_run(load_config(None, cfg + ["delay.kind=trace", f"delay.trace={trace}"]),
+                       tmp_path / "sim", log=lambda s: None)
+    assert_same_run(tmp_path / "async", tmp_path / "sim")
+    assert replay["test_acc"] == result["test_acc"]
+
+
+def test_a_killed_worker_stops_the_run_and_a_rerun_resumes_it_exactly(tmp_path):
+    """fifo, 3 workers, 3 epochs: a worker killed in epoch 2 ends the run with one line; the
+    rerun resumes from epoch 1's checkpoint and ends equal to the simulator, bitwise."""
+    cfg = BASE + ["optim.name=sgdm", "train.epochs=3", "data.subset=512"]
+    args = [f"--set={s}" for s in cfg + ["delay.kind=async", "delay.workers=3", "delay.order=fifo"]]
+    (tmp_path / "c.yaml").write_text("{}\n")
+    cmd = [sys.executable, "-m", "abexp.cli", "train", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "async"), *args]
+    env = dict(os.environ, ABEXP_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    checkpoint = tmp_path / "async" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "abexp.train.async_ps"],
+                             capture_output=True, text=True).stdout.split()
+    assert checkpoint.exists() and workers
+    os.kill(int(workers[0]), signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "async worker" in err and "exited with code" in err
+    assert not (tmp_path / "async" / "result.json").exists()
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr
+    delays, order = read_trace_columns(str(tmp_path / "async" / "trace.txt"))
+    assert order == list(range(48)) and delays == [min(t, 2) for t in range(48)]  # no gap, no repeat
+    train_run(load_config(None, cfg + ["delay.steps=2"]), tmp_path / "sim", log=lambda s: None)
+    assert_same_run(tmp_path / "async", tmp_path / "sim")
+
+
+@pytest.mark.parametrize("extra, key", [
+    (["delay.kind=async"], "delay.workers"),
+    (["delay.kind=async", "delay.workers=0"], "delay.workers"),
+    (["delay.kind=async", "delay.workers=3", "delay.slowdown=[1, 2]"], "delay.slowdown"),
+    (["delay.kind=async", "delay.workers=2", "delay.slowdown=[1, 0.5]"], "delay.slowdown"),
+    (["delay.kind=async", "delay.workers=2", "delay.steps=4"], "delay.steps"),
+    (["delay.kind=async", "delay.workers=2", "eval.bn=running"], "eval.bn"),
+    (["delay.workers=2"], "delay.workers"),
+    (["delay.order=fifo"], "delay.order"),
+])
+def test_bad_async_options_name_their_key(extra, key):
+    base = [b for b in BASE if not b.startswith("eval.bn")] + (["eval.bn=recalibrate"] if "eval.bn=running" not in extra else [])
+    with pytest.raises(ConfigError) as err:
+        load_config(None, base + extra)
+    assert err.value.key == key
+
+
+def test_a_trace_whose_batch_column_is_not_this_runs_order_is_refused(tmp_path):
+    trace = tmp_path / "t.txt"
+    trace.write_text("".join(f"0 {j}\n" for j in [0, 1, 1, 3, 4, 5, 6, 7]))  # batch 2 missing, 1 twice
+    with pytest.raises(ConfigError, match="each of the run's 8 batches once"):
+        train_run(load_config(None, BASE + ["delay.kind=trace", f"delay.trace={trace}"]), tmp_path / "r",
+                  log=lambda s: None)
