@@ -20,6 +20,8 @@ def test_steps_and_largest_delay_by_hand(tmp_path):
                "delay.kind=pipeline", "delay.stages=4")
     assert length.steps_per_run(pipe) == 72 and length.largest_delay(pipe) == 6
     assert length.largest_delay(cfg("delay.kind=pipeline", "delay.stage_delays=[3, 9, 1]")) == 9
+    # an async run's staleness is only known once it runs: the plan shows its mean, N - 1
+    assert length.largest_delay(cfg("delay.kind=async", "delay.workers=8", "eval.bn=recalibrate")) == 7
 
 
 def test_a_run_trains_the_planned_number_of_steps(tmp_path):

@@ -22,13 +22,15 @@ def steps_per_run(cfg: RunConfig) -> int:
 
 
 def largest_delay(cfg: RunConfig) -> int:
-    """The largest delay any step of the run can see, in steps."""
+    """The largest delay any step of the run can see, in steps (an async run: its mean staleness)."""
     d = cfg.delay
     if d.kind == "pipeline":
         from abexp.sim.pipeline import stage_delays
         return max(stage_delays(d))
     if d.kind == "trace":
         return max(read_trace(d.trace, d.steps)) if d.trace else max(d.histogram)
+    if d.kind == "async":  # not known before it runs: its mean, N - 1 (N items always in flight)
+        return d.workers - 1
     return d.steps
 
 
