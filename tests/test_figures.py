@@ -273,3 +273,22 @@ def test_the_undelayed_reference_stays_when_sgdm_splits():
     lines = {line.get_label(): line.get_ydata()[0] for line in ax.get_lines()}
     assert lines == {"SGDM, no delay (0.900)": 0.9, "SGDM + Nesterov, no delay (0.800)": 0.8}
     plt.close(fig)
+
+
+def test_the_staleness_figure_counts_each_traces_delays(tmp_path):
+    """Two fake async runs' trace.txt files: the figure's data are their delays counted by hand."""
+    import pandas as pd
+
+    from abexp.figures import staleness
+    runs = tmp_path / "runs"
+    traces = {"a": [0, 1, 1, 1, 4], "b": [0, 1, 2, 1]}
+    for rid, delays in traces.items():
+        (runs / rid).mkdir(parents=True)
+        (runs / rid / "trace.txt").write_text("# header\n" + "".join(f"{d} {j}  # worker 1 0.1\n" for j, d in enumerate(delays)))
+    pd.DataFrame([{"run_id": rid, "status": "completed", "delay.kind": "async", "delay.workers": 2,
+                   "delay.order": "arrival", "optim.name": "sgdm", "seed": i, "experiment": "e"}
+                  for i, rid in enumerate(traces)]).to_csv(tmp_path / "runs.csv", index=False)
+    staleness.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "figs")])
+    data = pd.read_csv(tmp_path / "figs" / "staleness.csv")
+    assert data.groupby("staleness")["updates"].sum().to_dict() == {0: 2, 1: 5, 2: 1, 4: 1}
+    assert (tmp_path / "figs" / "staleness.png").exists()

@@ -237,7 +237,10 @@ class AsyncRun(Run):
         held = self.held
         lr = cfg.optim.lr
         while self.engine.t < end:
-            info = self.next_arrival()
+            if self.fifo and self.engine.t in held:  # held over from the last epoch
+                info = held.pop(self.engine.t)
+            else:
+                info = self.next_arrival()
             if self.fifo and info["j"] != self.engine.t:
                 held[info["j"]] = info  # early: applied in its turn; its worker waits
                 continue
@@ -247,7 +250,7 @@ class AsyncRun(Run):
                 lr = self.apply(info)
                 if self.next_item < self.total_steps:
                     self.hand_out_next(info["worker"])
-                if self.fifo and self.engine.t in held:
+                if self.fifo and self.engine.t in held and self.engine.t < end:  # never past the epoch
                     ready.append(held.pop(self.engine.t))
             i = self.engine.t - self.epoch * self.steps_per_epoch
             if i % cfg.train.divergence_check_every == 0 and not torch.isfinite(self.engine.w).all():
