@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,11 +76,13 @@ def test_a_free_running_trace_replayed_by_the_simulator_reproduces_the_run(tmp_p
     assert replay["test_acc"] == result["test_acc"]
 
 
-def test_a_killed_worker_stops_the_run_and_a_rerun_resumes_it_exactly(tmp_path):
-    """fifo, 3 workers, 3 epochs: a worker killed in epoch 2 ends the run with one line; the
-    rerun resumes from epoch 1's checkpoint and ends equal to the simulator, bitwise."""
-    cfg = BASE + ["optim.name=sgdm", "train.epochs=3", "data.subset=512"]
-    args = [f"--set={s}" for s in cfg + ["delay.kind=async", "delay.workers=3", "delay.order=fifo"]]
+KILL_CFG = BASE + ["optim.name=sgdm", "train.epochs=3", "data.subset=512"]
+
+
+def start_async_train(tmp_path, extra=()):
+    """``abexp train`` of a 3-epoch fifo run with 3 workers, as a subprocess; returns it and its
+    worker pids once epoch 1's checkpoint is written (workers busy, the run mid-way)."""
+    args = [f"--set={s}" for s in KILL_CFG + ["delay.kind=async", "delay.workers=3", "delay.order=fifo", *extra]]
     (tmp_path / "c.yaml").write_text("{}\n")
     cmd = [sys.executable, "-m", "abexp.cli", "train", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "async"), *args]
     env = dict(os.environ, ABEXP_THREADS="1")
@@ -88,19 +91,68 @@ def test_a_killed_worker_stops_the_run_and_a_rerun_resumes_it_exactly(tmp_path):
     deadline = time.time() + 120
     while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "abexp.train.async_ps"],
-                             capture_output=True, text=True).stdout.split()
-    assert checkpoint.exists() and workers
-    os.kill(int(workers[0]), signal.SIGKILL)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0 and "async worker" in err and "exited with code" in err
-    assert not (tmp_path / "async" / "result.json").exists()
+    workers = [int(p) for p in subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "abexp.train.async_ps"],
+                                              capture_output=True, text=True).stdout.split()]
+    assert checkpoint.exists() and len(workers) == 3
+    return proc, workers, cmd, env
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def assert_rerun_completes_the_run_exactly(tmp_path, cmd, env):
+    """The rerun resumes from the checkpoint: every update once in the trace, in order, and the
+    run equal to the simulator at D = 2 (fifo, 3 workers), bitwise."""
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     assert rerun.returncode == 0, rerun.stderr
     delays, order = read_trace_columns(str(tmp_path / "async" / "trace.txt"))
     assert order == list(range(48)) and delays == [min(t, 2) for t in range(48)]  # no gap, no repeat
-    train_run(load_config(None, cfg + ["delay.steps=2"]), tmp_path / "sim", log=lambda s: None)
+    train_run(load_config(None, KILL_CFG + ["delay.steps=2"]), tmp_path / "sim", log=lambda s: None)
     assert_same_run(tmp_path / "async", tmp_path / "sim")
+
+
+def test_a_killed_worker_stops_the_run_and_a_rerun_resumes_it_exactly(tmp_path):
+    """A worker killed in epoch 2 ends the run with one line; the rerun resumes from epoch 1's
+    checkpoint and ends equal to the simulator, bitwise."""
+    proc, workers, cmd, env = start_async_train(tmp_path)
+    os.kill(workers[0], signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "async worker" in err and "exited with code" in err
+    assert not (tmp_path / "async" / "result.json").exists()
+    assert_rerun_completes_the_run_exactly(tmp_path, cmd, env)
+
+
+def test_a_killed_server_takes_its_workers_with_it_and_resumes_from_its_checkpoint(tmp_path):
+    """SIGKILL to the server (the abexp train process) mid-run: its workers exit too (none is
+    left computing for a dead server), and a rerun resumes from the checkpoint: the items in
+    flight are handed out again, no update is applied twice, the trace has no gap."""
+    proc, workers, cmd, env = start_async_train(tmp_path)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    deadline = time.time() + 30
+    while any(map(alive, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(alive, workers))
+    assert not (tmp_path / "async" / "result.json").exists()
+    assert_rerun_completes_the_run_exactly(tmp_path, cmd, env)
+
+
+def test_a_hung_worker_fails_the_run_after_worker_timeout_s_with_one_line(tmp_path):
+    """A worker frozen (SIGSTOP) mid-run: in fifo order every later gradient waits for its one,
+    so no gradient arrives; after delay.worker_timeout_s the run stops with a line that says so,
+    and leaves no worker process behind."""
+    proc, workers, cmd, env = start_async_train(tmp_path, ["delay.worker_timeout_s=20"])
+    os.kill(workers[0], signal.SIGSTOP)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "delay.worker_timeout_s" in err and "a worker hangs" in err
+    assert "Traceback" not in err
+    assert not any(map(alive, workers))
+    assert not (tmp_path / "async" / "result.json").exists()
 
 
 @pytest.mark.parametrize("extra, key", [
