@@ -33,3 +33,24 @@ def test_bench_writes_json_and_markdown(tmp_path):
     assert abs(d["ratio_delay32_over_delay0"] - d["step_ms_delay32"] / d["step_ms_delay0"]) < 1e-3
     assert abs(d["ratio_pipeline_over_delay32"] - d["step_ms_pipeline"] / d["step_ms_delay32"]) < 1e-3
     assert report["machine"] in (tmp_path / "bench.md").read_text()
+
+
+def test_the_parameter_server_figures_follow_from_their_timings():
+    """Figure d: server ms = exchange + apply, workers kept busy = gradient / server; the params
+    column is the model's own count; one worker is never stale; every update is rated."""
+    import torch
+
+    from abexp.tools import bench_async
+    from abexp.train.models import build_model
+    cost = bench_async.server_cost("resnet8", "ab", rounds=3)
+    assert cost["params"] == sum(p.numel() for p in build_model("resnet8", 10).parameters())
+    assert abs(cost["server_ms"] - (cost["exchange_ms"] + cost["apply_ms"])) < 2e-3
+    assert abs(cost["workers_kept_busy"] - cost["gradient_ms"] / cost["server_ms"]) <= 0.06 + 0.01 * cost["workers_kept_busy"]
+    before = torch.get_num_threads()
+    rows = bench_async.updates_per_second([1, 2], updates=16)
+    torch.set_num_threads(before)
+    assert [(r["workers"], r["updates"]) for r in rows] == [(1, 16), (2, 16)]
+    assert rows[0]["mean_staleness"] == 0 and rows[0]["max_staleness"] == 0 and rows[1]["max_staleness"] >= 1
+    assert rows[0]["speedup_over_first"] == 1.0 and all(r["updates_per_s"] > 0 for r in rows)
+    md = "\n".join(bench_async.to_markdown({"server_cost": [cost], "updates_per_second": rows}))
+    assert md.count("| resnet8 |") == 1 and "| 2 | 16 |" in md

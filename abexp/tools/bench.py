@@ -12,7 +12,9 @@ b. abexp's path (data on the device as uint8, batched augmentation, flat-buffer 
 c. grid throughput: K runs sharing one device, packed into one network (abexp.train.packed) or as K
    processes started together (``--runs-per-gpu K``; the only part that spawns processes),
    K = 1, 2, 4, ...: run-epochs per hour, the best mode and K, and its speed-up over K = 1 and
-   over the naive one-run baseline.
+   over the naive one-run baseline;
+d. the parameter server of ``delay.kind: async`` (``abexp.tools.bench_async``): its cost per
+   update against one gradient, and updates per second against the number of workers.
 Writes ``bench.json`` and ``bench.md`` under ``--out``.
 """
 
@@ -29,6 +31,7 @@ import torch
 
 from abexp import io
 from abexp.config import load_config
+from abexp.tools import bench_async
 from abexp.train.run import Run
 
 
@@ -258,15 +261,16 @@ def compile_speedup(device: str, steps: int) -> dict:
 def to_markdown(report: dict) -> str:
     lines = [f"# abexp benchmark — {report['machine']}", "",
              f"torch {report['torch']}, device {report['device']}, {report['date']}", ""]
-    d = report["delay_overhead"]
-    lines += ["## Delay overhead (same model, synthetic data)", "",
-              "| model | batch | step ms, delay 0 | step ms, delay 32 | ratio (target ≤ 1.05) |",
-              "|---|---|---|---|---|",
-              f"| {d['model']} | {d['batch']} | {d['step_ms_delay0']} | {d['step_ms_delay32']} | "
-              f"{d['ratio_delay32_over_delay0']} |", ""]
-    if "step_ms_pipeline" in d:
-        lines += [f"Per-stage delays ({d['stages']} stages, 2(S-1-s)): {d['step_ms_pipeline']} ms per step, "
-                  f"{d['ratio_pipeline_over_delay32']}× the constant delay 32 (target ≤ 1.05).", ""]
+    if "delay_overhead" in report:
+        d = report["delay_overhead"]
+        lines += ["## Delay overhead (same model, synthetic data)", "",
+                  "| model | batch | step ms, delay 0 | step ms, delay 32 | ratio (target ≤ 1.05) |",
+                  "|---|---|---|---|---|",
+                  f"| {d['model']} | {d['batch']} | {d['step_ms_delay0']} | {d['step_ms_delay32']} | "
+                  f"{d['ratio_delay32_over_delay0']} |", ""]
+        if "step_ms_pipeline" in d:
+            lines += [f"Per-stage delays ({d['stages']} stages, 2(S-1-s)): {d['step_ms_pipeline']} ms per step, "
+                      f"{d['ratio_pipeline_over_delay32']}× the constant delay 32 (target ≤ 1.05).", ""]
     if "path_vs_naive" in report:
         p = report["path_vs_naive"]
         lines += ["## abexp path vs naive DataLoader pipeline (ResNet-20, one CIFAR-10 epoch)", "",
@@ -286,6 +290,8 @@ def to_markdown(report: dict) -> str:
         lines += ["", f"best: {g['best_mode']}, K = {g['best_K']}, {g['best_epoch_s_per_run']} s per run-epoch: "
                       f"{g['best_speedup_over_K1']}× over K = 1, {g['best_speedup_over_naive']}× over the naive "
                       "one-run pipeline (target ≥ 20×, ≤ 1 s per run-epoch)", ""]
+    if "async" in report:
+        lines += bench_async.to_markdown(report["async"])
     return "\n".join(lines)
 
 
@@ -300,18 +306,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="K for K processes sharing the device (default: 2 4 8 16 32 on a GPU, "
                              "2 4 on a CPU, where each process needs its own memory and threads)")
     parser.add_argument("--only-delay", action="store_true", help="just figure a (fast)")
+    parser.add_argument("--only-async", action="store_true", help="just figure d (the parameter server)")
+    parser.add_argument("--async-workers", type=int, nargs="+", default=[1, 2, 4, 8],
+                        help="N for the updates-per-second runs of figure d")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     report = {"machine": machine_name(device), "device": str(device), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M")}
-    report["delay_overhead"] = delay_overhead(str(device), args.steps, args.rounds)
-    if not args.only_delay:
+    if not args.only_async:
+        report["delay_overhead"] = delay_overhead(str(device), args.steps, args.rounds)
+    if not (args.only_delay or args.only_async):
         report["path_vs_naive"] = path_vs_naive(str(device), args.steps)
         report["compile"] = compile_speedup(str(device), args.steps)
         procs = args.procs if args.procs is not None else ([2, 4, 8, 16, 32] if device.type == "cuda" else [2, 4])
         report["grid_throughput"] = grid_throughput(str(device), args.packs, procs, max(2, args.steps // 3),
                                                     report["path_vs_naive"]["naive_epoch_s"])
+    if not args.only_delay:  # the server is a CPU process (gloo), whatever the device
+        report["async"] = bench_async.report(max(5, args.steps), args.async_workers)
     out = Path(args.out)
     io.write_json(out / "bench.json", report)
     md = to_markdown(report)
