@@ -21,7 +21,8 @@ MODEL_NAMES = ("resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resne
 DATA_NAMES = ("cifar10", "digits", "synthetic", "imagenet", "fashion_mnist", "mnist")
 # optimizer name -> which mitigations it switches on (see abexp/sim/optim.py)
 OPTIM_NAMES = ("sgdm", "ab", "sc", "lwp", "dcasgd", "salr", "ab_lwp", "sc_lwp",
-               "adam", "adamw", "ab_adam", "ab_adamw", "gap_aware", "delay_adaptive")
+               "adam", "adamw", "ab_adam", "ab_adamw", "gap_aware", "delay_adaptive",
+               "pipemare_lr", "adl", "ab_adl")
 ADAM_NAMES = ("adam", "adamw", "ab_adam", "ab_adamw")
 
 
@@ -92,6 +93,9 @@ class OptimCfg(_Locked):
     tau_c: Optional[float] = Field(None, ge=0.0)
     gap_gamma: float = Field(0.999, gt=0.0, lt=1.0)  # gap_aware: decay of the EMA of v^2 (FTPipe's)
     gap_eps: float = Field(1e-8, gt=0.0)  # gap_aware: added to RMS(v) (FTPipe's)
+    # pipemare_lr: lr * max(1, tau)^-p_k, p_k = max(0, 1 - k / K) over the first K updates
+    pipemare_anneal_steps: int = Field(1000, ge=0)
+    adl_steps: int = Field(4, ge=1)  # adl, ab_adl: gradients accumulated into one update
     betas: list[float] = [0.9, 0.999]  # adam family: the moments' decay rates
     eps: float = Field(1e-8, gt=0.0)  # adam family: added to the root of the second moment
 
@@ -207,6 +211,7 @@ ADDED_KEYS: dict[str, Any] = {"data.crop_pad": None, "data.flip": None,
                               "delay.workers": None, "delay.order": "arrival", "delay.slowdown": None,
                               "delay.pause_prob": 0.0, "delay.pause_s": 0.0,
                               "optim.tau_c": None, "optim.gap_gamma": 0.999, "optim.gap_eps": 1e-8,
+                              "optim.pipemare_anneal_steps": 1000, "optim.adl_steps": 4,
                               # every stored run trained on the CPU, where this changes nothing
                               "train.deterministic": True}
 

@@ -304,3 +304,72 @@ def test_gap_aware_resumes_bitwise_from_its_state():
         whole.step(_linear_grad, 0.1)
         resumed.step(_linear_grad, 0.1)
     assert torch.equal(whole.w, resumed.w)
+
+
+def test_pipemare_lr_is_lr_over_tau_to_an_annealed_power():
+    """PipeMare's rescheduling (our reconstruction, docs/implementation.md): eta_k = lr *
+    max(1, tau)^-p_k, p_k = max(0, 1 - k / K); tau the actual staleness, min(k, D) while the
+    pipeline fills. Momentum 0 and a constant gradient: w moves by eta_k each step."""
+    cfg = OptimCfg(name="pipemare_lr", lr=0.1, momentum=0.0, weight_decay=0.0, pipemare_anneal_steps=5)
+    engine = DelayedSGD(torch.tensor([0.0], dtype=torch.float64), [1], cfg, DelayCfg(steps=4), seed=0)
+    w = 0.0
+    for k in range(9):
+        engine.step(lambda w: torch.tensor([1.0], dtype=torch.float64), 0.1)
+        w -= 0.1 * max(1, min(k, 4)) ** -max(0.0, 1 - k / 5)
+        assert float(engine.w) == pytest.approx(w, rel=1e-12)
+    assert w != pytest.approx(-0.9)  # it did rescale (a plain SGD walk would be at -0.9)
+
+
+def test_adl_applies_the_mean_of_every_m_gradients_at_once():
+    """ADL's accumulation: M delayed gradients summed, their mean one momentum-SGD update
+    (weight decay on the weights at update time); no change in between. A naive recomputation
+    with an explicit weight history."""
+    m, wd, delay, steps = 0.9, 0.1, 3, 3
+    cfg = OptimCfg(name="adl", lr=0.1, momentum=m, weight_decay=wd, adl_steps=steps)
+    engine = DelayedSGD(torch.tensor([1.0, -1.0], dtype=torch.float64), [2], cfg, DelayCfg(steps=delay), seed=0)
+    history, v, acc = [torch.tensor([1.0, -1.0], dtype=torch.float64)], torch.zeros(2, dtype=torch.float64), []
+    for t, lr in enumerate([0.05, 0.1, 0.2, 0.1, 0.05, 0.02, 0.05, 0.1, 0.1]):
+        engine.step(_linear_grad, lr)
+        w = history[-1]
+        acc.append(_linear_grad(history[max(0, t - delay)]))
+        if len(acc) == steps:
+            v = m * v + (sum(acc) / steps + wd * w)
+            w = w - lr * v
+            acc = []
+        history.append(w)
+        assert engine.w.tolist() == pytest.approx(history[-1].tolist(), rel=1e-12)
+    assert torch.equal(history[1], history[0]) and not torch.equal(history[3], history[2])
+
+
+def test_new_rules_reduce_to_sgdm_where_they_should():
+    """No delay: PipeMare's rate is lr (tau <= 1); ADL with one gradient per update, and AB + ADL
+    with rho = 0, are SGDM; PipeMare with K = 0 (no annealing phase) is SGDM at any delay. Bitwise."""
+    data = batches(6)
+    sgdm = run_engine(OptimCfg(name="sgdm"), 0, data, 0.05)
+    for cfg in (OptimCfg(name="pipemare_lr"), OptimCfg(name="adl", adl_steps=1),
+                OptimCfg(name="ab_adl", adl_steps=1, rho=0.0)):
+        assert torch.equal(run_engine(cfg, 0, data, 0.05), sgdm), cfg.name
+    delayed = run_engine(OptimCfg(name="sgdm"), 3, data, 0.05)
+    assert torch.equal(run_engine(OptimCfg(name="pipemare_lr", pipemare_anneal_steps=0), 3, data, 0.05), delayed)
+    assert torch.equal(run_engine(OptimCfg(name="ab_adl", adl_steps=1), 3, data, 0.05),
+                       run_engine(OptimCfg(name="ab"), 3, data, 0.05))
+
+
+@pytest.mark.parametrize("name", ["pipemare_lr", "adl"])
+def test_pipemare_and_adl_resume_bitwise_from_their_state(name):
+    """Their step count and accumulated gradients are state: a resume mid-accumulation (after 5
+    steps, M = 3) and mid-annealing continues exactly."""
+    cfg = OptimCfg(name=name, lr=0.1, momentum=0.9, weight_decay=0.01, adl_steps=3, pipemare_anneal_steps=8)
+    make = lambda: DelayedSGD(torch.tensor([1.0, -1.0], dtype=torch.float64), [2], cfg,  # noqa: E731
+                              DelayCfg(steps=3), seed=0)
+    whole, first = make(), make()
+    for _ in range(5):
+        whole.step(_linear_grad, 0.1)
+        first.step(_linear_grad, 0.1)
+    state = copy.deepcopy(first.state_dict())
+    resumed = make()
+    resumed.load_state_dict(state)
+    for _ in range(6):
+        whole.step(_linear_grad, 0.1)
+        resumed.step(_linear_grad, 0.1)
+    assert torch.equal(whole.w, resumed.w)

@@ -15,6 +15,9 @@ only the rules that depend on the staleness loop over the stages (one range with
     w  -= eta (g + m v)                                        Nesterov instead of the line above
     eta = lr / max(1, tau)                                     staleness-aware lr (salr)
     eta = lr * M / max(M, tau),  M = max(1, tau_C)             delay-adaptive step (Mishchenko et al. 2022)
+    eta = lr * max(1, tau)^-p,  p = max(0, 1 - k / K)          PipeMare's lr rescheduling (Yang et al. 2021)
+    g   = mean of the last M loss gradients, every M-th step    ADL's accumulation (Zhuang et al. 2020);
+          (no update in between)                                  the other steps leave w and v as they are
     g  /= 1 + |w - w_fwd| / C,                                 Gap-Aware (Barkai et al. 2020), per element,
           C = lr_max (sqrt(EMA_0.999(v^2) / (1 - 0.999^k)) + 1e-8)   from v before this step
     stored forward weights: w - eta_s * H * v                  linear weight prediction (lwp)
@@ -42,6 +45,8 @@ class Mitigations:
     salr: bool = False
     gap_aware: bool = False
     delay_adaptive: bool = False
+    pipemare_lr: bool = False
+    accumulate: bool = False  # ADL
     adam: bool = False
     decoupled_wd: bool = False  # AdamW
 
@@ -55,6 +60,9 @@ OPTIMIZERS: dict[str, Mitigations] = {
     "salr": Mitigations(salr=True),
     "gap_aware": Mitigations(gap_aware=True),
     "delay_adaptive": Mitigations(delay_adaptive=True),
+    "pipemare_lr": Mitigations(pipemare_lr=True),
+    "adl": Mitigations(accumulate=True),
+    "ab_adl": Mitigations(ab=True, accumulate=True),
     "ab_lwp": Mitigations(ab=True, lwp=True),
     "sc_lwp": Mitigations(sc=True, lwp=True),
     "adam": Mitigations(adam=True),
@@ -102,6 +110,10 @@ class DelayedOptimizer:
         # Gap-Aware: EMA of v^2 per element, its update count, the largest lr seen (FTPipe's max_lr)
         self.gap_avg = torch.zeros(numel, device=device, dtype=dtype) if self.rules.gap_aware else None
         self.gap_updates, self.max_lr = 0, 0.0
+        self.steps = 0  # steps taken (PipeMare's k)
+        # ADL: the loss gradients accumulated since the last update, and how many
+        self.accumulated = torch.zeros(numel, device=device, dtype=dtype) if self.rules.accumulate else None
+        self.accumulated_count = 0
         self.lengths = None
         if self.rules.ab and cfg.ab_cosine == "tensor":
             self.lengths = torch.tensor(segment_sizes, device=device, dtype=torch.long)
@@ -112,6 +124,10 @@ class DelayedOptimizer:
         if self.rules.delay_adaptive:
             m = self.tau_c[stage]
             return lr * m / max(m, tau)
+        if self.rules.pipemare_lr:  # self.steps: this step's k (counted before the update)
+            anneal = self.cfg.pipemare_anneal_steps
+            p = max(0.0, 1.0 - self.steps / anneal) if anneal else 0.0
+            return lr * max(1, tau) ** -p
         return lr
 
     def _gap_penalty(self, g: torch.Tensor, w: torch.Tensor, w_fwd: torch.Tensor, lr: float) -> None:
@@ -150,6 +166,14 @@ class DelayedOptimizer:
         ``taus``: the actual staleness of each stage's gradient."""
         cfg, rules, v = self.cfg, self.rules, self.v
         g = grad
+        if rules.accumulate:  # ADL: one update from the mean of every adl_steps loss gradients
+            self.accumulated.add_(grad)
+            self.accumulated_count += 1
+            if self.accumulated_count < cfg.adl_steps:
+                return
+            g = grad.copy_(self.accumulated).div_(cfg.adl_steps)
+            self.accumulated.zero_()
+            self.accumulated_count = 0
         correction = None
         if rules.dc and cfg.dc_lambda and max(taus) > 0:
             correction = (g * g).mul_(w - w_fwd).mul_(cfg.dc_lambda)
@@ -175,6 +199,7 @@ class DelayedOptimizer:
                 w[a:b].add_(g[a:b].add_(v[a:b], alpha=m), alpha=-eta)
             else:
                 w[a:b].add_(v[a:b], alpha=-eta)
+        self.steps += 1
 
     def _adam(self, w: torch.Tensor, g: torch.Tensor, lr: float) -> None:
         """torch.optim.Adam / AdamW's update, operation for operation."""
@@ -194,6 +219,10 @@ class DelayedOptimizer:
             state.update(second=self.second, updates=self.updates)
         if self.gap_avg is not None:
             state.update(gap_avg=self.gap_avg, gap_updates=self.gap_updates, max_lr=self.max_lr)
+        if self.rules.pipemare_lr:
+            state.update(steps=self.steps)
+        if self.accumulated is not None:
+            state.update(accumulated=self.accumulated, accumulated_count=self.accumulated_count)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -204,3 +233,8 @@ class DelayedOptimizer:
         if self.gap_avg is not None:
             self.gap_avg.copy_(state["gap_avg"])
             self.gap_updates, self.max_lr = int(state["gap_updates"]), float(state["max_lr"])
+        if self.rules.pipemare_lr:
+            self.steps = int(state["steps"])
+        if self.accumulated is not None:
+            self.accumulated.copy_(state["accumulated"])
+            self.accumulated_count = int(state["accumulated_count"])
