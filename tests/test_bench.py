@@ -36,7 +36,7 @@ def test_bench_writes_json_and_markdown(tmp_path):
 
 
 def test_the_parameter_server_figures_follow_from_their_timings():
-    """Figure d: server ms = exchange + apply, workers kept busy = gradient / server; the params
+    """Figure e: server ms = exchange + apply, workers kept busy = gradient / server; the params
     column is the model's own count; one worker is never stale; every update is rated."""
     import torch
 

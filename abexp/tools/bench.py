@@ -13,7 +13,8 @@ c. grid throughput: K runs sharing one device, packed into one network (abexp.tr
    processes started together (``--runs-per-gpu K``; the only part that spawns processes),
    K = 1, 2, 4, ...: run-epochs per hour, the best mode and K, and its speed-up over K = 1 and
    over the naive one-run baseline;
-d. the parameter server of ``delay.kind: async`` (``abexp.tools.bench_async``): its cost per
+d. torch.compile: eager vs compiled step time (ResNet-20, AB, delay 32);
+e. the parameter server of ``delay.kind: async`` (``abexp.tools.bench_async``): its cost per
    update against one gradient, and updates per second against the number of workers.
 Writes ``bench.json`` and ``bench.md`` under ``--out``.
 """
@@ -306,9 +307,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="K for K processes sharing the device (default: 2 4 8 16 32 on a GPU, "
                              "2 4 on a CPU, where each process needs its own memory and threads)")
     parser.add_argument("--only-delay", action="store_true", help="just figure a (fast)")
-    parser.add_argument("--only-async", action="store_true", help="just figure d (the parameter server)")
+    parser.add_argument("--only-async", action="store_true", help="just figure e (the parameter server)")
     parser.add_argument("--async-workers", type=int, nargs="+", default=[1, 2, 4, 8],
-                        help="N for the updates-per-second runs of figure d")
+                        help="N for the updates-per-second runs of figure e")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
