@@ -10,7 +10,7 @@ b. abexp's path (data on the device as uint8, batched augmentation, flat-buffer 
    transforms, fp32, eager, torch.optim.SGD): time per CIFAR-10 epoch (390 steps), extrapolated
    from the measured step time;
 c. grid throughput: K runs sharing one device, packed into one network (abexp.train.packed) or as K
-   processes started together (``--runs-per-gpu K``; the only part that spawns processes),
+   processes started together (``--runs-per-gpu K``),
    K = 1, 2, 4, ...: run-epochs per hour, the best mode and K, and its speed-up over K = 1 and
    over the naive one-run baseline;
 d. torch.compile: eager vs compiled step time (ResNet-20, AB, delay 32);
