@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         report["grid_throughput"] = grid_throughput(str(device), args.packs, procs, max(2, args.steps // 3),
                                                     report["path_vs_naive"]["naive_epoch_s"])
     if not args.only_delay:  # the server is a CPU process (gloo), whatever the device
-        report["async"] = bench_async.report(max(5, args.steps), args.async_workers)
+        report["async"] = bench_async.report(max(20, args.steps), args.async_workers)
     out = Path(args.out)
     io.write_json(out / "bench.json", report)
     md = to_markdown(report)

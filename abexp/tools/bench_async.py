@@ -8,7 +8,8 @@ a. Server cost per update, for ResNet-8-, ResNet-20- and ResNet-50-sized paramet
    (forward and backward of one batch, one thread). Their ratio is the number of workers one
    server can keep busy before it becomes the bottleneck.
 b. Updates per second against N: real ``delay.kind: async`` runs (ResNet-8 on digits, free
-   running), rated from their ``trace.txt`` times (worker start-up excluded).
+   running), rated from their ``trace.txt`` times in the steady state (start-up, ramp and
+   drain excluded).
 """
 
 from __future__ import annotations
@@ -125,9 +126,10 @@ def server_cost(model: str, optim: str, rounds: int) -> dict:
             "workers_kept_busy": round(gradient_s / server_s, 1)}
 
 
-def updates_per_second(workers: list[int], updates: int = 80) -> list[dict]:
+def updates_per_second(workers: list[int], updates: int = 88) -> list[dict]:
     """Free-running async runs (ResNet-8, digits, batch 16) with N workers: updates per second
-    between the first and the last update of trace.txt."""
+    in the steady state, from trace.txt's times between update N - 1 and update U - N (the N
+    first gradients all start at once and the N last have no successors: ramp and drain)."""
     from abexp.train.start import train_run
     rows = []
     for n in workers:
@@ -141,7 +143,8 @@ def updates_per_second(workers: list[int], updates: int = 80) -> list[dict]:
             times = [float(line.split("#")[1].split()[2]) for line in trace.read_text().splitlines()
                      if line.strip() and not line.startswith("#")]
             delays, _ = read_trace_columns(str(trace))
-        rate = (len(times) - 1) / (times[-1] - times[0])
+        lo, hi = n - 1, len(times) - n
+        rate = (hi - lo) / (times[hi] - times[lo])
         rows.append({"workers": n, "updates": len(times), "updates_per_s": round(rate, 1),
                      "mean_staleness": round(sum(delays) / len(delays), 2), "max_staleness": max(delays)})
     base = rows[0]["updates_per_s"]
@@ -175,6 +178,6 @@ def to_markdown(section: dict) -> list[str]:
     lines += [f"| {r['workers']} | {r['updates']} | {r['updates_per_s']} | {r['speedup_over_first']} | "
               f"{r['mean_staleness']} | {r['max_staleness']} |" for r in section["updates_per_second"]]
     lines += ["", "Free-running async runs, ResNet-8 on digits, batch 16, AB; rated from trace.txt's "
-              "times (worker start-up excluded). On a CPU every worker needs a core: past the core "
+              "times in the steady state (updates N - 1 to U - N: worker start-up, ramp and drain excluded). On a CPU every worker needs a core: past the core "
               "count more workers add staleness, not updates.", ""]
     return lines
