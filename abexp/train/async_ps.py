@@ -189,6 +189,13 @@ class AsyncRun(Run):
         try:
             yield
         except RuntimeError as err:
+            if "Timed out" in str(err) and self.procs[rank - 1].poll() is None:
+                # the peer lives but did not take its data: it hangs (others may have died of
+                # waiting on us meanwhile; they are not the cause)
+                raise AsyncWorkerError(
+                    f"async worker {rank} (pid {self.procs[rank - 1].pid}) did not respond for "
+                    f"{self.cfg.delay.worker_timeout_s:.0f} s (delay.worker_timeout_s) at update {self.engine.t}: "
+                    "a worker hangs; the run stops here and resumes from its last checkpoint when run again") from None
             time.sleep(0.5)  # let the dead process be reaped
             raise (self.dead_worker() or AsyncWorkerError(
                 f"lost the connection to async worker {rank} at update {self.engine.t}: "
@@ -319,6 +326,16 @@ class WorkerModel:
         self.model.train()
 
 
+def _worker_exit(rank: int, err: RuntimeError) -> None:
+    """A worker that lost its server (a timeout, a closed connection): one line on stderr, exit 1;
+    the server names the cause of the run's end."""
+    import sys
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    print(f"abexp async worker {rank}: lost the server ({lines[-1] if lines else 'no message'}); exiting",
+          file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def worker_main(rank: int, world: int, port: int, config_path: str, server_pid: int,
                 num_classes: int, channels: int, input_shape: tuple) -> None:
     """A worker: take an item, compute its gradient, announce it, send it; until told to stop
@@ -348,9 +365,12 @@ def worker_main(rank: int, world: int, port: int, config_path: str, server_pid: 
         item = json.loads(store.get(key))
         if item.get("stop"):
             break
-        dist.recv(w, src=0)
-        dist.recv(x, src=0)
-        dist.recv(y, src=0)
+        try:
+            dist.recv(w, src=0)
+            dist.recv(x, src=0)
+            dist.recv(y, src=0)
+        except RuntimeError as err:  # the server is gone or stuck: one line, not a traceback
+            _worker_exit(rank, err)
         began = time.perf_counter()
         micro = cfg.train.micro_batches
         sums = batch_gradient(model, list(zip(x.chunk(micro), y.chunk(micro))), w)
@@ -362,7 +382,10 @@ def worker_main(rank: int, world: int, port: int, config_path: str, server_pid: 
         k = store.add("arrivals", 1) - 1
         store.set(f"arrival/{k}", json.dumps({"worker": rank, "j": item["j"], "v": item["v"],
                                               "losses": losses, "correct": correct}))
-        dist.send(model.flat.grad, dst=0)
+        try:
+            dist.send(model.flat.grad, dst=0)
+        except RuntimeError as err:
+            _worker_exit(rank, err)
         n += 1
     with _quiet():
         dist.destroy_process_group()
