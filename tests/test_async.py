@@ -178,3 +178,24 @@ def test_a_trace_whose_batch_column_is_not_this_runs_order_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="each of the run's 8 batches once"):
         train_run(load_config(None, BASE + ["delay.kind=trace", f"delay.trace={trace}"]), tmp_path / "r",
                   log=lambda s: None)
+
+
+def test_a_send_that_times_out_to_a_live_worker_names_that_worker_as_hanging():
+    """The race CI once hit: the server blocks sending to a frozen worker while another worker
+    dies of waiting; the run's line must name the frozen one (alive, timed out), not the dead one."""
+    from types import SimpleNamespace
+
+    from abexp.train.async_ps import AsyncRun, AsyncWorkerError
+    frozen = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    died = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    died.wait()
+    server = SimpleNamespace(procs=[frozen, died], engine=SimpleNamespace(t=21),
+                             cfg=SimpleNamespace(delay=SimpleNamespace(worker_timeout_s=20.0)))
+    try:
+        with pytest.raises(AsyncWorkerError, match=rf"async worker 1 \(pid {frozen.pid}\) did not respond for 20 s "
+                                                   r"\(delay.worker_timeout_s\) at update 21: a worker hangs"):
+            with AsyncRun.talking_to(server, 1):
+                raise RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 20000ms for send")
+    finally:
+        frozen.kill()
+        frozen.wait()
