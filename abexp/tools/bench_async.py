@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from abexp.config import RunConfig, load_config, read_trace_columns
+from abexp.config import load_config, read_trace_columns
 from abexp.sim.engine import DelayedSGD
+from abexp.train.async_ps import WorkerModel, update_times
 from abexp.train.run import batch_gradient
 
 # model -> (input channels, side, batch) for the gradient it is compared with: the CIFAR nets at
@@ -71,27 +72,15 @@ def exchange_seconds(numel: int, item_numel: int, rounds: int) -> float:
     return statistics.median(times[1:])
 
 
-class GradientWorker:
-    """What ``batch_gradient`` needs (as ``Run`` and the async workers supply it): a model, its
-    flat parameter views and the run's config."""
-
-    def __init__(self, cfg: RunConfig, model: str):
-        from abexp.sim.engine import FlatParams
-        from abexp.train.models import build_model
-        self.cfg, self.device, self.memory_format = cfg, torch.device("cpu"), torch.contiguous_format
-        self.train_model = build_model(model, 10)
-        self.flat = FlatParams(self.train_model)
-        self.train_model.train()
-
-
 def server_cost(model: str, optim: str, rounds: int) -> dict:
     """Server seconds per update (exchange + apply + snapshot) vs one worker's gradient, one thread."""
     channels, side, batch = GRADIENT_INPUTS[model]
-    # the config supplies the update rule and the loss only: the model is built by name (ResNet-50
-    # has no config here without an ImageNet folder)
     cfg = load_config(None, ["data.name=synthetic", f"train.batch_size={batch}", "delay.kind=async",
                              "delay.workers=4", f"optim.name={optim}", "eval.bn=recalibrate"])
-    worker = GradientWorker(cfg, model)
+    # the model named directly: ResNet-50 passes no validation here (no ImageNet folder), and
+    # only the async worker's model, rule and loss are used
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": model})})
+    worker = WorkerModel(cfg, 10, channels, (channels, side, side))
     engine = DelayedSGD(worker.flat.data, worker.flat.sizes, cfg.optim, cfg.delay, cfg.seed)
     numel = engine.w.numel()
     grad, stale = torch.randn(numel) * 1e-3, engine.w.clone()
@@ -140,8 +129,7 @@ def updates_per_second(workers: list[int], updates: int = 88) -> list[dict]:
                                      "delay.kind=async", f"delay.workers={n}"])
             train_run(cfg, Path(tmp) / "run", "cpu", log=lambda s: None)
             trace = Path(tmp) / "run" / "trace.txt"
-            times = [float(line.split("#")[1].split()[2]) for line in trace.read_text().splitlines()
-                     if line.strip() and not line.startswith("#")]
+            times = update_times(trace)
             delays, _ = read_trace_columns(str(trace))
         lo, hi = n - 1, len(times) - n
         rate = (hi - lo) / (times[hi] - times[lo])

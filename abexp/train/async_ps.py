@@ -54,6 +54,13 @@ TRACE_HEADER = ("# abexp async trace: one line per update, in the order applied:
 POLL_S = 1.0  # how often a waiting side checks that the other is still alive
 
 
+def update_times(trace: str | Path) -> list[float]:
+    """The seconds since the run started at which each update of a trace.txt was applied
+    (its comment column, which ``AsyncRun.apply`` writes)."""
+    return [float(line.split("#", 1)[1].split()[2]) for line in Path(trace).read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
 class AsyncWorkerError(RuntimeError):
     """A worker died or went silent: the run stops with this line (its checkpoint resumes it)."""
 
