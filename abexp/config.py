@@ -134,6 +134,11 @@ class DelayCfg(_Locked):
     # pipeline: per-stage delays 2(S-1-s), or "flat": every stage at the first stage's 2(S-1),
     # i.e. a constant delay on the same stage layout (the comparison for a pipeline study)
     stage_profile: Literal["pipeline", "flat"] = "pipeline"
+    # pipeline: true = weight stashing (a stage's backward pass sees its forward pass's weights);
+    # false = Pipelined Backpropagation without stashing: the backward pass sees the stage's
+    # weights of step t - b_s (b_s = 0, the current weights, unless stage_backward_delays)
+    stashing: bool = True
+    stage_backward_delays: Optional[list[int]] = None  # pipeline, stashing false: b_s per stage
     trace: Optional[str] = None  # trace: file of one delay per line, replayed and cycled
     histogram: Optional[dict[int, float]] = None  # trace: {delay: weight}, drawn per step, seeded
     # async: a real parameter server with N worker processes (abexp.train.async_ps); the
@@ -145,7 +150,7 @@ class DelayCfg(_Locked):
     pause_s: float = Field(0.0, ge=0.0)  # async: mean pause (exponential), seconds
     worker_timeout_s: float = Field(600.0, gt=0.0)  # async: no gradient for this long = a hung worker
 
-    @field_validator("stage_delays")
+    @field_validator("stage_delays", "stage_backward_delays")
     @classmethod
     def _non_negative(cls, v: Optional[list[int]]) -> Optional[list[int]]:
         if v is not None and (not v or any(d < 0 for d in v)):
@@ -206,6 +211,7 @@ ADDED_KEYS: dict[str, Any] = {"data.crop_pad": None, "data.flip": None,
                               "optim.betas": [0.9, 0.999], "optim.eps": 1e-8,
                               "delay.stages": None, "delay.stage_delays": None,
                               "delay.stage_balance": "params", "delay.stage_profile": "pipeline",
+                              "delay.stashing": True, "delay.stage_backward_delays": None,
                               "delay.trace": None,
                               "delay.histogram": None,
                               "delay.workers": None, "delay.order": "arrival", "delay.slowdown": None,
@@ -369,6 +375,11 @@ def _check_combinations(cfg: RunConfig, source: str) -> None:
                           "server runs no forward pass, so it has no running BN statistics)")
     if cfg.optim.name in ADAM_NAMES and cfg.optim.nesterov:
         raise ConfigError(source, "optim.nesterov", f"not defined for {cfg.optim.name}")
+    if not cfg.delay.stashing and (cfg.train.precision == "bf16" or cfg.train.compile):
+        # the backward weights are swapped in where autograd saves the parameters themselves;
+        # autocast saves low-precision copies and a compiled graph its own, which it would miss
+        raise ConfigError(source, "train.precision" if cfg.train.precision == "bf16" else "train.compile",
+                          "delay.stashing: false needs train.precision fp32 or tf32 and train.compile: false")
     if cfg.train.batch_size % cfg.train.micro_batches:
         raise ConfigError(source, "train.micro_batches", "must divide train.batch_size")
     imagenet_models = ("resnet18", "resnet50")
@@ -394,6 +405,21 @@ def _check_delay(d: DelayCfg, source: str) -> None:
         if d.stages is not None and d.stage_delays is not None and len(d.stage_delays) != d.stages:
             raise ConfigError(source, "delay.stage_delays",
                               f"has {len(d.stage_delays)} entries for {d.stages} stages")
+        if d.stage_backward_delays is not None:
+            from abexp.sim.pipeline import stage_delays
+            forward = stage_delays(d)
+            if d.stashing:
+                raise ConfigError(source, "delay.stage_backward_delays",
+                                  "needs delay.stashing: false (with stashing, backward delays equal forward ones)")
+            if len(d.stage_backward_delays) != len(forward) or any(
+                    b > f for b, f in zip(d.stage_backward_delays, forward)):
+                raise ConfigError(source, "delay.stage_backward_delays",
+                                  f"needs {len(forward)} delays, each at most its stage's forward delay "
+                                  f"{forward} (a backward pass runs after its forward pass); got "
+                                  f"{d.stage_backward_delays}")
+    elif not d.stashing or d.stage_backward_delays is not None:
+        raise ConfigError(source, "delay.stashing" if not d.stashing else "delay.stage_backward_delays",
+                          "only for delay.kind: pipeline")
     async_keys = {"delay.workers": d.workers is not None, "delay.order": d.order != "arrival",
                   "delay.slowdown": d.slowdown is not None, "delay.pause_prob": d.pause_prob > 0,
                   "delay.pause_s": d.pause_s > 0}

@@ -1,6 +1,6 @@
 """Pipelined training: final test accuracy vs number of pipeline stages S, one line per
 optimizer and stage profile — per-stage delays 2(S-1-s) (solid) next to every stage at the
-first stage's delay 2(S-1) (``flat``, dashed). Mean ± std over seeds, every seed as a dot."""
+first stage's delay 2(S-1) (``flat``, dashed) and per-stage without weight stashing (dotted). Mean ± std over seeds, every seed as a dot."""
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -26,8 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     bottom, _ = common.accuracy_axis(ax, list(table["acc"]) + list(summary["mean"] + summary["std"].fillna(0)), table)
     for name, style in common.styles(series).items():
         rows = summary[summary["series"] == name].sort_values("stages")
-        if "2(S-1" in name:  # the two profiles (common.describe): per-stage solid, flat dashed
-            style = {**style, "ls": "--" if "flat delay" in name else "-"}
+        if "2(S-1" in name:  # the profiles (common.describe): per-stage solid, flat dashed,
+            # per-stage without weight stashing dotted
+            style = {**style, "ls": "--" if "flat delay" in name else ":" if "unstashed" in name else "-"}
         label = name
         ax.errorbar(rows["stages"], rows["mean"], yerr=rows["std"].fillna(0), **style, marker="o",
                     capsize=3, lw=1.6, label=label)

@@ -78,6 +78,8 @@ def describe(key: str, value) -> str:
         return " + Nesterov" if str(value) == "True" else ""
     if key == "delay.stage_profile":
         return ", per-stage delays 2(S-1-s)" if value == "pipeline" else ", flat delay 2(S-1)"
+    if key == "delay.stashing":
+        return ", stashed" if str(value) == "True" else ", unstashed"
     if key in ("train.precision", "experiment"):
         return f", {value}"
     if isinstance(value, bool) or str(value) in ("True", "False"):

@@ -7,7 +7,9 @@ gradient there, and let the optimizer apply it to the current weights.
 With per-stage delays (``delay.kind: pipeline``) the flat weight vector is cut into S contiguous
 stages and the forward weights are assembled from S slices of the ring buffer, stage s from
 slot t - D_s: S slice copies per step, no index tensor, no host read. Each step then carries
-one staleness per stage, and every mitigation uses its stage's own value.
+one staleness per stage, and every mitigation uses its stage's own value. Without weight
+stashing (``delay.stashing: false``) ``begin`` also assembles the backward weights ``w_bwd``,
+stage s from step t - b_s (b_s = 0: the current weights ``w``).
 """
 
 from __future__ import annotations
@@ -31,9 +33,13 @@ class DelayedSGD:
         the parameter tensors cut by parameter count (abexp.sim.pipeline)."""
         self.w = w0.detach().clone()
         numel = self.w.numel()
+        self.backward_delays, self.w_bwd = None, None
         if delay.kind == "pipeline":
-            from abexp.sim.pipeline import stage_delays, stage_ranges
+            from abexp.sim.pipeline import backward_delays, stage_delays, stage_ranges
             self.stage_delays = stage_delays(delay)
+            self.backward_delays = backward_delays(delay)
+            if self.backward_delays is not None:
+                self.w_bwd = torch.empty_like(self.w)
             self.ranges = stages or stage_ranges(segment_sizes, segment_sizes, len(self.stage_delays))
             if len(self.ranges) != len(self.stage_delays):
                 raise ValueError(f"{len(self.ranges)} stage ranges for {len(self.stage_delays)} stage delays")
@@ -73,6 +79,9 @@ class DelayedSGD:
             return [min(taus[0], t)], self.history.stale(t, taus[0])
         for (a, b), tau in zip(self.ranges, taus):
             self.w_fwd[a:b].copy_(self.history.stale(t, tau)[a:b])
+        if self.backward_delays is not None:
+            for (a, b), back in zip(self.ranges, self.backward_delays):
+                self.w_bwd[a:b].copy_(self.w[a:b] if back == 0 else self.history.stale(t, back)[a:b])
         return [min(tau, t) for tau in taus], self.w_fwd
 
     def finish(self, grad: torch.Tensor, w_fwd: torch.Tensor, taus: list[int], lr: float) -> None:

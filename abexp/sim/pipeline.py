@@ -2,8 +2,11 @@
 
 In pipelined backpropagation with S stages and one sample in flight per stage, stage s (0 = the
 input side) applies at step t a gradient computed with its weights of step t - 2(S-1-s): the
-input side is the stalest, the output side fresh. abexp models a pipeline *with* weight stashing:
-a stage's forward and backward pass see the same (stale) weights.
+input side is the stalest, the output side fresh. By default abexp models a pipeline *with*
+weight stashing: a stage's forward and backward pass see the same (stale) weights. With
+``delay.stashing: false`` (Pipelined Backpropagation as Kosson et al., 2021 run it) a stage's
+backward pass uses its weights of step t - b_s instead, b_s = 0 (the current weights) unless
+``delay.stage_backward_delays`` says otherwise (abexp.train.backward_weights does the swap).
 
 Stages are contiguous runs of parameter tensors in forward order (the order of
 ``model.parameters()``, which is the forward order for every model abexp builds). The cut is
@@ -29,6 +32,15 @@ def stage_delays(delay_cfg) -> list[int]:
     if delay_cfg.stage_delays is not None:
         return list(delay_cfg.stage_delays)
     return profile_delays(delay_cfg.stages, delay_cfg.steps, delay_cfg.stage_profile)
+
+
+def backward_delays(delay_cfg) -> list[int] | None:
+    """b_s per stage for an unstashed pipeline (0 everywhere unless given); None with stashing."""
+    if delay_cfg.kind != "pipeline" or delay_cfg.stashing:
+        return None
+    if delay_cfg.stage_backward_delays is not None:
+        return list(delay_cfg.stage_backward_delays)
+    return [0] * len(stage_delays(delay_cfg))
 
 
 def balanced_cuts(costs: list[float], stages: int) -> list[int]:

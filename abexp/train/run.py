@@ -25,6 +25,7 @@ from abexp.data.load import load_image_data
 from abexp.sim.engine import DelayedSGD, FlatParams
 from abexp.train.models import build_model
 from abexp.sim.pipeline import run_stages
+from abexp.train.backward_weights import backward_weights
 from abexp.sim.schedule import lr_at
 from abexp.train.lifecycle import (CHECKPOINT, CONFIG, EVENTS, METRICS, RESULT, WEIGHTS, Member,  # noqa: F401
                                    RunDirError)
@@ -86,10 +87,11 @@ def build_data(cfg: RunConfig, device: torch.device, ddp: Dist = Dist()):
     return Batches(data, cfg.train.batch_size, cfg.data.augment, cfg.seed)
 
 
-def batch_gradient(trainer, chunks: list[tuple[torch.Tensor, torch.Tensor]], w_fwd: torch.Tensor
-                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batch_gradient(trainer, chunks: list[tuple[torch.Tensor, torch.Tensor]], w_fwd: torch.Tensor,
+                   w_bwd: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The mean gradient of a batch's micro-batches at ``w_fwd``, into ``trainer.flat.grad``:
     one function for the simulator and the async workers, so the two are bitwise comparable.
+    With ``w_bwd`` (an unstashed pipeline) the backward pass uses those weights instead.
     Returns per micro-batch (loss x examples as float64, correct count), on the device."""
     cfg, flat = trainer.cfg, trainer.flat
     micro = len(chunks)
@@ -98,7 +100,8 @@ def batch_gradient(trainer, chunks: list[tuple[torch.Tensor, torch.Tensor]], w_f
     sums = []
     for xm, ym in chunks:
         xm = xm.contiguous(memory_format=trainer.memory_format)
-        with autocast(trainer.device, cfg.train.precision):
+        swap = backward_weights(flat.data, w_bwd) if w_bwd is not None else contextlib.nullcontext()
+        with autocast(trainer.device, cfg.train.precision), swap:
             logits = trainer.train_model(xm)
             loss = F.cross_entropy(logits.float(), ym, label_smoothing=cfg.train.label_smoothing)
         (loss / micro if micro > 1 else loss).backward()
@@ -249,7 +252,7 @@ class Run:
         self.seen += len(y)
 
         def grad_fn(w_fwd: torch.Tensor) -> torch.Tensor:
-            for loss_sum, correct in batch_gradient(self, chunks, w_fwd):
+            for loss_sum, correct in batch_gradient(self, chunks, w_fwd, self.engine.w_bwd):
                 self.loss_sum += loss_sum
                 self.correct += correct
             return ddp.all_reduce_mean_(self.flat.grad)

@@ -1,0 +1,154 @@
+"""Pipelining without weight stashing (delay.stashing: false): the backward pass sees other
+weights than the forward pass. Checked against backpropagation written out by hand for two
+layers, against a second construction for a whole ResNet (per-layer hooks that recompute each
+layer at the backward weights), against weight snapshots for which step each stage's backward
+weights come from, and against the stashed pipeline where the two must coincide."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from abexp.config import ConfigError, DelayCfg, OptimCfg, load_config
+from abexp.sim.engine import DelayedSGD, FlatParams
+from abexp.train.backward_weights import backward_weights
+from abexp.train.models import build_model
+from abexp.train.start import train_run
+
+
+def grads_with_backward_weights(model, flat, loss_fn, w_fwd, w_bwd):
+    flat.data.copy_(w_fwd)
+    flat.grad.zero_()
+    with backward_weights(flat.data, w_bwd):
+        loss = loss_fn(model)
+    loss.backward()
+    return flat.grad.clone()
+
+
+def test_two_layers_match_backpropagation_written_out_by_hand():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    flat = FlatParams(model)
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 1, 0, 1])
+    w_fwd = flat.data.clone()
+    w_bwd = w_fwd + 0.5 * torch.randn_like(w_fwd)
+    got = grads_with_backward_weights(model, flat, lambda m: F.cross_entropy(m(x), y), w_fwd, w_bwd)
+
+    def unpack(w):  # W1 [3, 4], b1 [3], W2 [2, 3], b2 [2], in parameter order
+        return w[:12].view(3, 4), w[12:15], w[15:21].view(2, 3), w[21:23]
+    W1f, b1f, W2f, b2f = unpack(w_fwd)
+    _, _, W2b, _ = unpack(w_bwd)
+    h = x @ W1f.T + b1f  # forward: every activation at the forward weights
+    a = h.clamp_min(0)
+    z = a @ W2f.T + b2f
+    g2 = (torch.softmax(z, 1) - F.one_hot(y, 2)) / len(y)
+    delta_h = (g2 @ W2b) * (h > 0)  # the error travels back through the *backward* weights
+    want = torch.cat([(delta_h.T @ x).reshape(-1), delta_h.sum(0), (g2.T @ a).reshape(-1), g2.sum(0)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    # and it is not the stashed gradient: W2's inconsistency reaches W1's gradient
+    stashed = grads_with_backward_weights(model, flat, lambda m: F.cross_entropy(m(x), y), w_fwd, w_fwd)
+    assert not torch.allclose(stashed[:12], got[:12])
+    torch.testing.assert_close(stashed[15:], got[15:], rtol=0, atol=0)  # the last layer's own gradient
+
+
+def recompute_at_backward_weights(model, w_bwd, x, y):
+    """Reference: every convolution, batch norm and linear layer outputs its forward value
+    (computed at the forward weights) but takes its gradients from a recomputation at leaf
+    copies of the backward weights: f(x, W_b) + (f(x, W_f) - f(x, W_b)).detach()."""
+    params = [p for p in model.parameters()]
+    leaves, offset = {}, 0
+    for p in params:
+        leaves[id(p)] = w_bwd[offset:offset + p.numel()].view_as(p).clone().requires_grad_()
+        offset += p.numel()
+
+    def hook(module, inputs, out):
+        (inp,) = inputs
+        wb = leaves[id(module.weight)]
+        bb = leaves[id(module.bias)] if module.bias is not None else None
+        if isinstance(module, nn.Conv2d):
+            redo = F.conv2d(inp, wb, bb, module.stride, module.padding, module.dilation, module.groups)
+        elif isinstance(module, nn.Linear):
+            redo = F.linear(inp, wb, bb)
+        else:  # training-mode batch norm: the batch's statistics, no running-stat update
+            redo = F.batch_norm(inp, None, None, wb, bb, training=True, eps=module.eps)
+        return redo + (out - redo).detach()
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        F.cross_entropy(model(x), y).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat([leaves[id(p)].grad.reshape(-1) for p in params])
+
+
+def test_a_resnet_matches_per_layer_recomputation_at_the_backward_weights():
+    torch.manual_seed(1)
+    model = build_model("resnet8")
+    flat = FlatParams(model)
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    w_fwd = flat.data.clone()
+    w_bwd = w_fwd + 0.05 * torch.randn_like(w_fwd)
+    got = grads_with_backward_weights(model, flat, lambda m: F.cross_entropy(m(x), y), w_fwd, w_bwd)
+    flat.data.copy_(w_fwd)
+    want = recompute_at_backward_weights(model, w_bwd, x, y)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    stashed = grads_with_backward_weights(model, flat, lambda m: F.cross_entropy(m(x), y), w_fwd, w_fwd)
+    assert (stashed - got).abs().max() > 1e-3 * got.abs().max()  # the swap did something
+
+
+def test_each_stage_takes_its_backward_weights_from_step_t_minus_b():
+    torch.manual_seed(0)
+    sizes = [3, 2, 4]
+    w0 = torch.randn(sum(sizes), dtype=torch.float64)
+    delay = DelayCfg(kind="pipeline", stage_delays=[4, 3, 1], stashing=False, stage_backward_delays=[2, 0, 1])
+    ranges = [(0, 3), (3, 5), (5, 9)]
+    engine = DelayedSGD(w0, sizes, OptimCfg(name="sgdm", lr=0.1, weight_decay=0), delay, 0, stages=ranges)
+    snapshots = []
+    for t in range(8):
+        snapshots.append(engine.w.clone())
+        seen = {}
+
+        def grad_fn(w_fwd):
+            seen["fwd"], seen["bwd"] = w_fwd.clone(), engine.w_bwd.clone()
+            return torch.sin(w_fwd * (t + 1))
+        engine.step(grad_fn, 0.1)
+        for (a, b), d, back in zip(ranges, [4, 3, 1], [2, 0, 1]):
+            assert torch.equal(seen["fwd"][a:b], snapshots[max(t - d, 0)][a:b])
+            assert torch.equal(seen["bwd"][a:b], snapshots[max(t - back, 0)][a:b])
+
+
+def test_unstashed_runs_equal_stashed_where_backward_and_forward_delays_agree(tmp_path, tiny_overrides):
+    pipe = tiny_overrides + ["train.epochs=2", "delay.kind=pipeline", "delay.stages=3", "optim.name=ab"]
+    stashed = train_run(load_config(None, pipe), tmp_path / "s", "cpu", log=lambda s: None)
+    same = train_run(load_config(None, pipe + ["delay.stashing=false", "delay.stage_backward_delays=[4, 2, 0]"]),
+                     tmp_path / "u", "cpu", log=lambda s: None)
+    assert same["train_loss"] == stashed["train_loss"] and same["test_acc"] == stashed["test_acc"]
+    a = torch.load(tmp_path / "s" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "u" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Pipelined Backpropagation proper (b_s = 0) trains differently, and resumes bitwise
+    unstashed = load_config(None, pipe + ["delay.stashing=false"])
+    whole = train_run(unstashed, tmp_path / "pb", "cpu", log=lambda s: None)
+    assert whole["train_loss"] != stashed["train_loss"]
+    assert train_run(unstashed, tmp_path / "pb2", "cpu", stop_after_epochs=1, log=lambda s: None) is None
+    resumed = train_run(unstashed, tmp_path / "pb2", "cpu", log=lambda s: None)
+    assert resumed["train_loss"] == whole["train_loss"] and resumed["test_acc"] == whole["test_acc"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["delay.kind=constant", "delay.stashing=false"], "delay.stashing: only for delay.kind: pipeline"),
+    (["delay.kind=pipeline", "delay.stages=3", "delay.stage_backward_delays=[0, 0, 0]"],
+     "delay.stage_backward_delays: needs delay.stashing: false"),
+    (["delay.kind=pipeline", "delay.stages=3", "delay.stashing=false", "delay.stage_backward_delays=[0, 0]"],
+     "delay.stage_backward_delays: needs 3 delays"),
+    (["delay.kind=pipeline", "delay.stages=3", "delay.stashing=false", "delay.stage_backward_delays=[0, 3, 0]"],
+     r"each at most its stage's forward delay \[4, 2, 0\]"),
+    (["delay.kind=pipeline", "delay.stages=3", "delay.stashing=false", "train.precision=bf16"],
+     "train.precision: delay.stashing: false needs"),
+    (["delay.kind=pipeline", "delay.stages=3", 'delay.stashing="false"'], "delay.stashing"),
+])
+def test_bad_unstashed_options_are_one_clear_error(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
