@@ -22,7 +22,7 @@ DATA_NAMES = ("cifar10", "digits", "synthetic", "imagenet", "fashion_mnist", "mn
 # optimizer name -> which mitigations it switches on (see abexp/sim/optim.py)
 OPTIM_NAMES = ("sgdm", "ab", "sc", "lwp", "dcasgd", "salr", "ab_lwp", "sc_lwp",
                "adam", "adamw", "ab_adam", "ab_adamw", "gap_aware", "delay_adaptive",
-               "pipemare_lr", "adl", "ab_adl")
+               "pipemare_lr", "pipemare", "adl", "ab_adl")
 ADAM_NAMES = ("adam", "adamw", "ab_adam", "ab_adamw")
 
 
@@ -95,6 +95,9 @@ class OptimCfg(_Locked):
     gap_eps: float = Field(1e-8, gt=0.0)  # gap_aware: added to RMS(v) (FTPipe's)
     # pipemare_lr: lr * max(1, tau)^-p_k, p_k = max(0, 1 - k / K) over the first K updates
     pipemare_anneal_steps: int = Field(1000, ge=0)
+    # pipemare (rescheduling + discrepancy correction): the backward weights of stage s are
+    # moved back by (D_s - b_s) * delta, delta an EMA of the per-step weight change with this decay
+    pipemare_gamma: float = Field(0.9, ge=0.0, lt=1.0)
     adl_steps: int = Field(4, ge=1)  # adl, ab_adl: gradients accumulated into one update
     betas: list[float] = [0.9, 0.999]  # adam family: the moments' decay rates
     eps: float = Field(1e-8, gt=0.0)  # adam family: added to the root of the second moment
@@ -218,6 +221,7 @@ ADDED_KEYS: dict[str, Any] = {"data.crop_pad": None, "data.flip": None,
                               "delay.pause_prob": 0.0, "delay.pause_s": 0.0,
                               "optim.tau_c": None, "optim.gap_gamma": 0.999, "optim.gap_eps": 1e-8,
                               "optim.pipemare_anneal_steps": 1000, "optim.adl_steps": 4,
+                              "optim.pipemare_gamma": 0.9,
                               # every stored run trained on the CPU, where this changes nothing
                               "train.deterministic": True}
 
@@ -375,6 +379,10 @@ def _check_combinations(cfg: RunConfig, source: str) -> None:
                           "server runs no forward pass, so it has no running BN statistics)")
     if cfg.optim.name in ADAM_NAMES and cfg.optim.nesterov:
         raise ConfigError(source, "optim.nesterov", f"not defined for {cfg.optim.name}")
+    if cfg.optim.name == "pipemare" and (cfg.delay.kind != "pipeline" or cfg.delay.stashing):
+        raise ConfigError(source, "optim.name", "pipemare's discrepancy correction acts on an unstashed "
+                          "pipeline's backward weights: it needs delay.kind: pipeline and delay.stashing: "
+                          "false (pipemare_lr is its rescheduling alone)")
     if not cfg.delay.stashing and (cfg.train.precision == "bf16" or cfg.train.compile):
         # the backward weights are swapped in where autograd saves the parameters themselves;
         # autocast saves low-precision copies and a compiled graph its own, which it would miss

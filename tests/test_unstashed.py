@@ -152,3 +152,73 @@ def test_unstashed_runs_equal_stashed_where_backward_and_forward_delays_agree(tm
 def test_bad_unstashed_options_are_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+# ---------------------------------------------------------------- PipeMare's discrepancy correction
+
+def test_pipemare_corrects_the_backward_weights_as_recomputed_by_hand():
+    """Engine vs a loop written here: rate lr * max(1, tau)^-p_k, p_k = max(0, 1 - k/K); the
+    backward weights w_t[s] - gap_s * delta, gap_s = min(D_s, t) - min(b_s, t); delta the EMA
+    (decay gamma) of the weight change of every step."""
+    torch.manual_seed(0)
+    ranges, delays, backs = [(0, 3), (3, 5), (5, 9)], [4, 2, 0], [1, 0, 0]
+    w0 = torch.randn(9, dtype=torch.float64)
+    optim = OptimCfg(name="pipemare", lr=0.1, momentum=0.9, weight_decay=0.01,
+                     pipemare_anneal_steps=5, pipemare_gamma=0.7)
+    delay = DelayCfg(kind="pipeline", stage_delays=delays, stashing=False, stage_backward_delays=backs)
+    engine = DelayedSGD(w0, [3, 2, 4], optim, delay, 0, stages=ranges)
+
+    def gradient(w_fwd, w_bwd, t):  # depends on both, as a network's gradient would
+        return torch.sin(w_fwd * (t + 1)) + 0.5 * torch.cos(w_bwd)
+
+    w, v, delta, snaps = w0.clone(), torch.zeros(9, dtype=torch.float64), torch.zeros(9, dtype=torch.float64), []
+    for t in range(10):
+        lr = 0.1 * (1 + 0.1 * t)
+        snaps.append(w.clone())
+        w_fwd, w_bwd = torch.empty(9, dtype=torch.float64), torch.empty(9, dtype=torch.float64)
+        for (a, b), d, back in zip(ranges, delays, backs):
+            w_fwd[a:b] = snaps[max(t - d, 0)][a:b]
+            w_bwd[a:b] = snaps[max(t - back, 0)][a:b] - (min(d, t) - min(back, t)) * delta[a:b]
+        g = gradient(w_fwd, w_bwd, t) + 0.01 * w
+        v = 0.9 * v + g
+        p = max(0.0, 1 - t / 5)
+        new = w.clone()
+        for (a, b), d in zip(ranges, delays):
+            new[a:b] = w[a:b] - lr * max(1, min(d, t)) ** -p * v[a:b]
+        delta = 0.7 * delta + 0.3 * (new - w)
+        w = new
+        engine.step(lambda wf: gradient(wf, engine.w_bwd, t), lr)
+        torch.testing.assert_close(engine.w_bwd, w_bwd, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(engine.w, w, rtol=1e-12, atol=1e-14)
+    assert engine.optimizer.delta.abs().max() > 0
+
+
+def run_engine(name, delay, steps=12, state=None):
+    torch.manual_seed(3)
+    w0 = torch.randn(9, dtype=torch.float64)
+    engine = DelayedSGD(w0, [3, 2, 4], OptimCfg(name=name, lr=0.05), delay, 0, stages=[(0, 3), (3, 5), (5, 9)])
+    for t in range(steps):
+        if state is not None and t == steps // 2:  # a resume mid-run: state through a fresh engine
+            saved = engine.state_dict()
+            engine = DelayedSGD(w0, [3, 2, 4], OptimCfg(name=name, lr=0.05), delay, 0,
+                                stages=[(0, 3), (3, 5), (5, 9)])
+            engine.load_state_dict({k: (v.clone() if torch.is_tensor(v) else
+                                        {a: b.clone() if torch.is_tensor(b) else b for a, b in v.items()}
+                                        if isinstance(v, dict) else v) for k, v in saved.items()})
+        engine.step(lambda wf: torch.sin(3 * wf) + torch.cos(engine.w_bwd), 0.05)
+    return engine.w
+
+
+def test_pipemare_reduces_to_its_rescheduling_where_forward_and_backward_weights_agree():
+    same = DelayCfg(kind="pipeline", stage_delays=[4, 2, 0], stashing=False, stage_backward_delays=[4, 2, 0])
+    assert torch.equal(run_engine("pipemare", same), run_engine("pipemare_lr", same))
+    apart = DelayCfg(kind="pipeline", stage_delays=[4, 2, 0], stashing=False)
+    assert not torch.equal(run_engine("pipemare", apart), run_engine("pipemare_lr", apart))
+    assert torch.equal(run_engine("pipemare", apart, state=True), run_engine("pipemare", apart))
+
+
+def test_pipemare_needs_an_unstashed_pipeline():
+    for overrides in (["optim.name=pipemare"], ["optim.name=pipemare", "delay.kind=pipeline", "delay.stages=2"]):
+        with pytest.raises(ConfigError, match="optim.name: pipemare's discrepancy correction"):
+            load_config(None, overrides)
+    load_config(None, ["optim.name=pipemare", "delay.kind=pipeline", "delay.stages=2", "delay.stashing=false"])

@@ -82,6 +82,9 @@ class DelayedSGD:
         if self.backward_delays is not None:
             for (a, b), back in zip(self.ranges, self.backward_delays):
                 self.w_bwd[a:b].copy_(self.w[a:b] if back == 0 else self.history.stale(t, back)[a:b])
+            # the steps between each stage's forward and backward weights (fewer while filling)
+            gaps = [min(d, t) - min(back, t) for d, back in zip(self.stage_delays, self.backward_delays)]
+            self.optimizer.correct_backward_weights(self.w_bwd, gaps)
         return [min(tau, t) for tau in taus], self.w_fwd
 
     def finish(self, grad: torch.Tensor, w_fwd: torch.Tensor, taus: list[int], lr: float) -> None:

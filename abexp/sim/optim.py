@@ -21,6 +21,8 @@ only the rules that depend on the staleness loop over the stages (one range with
     g  /= 1 + |w - w_fwd| / C,                                 Gap-Aware (Barkai et al. 2020), per element,
           C = lr_max (sqrt(EMA_0.999(v^2) / (1 - 0.999^k)) + 1e-8)   from v before this step
     stored forward weights: w - eta_s * H * v                  linear weight prediction (lwp)
+    backward weights: w_bwd - (D_s - b_s) * delta,             PipeMare's discrepancy correction
+          delta = gamma delta + (1 - gamma)(w_new - w_old)        (an unstashed pipeline only)
 
 tau is a stage's actual staleness, min(D, t) while the pipeline fills. The Adam family follows
 torch.optim.Adam / AdamW exactly; with AB the gradient is scaled by 1 - rho cos(g, m), m Adam's
@@ -46,6 +48,7 @@ class Mitigations:
     gap_aware: bool = False
     delay_adaptive: bool = False
     pipemare_lr: bool = False
+    discrepancy: bool = False  # PipeMare's discrepancy correction of the backward weights
     accumulate: bool = False  # ADL
     adam: bool = False
     decoupled_wd: bool = False  # AdamW
@@ -61,6 +64,7 @@ OPTIMIZERS: dict[str, Mitigations] = {
     "gap_aware": Mitigations(gap_aware=True),
     "delay_adaptive": Mitigations(delay_adaptive=True),
     "pipemare_lr": Mitigations(pipemare_lr=True),
+    "pipemare": Mitigations(pipemare_lr=True, discrepancy=True),
     "adl": Mitigations(accumulate=True),
     "ab_adl": Mitigations(ab=True, accumulate=True),
     "ab_lwp": Mitigations(ab=True, lwp=True),
@@ -114,6 +118,8 @@ class DelayedOptimizer:
         # ADL: the loss gradients accumulated since the last update, and how many
         self.accumulated = torch.zeros(numel, device=device, dtype=dtype) if self.rules.accumulate else None
         self.accumulated_count = 0
+        # PipeMare's discrepancy correction: EMA of the per-step weight change
+        self.delta = torch.zeros(numel, device=device, dtype=dtype) if self.rules.discrepancy else None
         self.lengths = None
         if self.rules.ab and cfg.ab_cosine == "tensor":
             self.lengths = torch.tensor(segment_sizes, device=device, dtype=torch.long)
@@ -153,6 +159,15 @@ class DelayedOptimizer:
             else:
                 out[a:b].copy_(w[a:b])
 
+    def correct_backward_weights(self, w_bwd: torch.Tensor, gaps: list[int]) -> None:
+        """PipeMare's discrepancy correction: move each stage's backward weights back towards
+        its (older) forward weights by the gap in steps times the recent per-step change."""
+        if self.delta is None:
+            return
+        for (a, b), gap in zip(self.ranges, gaps):
+            if gap > 0:
+                w_bwd[a:b].add_(self.delta[a:b], alpha=-float(gap))
+
     def _brake(self, g: torch.Tensor, direction: torch.Tensor) -> None:
         """Adaptive Braking: g *= 1 - rho cos(g, direction), per tensor or global."""
         scale = 1.0 - self.cfg.rho * segment_cosine(g, direction, self.lengths)
@@ -189,6 +204,7 @@ class DelayedOptimizer:
             self._adam(w, g, lr)
             return
         m = cfg.momentum
+        before = w.clone() if self.delta is not None else None
         v.mul_(m).add_(g)
         for stage, ((a, b), tau) in enumerate(zip(self.ranges, taus)):
             eta = self.step_size(lr, tau, stage)
@@ -199,6 +215,9 @@ class DelayedOptimizer:
                 w[a:b].add_(g[a:b].add_(v[a:b], alpha=m), alpha=-eta)
             else:
                 w[a:b].add_(v[a:b], alpha=-eta)
+        if before is not None:
+            gamma = cfg.pipemare_gamma
+            self.delta.mul_(gamma).add_(w - before, alpha=1.0 - gamma)
         self.steps += 1
 
     def _adam(self, w: torch.Tensor, g: torch.Tensor, lr: float) -> None:
@@ -223,6 +242,8 @@ class DelayedOptimizer:
             state.update(steps=self.steps)
         if self.accumulated is not None:
             state.update(accumulated=self.accumulated, accumulated_count=self.accumulated_count)
+        if self.delta is not None:
+            state.update(delta=self.delta)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -238,3 +259,5 @@ class DelayedOptimizer:
         if self.accumulated is not None:
             self.accumulated.copy_(state["accumulated"])
             self.accumulated_count = int(state["accumulated_count"])
+        if self.delta is not None:
+            self.delta.copy_(state["delta"])
