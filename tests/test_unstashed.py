@@ -57,8 +57,8 @@ def recompute_at_backward_weights(model, w_bwd, x, y):
     copies of the backward weights: f(x, W_b) + (f(x, W_f) - f(x, W_b)).detach()."""
     params = [p for p in model.parameters()]
     leaves, offset = {}, 0
-    for p in params:
-        leaves[id(p)] = w_bwd[offset:offset + p.numel()].view_as(p).clone().requires_grad_()
+    for p in params:  # the same layout as the parameter's view of the flat buffer
+        leaves[id(p)] = w_bwd.as_strided(p.shape, p.stride(), offset).clone().requires_grad_()
         offset += p.numel()
 
     def hook(module, inputs, out):
@@ -80,14 +80,22 @@ def recompute_at_backward_weights(model, w_bwd, x, y):
     finally:
         for h in handles:
             h.remove()
-    return torch.cat([leaves[id(p)].grad.reshape(-1) for p in params])
+    grads = torch.empty_like(w_bwd)  # back into the flat buffer's layout
+    offset = 0
+    for p in params:
+        grads.as_strided(p.shape, p.stride(), offset).copy_(leaves[id(p)].grad)
+        offset += p.numel()
+    return grads
 
 
-def test_a_resnet_matches_per_layer_recomputation_at_the_backward_weights():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_resnet_matches_per_layer_recomputation_at_the_backward_weights(channels_last):
     torch.manual_seed(1)
     model = build_model("resnet8")
-    flat = FlatParams(model)
+    flat = FlatParams(model, channels_last)  # channels_last: NHWC views of the flat buffer
     x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     w_fwd = flat.data.clone()
     w_bwd = w_fwd + 0.05 * torch.randn_like(w_fwd)
     got = grads_with_backward_weights(model, flat, lambda m: F.cross_entropy(m(x), y), w_fwd, w_bwd)
