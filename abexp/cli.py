@@ -208,13 +208,20 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def check_pipelines(configs: list, source: str) -> None:
-    """More pipeline stages than the model has parameter tensors cannot be cut: one line naming
-    the key, before any worker starts (it used to be a traceback inside the worker)."""
+    """More pipeline stages than the model has parameter tensors cannot be cut, and a backward
+    pass cannot run at older weights than its forward pass: one line naming the key, before any
+    worker starts (it used to be a traceback inside the worker)."""
+    from abexp.sim.pipeline import backward_delays, stage_delays
     from abexp.train.models import parameter_tensors
 
     for cfg in configs:
         if cfg.delay.kind != "pipeline":
             continue
+        forward, backward = stage_delays(cfg.delay), backward_delays(cfg.delay)
+        if backward is not None and any(b > f for b, f in zip(backward, forward)):
+            raise ConfigError(source, "delay.stage_backward_delays",
+                              f"each must be at most its stage's forward delay {forward} (a backward pass "
+                              f"runs after its forward pass); got {backward}")
         stages = cfg.delay.stages if cfg.delay.stage_delays is None else len(cfg.delay.stage_delays)
         tensors = parameter_tensors(cfg.model.name)
         if stages > tensors:

@@ -39,6 +39,9 @@ class DelayedSGD:
             self.stage_delays = stage_delays(delay)
             self.backward_delays = backward_delays(delay)
             if self.backward_delays is not None:
+                if any(b > f for b, f in zip(self.backward_delays, self.stage_delays)):
+                    raise ValueError(f"backward delays {self.backward_delays} exceed the forward delays "
+                                     f"{self.stage_delays}")
                 self.w_bwd = torch.empty_like(self.w)
             self.ranges = stages or stage_ranges(segment_sizes, segment_sizes, len(self.stage_delays))
             if len(self.ranges) != len(self.stage_delays):
