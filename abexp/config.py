@@ -22,7 +22,7 @@ DATA_NAMES = ("cifar10", "digits", "synthetic", "imagenet", "fashion_mnist", "mn
 # optimizer name -> which mitigations it switches on (see abexp/sim/optim.py)
 OPTIM_NAMES = ("sgdm", "ab", "sc", "lwp", "dcasgd", "salr", "ab_lwp", "sc_lwp",
                "adam", "adamw", "ab_adam", "ab_adamw", "gap_aware", "delay_adaptive",
-               "pipemare_lr", "pipemare", "adl", "ab_adl")
+               "pipemare_lr", "pipemare", "adl", "ab_adl", "drop_stale")
 ADAM_NAMES = ("adam", "adamw", "ab_adam", "ab_adamw")
 
 
@@ -91,6 +91,8 @@ class OptimCfg(_Locked):
     lwp_horizon: Optional[float] = Field(None, ge=0.0)  # LWP look-ahead; None = expected delay
     # delay_adaptive: lr * M / max(M, tau), M = max(1, tau_c); None = the expected delay
     tau_c: Optional[float] = Field(None, ge=0.0)
+    # drop_stale: an update whose gradient is staler than this is discarded; None = 2 E[tau]
+    drop_above: Optional[float] = Field(None, ge=0.0)
     gap_gamma: float = Field(0.999, gt=0.0, lt=1.0)  # gap_aware: decay of the EMA of v^2 (FTPipe's)
     gap_eps: float = Field(1e-8, gt=0.0)  # gap_aware: added to RMS(v) (FTPipe's)
     # pipemare_lr: lr * max(1, tau)^-p_k, p_k = max(0, 1 - k / K) over the first K updates
@@ -221,7 +223,7 @@ ADDED_KEYS: dict[str, Any] = {"data.crop_pad": None, "data.flip": None,
                               "delay.pause_prob": 0.0, "delay.pause_s": 0.0,
                               "optim.tau_c": None, "optim.gap_gamma": 0.999, "optim.gap_eps": 1e-8,
                               "optim.pipemare_anneal_steps": 1000, "optim.adl_steps": 4,
-                              "optim.pipemare_gamma": 0.9,
+                              "optim.pipemare_gamma": 0.9, "optim.drop_above": None,
                               # every stored run trained on the CPU, where this changes nothing
                               "train.deterministic": True}
 

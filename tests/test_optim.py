@@ -356,3 +356,38 @@ def test_stateful_rules_resume_bitwise_from_their_state(name):
         whole.step(_linear_grad, 0.1)
         resumed.step(_linear_grad, 0.1)
     assert torch.equal(whole.w, resumed.w)
+
+
+def test_drop_stale_discards_exactly_the_updates_staler_than_its_threshold():
+    """Koloskova et al.'s delay threshold as abexp reconstructs it (docs/implementation.md): an
+    update whose gradient is staler than tau_D is skipped, weights and velocity unchanged;
+    otherwise momentum SGD. A naive loop over an explicit weight history and a trace of delays."""
+    import tempfile
+    from pathlib import Path
+    delays = [0, 3, 1, 5, 2, 0, 4, 1, 3, 6]
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.txt"
+        trace.write_text("".join(f"{d}\n" for d in delays))
+        delay = DelayCfg(kind="trace", trace=str(trace))
+        cfg = OptimCfg(name="drop_stale", lr=0.1, momentum=0.9, weight_decay=0.01, drop_above=2.0)
+        engine = DelayedSGD(torch.tensor([1.0, -1.0], dtype=torch.float64), [2], cfg, delay, seed=0)
+        history, v, skipped = [torch.tensor([1.0, -1.0], dtype=torch.float64)], torch.zeros(2, dtype=torch.float64), 0
+        for t, d in enumerate(delays):
+            engine.step(_linear_grad, 0.1)
+            w = history[-1]
+            tau = min(d, t)
+            if tau > 2:
+                history.append(w.clone())
+                skipped += 1
+            else:
+                v = 0.9 * v + _linear_grad(history[t - tau]) + 0.01 * w
+                history.append(w - 0.1 * v)
+            assert engine.w.tolist() == pytest.approx(history[-1].tolist(), rel=1e-12)
+            assert engine.optimizer.v.tolist() == pytest.approx(v.tolist(), rel=1e-12)
+    assert skipped == 4
+    # the default threshold is twice the expected delay: a constant delay is never dropped
+    data = batches(6)
+    assert torch.equal(run_engine(OptimCfg(name="drop_stale"), 3, data, 0.05),
+                       run_engine(OptimCfg(name="sgdm"), 3, data, 0.05))
+    assert torch.equal(run_engine(OptimCfg(name="drop_stale"), 0, data, 0.05),
+                       run_engine(OptimCfg(name="sgdm"), 0, data, 0.05))

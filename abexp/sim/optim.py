@@ -16,6 +16,8 @@ only the rules that depend on the staleness loop over the stages (one range with
     eta = lr / max(1, tau)                                     staleness-aware lr (salr)
     eta = lr * M / max(M, tau),  M = max(1, tau_C)             delay-adaptive step (Mishchenko et al. 2022)
     eta = lr * max(1, tau)^-p,  p = max(0, 1 - k / K)          PipeMare's lr rescheduling (Yang et al. 2021)
+    skip the update if tau > tau_D, tau_D = 2 E[tau]            delay threshold (Koloskova et al. 2022):
+          (w and v unchanged)                                     a stale gradient is discarded
     g   = mean of the last M loss gradients, every M-th step    ADL's accumulation (Zhuang et al. 2020);
           (no update in between)                                  the other steps leave w and v as they are
     g  /= 1 + |w - w_fwd| / C,                                 Gap-Aware (Barkai et al. 2020), per element,
@@ -50,6 +52,7 @@ class Mitigations:
     pipemare_lr: bool = False
     discrepancy: bool = False  # PipeMare's discrepancy correction of the backward weights
     accumulate: bool = False  # ADL
+    drop_stale: bool = False  # discard gradients staler than a threshold (Koloskova et al. 2022)
     adam: bool = False
     decoupled_wd: bool = False  # AdamW
 
@@ -66,6 +69,7 @@ OPTIMIZERS: dict[str, Mitigations] = {
     "pipemare_lr": Mitigations(pipemare_lr=True),
     "pipemare": Mitigations(pipemare_lr=True, discrepancy=True),
     "adl": Mitigations(accumulate=True),
+    "drop_stale": Mitigations(drop_stale=True),
     "ab_adl": Mitigations(ab=True, accumulate=True),
     "ab_lwp": Mitigations(ab=True, lwp=True),
     "sc_lwp": Mitigations(sc=True, lwp=True),
@@ -111,6 +115,8 @@ class DelayedOptimizer:
         self.horizons = [h if cfg.lwp_horizon is None else cfg.lwp_horizon for h in horizons]
         # delay-adaptive step: M per stage, tau_C or the stage's expected delay, at least 1
         self.tau_c = [max(1.0, h if cfg.tau_c is None else cfg.tau_c) for h in horizons]
+        # drop_stale: per stage, the staleness above which a gradient is discarded
+        self.drop_above = [2.0 * h if cfg.drop_above is None else cfg.drop_above for h in horizons]
         # Gap-Aware: EMA of v^2 per element, its update count, the largest lr seen (FTPipe's max_lr)
         self.gap_avg = torch.zeros(numel, device=device, dtype=dtype) if self.rules.gap_aware else None
         self.gap_updates, self.max_lr = 0, 0.0
@@ -205,8 +211,13 @@ class DelayedOptimizer:
             return
         m = cfg.momentum
         before = w.clone() if self.delta is not None else None
+        dropped = [rules.drop_stale and tau > limit for tau, limit in zip(taus, self.drop_above)]
+        kept_v = [v[a:b].clone() if drop else None for (a, b), drop in zip(self.ranges, dropped)]
         v.mul_(m).add_(g)
         for stage, ((a, b), tau) in enumerate(zip(self.ranges, taus)):
+            if dropped[stage]:  # discarded: this stage's weights and velocity stay as they were
+                v[a:b].copy_(kept_v[stage])
+                continue
             eta = self.step_size(lr, tau, stage)
             if rules.sc and tau > 0:
                 sc_a, sc_b = m ** tau, (1.0 - m ** tau) / (1.0 - m)
