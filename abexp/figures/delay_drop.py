@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     out = pd.DataFrame(rows)
     if out.empty:
         common.skip("delay_drop", f"no series has the same seed at D = 0 and D = {d_max}")
-    lines = [f"| optimizer | acc D=0 | acc D={d_max} | drop (mean ± sd, {out['seeds'].max()} seeds) |",
+    seeds = int(out["seeds"].max())
+    lines = [f"| optimizer | acc D=0 | acc D={d_max} | drop (mean ± sd, {seeds} seed{'s' if seeds > 1 else ''}) |",
              "|---|---|---|---|"]
     sd = lambda v: f" ± {v:.4f}" if v == v else " (one seed)"  # noqa: E731
     lines += [f"| {r.series} | {r.acc_D0:.4f} | {r.acc_Dmax:.4f} | {r.drop_mean:.4f}{sd(r.drop_sd)} |"
