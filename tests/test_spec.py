@@ -138,3 +138,57 @@ def test_shipped_specs_expand_and_validate():
     short = load_spec(EXPERIMENTS / "imagenet_resnet50_delay_16ep.yaml").expand()
     assert len(imagenet) == len(short) == 4
     assert {r.config.train.epochs for r in short} == {16} and short[0].config.model.name == "resnet50"
+
+
+def test_a_variant_with_its_own_grid_and_zip_varies_them_within_that_variant_only(tmp_path):
+    spec = write(tmp_path / "s.yaml", """
+        name: t
+        base: {model: {name: resnet8}, data: {name: digits}, eval: {bn: recalibrate}}
+        grid: {seed: [0, 1]}
+        variants:
+          free: {delay.kind: async, grid: {delay.workers: [1, 2, 4]}}
+          slow:
+            delay.kind: async
+            zip: {delay.workers: [2, 4], delay.slowdown: [[1, 3], [1, 1, 1, 3]]}
+          constant: {grid: {delay.steps: [0, 3]}, zip: {optim.lr: [0.1, 0.2], optim.momentum: [0.9, 0.5]}}
+    """)
+    plan = load_spec(spec).expand()
+    # a naive enumeration of what the spec says, in the same order
+    want = []
+    for name, rows in [("free", [{"delay.kind": "async", "delay.workers": n} for n in (1, 2, 4)]),
+                       ("slow", [{"delay.kind": "async", "delay.workers": 2, "delay.slowdown": [1, 3]},
+                                 {"delay.kind": "async", "delay.workers": 4, "delay.slowdown": [1, 1, 1, 3]}]),
+                       ("constant", [{"delay.steps": d, "optim.lr": lr, "optim.momentum": m}
+                                     for d in (0, 3) for lr, m in ((0.1, 0.9), (0.2, 0.5))])]:
+        for row in rows:
+            for seed in (0, 1):
+                want.append({"variant": name, **row, "seed": seed})
+    assert [r.overrides for r in plan] == want
+    for run in plan:
+        c = run.config
+        if run.overrides["variant"] == "slow":
+            assert len(c.delay.slowdown) == c.delay.workers and c.delay.slowdown[-1] == 3
+        if run.overrides["variant"] == "constant":
+            assert c.delay.kind == "constant" and c.delay.workers is None
+
+
+@pytest.mark.parametrize("variant, key", [
+    ("{optim.lr: 0.1, grid: {optim.lr: [0.1, 0.2]}}", "variants.v.optim.lr"),  # fixed and varied
+    ("{grid: {seed: [3]}}", "variants.v.seed"),                                 # also the spec's grid
+    ("{zip: {optim.lr: [0.1, 0.2], optim.momentum: [0.9]}}", "variants.v.zip[0]"),  # unequal lists
+    ("{grid: {optim.lr: []}}", "variants.v.grid.optim.lr"),
+])
+def test_a_variants_own_grid_or_zip_that_contradicts_itself_names_the_key(tmp_path, capsys, variant, key):
+    spec = write(tmp_path / "s.yaml", f"""
+        name: t
+        base: {{model: {{name: resnet8}}, data: {{name: digits}}}}
+        grid: {{seed: [0, 1]}}
+        variants:
+          v: {variant}
+    """)
+    with pytest.raises(ConfigError) as err:
+        load_spec(spec)
+    assert err.value.key == key
+    assert main(["plan", str(spec)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0] and str(spec) in lines[0]

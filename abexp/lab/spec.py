@@ -5,6 +5,8 @@
     base: {...run config...}          # or  base: {extends: other.yaml, <overrides>}
     grid: {delay.steps: [0, 32], seed: [0, 1, 2]}          # crossed
     variants: {sgdm: {optim.name: sgdm}, ab: {optim.name: ab}}   # named, crossed with the grid
+    variants: {slow: {delay.kind: async, zip: {delay.workers: [2, 4], delay.slowdown: [[1, 3], [1, 1, 1, 3]]}}}
+                                      # a variant's own grid/zip: varied within that variant only
     zip: [{delay.steps: [0, 32], optim.lr: [0.1, 0.05]}]   # keys that vary together
     exclude: [{variant: sc, delay.steps: 0}]               # drop runs matching every pair
 
@@ -40,7 +42,7 @@ class Spec:
     description: str
     base: dict
     grid: dict[str, list]
-    variants: dict[str, dict[str, Any]]
+    variants: dict[str, list[dict[str, Any]]]  # name -> its rows (one unless it has its own grid/zip)
     zips: list[dict[str, list]]
     exclude: list[dict[str, Any]] = field(default_factory=list)
     set_keys: list[str] = field(default_factory=list)  # keys given with --set (blamed on it)
@@ -55,6 +57,49 @@ def _as_dotted(tree: Any, where: str, source: str) -> dict[str, Any]:
     if not isinstance(tree, dict):
         raise ConfigError(source, where, "expected a mapping")
     return flatten(tree)
+
+
+def _grid_and_zips(grid_raw: Any, zips_raw: Any, where: str, source: str) -> list[dict[str, Any]]:
+    """The rows a grid (crossed) and zips (keys varying together) expand to, in a stable order."""
+    grid = _as_dotted(grid_raw, f"{where}grid", source)
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(source, f"{where}grid.{key}", "expected a non-empty list of values")
+    zips_raw = zips_raw or []
+    zips_raw = [zips_raw] if isinstance(zips_raw, dict) else zips_raw
+    if not isinstance(zips_raw, list):
+        raise ConfigError(source, f"{where}zip", "expected a mapping or a list of mappings")
+    axes: list[list[dict[str, Any]]] = [[{key: v} for v in values] for key, values in grid.items()]
+    for i, group in enumerate(zips_raw):
+        if not isinstance(group, dict):
+            raise ConfigError(source, f"{where}zip[{i}]", "expected a mapping of key -> list")
+        lengths = {len(v) if isinstance(v, list) else -1 for v in group.values()}
+        if -1 in lengths or len(lengths) != 1 or 0 in lengths:
+            raise ConfigError(source, f"{where}zip[{i}]", "expected non-empty lists of equal length")
+        axes.append([{k: group[k][j] for k in group} for j in range(len(next(iter(group.values()))))])
+    rows = []
+    for combo in itertools.product(*axes):
+        row: dict[str, Any] = {}
+        for part in combo:
+            row.update(part)
+        rows.append(row)
+    return rows
+
+
+def _variant_rows(name: str, raw: Any, source: str) -> list[dict[str, Any]]:
+    """A variant's fixed keys, crossed with its own ``grid`` and ``zip`` when it has them (a
+    slowdown list whose length follows the worker count, a delay cap that follows the mean)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(source, f"variants.{name}", "expected a mapping (a partial config)")
+    raw = dict(raw)
+    own_grid, own_zip = raw.pop("grid", None), raw.pop("zip", None)
+    fixed = _as_dotted(raw, f"variants.{name}", source)
+    rows = _grid_and_zips(own_grid, own_zip, f"variants.{name}.", source)
+    for row in rows:
+        clash = next((k for k in row if k in fixed), None)
+        if clash is not None:
+            raise ConfigError(source, f"variants.{name}.{clash}", "is both fixed and varied in this variant")
+    return [{**fixed, **row} for row in rows]
 
 
 def _resolve_base(base: Any, spec_dir: Path, source: str, seen: tuple[Path, ...]) -> dict:
@@ -91,31 +136,25 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
     if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
         raise ConfigError(source, "name", "expected letters, digits, '-' and '_'")
     grid = _as_dotted(doc.get("grid"), "grid", source)
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(source, f"grid.{key}", "expected a non-empty list of values")
+    _grid_and_zips(doc.get("grid"), None, "", source)  # checks the grid's lists
     variants_raw = doc.get("variants") or {}
     if not isinstance(variants_raw, dict):
         raise ConfigError(source, "variants", "expected a mapping of name -> partial config")
-    variants = {str(k): _as_dotted(v, f"variants.{k}", source) for k, v in variants_raw.items()}
+    variants = {str(k): _variant_rows(str(k), v, source) for k, v in variants_raw.items()}
     zips_raw = doc.get("zip") or []
     zips_raw = [zips_raw] if isinstance(zips_raw, dict) else zips_raw
-    if not isinstance(zips_raw, list):
-        raise ConfigError(source, "zip", "expected a mapping or a list of mappings")
-    zips = []
-    for i, group in enumerate(zips_raw):
-        if not isinstance(group, dict):
-            raise ConfigError(source, f"zip[{i}]", "expected a mapping of key -> list")
-        group = {k: v for k, v in group.items()}
-        lengths = {len(v) if isinstance(v, list) else -1 for v in group.values()}
-        if -1 in lengths or len(lengths) != 1 or 0 in lengths:
-            raise ConfigError(source, f"zip[{i}]", "expected non-empty lists of equal length")
-        zips.append(group)
+    _grid_and_zips(None, zips_raw, "", source)  # checks the zips' lists
+    zips = [dict(group) for group in zips_raw]
+    outside = set(grid) | {k for g in zips for k in g}
+    for vname, rows in variants.items():
+        clash = next((k for row in rows for k in row if k in outside), None)
+        if clash is not None:
+            raise ConfigError(source, f"variants.{vname}.{clash}", "is also varied by the spec's grid or zip")
     exclude = doc.get("exclude") or []
     if not isinstance(exclude, list) or not all(isinstance(e, dict) for e in exclude):
         raise ConfigError(source, "exclude", "expected a list of mappings")
     base = _resolve_base(doc.get("base"), path.parent, source, (path.resolve(),))
-    varied = set(grid) | {k for v in variants.values() for k in v} | {k for g in zips for k in g}
+    varied = outside | {k for rows in variants.values() for row in rows for k in row}
     set_keys = []
     for item in overrides or []:
         key, value = parse_override(item, "--set")
@@ -153,7 +192,7 @@ def expand(spec: Spec, warn=lambda msg: print(msg, file=sys.stderr)) -> list[Pla
     source = str(spec.path)
     axes: list[list[dict[str, Any]]] = []
     if spec.variants:
-        axes.append([{"variant": name, **values} for name, values in spec.variants.items()])
+        axes.append([{"variant": name, **row} for name, rows in spec.variants.items() for row in rows])
     for key, values in spec.grid.items():
         axes.append([{key: v} for v in values])
     for group in spec.zips:
