@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -43,10 +44,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from abexp.train.start import train_run
 
     cfg = load_config(args.config, args.set)  # validated before any process is started
-    check_processes(cfg, args.nproc, args.config)
-    if cfg.delay.kind == "async" and args.nproc > 1:
-        raise ConfigError("--nproc", "", "delay.kind async starts its own processes (delay.workers + 1); "
-                          "leave --nproc at 1")
+    if cfg.delay.kind == "async":
+        from abexp.train.async_ps import check_launched_world, launched_world, launched_worker_main
+        if args.nproc not in (1, cfg.delay.workers + 1):
+            raise ConfigError("--nproc", "", f"delay.kind async runs a server and delay.workers = "
+                              f"{cfg.delay.workers} workers: --nproc 1 (abexp starts them) or "
+                              f"{cfg.delay.workers + 1} (torchrun does), not {args.nproc}")
+        launched = launched_world()
+        if launched is not None:  # one process of a group torchrun or srun started
+            check_launched_world(cfg, launched[1], args.config)
+            if launched[0] != 0:
+                return launched_worker_main(cfg, args.config)
+    else:
+        check_processes(cfg, args.nproc, args.config)
     check_pipelines([cfg], args.config)
     preflight_data([cfg])
     out = Path(args.out) if args.out else Path(args.results) / "runs" / run_id(cfg)
@@ -167,6 +177,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_local(args.spec, args.results, args.workers, gpus, args.runs_per_gpu,
                      progress=not args.no_progress, overrides=args.set,
                      gpus_per_run=args.gpus_per_run, pack=args.pack)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Write the replay spec of a spec's finished async runs, then run it like ``abexp run``."""
+    from abexp.lab.replay import write_replay_spec
+    from abexp.lab.runner import run_local
+
+    check_results_dir(args.results, write=True)
+    path, count, pending = write_replay_spec(args.spec, args.results, args.set)
+    more = f"; {pending} async run(s) not finished yet: run abexp replay again after them" if pending else ""
+    print(f"wrote {path}: replays of {count} finished async run(s){more}", file=sys.stderr, flush=True)
+    if args.write_only:
+        return 0
+    # one torch thread per process: the replay then equals its async run bitwise (docs/async.md)
+    os.environ.setdefault("ABEXP_THREADS", "1")
+    return run_local(str(path), args.results, args.workers, progress=not args.no_progress)
 
 
 def checked_slurm_request(args: argparse.Namespace) -> slurm.Request:
@@ -456,6 +482,14 @@ def build_parser() -> Parser:
                    help="default: --gpus-per-run where the partition has GPUs, else 0")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("replay", help="replay a spec's finished async runs from their trace.txt")
+    add_spec_args(p)
+    p.add_argument("--workers", type=positive_int, help="worker processes (default 1)")
+    p.add_argument("--write-only", action="store_true",
+                   help="write RESULTS/replays/<name>.yaml and stop (abexp run it later, or on SLURM)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("cancel", help="stop a SLURM submission for good (no requeue)")
     p.add_argument("--slurm-folder", default="results/slurm", help="as given to abexp run")

@@ -218,3 +218,23 @@ def test_abexp_cancel_stops_for_good_and_keeps_the_checkpoint(tmp_path, slurm_en
     assert not squeue(slurm_env) and not (run_dir / "result.json").exists()
     assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "claim.lock").exists()
     assert len(next(folder.glob("*/jobs.txt")).read_text().split()) == 1
+
+
+def test_srun_starts_an_async_run_whose_server_and_workers_equal_the_simulator(tmp_path, slurm_env):
+    """delay.kind async under `srun -n 4`: SLURM's task ids become the group's ranks (server =
+    task 0, MASTER_ADDR = the job's first node), and the fifo run is the simulator at D = 2."""
+    from test_async import BASE, assert_same_run
+    from test_async_launched import ASYNC, write_config
+    config = write_config(tmp_path / "a.yaml", BASE + ["optim.name=sgdm"] + ASYNC)
+    env = dict(slurm_env, OMP_NUM_THREADS="1", ABEXP_THREADS="1")
+    proc = subprocess.run(["srun", "-n", "4", "--overcommit", "--time", "5", sys.executable, "-m", "abexp.cli",
+                           "train", str(config), "--out", str(tmp_path / "async")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_run(load_config(None, BASE + ["optim.name=sgdm", "delay.steps=2"]), tmp_path / "sim", log=lambda s: None)
+    finally:
+        torch.set_num_threads(before)
+    assert_same_run(tmp_path / "async", tmp_path / "sim")

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> None:
     args = common.parser(__doc__).parse_args(argv)
     table = common.finished(common.load(args.table, args.experiment))
     if "delay.kind" in table:
-        table = table[table["delay.kind"] != "pipeline"]  # those have their own figure (stages)
+        table = table[~table["delay.kind"].isin(["pipeline", "async", "trace"])]  # stages, async and replays: their own figures
     if table.empty:
         common.skip("accuracy_vs_delay", "no finished runs with one delay for the whole network")
     common.skip_sweeps("accuracy_vs_delay", table)

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     table = common.finished(common.load(args.table, args.experiment))
     if "delay.kind" in table:
-        table = table[table["delay.kind"] != "pipeline"]  # one delay for the whole network only
+        table = table[~table["delay.kind"].isin(["pipeline", "async", "trace"])]  # one delay for the whole network only
     if table.empty:
         common.skip("delay_drop", "no finished runs")
     common.skip_sweeps("delay_drop", table)

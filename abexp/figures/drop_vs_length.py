@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     args = common.parser(__doc__).parse_args(argv)
     table = common.finished(common.load(args.table, args.experiment))
     if "delay.kind" in table:
-        table = table[table["delay.kind"] != "pipeline"]
+        table = table[~table["delay.kind"].isin(["pipeline", "async", "trace"])]  # one delay for the whole network only
     if table.empty or "train.epochs" not in table or table["train.epochs"].nunique() < 2:
         common.skip("drop_vs_length", "needs runs at 2 or more training lengths (train.epochs)")
     common.skip_sweeps("drop_vs_length", table)

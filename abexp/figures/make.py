@@ -18,7 +18,7 @@ import importlib
 import sys
 from pathlib import Path
 
-RUN_SCRIPTS = ["accuracy_vs_delay", "accuracy_vs_stages", "delay_drop", "drop_vs_length", "heatmaps",
+RUN_SCRIPTS = ["accuracy_vs_delay", "accuracy_vs_stages", "async_vs_model", "delay_drop", "drop_vs_length", "heatmaps",
                "rho_sensitivity", "staleness", "tables"]
 STABILITY_DELAYS = [0, 1, 2, 4, 8, 16, 32]
 STABILITY_OPTIMS = ["sgdm", "ab", "sc", "lwp"]

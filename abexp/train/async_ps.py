@@ -65,6 +65,52 @@ class AsyncWorkerError(RuntimeError):
     """A worker died or went silent: the run stops with this line (its checkpoint resumes it)."""
 
 
+def launched_world() -> tuple[int, int] | None:
+    """(rank, world) when this process is one of a group that torchrun or SLURM's srun started
+    (the server is rank 0, the workers 1..N, on any machines); None when abexp starts the
+    workers itself. Under srun the torch.distributed variables are derived from SLURM's:
+    MASTER_ADDR is the job's first node, MASTER_PORT follows the job id (or ABEXP_MASTER_PORT)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+    return None
+
+
+def launched_env() -> None:
+    """Under srun, the environment torch.distributed's env:// reads (torchrun sets it itself)."""
+    if "SLURM_PROCID" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    import subprocess
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "localhost")
+    try:
+        first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                               check=True).stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        first = nodes.split(",")[0]
+    os.environ.setdefault("MASTER_ADDR", first)
+    os.environ.setdefault("MASTER_PORT", os.environ.get(
+        "ABEXP_MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)))
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = os.environ["SLURM_PROCID"], os.environ["SLURM_NTASKS"]
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+
+
+def check_launched_world(cfg: RunConfig, world: int, source: str) -> None:
+    """A launched async run needs exactly a server and delay.workers workers."""
+    from abexp.config import ConfigError
+    if world != cfg.delay.workers + 1:
+        raise ConfigError(source, "delay.workers", f"{cfg.delay.workers} workers need {cfg.delay.workers + 1} "
+                          f"processes (a server and the workers); torchrun/srun started {world}")
+
+
+def join_launched_group(timeout: datetime.timedelta):
+    """Join the group torchrun/srun describes (env://); the store our item and arrival keys use."""
+    launched_env()
+    dist.init_process_group("gloo", init_method="env://", timeout=timeout)
+    from torch.distributed.distributed_c10d import _get_default_store
+    return dist.PrefixStore("abexp", _get_default_store())
+
+
 class AsyncRun(Run):
     """The parameter server of one run: ``Run``'s model, data, evaluation and checkpointing,
     with ``train_epoch`` taken by N worker processes."""
@@ -123,6 +169,14 @@ class AsyncRun(Run):
 
         world = self.workers + 1
         timeout = datetime.timedelta(seconds=self.cfg.delay.worker_timeout_s)
+        if launched_world() is not None:  # torchrun / srun started the workers, maybe elsewhere
+            check_launched_world(self.cfg, launched_world()[1], f"run {self.run_id}")
+            self.store = join_launched_group(timeout)
+            self.store.set("meta", json.dumps({"run_id": self.run_id, "num_classes": self.batches.num_classes,
+                                               "channels": self.batches.channels,
+                                               "input_shape": list(self.batches.input_shape)}))
+            self.hand_out_first()
+            return
         self.store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False, timeout=timeout)
         self.tmp = tempfile.TemporaryDirectory(prefix="abexp-async-")
         config = Path(self.tmp.name) / "config.yaml"
@@ -135,6 +189,11 @@ class AsyncRun(Run):
             env=env, preexec_fn=die_with_parent) for rank in range(1, world)]
         dist.init_process_group("gloo", store=dist.PrefixStore("pg", self.store), rank=0, world_size=world,
                                 timeout=timeout)
+        self.hand_out_first()
+
+    def hand_out_first(self) -> None:
+        """The first item of every worker (or, on a resume, the items in flight at the checkpoint)."""
+        world = self.workers + 1
         # items handed out before a checkpoint and not applied: handed out again, same weights
         pending = sorted(self.outstanding.items())
         self.outstanding = {}
@@ -162,7 +221,8 @@ class AsyncRun(Run):
                     p.kill()
             with _quiet():
                 dist.destroy_process_group()
-            self.tmp.cleanup()
+            if self.procs:
+                self.tmp.cleanup()
             self.store, self.procs = None, []
 
     def forward_weights(self) -> torch.Tensor:
@@ -183,6 +243,7 @@ class AsyncRun(Run):
         self.outstanding[j] = v
 
     def dead_worker(self) -> AsyncWorkerError | None:
+        """A worker process of ours that exited (launched workers are torchrun's/srun's to watch)."""
         for rank, p in enumerate(self.procs, 1):
             if p.poll() is not None:
                 return AsyncWorkerError(f"async worker {rank} (pid {p.pid}) exited with code {p.returncode} "
@@ -196,11 +257,12 @@ class AsyncRun(Run):
         try:
             yield
         except RuntimeError as err:
-            if "Timed out" in str(err) and self.procs[rank - 1].poll() is None:
+            if "Timed out" in str(err) and (not self.procs or self.procs[rank - 1].poll() is None):
                 # the peer lives but did not take its data: it hangs (others may have died of
                 # waiting on us meanwhile; they are not the cause)
+                pid = f" (pid {self.procs[rank - 1].pid})" if self.procs else ""
                 raise AsyncWorkerError(
-                    f"async worker {rank} (pid {self.procs[rank - 1].pid}) did not respond for "
+                    f"async worker {rank}{pid} did not respond for "
                     f"{self.cfg.delay.worker_timeout_s:.0f} s (delay.worker_timeout_s) at update {self.engine.t}: "
                     "a worker hangs; the run stops here and resumes from its last checkpoint when run again") from None
             time.sleep(0.5)  # let the dead process be reaped
@@ -345,15 +407,86 @@ def _worker_exit(rank: int, err: RuntimeError) -> None:
 
 def worker_main(rank: int, world: int, port: int, config_path: str, server_pid: int,
                 num_classes: int, channels: int, input_shape: tuple) -> None:
-    """A worker: take an item, compute its gradient, announce it, send it; until told to stop
-    or the server is gone."""
+    """A worker that the server started on its own machine: join its store, then serve."""
     torch.set_num_threads(1)
     cfg = load_config(config_path)
     timeout = datetime.timedelta(seconds=cfg.delay.worker_timeout_s)
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timeout)
     dist.init_process_group("gloo", store=dist.PrefixStore("pg", store), rank=rank, world_size=world,
                             timeout=timeout)
-    model = WorkerModel(cfg, num_classes, channels, input_shape)
+
+    def server_gone(waited: float) -> str | None:  # our parent is the server: gone, we go quietly
+        return "" if os.getppid() != server_pid else None
+
+    serve(rank, cfg, store, WorkerModel(cfg, num_classes, channels, input_shape), server_gone)
+
+
+def launched_worker_main(cfg: RunConfig, source: str) -> int:
+    """A worker that torchrun or srun started (rank >= 1, on any machine): join the group, learn
+    the run's data shapes from the server, then serve. Its config must be the server's run."""
+    from abexp.config import run_id
+    torch.set_num_threads(1)
+    rank, world = launched_world()
+    check_launched_world(cfg, world, source)
+    limit = cfg.delay.worker_timeout_s
+    store = join_launched_group(datetime.timedelta(seconds=limit))
+    meta = json.loads(_wait_key(store, "meta", rank, silent_for(limit)))
+    if meta.get("stop"):  # the run was finished already
+        store.add("released", 1)
+        with _quiet():
+            dist.destroy_process_group()
+        return 0
+    if meta["run_id"] != run_id(cfg):
+        import sys
+        print(f"abexp async worker {rank}: {source} is run {run_id(cfg)}, the server trains {meta['run_id']}; "
+              "every process needs the same config", file=sys.stderr, flush=True)
+        os._exit(2)
+    model = WorkerModel(cfg, meta["num_classes"], meta["channels"], tuple(meta["input_shape"]))
+    serve(rank, cfg, store, model, silent_for(limit))
+    return 0
+
+
+def silent_for(limit: float) -> Callable[[float], str | None]:
+    """A launched worker cannot watch its server's process: a server silent for delay.worker_timeout_s
+    is taken as gone (torchrun and srun end the others when one process fails)."""
+    return lambda waited: (f"nothing from the server for {limit:.0f} s (delay.worker_timeout_s)"
+                           if waited >= limit else None)
+
+
+def release_launched_workers(cfg: RunConfig) -> None:
+    """Rank 0 of a launched async run with nothing to train (finished): let the workers go."""
+    store = join_launched_group(datetime.timedelta(seconds=cfg.delay.worker_timeout_s))
+    store.set("meta", json.dumps({"stop": True}))
+    waited = 0.0  # the store may live in this process (srun): keep it until every worker has read
+    while int(store.add("released", 0)) < cfg.delay.workers and waited < cfg.delay.worker_timeout_s:
+        time.sleep(0.1)
+        waited += 0.1
+    with _quiet():
+        dist.destroy_process_group()
+
+
+def _wait_key(store, key: str, rank: int, server_gone: Callable[[float], str | None]) -> bytes:
+    """Wait for a key of the store while the server is there. ``server_gone(waited)``: None =
+    keep waiting, "" = exit quietly, else that reason in one line and exit 1."""
+    waited = 0.0
+    while True:
+        try:
+            store.wait([key], datetime.timedelta(seconds=POLL_S))
+            return store.get(key)
+        except RuntimeError as err:
+            waited += POLL_S
+            gone = server_gone(waited)
+            if gone == "":
+                os._exit(0)
+            if gone is not None:
+                _worker_exit(rank, RuntimeError(gone))
+            if "timeout" not in str(err).lower() and "timed out" not in str(err).lower():
+                _worker_exit(rank, err)  # the store is unreachable: its host, the server, is gone
+
+
+def serve(rank: int, cfg: RunConfig, store, model: "WorkerModel", server_gone: Callable[[float], str | None]) -> None:
+    """Take an item, compute its gradient, announce it, send it; until told to stop or the
+    server is gone."""
     slowdown = (cfg.delay.slowdown or [1.0] * cfg.delay.workers)[rank - 1]
     pauses = random.Random(cfg.seed * 1_000_003 + rank)
     w = torch.empty_like(model.flat.data)
@@ -361,15 +494,7 @@ def worker_main(rank: int, world: int, port: int, config_path: str, server_pid: 
     y = torch.empty(cfg.train.batch_size, dtype=torch.long)
     n = 0
     while True:
-        key = f"item/{rank}/{n}"
-        while True:
-            try:
-                store.wait([key], datetime.timedelta(seconds=POLL_S))
-                break
-            except RuntimeError:
-                if os.getppid() != server_pid:  # the server is gone: so are we
-                    os._exit(0)
-        item = json.loads(store.get(key))
+        item = json.loads(_wait_key(store, f"item/{rank}/{n}", rank, server_gone))
         if item.get("stop"):
             break
         try:

@@ -165,7 +165,9 @@ class Run:
         self.cfg, self.out, self.log = cfg, Path(out_dir), log
         self.run_id = run_id(cfg)
         self.device = resolve_device(device)
-        self.ddp = init_from_env(self.device.type)
+        # an async run's processes (torchrun/srun may have started them) are a server and its
+        # workers, not data-parallel ranks
+        self.ddp = Dist() if cfg.delay.kind == "async" else init_from_env(self.device.type)
         if self.ddp.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.ddp.local_rank)
             torch.cuda.set_device(self.device)

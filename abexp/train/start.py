@@ -8,7 +8,7 @@ from typing import Callable
 
 from abexp.config import RunConfig
 from abexp.train import lifecycle
-from abexp.train.async_ps import AsyncRun
+from abexp.train.async_ps import AsyncRun, launched_world, release_launched_workers
 from abexp.train.run import Run
 
 
@@ -22,6 +22,8 @@ def train_run(cfg: RunConfig, out_dir: str | Path, device: str = "auto",
     out = Path(out_dir)
     done = lifecycle.finished_result(out, cfg)
     if done is not None:
+        if cfg.delay.kind == "async" and launched_world() is not None:
+            release_launched_workers(cfg)  # torchrun/srun started workers for it: let them go
         return done
     if cfg.delay.kind == "async":  # a parameter server and its worker processes
         run: Run = AsyncRun(cfg, out, device, log)
