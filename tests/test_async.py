@@ -70,6 +70,11 @@ def test_a_free_running_trace_replayed_by_the_simulator_reproduces_the_run(tmp_p
     trace = tmp_path / "async" / "trace.txt"
     delays, order = read_trace_columns(str(trace))
     assert sorted(order) == list(range(16)) and max(delays) > 2  # the slow worker's gradients are staler
+    # whatever the order, the sum of staleness is fixed by the protocol (docs/async.md): item j
+    # is handed out at version 0 (j < N) or j - N + 1, and the T updates are t = 0..T-1
+    T, N = 16, 3
+    versions = [0] * N + [j - N + 1 for j in range(N, T)]
+    assert sum(delays) == sum(range(T)) - sum(versions) == (N - 1) * (2 * T - N) // 2
     replay = train_run(load_config(None, cfg + ["delay.kind=trace", f"delay.trace={trace}"]),
                        tmp_path / "sim", log=lambda s: None)
     assert_same_run(tmp_path / "async", tmp_path / "sim")
