@@ -15,6 +15,8 @@ def cell(mean, std, n, diverged) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = common.parser(__doc__).parse_args(argv)
     table = common.finished(common.load(args.table, args.experiment))
+    if "delay.kind" in table:  # no delay of their own: async runs and replays are async_vs_model's
+        table = table[~table["delay.kind"].isin(["async", "trace"])]
     if table.empty:
         common.skip("tables", "no finished runs")
     common.skip_sweeps("tables", table)
