@@ -93,11 +93,25 @@ def test_a_launched_group_of_the_wrong_size_is_one_line_exit_2(tmp_path):
                            "--out", str(tmp_path / "x")], env=env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "--nproc" in proc.stderr and "4" in proc.stderr and not (tmp_path / "x").exists()
-    # three processes that srun started (SLURM's variables, no torch.distributed ones): refused
+    # three processes that srun started (a step's variables, no torch.distributed ones): refused
     # by every rank before any process group forms
-    slurm = dict(env(), SLURM_NTASKS="3", SLURM_PROCID="1", SLURM_JOB_ID="7")
+    slurm = dict(env(), SLURM_NTASKS="3", SLURM_STEP_NUM_TASKS="3", SLURM_PROCID="1", SLURM_JOB_ID="7")
     slurm.pop("WORLD_SIZE", None)
     proc = subprocess.run([sys.executable, "-m", "abexp.cli", "train", str(config), "--out", str(tmp_path / "x")],
                           env=slurm, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "delay.workers" in proc.stderr and "started 3" in proc.stderr
+
+
+def test_a_batch_script_of_a_multi_task_job_is_not_a_launched_group(monkeypatch):
+    """sbatch -n 4's batch script has SLURM_NTASKS=4 and SLURM_PROCID=0 but is one process: an
+    abexp train there starts its own workers; only an srun step (SLURM_STEP_NUM_TASKS) is a group."""
+    from abexp.train.async_ps import launched_world
+    for key in ("WORLD_SIZE", "RANK", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert launched_world() is None
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    assert launched_world() == (2, 4)

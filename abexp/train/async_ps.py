@@ -68,30 +68,33 @@ class AsyncWorkerError(RuntimeError):
 def launched_world() -> tuple[int, int] | None:
     """(rank, world) when this process is one of a group that torchrun or SLURM's srun started
     (the server is rank 0, the workers 1..N, on any machines); None when abexp starts the
-    workers itself. Under srun the torch.distributed variables are derived from SLURM's:
-    MASTER_ADDR is the job's first node, MASTER_PORT follows the job id (or ABEXP_MASTER_PORT)."""
+    workers itself. Under srun the torch.distributed variables are derived from the step's:
+    SLURM_STEP_NUM_TASKS, not SLURM_NTASKS, which a batch script of a multi-task job also has
+    (a plain ``abexp train`` there starts its own workers)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
-        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_STEP_NUM_TASKS"])
     return None
 
 
 def launched_env() -> None:
-    """Under srun, the environment torch.distributed's env:// reads (torchrun sets it itself)."""
+    """Under srun, the environment torch.distributed's env:// reads (torchrun sets it itself):
+    MASTER_ADDR = the step's first node, MASTER_PORT = 20000 + (31 job id + step id) mod 20000
+    (or ABEXP_MASTER_PORT), rank = SLURM_PROCID, world = SLURM_STEP_NUM_TASKS."""
     if "SLURM_PROCID" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return
     import subprocess
-    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "localhost")
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "localhost")
     try:
         first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
                                check=True).stdout.split()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
         first = nodes.split(",")[0]
     os.environ.setdefault("MASTER_ADDR", first)
-    os.environ.setdefault("MASTER_PORT", os.environ.get(
-        "ABEXP_MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)))
-    os.environ["RANK"], os.environ["WORLD_SIZE"] = os.environ["SLURM_PROCID"], os.environ["SLURM_NTASKS"]
+    job, step = int(os.environ.get("SLURM_JOB_ID", "0")), int(os.environ.get("SLURM_STEP_ID", "0"))
+    os.environ.setdefault("MASTER_PORT", os.environ.get("ABEXP_MASTER_PORT", str(20000 + (31 * job + step) % 20000)))
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = os.environ["SLURM_PROCID"], os.environ["SLURM_STEP_NUM_TASKS"]
     os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
 
 
