@@ -22,6 +22,9 @@ evaluate with ``eval.bn: recalibrate`` (required) and report no ``test_acc_runni
 The run's life (epochs, checkpoint, metrics, events, W&B, stop signals, divergence) is
 ``abexp.train.lifecycle``'s, as for every run: this module supplies only ``train_epoch``.
 
+The workers are started by the server on its machine, or by torchrun or srun on any machines
+(every process runs ``abexp train``; rank 0 is the server): ``launched_world``.
+
 A checkpoint holds the items handed out but not yet applied, with the weights of their
 versions; a resumed server hands them out again (the gradient of an item is a function of its
 weights and batch, so it is recomputed exactly) and the trace goes on without a gap or a repeat.
@@ -163,7 +166,8 @@ class AsyncRun(Run):
     # ---------------------------------------------------------------- processes
     def start_workers(self) -> None:
         """N worker processes on this machine (``python -m abexp.train.async_ps``, one torch
-        thread each, killed with this process), joined by a TCP store that this process hosts."""
+        thread each, killed with this process), joined by a TCP store that this process hosts;
+        or, when torchrun or srun started this process as rank 0, the group they started."""
         import subprocess
         import sys
         import tempfile
