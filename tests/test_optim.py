@@ -391,3 +391,14 @@ def test_drop_stale_discards_exactly_the_updates_staler_than_its_threshold():
                        run_engine(OptimCfg(name="sgdm"), 3, data, 0.05))
     assert torch.equal(run_engine(OptimCfg(name="drop_stale"), 0, data, 0.05),
                        run_engine(OptimCfg(name="sgdm"), 0, data, 0.05))
+
+
+def test_every_delay_mitigation_is_sgdm_or_ab_without_delay():
+    """Without delay there is nothing to mitigate: SC, LWP, DC-ASGD, salr, Gap-Aware, PipeMare's
+    rescheduling, delay_adaptive and drop_stale are SGDM bitwise, and AB + LWP is AB (what
+    experiments/fashion_mnist_mitigations.yaml relies on to skip their D = 0 runs)."""
+    data = batches(6)
+    sgdm = run_engine(OptimCfg(name="sgdm"), 0, data, 0.05)
+    for name in ("sc", "lwp", "sc_lwp", "dcasgd", "salr", "gap_aware", "pipemare_lr", "delay_adaptive", "drop_stale"):
+        assert torch.equal(run_engine(OptimCfg(name=name), 0, data, 0.05), sgdm), name
+    assert torch.equal(run_engine(OptimCfg(name="ab_lwp"), 0, data, 0.05), run_engine(OptimCfg(name="ab"), 0, data, 0.05))
