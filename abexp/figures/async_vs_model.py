@@ -24,9 +24,10 @@ import pandas as pd
 
 from abexp.config import read_trace_columns
 from abexp.figures import common
+from abexp.figures.staleness import in_words
 
 SERIES = {"async": "real async, N workers",
-          "async_slow": "real async, last worker 3x slower",
+          "async_slow": "real async, {slow}",
           "replay": "simulator replaying the real trace",
           "replay_slow": "simulator replaying the slow-worker trace",
           "constant": "simulator, constant D = N - 1",
@@ -66,7 +67,8 @@ def rows(table: pd.DataFrame, runs: Path) -> pd.DataFrame:
         row = {"run_id": run["run_id"], "optim": run["optim.name"], "seed": int(run["seed"]),
                "test_acc": float(run["test_acc"])}
         if kind == "async":
-            row["series"] = "async_slow" if _is_set(run.get("delay.slowdown")) else "async"
+            row["series"] = "async_slow" if in_words(run.get("delay.slowdown")) else "async"
+            row["slow"] = in_words(run.get("delay.slowdown"))
             row["N"] = int(run["delay.workers"])
             trace = runs / run["run_id"] / "trace.txt"
             if trace.exists():
@@ -80,7 +82,7 @@ def rows(table: pd.DataFrame, runs: Path) -> pd.DataFrame:
             if source not in by_id.index or by_id.loc[source].get("delay.kind") != "async":
                 continue
             src = by_id.loc[source]
-            row["series"] = "replay_slow" if _is_set(src.get("delay.slowdown")) else "replay"
+            row["series"] = "replay_slow" if in_words(src.get("delay.slowdown")) else "replay"
             row["N"] = int(src["delay.workers"])
             row["replays"] = source
             row["same_test_acc"] = float(src["test_acc"]) == row["test_acc"]
@@ -91,6 +93,12 @@ def rows(table: pd.DataFrame, runs: Path) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def names(data: pd.DataFrame) -> dict[str, str]:
+    """Each series in words; the slow-worker one says which slowdown ("one worker 3x slower")."""
+    slow = sorted({w for w in data.get("slow", pd.Series(dtype=object)).dropna() if w})
+    return {k: v.format(slow="; ".join(slow) or "slow workers") for k, v in SERIES.items()}
+
+
 def cell(values: pd.Series) -> str:
     if len(values) == 1:
         return f"{values.iloc[0]:.3f} (1 seed)"
@@ -98,6 +106,7 @@ def cell(values: pd.Series) -> str:
 
 
 def tables(data: pd.DataFrame, out: Path) -> None:
+    label = names(data)
     counts = sorted(data["N"].unique())
     seeds = sorted(data["seed"].unique())
     lines = [f"Final test accuracy, mean ± std over seeds {', '.join(map(str, seeds))} (N workers; the "
@@ -110,7 +119,7 @@ def tables(data: pd.DataFrame, out: Path) -> None:
             if part.empty:
                 continue
             cells = [cell(part[part["N"] == n]["test_acc"]) if (part["N"] == n).any() else "" for n in counts]
-            lines.append(f"| {common.label(optim)} | {SERIES[series]} | " + " | ".join(cells) + " |")
+            lines.append(f"| {common.label(optim)} | {label[series]} | " + " | ".join(cells) + " |")
     (out / "async_vs_model_table.md").write_text("\n".join(lines) + "\n")
     real = data[data["series"].isin(["async", "async_slow"])]
     if "tau_mean" in real:
@@ -118,7 +127,7 @@ def tables(data: pd.DataFrame, out: Path) -> None:
                  "optimizers and seeds)", "",
                  "| series | N | runs | mean τ | std τ | p99 τ | max τ |", "|---|---|---|---|---|---|---|"]
         for (series, n), g in real.groupby(["series", "N"]):
-            lines.append(f"| {SERIES[series]} | {n} | {len(g)} | {g['tau_mean'].mean():.2f} | "
+            lines.append(f"| {label[series]} | {n} | {len(g)} | {g['tau_mean'].mean():.2f} | "
                          f"{g['tau_std'].mean():.2f} | {g['tau_p99'].mean():.1f} | {int(g['tau_max'].max())} |")
         (out / "async_staleness_table.md").write_text("\n".join(lines) + "\n")
     replays = data[data["series"].isin(["replay", "replay_slow"])]
@@ -145,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     optims = common.ordered(data["optim"].unique())
     fig, axes = plt.subplots(1, len(optims), figsize=(5.2 * len(optims), 3.8), squeeze=False, sharey=True)
     for ax, optim in zip(axes[0], optims):
-        for series, name in SERIES.items():
+        for series, name in names(data).items():
             part = data[(data["optim"] == optim) & (data["series"] == series)]
             if part.empty:
                 continue
