@@ -292,3 +292,33 @@ def test_the_staleness_figure_counts_each_traces_delays(tmp_path):
     data = pd.read_csv(tmp_path / "figs" / "staleness.csv")
     assert data.groupby("staleness")["updates"].sum().to_dict() == {0: 2, 1: 5, 2: 1, 4: 1}
     assert (tmp_path / "figs" / "staleness.png").exists()
+
+
+def test_tuned_lr_picks_each_optimizers_best_lr_per_delay_by_hand(tmp_path):
+    """A hand-made table: the tuned cell is the lr with the best seed-mean (diverged = 0), among
+    lrs with the most seeds; its edge is marked; the every-lr table keeps each mean."""
+    from abexp.figures import tuned_lr
+    acc = {  # (optimizer, delay, lr): per-seed accuracy, None = diverged
+        ("sgdm", 0, 0.1): [0.90, 0.92], ("sgdm", 0, 0.2): [0.93, 0.95], ("sgdm", 0, 0.4): [0.99, None],
+        ("sgdm", 8, 0.1): [0.80, 0.84], ("sgdm", 8, 0.2): [0.81, 0.81], ("sgdm", 8, 0.4): [0.95],
+        ("ab", 8, 0.1): [0.70, 0.70], ("ab", 8, 0.2): [0.88, 0.86], ("ab", 8, 0.4): [0.87, 0.89],
+    }
+    rows = [{"run_id": f"r{i}", "experiment": "e", "status": "completed" if a is not None else "diverged",
+             "test_acc": a, "optim.name": o, "delay.steps": d, "optim.lr": lr, "seed": s, "delay.kind": "constant"}
+            for i, ((o, d, lr), accs) in enumerate(acc.items()) for s, a in enumerate(accs)]
+    rows = [dict(r, run_id=f"{r['run_id']}_{k}") for k, r in enumerate(rows)]
+    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
+    tuned_lr.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "figs")])
+    tuned = pd.read_csv(tmp_path / "figs" / "tuned_lr.csv").set_index(["series", "delay"])
+    # sgdm D=0: 0.4 has a mean of (0.99 + 0) / 2 with the diverged seed at 0, so 0.2 wins
+    assert tuned.loc[("SGDM", 0), "lr"] == 0.2 and tuned.loc[("SGDM", 0), "mean"] == pytest.approx(0.94)
+    # sgdm D=8: 0.4 has one seed of two, so it waits; 0.1 (0.82) beats 0.2 (0.81): the grid's low edge
+    assert tuned.loc[("SGDM", 8), "lr"] == 0.1 and tuned.loc[("SGDM", 8), "edge"] == "low"
+    assert tuned.loc[("SGDM", 8), "lrs_compared"] == 2
+    assert tuned.loc[("AB", 8), "lr"] == 0.4 and tuned.loc[("AB", 8), "edge"] == "high"
+    assert tuned.loc[("AB", 8), "sd"] == pytest.approx(pd.Series([0.87, 0.89]).std())
+    text = (tmp_path / "figs" / "tuned_lr.md").read_text()
+    assert "| SGDM | 0.940 ± 0.014 @ 0.2 | 0.820 ± 0.028 @ 0.1↓, 2 of 3 lrs |" in text
+    assert "| AB | – | 0.880 ± 0.014 @ 0.4↑ |" in text
+    assert "| AB | 0.1 | – | 0.700 ± 0.000 |" in text
+    assert (tmp_path / "figs" / "tuned_lr.png").exists()

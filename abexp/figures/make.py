@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 RUN_SCRIPTS = ["accuracy_vs_delay", "accuracy_vs_stages", "async_vs_model", "delay_drop", "drop_vs_length", "heatmaps",
-               "rho_sensitivity", "staleness", "tables"]
+               "rho_sensitivity", "staleness", "tables", "tuned_lr"]
 STABILITY_DELAYS = [0, 1, 2, 4, 8, 16, 32]
 STABILITY_OPTIMS = ["sgdm", "ab", "sc", "lwp"]
 STABILITY_STAGES = [1, 2, 4, 8, 16]
