@@ -141,3 +141,26 @@ def test_run_with_pack_trains_compatible_runs_together(tmp_path):
     packed = [e.get("packed") for run in load_spec(spec).expand()
               for e in events(runs_dir(results) / run.run_id) if e["event"] == "start"]
     assert packed == [4, 4, 4, 4]
+
+
+def test_async_runs_side_by_side_beyond_the_cores_are_said(tmp_path):
+    """An async run is N + 1 processes: two workers may run the two largest async runs at once
+    (N = 3 and 1: 4 + 2 = 6 processes); counted by hand against the cores."""
+    from abexp.lab.runner import async_sharing_note
+    from abexp.lab.spec import load_spec
+
+    spec = tmp_path / "a.yaml"
+    spec.write_text(textwrap.dedent("""\
+        name: a
+        base: {model: {name: resnet8}, data: {name: digits, subset: 64}, train: {epochs: 1}, eval: {bn: recalibrate}}
+        variants:
+          real: {delay.kind: async, grid: {delay.workers: [1, 3]}}
+          simulated: {delay.kind: constant, grid: {delay.steps: [0, 2]}}
+        """))
+    plan = load_spec(spec).expand(warn=lambda m: None)
+    note = async_sharing_note(plan, workers=2, cores=2)
+    assert note is not None and "2 async run(s) of up to 4 processes" in note and "6 of their processes" in note
+    assert async_sharing_note(plan, workers=2, cores=6) is None  # 6 processes fit 6 cores
+    assert async_sharing_note(plan, workers=1, cores=2) is None  # one run at a time: nothing beside it
+    simulated = [r for r in plan if r.config.delay.kind != "async"]
+    assert async_sharing_note(simulated, workers=8, cores=1) is None

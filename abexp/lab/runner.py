@@ -348,6 +348,19 @@ def thread_share(slots: list[str | None]) -> int:
     return int(os.environ.get("ABEXP_THREADS") or threads)
 
 
+def async_sharing_note(plan: list[PlannedRun], workers: int, cores: int) -> str | None:
+    """An async run is N + 1 processes (a server and N workers), not the one process the core
+    share assumes: when several workers may run async runs side by side beyond the cores, say so,
+    since each run's staleness then also depends on the runs beside it (the OS scheduler's)."""
+    sizes = sorted(r.config.delay.workers + 1 for r in plan if r.config.delay.kind == "async")
+    side_by_side = sum(sizes[-workers:]) if sizes and workers > 1 else 0
+    if side_by_side <= cores:
+        return None
+    return (f"note: {len(sizes)} async run(s) of up to {sizes[-1]} processes each; {workers} workers may run "
+            f"{side_by_side} of their processes at once on {cores} cores, and each run's staleness then depends on "
+            f"the runs beside it: --workers 1 runs them one at a time (docs/async.md)")
+
+
 def summarize(states: list[str]) -> str:
     """``3 completed, 1 diverged, 20 pending (24 runs)``, in STATES order."""
     counts = [f"{states.count(s)} {s}" for s in STATES if states.count(s)]
@@ -368,6 +381,10 @@ def run_local(spec_path: str, results: str, workers: int | None = None,
         return 0
     slots = _slots(workers, gpus, runs_per_gpu, gpus_per_run)
     threads = thread_share(slots)
+    note = async_sharing_note([r for r in plan if not (root / r.run_id / "result.json").exists()],
+                              len(slots), os.cpu_count() or 1)
+    if note:
+        print(note, flush=True)
     commands = [([sys.executable, "-m", "abexp.lab.runner", spec_path, results, session, *(overrides or [])],
                  worker_env(gpu, threads, ABEXP_PACK=str(pack))) for gpu in slots]
     # progress in epochs (with their rate), not whole runs: the first run's minutes show too
