@@ -300,7 +300,8 @@ def test_tuned_lr_picks_each_optimizers_best_lr_per_delay_by_hand(tmp_path):
     from abexp.figures import tuned_lr
     acc = {  # (optimizer, delay, lr): per-seed accuracy, None = diverged
         ("sgdm", 0, 0.1): [0.90, 0.92], ("sgdm", 0, 0.2): [0.93, 0.95], ("sgdm", 0, 0.4): [0.99, None],
-        ("sgdm", 8, 0.1): [0.80, 0.84], ("sgdm", 8, 0.2): [0.81, 0.81], ("sgdm", 8, 0.4): [0.95],
+        ("sgdm", 8, 0.05): [0.99], ("sgdm", 8, 0.1): [0.80, 0.84], ("sgdm", 8, 0.2): [0.81, 0.81],
+        ("sgdm", 8, 0.4): [0.95],
         ("ab", 8, 0.1): [0.70, 0.70], ("ab", 8, 0.2): [0.88, 0.86], ("ab", 8, 0.4): [0.87, 0.89],
     }
     rows = [{"run_id": f"r{i}", "experiment": "e", "status": "completed" if a is not None else "diverged",
@@ -312,13 +313,14 @@ def test_tuned_lr_picks_each_optimizers_best_lr_per_delay_by_hand(tmp_path):
     tuned = pd.read_csv(tmp_path / "figs" / "tuned_lr.csv").set_index(["series", "delay"])
     # sgdm D=0: 0.4 has a mean of (0.99 + 0) / 2 with the diverged seed at 0, so 0.2 wins
     assert tuned.loc[("SGDM", 0), "lr"] == 0.2 and tuned.loc[("SGDM", 0), "mean"] == pytest.approx(0.94)
-    # sgdm D=8: 0.4 has one seed of two, so it waits; 0.1 (0.82) beats 0.2 (0.81): the grid's low edge
+    # sgdm D=8: 0.05 and 0.4 have one seed of two, so they wait; 0.1 (0.82) beats 0.2 (0.81): the
+    # low edge of the lrs compared (not of the grid: 0.05 was not compared)
     assert tuned.loc[("SGDM", 8), "lr"] == 0.1 and tuned.loc[("SGDM", 8), "edge"] == "low"
     assert tuned.loc[("SGDM", 8), "lrs_compared"] == 2
     assert tuned.loc[("AB", 8), "lr"] == 0.4 and tuned.loc[("AB", 8), "edge"] == "high"
     assert tuned.loc[("AB", 8), "sd"] == pytest.approx(pd.Series([0.87, 0.89]).std())
     text = (tmp_path / "figs" / "tuned_lr.md").read_text()
-    assert "| SGDM | 0.940 ± 0.014 @ 0.2 | 0.820 ± 0.028 @ 0.1↓, 2 of 3 lrs |" in text
-    assert "| AB | – | 0.880 ± 0.014 @ 0.4↑ |" in text
+    assert "| SGDM | 0.940 ± 0.014 @ 0.2, 3 of 4 lrs | 0.820 ± 0.028 @ 0.1↓, 2 of 4 lrs |" in text
+    assert "| AB | – | 0.880 ± 0.014 @ 0.4↑, 3 of 4 lrs |" in text
     assert "| AB | 0.1 | – | 0.700 ± 0.000 |" in text
     assert (tmp_path / "figs" / "tuned_lr.png").exists()
