@@ -24,13 +24,12 @@ def per_lr(table: pd.DataFrame) -> pd.DataFrame:
     for (name, delay, lr), runs in table.groupby(["series", "delay.steps", "optim.lr"]):
         accs = runs.sort_values("seed")["acc"]
         rows.append({"series": name, "delay": int(delay), "lr": float(lr), "seeds": len(accs),
-                     "seed_list": " ".join(str(int(s)) for s in sorted(runs["seed"])),
                      "mean": accs.mean(), "sd": accs.std(ddof=1) if len(accs) > 1 else float("nan"),
                      "accs": " ".join(f"{a:.4f}" for a in accs)})
     return pd.DataFrame(rows)
 
 
-def best(cells: pd.DataFrame, grid: list[float]) -> pd.DataFrame:
+def best(cells: pd.DataFrame, grid_size: int) -> pd.DataFrame:
     """One row per (series, delay): the lr with the highest mean among those run with the most
     seeds (ties: the smaller lr), whether it is a grid edge, and how many lrs competed."""
     rows = []
@@ -39,7 +38,7 @@ def best(cells: pd.DataFrame, grid: list[float]) -> pd.DataFrame:
         top = full.loc[full["mean"].idxmax()]
         # an edge of the lrs that competed: those did not bracket the optimum
         edge = "" if len(full) < 2 else "low" if top["lr"] == full["lr"].min() else "high" if top["lr"] == full["lr"].max() else ""
-        rows.append({**top.to_dict(), "lrs_compared": len(full), "lrs_in_grid": len(grid), "edge": edge})
+        rows.append({**top.to_dict(), "lrs_compared": len(full), "lrs_in_grid": grid_size, "edge": edge})
     return pd.DataFrame(rows)
 
 
@@ -66,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     grid = sorted(cells["lr"].unique())
     rank = {name: i for i, name in enumerate(series)}
     cells = cells.sort_values(["delay", "lr"]).sort_values("series", key=lambda s: s.map(rank), kind="stable")
-    tuned = best(cells, grid)
+    tuned = best(cells, len(grid))
     delays = sorted(tuned["delay"].unique())
     text = {(r["series"], r["delay"]): cell_text(r) for r in tuned.to_dict("records")}
     seeds = int(cells["seeds"].max())
@@ -77,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
              "| optimizer | " + " | ".join(f"D={d}" for d in delays) + " |", "|---|" + "---|" * len(delays)]
     lines += [f"| {name} | " + " | ".join(text.get((name, d), "–") for d in delays) + " |"
               for name in series if any((name, d) in text for d in delays)]
+    if any((name, d) not in text for name in series for d in delays):
+        lines += ["", "–: not run (a spec's `exclude`, e.g. rules that are SGDM bitwise without delay)."]
     lines += ["", "Every lr (mean ± sd over seeds; the tuned table picks one per cell):", "",
               "| optimizer | lr | " + " | ".join(f"D={d}" for d in delays) + " |", "|---|---|" + "---|" * len(delays)]
     every = {(r["series"], r["lr"], r["delay"]): r for r in cells.to_dict("records")}
@@ -129,7 +130,7 @@ def draw(tuned: pd.DataFrame, table: pd.DataFrame, series: dict[str, str], delay
         fig.legend(handles[:1], labels[:1], fontsize=7, loc="outside lower center")
     note = f"{common.bn_note(table)}; " if common.bn_note(table) else ""
     fig.suptitle(f"Each optimizer at its best lr per delay ({note}bar = mean, dots = seeds)", fontsize=10)
-    common.save(fig, tuned.drop(columns=["seed_list"]), out, "tuned_lr")
+    common.save(fig, tuned, out, "tuned_lr")
 
 
 if __name__ == "__main__":
