@@ -120,9 +120,11 @@ def draw(tuned: pd.DataFrame, table: pd.DataFrame, series: dict[str, str], delay
         ax.set_title(f"D = {delay}", fontsize=10)
         ax.grid(axis="x", color="0.9", lw=0.6)
         ax.set_xlabel("test accuracy at the tuned lr")
-    low = max(0.0, min(shown + [common.chance(table)]) - 0.02)
+    # the tuned cells' own range (not down to chance): tuned rules often differ by a point or two
+    spread = max(shown) - min(shown)
+    low = max(0.0, min(shown) - max(0.02, 0.1 * spread))
     for ax in axes[0]:
-        ax.set_xlim(low, min(1.0, max(shown) + 0.02))
+        ax.set_xlim(low, min(1.0, max(shown) + max(0.02, 0.1 * spread)))
     axes[0][0].set_yticks(range(len(names)), names)
     axes[0][0].set_ylim(len(names) - 0.5, -0.5)  # the first optimizer on top
     if len(reference):
