@@ -255,7 +255,10 @@ def test_drop_vs_length_of_a_spec_is_the_paired_drop_per_run_length(results, tmp
         (a0, steps), (a2, _) = acc[row["epochs"], row["seed"], 0], acc[row["epochs"], row["seed"], 2]
         assert row["drop"] == pytest.approx(a0 - a2) and row["steps"] == steps
     assert sorted(set(shown["steps"])) == [2, 4]  # 64 examples / 32 = 2 steps per epoch
-    assert "| SGDM | 1 | 2 | 100.00% |" in (folder / "drop_vs_length.md").read_text()
+    text = (folder / "drop_vs_length.md").read_text()
+    assert "| SGDM | 1 | 2 | 100.00% |" in text
+    (a0, _), (a2, _) = acc[1, 0, 0], acc[1, 0, 2]
+    assert f"s0: {a0:.4f} → {a2:.4f} ({a0 - a2:.4f})" in text
     assert (folder / "drop_vs_length.png").exists()
 
 

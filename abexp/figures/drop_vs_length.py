@@ -61,11 +61,12 @@ def main(argv: list[str] | None = None) -> None:
     ax.grid(alpha=0.3)
     common.legend(ax)
     common.save(fig, per_seed, args.out, "drop_vs_length")
-    lines = [f"| optimizer | epochs | steps | D = {d_max} as share | drop per seed | drop mean ± sd |",
+    lines = [f"| optimizer | epochs | steps | D = {d_max} as share | per seed: acc D = 0 → D = {d_max} (drop) | drop mean ± sd |",
              "|---|---|---|---|---|---|"]
     for (name, epochs), rows in per_seed.groupby(["series", "epochs"], sort=False):
         steps = int(rows["steps"].iloc[0])
-        each = ", ".join(f"s{s}: {d:.4f}" for s, d in zip(rows["seed"], rows["drop"]))
+        each = ", ".join(f"s{r['seed']}: {r['acc_D0']:.4f} → {r['acc_Dmax']:.4f} ({r['drop']:.4f})"
+                         for r in rows.to_dict("records"))
         spread = f" ± {rows['drop'].std(ddof=1):.4f}" if len(rows) > 1 else " (one seed)"
         lines.append(f"| {name} | {epochs} | {steps:,} | {d_max / steps:.2%} | {each} | {rows['drop'].mean():.4f}{spread} |")
     Path(args.out).mkdir(parents=True, exist_ok=True)
