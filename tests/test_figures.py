@@ -323,8 +323,15 @@ def test_tuned_lr_picks_each_optimizers_best_lr_per_delay_by_hand(tmp_path):
     assert tuned.loc[("AB", 8), "lr"] == 0.4 and tuned.loc[("AB", 8), "edge"] == "high"
     assert tuned.loc[("AB", 8), "sd"] == pytest.approx(pd.Series([0.87, 0.89]).std())
     text = (tmp_path / "figs" / "tuned_lr.md").read_text()
-    assert "| SGDM | 0.940 ± 0.014 @ 0.2, 3 of 4 lrs | 0.820 ± 0.028 @ 0.1↓, 2 of 4 lrs |" in text
+    # each delay's grid is the lrs run there: 3 at D = 0 (all compared), 4 at D = 8
+    assert tuned.loc[("SGDM", 0), "lrs_in_grid"] == 3 and tuned.loc[("SGDM", 8), "lrs_in_grid"] == 4
+    assert "from the grid {0.1, 0.2, 0.4} at D = 0 and {0.05, 0.1, 0.2, 0.4} at D = 8 (" in text
+    assert "| SGDM | 0.940 ± 0.014 @ 0.2 | 0.820 ± 0.028 @ 0.1↓, 2 of 4 lrs |" in text
     assert "| AB | – | 0.880 ± 0.014 @ 0.4↑, 3 of 4 lrs |" in text
     assert "–: not run" in text  # AB has no D = 0 cell
     assert "| AB | 0.1 | – | 0.700 ± 0.000 |" in text
     assert (tmp_path / "figs" / "tuned_lr.png").exists()
+    # one delay, one grid: said once
+    pd.DataFrame([r for r in rows if r["delay.steps"] == 8]).to_csv(tmp_path / "d8.csv", index=False)
+    tuned_lr.main(["--table", str(tmp_path / "d8.csv"), "--out", str(tmp_path / "d8")])
+    assert "best lr per delay from the grid {0.05, 0.1, 0.2, 0.4} (chosen" in (tmp_path / "d8" / "tuned_lr.md").read_text()
