@@ -403,3 +403,55 @@ def test_trials_table_while_no_trial_has_a_value(tmp_path, capsys):
     assert main(["sweep", str(sweep), "--results", str(results), "--trials"]) == 0
     out = capsys.readouterr().out
     assert "s: 2 trials (1 RUNNING, 1 FAIL)" in out or "s: 2 trials (1 FAIL, 1 RUNNING)" in out
+
+
+# ---------------------------------------------------------------- bad inputs up front
+
+SWEEP_40 = """\
+name: s40
+base:
+  model: {name: resnet8}
+  data: {name: digits, subset: 64, test_subset: 32}
+  train: {epochs: 1, batch_size: 32}
+  delay: {kind: pipeline, stages: 40}
+space:
+  optim.lr: {type: float, low: 0.01, high: 0.1}
+n_trials: 1
+"""
+
+
+@pytest.mark.parametrize("label,edit,key,fragment", [
+    ("the base's 40 stages", lambda t: t, "s.yaml: delay.stages:", "resnet8 has 23 parameter tensors"),
+    ("an int range reaching 24", lambda t: t.replace("stages: 40", "stages: 4").replace(
+        "optim.lr: {type: float, low: 0.01, high: 0.1}", "delay.stages: {type: int, low: 2, high: 26, step: 11}"),
+     "s.yaml: space.delay.stages: with delay.stages = 24:", "at most 23 stages"),
+    ("a model choice too small for the stages", lambda t: t.replace("stages: 40", "stages: 30").replace(
+        "model: {name: resnet8}", "model: {name: resnet20}").replace(
+        "optim.lr: {type: float, low: 0.01, high: 0.1}", "model.name: {type: categorical, choices: [resnet20, resnet8]}"),
+     "s.yaml: delay.stages: with model.name = resnet8:", "resnet8 has 23 parameter tensors"),
+    ("a data root choice that is missing", lambda t: t.replace("data: {name: digits, subset: 64, test_subset: 32}",
+                                                               "data: {name: fashion_mnist, root: nowhere}").replace(
+        "delay: {kind: pipeline, stages: 40}", "delay: {steps: 2}").replace(
+        "optim.lr: {type: float, low: 0.01, high: 0.1}", "data.root: {type: categorical, choices: [nowhere]}"),
+     "s.yaml: space.data.root: with data.root = nowhere:", "nowhere"),
+])
+def test_a_sweep_refuses_what_no_trial_could_run_before_its_study_exists(tmp_path, monkeypatch, capsys, label,
+                                                                       edit, key, fragment):
+    """Tried as a new user: a base asking for 40 stages of ResNet-8 used to write thousands of
+    failed run folders in minutes. Every end of the space is checked up front: exit 2, one line,
+    no journal, workers folder or run folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(edit(SWEEP_40))
+    assert main(["sweep", "s.yaml", "--results", "r", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0] and fragment in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_a_space_inside_the_model_passes_the_stage_check(tmp_path):
+    """The other side of the refusals above: the ends 2 and 23 are both cuttable."""
+    from abexp.lab.preflight import check_sweep
+    text = SWEEP_40.replace("stages: 40", "stages: 4").replace(
+        "optim.lr: {type: float, low: 0.01, high: 0.1}", "delay.stages: {type: int, low: 2, high: 23}")
+    (tmp_path / "s.yaml").write_text(text)
+    check_sweep(load_sweep(tmp_path / "s.yaml"))  # raises on a bad end
