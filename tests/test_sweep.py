@@ -405,7 +405,71 @@ def test_trials_table_while_no_trial_has_a_value(tmp_path, capsys):
     assert "s: 2 trials (1 RUNNING, 1 FAIL)" in out or "s: 2 trials (1 FAIL, 1 RUNNING)" in out
 
 
-# ---------------------------------------------------------------- bad inputs up front
+# ---------------------------------------------------------------- bad inputs up front, failing trials
+
+INJECT = """
+import os
+lrs = os.environ.get("ABEXP_TEST_FAIL_LRS")
+if lrs:  # a failure only a worker meets: its training raises for these learning rates
+    import abexp.train.start as start
+    real = start.train_run
+    def train_run(cfg, *args, **kwargs):
+        if repr(cfg.optim.lr) in lrs.split(","):
+            raise OSError(f"injected: the data of lr {cfg.optim.lr} went away")
+        return real(cfg, *args, **kwargs)
+    start.train_run = train_run
+"""
+
+
+def failing_env(tmp_path, lrs: str) -> dict:
+    """ENV whose worker processes fail the training of these learning rates (sitecustomize)."""
+    (tmp_path / "inject").mkdir(exist_ok=True)
+    (tmp_path / "inject" / "sitecustomize.py").write_text(INJECT)
+    path = os.pathsep.join([str(tmp_path / "inject"), str(ROOT), ENV.get("PYTHONPATH", "")])
+    return dict(ENV, PYTHONPATH=path, ABEXP_TEST_FAIL_LRS=lrs)
+
+
+def test_a_sweep_whose_trials_all_fail_stops_after_three_and_says_it_once(tmp_path):
+    space = "  optim.lr: {type: categorical, choices: [0.01, 0.02, 0.03, 0.04, 0.05]}\n"
+    sweep = write_sweep(tmp_path / "fails.yaml", epochs=1, n_trials=5, space=space)
+    results = tmp_path / "r"
+    proc = subprocess.run(sweep_cmd(sweep, results), env=failing_env(tmp_path, "0.01,0.02,0.03,0.04,0.05"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    complete, pruned, trials = trial_counts(sweep, results)
+    assert complete == pruned == 0 and [t.state.name for t in trials] == ["FAIL"] * 3  # the default, 3
+    said = [line for line in proc.stderr.splitlines() if "injected" in line]
+    assert len(said) == 1, proc.stderr
+    assert "stopped after 3 failed trials in a row (max_consecutive_failures: 3)" in said[0]
+    last = trials[-1]
+    assert f"run {last.user_attrs['run_id']} failed: OSError: injected: the data of lr " \
+           f"{last.params['optim.lr']} went away" in said[0]
+    # the failed trials' run folders only (a failed configuration may be proposed again)
+    assert {p.name for p in (results / "runs").iterdir()} == {t.user_attrs["run_id"] for t in trials}
+
+
+def test_a_diverged_trial_is_a_result_and_breaks_a_run_of_failures(tmp_path):
+    """Trials in a fixed order: fail, diverge, fail, fail, with max_consecutive_failures 2. A
+    diverged trial counting as a failure would stop the sweep after the second trial; a
+    successful one resets the count, so the sweep stops after the fourth."""
+    space = "  optim.lr: {type: categorical, choices: [0.01, 1.0e+36, 0.03, 0.04, 0.05]}\n"
+    sweep = write_sweep(tmp_path / "div.yaml", epochs=1, n_trials=5, space=space)
+    sweep.write_text(sweep.read_text().replace("n_trials: 5\n", "n_trials: 5\nmax_consecutive_failures: 2\n"))
+    results = tmp_path / "r"
+    study = open_study(load_sweep(sweep), storage_url(load_sweep(sweep), results), create=True)
+    for lr in (0.01, 1.0e+36, 0.03, 0.04, 0.05):
+        study.enqueue_trial({"optim.lr": lr})
+    proc = subprocess.run(sweep_cmd(sweep, results), env=failing_env(tmp_path, "0.01,0.03,0.04,0.05"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    _, _, trials = trial_counts(sweep, results)
+    trials = [t for t in trials if t.state.name != "WAITING"]  # the fifth, never asked for
+    assert [(t.params["optim.lr"], t.state.name) for t in trials] == \
+        [(0.01, "FAIL"), (1.0e+36, "COMPLETE"), (0.03, "FAIL"), (0.04, "FAIL")]
+    diverged = trials[1]
+    assert diverged.user_attrs["status"] == "diverged" and diverged.value == 0.0  # diverged_value
+    assert "stopped after 2 failed trials in a row" in proc.stderr and "lr 0.04 went away" in proc.stderr
+
 
 SWEEP_40 = """\
 name: s40
