@@ -519,3 +519,25 @@ def test_a_space_inside_the_model_passes_the_stage_check(tmp_path):
         "optim.lr: {type: float, low: 0.01, high: 0.1}", "delay.stages: {type: int, low: 2, high: 23}")
     (tmp_path / "s.yaml").write_text(text)
     check_sweep(load_sweep(tmp_path / "s.yaml"))  # raises on a bad end
+
+
+@pytest.mark.parametrize("name", ["../../evil_escape", "a/b", "..", ".hidden", "x..y", "back\\\\slash"])
+def test_a_sweep_name_that_is_a_path_is_refused(tmp_path, monkeypatch, capsys, name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(f'name: "{name}"\nbase: {{}}\nspace:\n  optim.lr: {{type: float, low: 0.01, high: 0.1}}\n')
+    assert main(["sweep", "s.yaml", "--results", "r/deep", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("abexp: error: s.yaml: name: ") and "plain name" in err[0], err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["s.yaml"]
+
+
+def test_a_set_value_holding_a_path_stays_one_file_name(tmp_path):
+    """--set appends KEY=VALUE to the study name; a value such as ../../x must not turn the
+    journal or the workers folder into a path."""
+    sweep = write_sweep(tmp_path / "p.yaml")
+    s = load_sweep(sweep, ["data.root=../../../x"])
+    assert s.name == "p__data.root=../../../x"  # the study's name is unchanged
+    journal = Path(storage_url(s, tmp_path / "r"))
+    assert journal.parent == tmp_path / "r" / "sweeps" and journal.name == "p__data.root=..%2F..%2F..%2Fx.journal"
+    from abexp.lab.sweep import worker_lock_dir
+    assert worker_lock_dir(tmp_path / "r", s).parent == tmp_path / "r" / "sweeps"

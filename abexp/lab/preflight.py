@@ -1,5 +1,5 @@
 """The checks a bad input must fail before anything is written: pipeline cuts, datasets on disk,
-the results folder and run folders. ``abexp train``, ``run`` and
+the results folder, run folders, and names that become paths. ``abexp train``, ``run`` and
 ``sweep`` call the same functions, so each bad input is one line naming the file and the key,
 exit 2, and no study, trial or run folder exists afterwards (a check inside a worker used to
 fail once per trial: a sweep over 40 pipeline stages wrote thousands of failed run folders).
@@ -11,7 +11,7 @@ import itertools
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import yaml
 
@@ -23,6 +23,28 @@ if TYPE_CHECKING:
 
 # space keys under these prefixes can change what check_pipelines and check_data see
 PREFLIGHT_PREFIXES = ("delay.", "model.", "data.")
+
+
+def check_name(name: Any, source: str, key: str = "name") -> str:
+    """A spec's or sweep's name becomes a file or folder name (journal, workers folder, figures,
+    replays): a plain name only, so ``../../x`` cannot put files outside the results folder."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(source, key, f"expected a plain name (got {name!r})")
+    bad = next((c for c in ("/", "\\", "\0") if c in name), None)
+    if bad is not None or ".." in name or name.startswith("."):
+        why = f"contains {bad!r}" if bad is not None else "contains '..'" if ".." in name else "starts with '.'"
+        raise ConfigError(source, key, f"{name!r} {why}: a name becomes a file name, so it must be a plain "
+                                       "name (no path separator, no '..', no leading dot)")
+    if len(name.encode()) > 200:
+        raise ConfigError(source, key, f"{len(name.encode())} bytes: too long for a file name (at most 200)")
+    return name
+
+
+def path_component(name: str) -> str:
+    """One file-name component for any study or experiment name, never a path: a sweep name
+    carries its --set values (``__data.root=/x``), and an experiment name comes from run configs."""
+    safe = name.replace("/", "%2F").replace("\\", "%5C").replace("\0", "%00")
+    return "%2E" + safe[1:] if safe.startswith(".") else safe or "unnamed"
 
 
 def check_pipelines(configs: Iterable[RunConfig], source: str) -> None:

@@ -46,6 +46,7 @@ from abexp.config import (ConfigError, RunConfig, flatten, parse_override, read_
                           read_yaml, run_id, set_dotted, validate)
 from abexp.lab.runner import (POLL_S, apply_thread_budget, runs_dir, supervise, thread_share, train_claimed,
                           visible_gpus, worker_env)
+from abexp.lab.preflight import check_name, path_component
 from abexp.lab.spec import _resolve_base
 
 SWEEP_KEYS = {"name", "description", "base", "fixed", "space", "objective", "sampler", "pruner",
@@ -171,7 +172,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         raise ConfigError(source, "fixed", "expected a mapping of key -> value")
     for key, value in flatten(fixed).items():
         set_dotted(base, key, value, source)
-    name = str(doc.get("name") or path.stem)
+    raw_name = doc.get("name") or path.stem
+    name = check_name(str(raw_name) if type(raw_name) is int else raw_name, source)  # a file name
     for item in overrides or []:
         key, value = parse_override(item, f"{source} (--set)")
         set_dotted(base, key, value, f"{source} (--set)")
@@ -220,7 +222,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
 # ---------------------------------------------------------------- Optuna plumbing
 
 def storage_url(sweep: Sweep, results: str | Path, override: str | None = None) -> str:
-    return override or sweep.storage or str(Path(results) / "sweeps" / f"{sweep.name}.journal")
+    return override or sweep.storage or str(Path(results) / "sweeps" / f"{path_component(sweep.name)}.journal")
 
 
 def journal_path(url: str) -> Path | None:
@@ -418,7 +420,7 @@ def objective_value(sweep: Sweep, rows: list[dict]) -> float | None:
 
 def worker_lock_dir(results: str | Path, sweep: Sweep) -> Path:
     """Where each sweep worker keeps a heartbeat lock (abexp.lab.claims) naming it alive."""
-    return Path(results) / "sweeps" / f"{sweep.name}.workers"
+    return Path(results) / "sweeps" / f"{path_component(sweep.name)}.workers"
 
 
 def trial_is_stale(t, stale_after: float = STALE_AFTER_S) -> bool:
