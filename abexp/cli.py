@@ -157,14 +157,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from abexp.config import check_processes
-    from abexp.lab.runner import run_local
+    from abexp.lab.runner import run_local, runs_dir
     from abexp.lab.spec import load_spec
 
     preflight.check_results_dir(args.results, write=True)
     plan = load_spec(args.spec, args.set).expand()  # validate every run before anything starts
     for run in plan:
         check_processes(run.config, args.gpus_per_run, args.spec)
-    preflight.check_run_folders(plan, args.results)
+    preflight.check_run_folders(plan, runs_dir(args.results))
     preflight.check_runs([run.config for run in plan], args.spec)
     request = checked_slurm_request(args) if args.backend == "slurm" else None  # bad input: one line
     from abexp.lab import length
@@ -317,7 +317,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     spec = sweep.load_sweep(args.sweep, args.set)
     for note in spec.notes:
         print(f"note: {note}", file=sys.stderr)
-    preflight.check_sweep(spec)  # the base and every end of the space, before the study exists
+    preflight.check_sweep(args.sweep, spec.base, spec.space)  # the base and every end of the space, before the study exists
     return sweep.run_sweep(args.sweep, args.results, args.workers, args.n_trials, args.storage,
                            args.set, progress=not args.no_progress)
 

@@ -518,7 +518,8 @@ def test_a_space_inside_the_model_passes_the_stage_check(tmp_path):
     text = SWEEP_40.replace("stages: 40", "stages: 4").replace(
         "optim.lr: {type: float, low: 0.01, high: 0.1}", "delay.stages: {type: int, low: 2, high: 23}")
     (tmp_path / "s.yaml").write_text(text)
-    check_sweep(load_sweep(tmp_path / "s.yaml"))  # raises on a bad end
+    sweep = load_sweep(tmp_path / "s.yaml")
+    check_sweep(str(sweep.path), sweep.base, sweep.space)  # raises on a bad end
 
 
 @pytest.mark.parametrize("name", ["../../evil_escape", "a/b", "..", ".hidden", "x..y", "back\\\\slash"])

@@ -19,7 +19,6 @@ from abexp.config import ConfigError, set_dotted, validate
 
 if TYPE_CHECKING:
     from abexp.config import RunConfig
-    from abexp.lab.sweep import Sweep
 
 # space keys under these prefixes can change what check_pipelines and check_data see
 PREFLIGHT_PREFIXES = ("delay.", "model.", "data.")
@@ -106,14 +105,13 @@ def check_results_dir(path: str, write: bool = False, flag: str = "--results") -
             raise ConfigError(flag, "", f"{path}: cannot write in {existing} (permission denied)")
 
 
-def check_run_folders(plan: list, results: str) -> None:
-    """A run folder must hold the run it is named after: a folder copied or edited by hand
-    would otherwise fail its run inside a worker, once per retry."""
+def check_run_folders(plan: list, runs: Path) -> None:
+    """A run folder in ``runs`` (RESULTS/runs) must hold the run it is named after: a folder
+    copied or edited by hand would otherwise fail its run inside a worker, once per retry."""
     from abexp.config import load_config, run_id
-    from abexp.lab.runner import runs_dir
 
     for run in plan:
-        folder = runs_dir(results) / run.run_id
+        folder = runs / run.run_id
         if (folder / "config.yaml").exists():
             other = run_id(load_config(folder / "config.yaml"))
             if other != run.run_id:
@@ -142,18 +140,18 @@ def space_ends(spec: dict) -> list:
     return [low, high]
 
 
-def check_sweep(sweep: Sweep) -> None:
-    """A sweep's base with every value the space can give a key these checks read (delay,
-    model, data), crossed, checked before the study exists: a stage count or data folder that
-    fails in one corner of the space is refused up front, naming ``space.KEY``."""
+def check_sweep(source: str, base: dict, space: dict[str, dict]) -> None:
+    """A sweep's base (a config tree) with every value its space can give a key these checks
+    read (delay, model, data), crossed, checked before the study exists: a stage count or data
+    folder that fails in one corner of the space is refused up front, naming ``space.KEY``."""
     from abexp.data.common import DataError
 
-    source, seen = str(sweep.path), set()
-    swept = {k: space_ends(s) for k, s in sweep.space.items() if k.startswith(PREFLIGHT_PREFIXES)}
+    seen: set = set()
+    swept = {k: space_ends(s) for k, s in space.items() if k.startswith(PREFLIGHT_PREFIXES)}
     for values in itertools.product(*swept.values()):
         combo = dict(zip(swept, values))
         where = ", ".join(f"{k} = {v}" for k, v in combo.items())
-        tree = yaml.safe_load(yaml.safe_dump(sweep.base))
+        tree = yaml.safe_load(yaml.safe_dump(base))
         for key, value in combo.items():
             set_dotted(tree, key, value, source)
         try:
