@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from abexp.config import ConfigError
+from abexp.lab import preflight
 
 if TYPE_CHECKING:
     from abexp.lab import slurm
@@ -57,10 +58,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                 return launched_worker_main(cfg, args.config)
     else:
         check_processes(cfg, args.nproc, args.config)
-    check_pipelines([cfg], args.config)
-    preflight_data([cfg])
+    preflight.check_runs([cfg], args.config)
     out = Path(args.out) if args.out else Path(args.results) / "runs" / run_id(cfg)
-    check_results_dir(str(out), write=True, flag="--out" if args.out else "--results")
+    preflight.check_results_dir(str(out), write=True, flag="--out" if args.out else "--results")
     if args.nproc > 1:
         return launch_torchrun(args.nproc, out, args)
     from abexp import io
@@ -139,7 +139,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from abexp.lab.runner import run_state, runs_dir
     from abexp.lab.spec import load_spec
 
-    check_results_dir(args.results)
+    preflight.check_results_dir(args.results)
     plan = load_spec(args.spec, args.set).expand()
     if args.json:
         print(json.dumps([{"run_id": r.run_id, "overrides": r.overrides,
@@ -157,16 +157,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from abexp.config import check_processes
-    from abexp.lab.runner import run_local
+    from abexp.lab.runner import run_local, runs_dir
     from abexp.lab.spec import load_spec
 
-    check_results_dir(args.results, write=True)
+    preflight.check_results_dir(args.results, write=True)
     plan = load_spec(args.spec, args.set).expand()  # validate every run before anything starts
     for run in plan:
         check_processes(run.config, args.gpus_per_run, args.spec)
-    check_run_folders(plan, args.results)
-    check_pipelines([run.config for run in plan], args.spec)
-    preflight_data([run.config for run in plan])
+    preflight.check_run_folders(plan, runs_dir(args.results))
+    preflight.check_runs([run.config for run in plan], args.spec)
     request = checked_slurm_request(args) if args.backend == "slurm" else None  # bad input: one line
     from abexp.lab import length
     for line in length.summary([run.config for run in plan]):  # the run's length, before it trains
@@ -184,7 +183,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from abexp.lab.replay import write_replay_spec
     from abexp.lab.runner import run_local
 
-    check_results_dir(args.results, write=True)
+    preflight.check_results_dir(args.results, write=True)
     path, count, pending = write_replay_spec(args.spec, args.results, args.set)
     more = f"; {pending} async run(s) not finished yet: run abexp replay again after them" if pending else ""
     print(f"wrote {path}: replays of {count} finished async run(s){more}", file=sys.stderr, flush=True)
@@ -233,86 +232,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_pipelines(configs: list, source: str) -> None:
-    """More pipeline stages than the model has parameter tensors cannot be cut, and a backward
-    pass cannot run at older weights than its forward pass: one line naming the key, before any
-    worker starts (it used to be a traceback inside the worker)."""
-    from abexp.sim.pipeline import backward_delays, stage_delays
-    from abexp.train.models import parameter_tensors
-
-    for cfg in configs:
-        if cfg.delay.kind != "pipeline":
-            continue
-        forward, backward = stage_delays(cfg.delay), backward_delays(cfg.delay)
-        if backward is not None and any(b > f for b, f in zip(backward, forward)):
-            raise ConfigError(source, "delay.stage_backward_delays",
-                              f"each must be at most its stage's forward delay {forward} (a backward pass "
-                              f"runs after its forward pass); got {backward}")
-        stages = cfg.delay.stages if cfg.delay.stage_delays is None else len(cfg.delay.stage_delays)
-        tensors = parameter_tensors(cfg.model.name)
-        if stages > tensors:
-            key = "delay.stages" if cfg.delay.stage_delays is None else "delay.stage_delays"
-            raise ConfigError(source, key, f"{stages} stages, but {cfg.model.name} has {tensors} parameter "
-                                           f"tensors to cut into stages (at most {tensors} stages)")
-
-
-def preflight_data(configs: list) -> None:
-    """Every distinct dataset of a plan, checked present and well-formed before any worker
-    starts: a missing folder is one error line, not one failed run per grid cell."""
-    from abexp.data.load import preflight
-
-    seen = set()
-    for cfg in configs:
-        key = (cfg.data.name, cfg.data.root, cfg.data.download)
-        if key not in seen:
-            seen.add(key)
-            preflight(cfg)
-
-
-def check_results_dir(path: str, write: bool = False, flag: str = "--results") -> None:
-    """--results must be a folder (or not exist yet), and writable where we will write."""
-    import os
-
-    if Path(path).exists() and not Path(path).is_dir():
-        raise ConfigError(flag, "", f"{path} is a file, not a folder")
-    if write:
-        existing = Path(path).absolute()
-        while not existing.exists():
-            existing = existing.parent
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError(flag, "", f"{path}: cannot write in {existing} (permission denied)")
-
-
-def check_run_folders(plan: list, results: str) -> None:
-    """A run folder must hold the run it is named after: a folder copied or edited by hand
-    would otherwise fail its run inside a worker, once per retry."""
-    import json
-
-    from abexp.config import load_config, run_id
-    from abexp.lab.runner import runs_dir
-
-    for run in plan:
-        folder = runs_dir(results) / run.run_id
-        if (folder / "config.yaml").exists():
-            other = run_id(load_config(folder / "config.yaml"))
-            if other != run.run_id:
-                raise ConfigError(str(folder / "config.yaml"), "", f"holds run {other}, not {run.run_id} "
-                                  "(copied or edited by hand?); move the folder away")
-        if (folder / "result.json").exists():
-            try:
-                other = json.loads((folder / "result.json").read_text()).get("run_id")
-            except (OSError, ValueError, AttributeError):
-                continue  # damaged: collect and status report it
-            if other != run.run_id:
-                raise ConfigError(str(folder / "result.json"), "run_id", f"is {other}, not {run.run_id}; "
-                                  "move the folder away")
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     from abexp.lab.runner import run_state, runs_dir, summarize
     from abexp.lab.spec import load_spec
 
-    check_results_dir(args.results)
+    preflight.check_results_dir(args.results)
     plan = load_spec(args.spec, args.set).expand()
     import pandas as pd
     from abexp.lab.collect import collect
@@ -335,7 +259,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_collect(args: argparse.Namespace) -> int:
     from abexp.lab.collect import SUMMARY, collect, write_table
 
-    check_results_dir(args.results)
+    preflight.check_results_dir(args.results)
     for target in (args.output, args.curves):
         if target and Path(target).suffix not in (".csv", ".parquet"):
             raise ConfigError("collect", "-o" if target == args.output else "--curves",
@@ -376,7 +300,7 @@ def readable(table, summary: list[str]):
 def cmd_figures(args: argparse.Namespace) -> int:
     from abexp.figures.make import main as figures_main
 
-    check_results_dir(args.results, write=True)  # runs.csv, epochs.csv and figures/ go there
+    preflight.check_results_dir(args.results, write=True)  # runs.csv, epochs.csv and figures/ go there
     argv = ["--results", args.results] + [a for e in args.experiment for a in ("--experiment", e)] \
         + [a for f in args.spec for a in ("--spec", f)]
     return figures_main(argv + (["--stability"] if args.stability else []))
@@ -385,16 +309,15 @@ def cmd_figures(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from abexp.lab import sweep
 
-    check_results_dir(args.results, write=not (args.best or args.trials))
+    preflight.check_results_dir(args.results, write=not (args.best or args.trials))
     if args.trials:
         return sweep.trials(args.sweep, args.results, args.storage, args.set)
     if args.best:
         return sweep.best(args.sweep, args.results, args.storage, args.set, args.export)
-    from abexp.config import validate
     spec = sweep.load_sweep(args.sweep, args.set)
     for note in spec.notes:
         print(f"note: {note}", file=sys.stderr)
-    preflight_data([validate(spec.base, args.sweep)])  # the base's data; a space over data.root: per trial
+    preflight.check_sweep(args.sweep, spec.base, spec.space)  # the base and every end of the space, before the study exists
     return sweep.run_sweep(args.sweep, args.results, args.workers, args.n_trials, args.storage,
                            args.set, progress=not args.no_progress)
 

@@ -423,7 +423,7 @@ def _check_delay(d: DelayCfg, source: str) -> None:
             if len(d.stage_backward_delays) != stages:
                 raise ConfigError(source, "delay.stage_backward_delays",
                                   f"needs {stages} delays, one per stage (got {d.stage_backward_delays})")
-            # each at most its stage's forward delay: abexp.cli.check_pipelines (the delays are sim's)
+            # each at most its stage's forward delay: abexp.lab.preflight.check_pipelines (the delays are sim's)
     elif not d.stashing or d.stage_backward_delays is not None:
         raise ConfigError(source, "delay.stashing" if not d.stashing else "delay.stage_backward_delays",
                           "only for delay.kind: pipeline")

@@ -113,6 +113,20 @@ CASES = [
     ("sweep over a missing dataset", {"w.yaml": "name: w\nbase: {data: {name: fashion_mnist, root: nowhere}}\n"
                                                 "space: {optim.lr: {type: float, low: 0.01, high: 0.1}}\n"},
      ["sweep", "w.yaml", "--results", "r"], 2, ["nowhere"]),
+    ("a spec name that is a path", {"s.yaml": spec_text("../../evil_escape")},
+     ["run", "s.yaml", "--results", "r"], 2, ["s.yaml", "name", "'../../evil_escape'", "plain name"]),
+    ("a spec name with a leading dot", {"s.yaml": spec_text(".hidden")},
+     ["replay", "s.yaml", "--results", "r"], 2, ["s.yaml", "name", "leading dot"]),
+    ("a sweep name that is a path", {"w.yaml": "name: ../../evil_escape\nbase: {}\nspace: {optim.lr: {type: float, "
+                                               "low: 0.01, high: 0.1}}\n"},
+     ["sweep", "w.yaml", "--results", "r/sweeps"], 2, ["w.yaml", "name", "plain name"]),
+    ("a sweep whose base has more stages than parameter tensors",
+     {"w.yaml": "name: w\nbase: {model: {name: resnet8}, delay: {kind: pipeline, stages: 40}}\n"
+                "space: {optim.lr: {type: float, low: 0.01, high: 0.1}}\nn_trials: 1\n"},
+     ["sweep", "w.yaml", "--results", "r"], 2, ["w.yaml", "delay.stages", "resnet8 has 23 parameter tensors"]),
+    ("sweep max_consecutive_failures 0", {"w.yaml": "name: w\nbase: {}\nspace: {optim.lr: {type: float, low: 0.01, "
+                                                    "high: 0.1}}\nmax_consecutive_failures: 0\n"},
+     ["sweep", "w.yaml", "--results", "r"], 2, ["w.yaml", "max_consecutive_failures", "positive integer"]),
     ("sweep --best before any trial", {"w.yaml": "name: w\nbase: {}\nspace: {optim.lr: {type: float, low: 0.01, "
                                                  "high: 0.1}}\n"},
      ["sweep", "w.yaml", "--results", "r", "--best"], 1, ["w", "no study"]),

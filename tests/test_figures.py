@@ -335,3 +335,25 @@ def test_tuned_lr_picks_each_optimizers_best_lr_per_delay_by_hand(tmp_path):
     pd.DataFrame([r for r in rows if r["delay.steps"] == 8]).to_csv(tmp_path / "d8.csv", index=False)
     tuned_lr.main(["--table", str(tmp_path / "d8.csv"), "--out", str(tmp_path / "d8")])
     assert "best lr per delay from the grid {0.05, 0.1, 0.2, 0.4} (chosen" in (tmp_path / "d8" / "tuned_lr.md").read_text()
+
+
+def test_an_experiment_name_holding_a_path_draws_inside_the_figures_folder(tmp_path):
+    """A study or experiment name is never a path: a sweep run with --set data.root=../../x
+    carries that in its name, and --experiment takes whatever the user types."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    res = tmp_path / "a" / "b" / "r"
+    (res / "sweeps").mkdir(parents=True)
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(res / "sweeps" / "x.journal")))
+    study = optuna.create_study(study_name="../../escaped", storage=storage, direction="maximize")
+    for lr in (0.01, 0.02, 0.05):
+        trial = study.ask()
+        study.tell(trial, trial.suggest_float("optim.lr", 0.01, 0.1, log=True) * 10 * lr)
+    before = {p for p in tmp_path.rglob("*") if not p.is_relative_to(res)}
+    proc = subprocess.run([sys.executable, "-m", "abexp.cli", "figures", "--results", str(res),
+                           "--experiment", "../../escaped"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert {p for p in tmp_path.rglob("*") if not p.is_relative_to(res)} == before  # nothing outside
+    drawn = res / "figures" / "%2E.%2F..%2Fescaped"
+    assert (drawn / "sweep_history.png").stat().st_size > 0

@@ -403,3 +403,142 @@ def test_trials_table_while_no_trial_has_a_value(tmp_path, capsys):
     assert main(["sweep", str(sweep), "--results", str(results), "--trials"]) == 0
     out = capsys.readouterr().out
     assert "s: 2 trials (1 RUNNING, 1 FAIL)" in out or "s: 2 trials (1 FAIL, 1 RUNNING)" in out
+
+
+# ---------------------------------------------------------------- bad inputs up front, failing trials
+
+INJECT = """
+import os
+lrs = os.environ.get("ABEXP_TEST_FAIL_LRS")
+if lrs:  # a failure only a worker meets: its training raises for these learning rates
+    import abexp.train.start as start
+    real = start.train_run
+    def train_run(cfg, *args, **kwargs):
+        if repr(cfg.optim.lr) in lrs.split(","):
+            raise OSError(f"injected: the data of lr {cfg.optim.lr} went away")
+        return real(cfg, *args, **kwargs)
+    start.train_run = train_run
+"""
+
+
+def failing_env(tmp_path, lrs: str) -> dict:
+    """ENV whose worker processes fail the training of these learning rates (sitecustomize)."""
+    (tmp_path / "inject").mkdir(exist_ok=True)
+    (tmp_path / "inject" / "sitecustomize.py").write_text(INJECT)
+    path = os.pathsep.join([str(tmp_path / "inject"), str(ROOT), ENV.get("PYTHONPATH", "")])
+    return dict(ENV, PYTHONPATH=path, ABEXP_TEST_FAIL_LRS=lrs)
+
+
+def test_a_sweep_whose_trials_all_fail_stops_after_three_and_says_it_once(tmp_path):
+    space = "  optim.lr: {type: categorical, choices: [0.01, 0.02, 0.03, 0.04, 0.05]}\n"
+    sweep = write_sweep(tmp_path / "fails.yaml", epochs=1, n_trials=5, space=space)
+    results = tmp_path / "r"
+    proc = subprocess.run(sweep_cmd(sweep, results), env=failing_env(tmp_path, "0.01,0.02,0.03,0.04,0.05"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    complete, pruned, trials = trial_counts(sweep, results)
+    assert complete == pruned == 0 and [t.state.name for t in trials] == ["FAIL"] * 3  # the default, 3
+    said = [line for line in proc.stderr.splitlines() if "injected" in line]
+    assert len(said) == 1, proc.stderr
+    assert "stopped after 3 failed trials in a row (max_consecutive_failures: 3)" in said[0]
+    last = trials[-1]
+    assert f"run {last.user_attrs['run_id']} failed: OSError: injected: the data of lr " \
+           f"{last.params['optim.lr']} went away" in said[0]
+    # the failed trials' run folders only (a failed configuration may be proposed again)
+    assert {p.name for p in (results / "runs").iterdir()} == {t.user_attrs["run_id"] for t in trials}
+
+
+def test_a_diverged_trial_is_a_result_and_breaks_a_run_of_failures(tmp_path):
+    """Trials in a fixed order: fail, diverge, fail, fail, with max_consecutive_failures 2. A
+    diverged trial counting as a failure would stop the sweep after the second trial; a
+    successful one resets the count, so the sweep stops after the fourth."""
+    space = "  optim.lr: {type: categorical, choices: [0.01, 1.0e+36, 0.03, 0.04, 0.05]}\n"
+    sweep = write_sweep(tmp_path / "div.yaml", epochs=1, n_trials=5, space=space)
+    sweep.write_text(sweep.read_text().replace("n_trials: 5\n", "n_trials: 5\nmax_consecutive_failures: 2\n"))
+    results = tmp_path / "r"
+    study = open_study(load_sweep(sweep), storage_url(load_sweep(sweep), results), create=True)
+    for lr in (0.01, 1.0e+36, 0.03, 0.04, 0.05):
+        study.enqueue_trial({"optim.lr": lr})
+    proc = subprocess.run(sweep_cmd(sweep, results), env=failing_env(tmp_path, "0.01,0.03,0.04,0.05"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    _, _, trials = trial_counts(sweep, results)
+    trials = [t for t in trials if t.state.name != "WAITING"]  # the fifth, never asked for
+    assert [(t.params["optim.lr"], t.state.name) for t in trials] == \
+        [(0.01, "FAIL"), (1.0e+36, "COMPLETE"), (0.03, "FAIL"), (0.04, "FAIL")]
+    diverged = trials[1]
+    assert diverged.user_attrs["status"] == "diverged" and diverged.value == 0.0  # diverged_value
+    assert "stopped after 2 failed trials in a row" in proc.stderr and "lr 0.04 went away" in proc.stderr
+
+
+SWEEP_40 = """\
+name: s40
+base:
+  model: {name: resnet8}
+  data: {name: digits, subset: 64, test_subset: 32}
+  train: {epochs: 1, batch_size: 32}
+  delay: {kind: pipeline, stages: 40}
+space:
+  optim.lr: {type: float, low: 0.01, high: 0.1}
+n_trials: 1
+"""
+
+
+@pytest.mark.parametrize("label,edit,key,fragment", [
+    ("the base's 40 stages", lambda t: t, "s.yaml: delay.stages:", "resnet8 has 23 parameter tensors"),
+    ("an int range reaching 24", lambda t: t.replace("stages: 40", "stages: 4").replace(
+        "optim.lr: {type: float, low: 0.01, high: 0.1}", "delay.stages: {type: int, low: 2, high: 26, step: 11}"),
+     "s.yaml: space.delay.stages: with delay.stages = 24:", "at most 23 stages"),
+    ("a model choice too small for the stages", lambda t: t.replace("stages: 40", "stages: 30").replace(
+        "model: {name: resnet8}", "model: {name: resnet20}").replace(
+        "optim.lr: {type: float, low: 0.01, high: 0.1}", "model.name: {type: categorical, choices: [resnet20, resnet8]}"),
+     "s.yaml: delay.stages: with model.name = resnet8:", "resnet8 has 23 parameter tensors"),
+    ("a data root choice that is missing", lambda t: t.replace("data: {name: digits, subset: 64, test_subset: 32}",
+                                                               "data: {name: fashion_mnist, root: nowhere}").replace(
+        "delay: {kind: pipeline, stages: 40}", "delay: {steps: 2}").replace(
+        "optim.lr: {type: float, low: 0.01, high: 0.1}", "data.root: {type: categorical, choices: [nowhere]}"),
+     "s.yaml: space.data.root: with data.root = nowhere:", "nowhere"),
+])
+def test_a_sweep_refuses_what_no_trial_could_run_before_its_study_exists(tmp_path, monkeypatch, capsys, label,
+                                                                       edit, key, fragment):
+    """Tried as a new user: a base asking for 40 stages of ResNet-8 used to write thousands of
+    failed run folders in minutes. Every end of the space is checked up front: exit 2, one line,
+    no journal, workers folder or run folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(edit(SWEEP_40))
+    assert main(["sweep", "s.yaml", "--results", "r", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0] and fragment in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_a_space_inside_the_model_passes_the_stage_check(tmp_path):
+    """The other side of the refusals above: the ends 2 and 23 are both cuttable."""
+    from abexp.lab.preflight import check_sweep
+    text = SWEEP_40.replace("stages: 40", "stages: 4").replace(
+        "optim.lr: {type: float, low: 0.01, high: 0.1}", "delay.stages: {type: int, low: 2, high: 23}")
+    (tmp_path / "s.yaml").write_text(text)
+    sweep = load_sweep(tmp_path / "s.yaml")
+    check_sweep(str(sweep.path), sweep.base, sweep.space)  # raises on a bad end
+
+
+@pytest.mark.parametrize("name", ["../../evil_escape", "a/b", "..", ".hidden", "x..y", "back\\\\slash"])
+def test_a_sweep_name_that_is_a_path_is_refused(tmp_path, monkeypatch, capsys, name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(f'name: "{name}"\nbase: {{}}\nspace:\n  optim.lr: {{type: float, low: 0.01, high: 0.1}}\n')
+    assert main(["sweep", "s.yaml", "--results", "r/deep", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("abexp: error: s.yaml: name: ") and "plain name" in err[0], err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["s.yaml"]
+
+
+def test_a_set_value_holding_a_path_stays_one_file_name(tmp_path):
+    """--set appends KEY=VALUE to the study name; a value such as ../../x must not turn the
+    journal or the workers folder into a path."""
+    sweep = write_sweep(tmp_path / "p.yaml")
+    s = load_sweep(sweep, ["data.root=../../../x"])
+    assert s.name == "p__data.root=../../../x"  # the study's name is unchanged
+    journal = Path(storage_url(s, tmp_path / "r"))
+    assert journal.parent == tmp_path / "r" / "sweeps" and journal.name == "p__data.root=..%2F..%2F..%2Fx.journal"
+    from abexp.lab.sweep import worker_lock_dir
+    assert worker_lock_dir(tmp_path / "r", s).parent == tmp_path / "r" / "sweeps"

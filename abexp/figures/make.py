@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from abexp.lab.collect import collect, collect_epochs, write_table
+    from abexp.lab.preflight import path_component
 
     res = Path(args.results)
     if not res.is_dir():
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     experiments = args.experiment or sorted(names)
     sweeps = sweep_studies(res)
     for exp in experiments:
-        out = str(res / "figures" / (exp or "unnamed"))
+        out = str(res / "figures" / path_component(exp))  # never a path: --experiment ../x stays inside
         if exp in sweeps:
             from abexp.figures.common import Skipped
             from abexp.figures.sweep import draw

@@ -24,6 +24,7 @@ from typing import Any
 from abexp.config import (ConfigError, RunConfig, deep_merge, defaults, flatten, get_dotted,
                           parse_override, read_locked_mapping, read_yaml, run_id, set_dotted,
                           validate)
+from abexp.lab.preflight import check_name
 
 SPEC_KEYS = {"name", "description", "base", "grid", "variants", "zip", "exclude"}
 
@@ -133,7 +134,8 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
     source = str(path)
     doc = read_locked_mapping(path, SPEC_KEYS, "name, base, grid, ...")
     name = doc.get("name") or path.stem
-    if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+    check_name(name, source)  # it names files: RESULTS/replays/<name>.yaml, RESULTS/figures/<name>/
+    if not name.replace("_", "").replace("-", "").isalnum():
         raise ConfigError(source, "name", "expected letters, digits, '-' and '_'")
     grid = _as_dotted(doc.get("grid"), "grid", source)
     _grid_and_zips(doc.get("grid"), None, "", source)  # checks the grid's lists

@@ -11,6 +11,7 @@
     sampler: {name: tpe, seed: 0}              # tpe | random | grid
     pruner: {name: median}                     # none | median | hyperband (per-epoch metric)
     n_trials: 20
+    max_consecutive_failures: 3                # stop after this many failed trials in a row
     storage: null                              # default results/sweeps/<name>.journal
 
 ``n_trials`` is the total target: COMPLETE + PRUNED trials. Workers count before asking and
@@ -19,6 +20,10 @@ never overshoot; a surplus trial is told FAIL with user attr ``surplus``. A tria
 by a dead worker (its pid is gone on this host, or its run's claim heartbeat is stale) is failed
 and its parameters re-enqueued; the retry has the same config, hence the same run_id, and
 resumes the run's checkpoint. This works identically for journal and RDB storage.
+
+A trial whose run raises (not one that diverges: that is a result) is told FAIL with user attr
+``error``; after ``max_consecutive_failures`` of them in a row within one ``abexp sweep`` its
+workers stop and the sweep exits 1, saying the last error once.
 """
 
 from __future__ import annotations
@@ -41,12 +46,15 @@ from abexp.config import (ConfigError, RunConfig, flatten, parse_override, read_
                           read_yaml, run_id, set_dotted, validate)
 from abexp.lab.runner import (POLL_S, apply_thread_budget, runs_dir, supervise, thread_share, train_claimed,
                           visible_gpus, worker_env)
+from abexp.lab.preflight import check_name, path_component
 from abexp.lab.spec import _resolve_base
 
 SWEEP_KEYS = {"name", "description", "base", "fixed", "space", "objective", "sampler", "pruner",
-              "n_trials", "storage"}
+              "n_trials", "max_consecutive_failures", "storage"}
 METRICS = ("test_acc", "test_loss", "train_acc", "train_loss")
 MAX_REPEATS = 50  # proposals in a row that repeat a trial: the sampler has nothing new to offer
+MAX_FAILURES = 3  # default max_consecutive_failures: trials in a row whose run raised
+SESSION_ENV = "ABEXP_SWEEP_SESSION"  # one `abexp sweep` command's workers count failures together
 PARAM_KEYS = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
               "categorical": {"type", "choices"}}
 
@@ -66,6 +74,7 @@ class Sweep:
     n_trials: int
     storage: str | None
     notes: list[str] = dataclasses.field(default_factory=list)  # what the user may not expect
+    max_failures: int = MAX_FAILURES  # max_consecutive_failures
 
 
 def _check_param(source: str, key: str, spec: Any, base: dict) -> None:
@@ -163,7 +172,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         raise ConfigError(source, "fixed", "expected a mapping of key -> value")
     for key, value in flatten(fixed).items():
         set_dotted(base, key, value, source)
-    name = str(doc.get("name") or path.stem)
+    raw_name = doc.get("name") or path.stem
+    name = check_name(str(raw_name) if type(raw_name) is int else raw_name, source)  # a file name
     for item in overrides or []:
         key, value = parse_override(item, f"{source} (--set)")
         set_dotted(base, key, value, f"{source} (--set)")
@@ -200,16 +210,19 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     if pruner not in ("none", "median", "hyperband"):
         raise ConfigError(source, "pruner.name", "expected none, median or hyperband")
     n_trials = doc.get("n_trials", 20)
-    if not isinstance(n_trials, int) or n_trials < 1:
+    if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
         raise ConfigError(source, "n_trials", "expected a positive integer")
+    max_failures = doc.get("max_consecutive_failures", MAX_FAILURES)
+    if not isinstance(max_failures, int) or isinstance(max_failures, bool) or max_failures < 1:
+        raise ConfigError(source, "max_consecutive_failures", f"expected a positive integer (got {max_failures!r})")
     return Sweep(path, name, base, space, metric, reduce, direction, float(diverged),
-                 dict(sampler), pruner, n_trials, doc.get("storage"), notes)
+                 dict(sampler), pruner, n_trials, doc.get("storage"), notes, max_failures)
 
 
 # ---------------------------------------------------------------- Optuna plumbing
 
 def storage_url(sweep: Sweep, results: str | Path, override: str | None = None) -> str:
-    return override or sweep.storage or str(Path(results) / "sweeps" / f"{sweep.name}.journal")
+    return override or sweep.storage or str(Path(results) / "sweeps" / f"{path_component(sweep.name)}.journal")
 
 
 def journal_path(url: str) -> Path | None:
@@ -407,7 +420,7 @@ def objective_value(sweep: Sweep, rows: list[dict]) -> float | None:
 
 def worker_lock_dir(results: str | Path, sweep: Sweep) -> Path:
     """Where each sweep worker keeps a heartbeat lock (abexp.lab.claims) naming it alive."""
-    return Path(results) / "sweeps" / f"{sweep.name}.workers"
+    return Path(results) / "sweeps" / f"{path_component(sweep.name)}.workers"
 
 
 def trial_is_stale(t, stale_after: float = STALE_AFTER_S) -> bool:
@@ -457,6 +470,42 @@ def trial_running(study, trial) -> bool:
     from optuna.trial import TrialState
 
     return study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING
+
+
+class TrialFailed(Exception):
+    """A trial's run raised: its error in one line, and where the traceback is."""
+
+
+def run_failure(rid: str, run_dir: Path) -> str:
+    """The one line that says why run ``rid`` failed: the last line of the traceback its worker
+    recorded in failed.json (``ValueError: ...``), and where the whole traceback is."""
+    import json
+
+    try:
+        traceback = json.loads((run_dir / "failed.json").read_text()).get("traceback") or ""
+        last = [line for line in traceback.splitlines() if line.strip()][-1].strip()
+    except (OSError, ValueError, IndexError, AttributeError):
+        last = "no failed.json"
+    return f"run {rid} failed: {last} (traceback in {run_dir / 'log.txt'})"
+
+
+def consecutive_failures(study, session: str) -> list:
+    """The trials of ``session`` (one ``abexp sweep`` command) whose run raised since its last
+    COMPLETE or PRUNED trial, in the order they finished. A diverged trial is COMPLETE (a
+    result), and a surplus, duplicate or stale trial is FAIL without ``error``: neither counts."""
+    import datetime
+
+    from optuna.trial import TrialState
+
+    done = (TrialState.COMPLETE, TrialState.PRUNED)
+    mine = [t for t in study.get_trials(deepcopy=False)
+            if (t.user_attrs.get("worker") or {}).get("session") == session
+            and (t.state in done or (t.state == TrialState.FAIL and "error" in t.user_attrs))]
+    mine.sort(key=lambda t: (t.datetime_complete or datetime.datetime.max, t.number))
+    streak: list = []
+    for t in mine:
+        streak = [] if t.state in done else streak + [t]
+    return streak
 
 
 class TrialAbandoned(ClaimLost):
@@ -512,7 +561,7 @@ def run_trial(sweep: Sweep, study, trial, params: dict, results: str | Path, ses
                 raise TrialAbandoned(f"trial {trial.number}: failed and retried by another worker")
             continue  # still ours: wait for the run's new holder, then report its result
         if not (run_dir / "result.json").exists():
-            raise RuntimeError(f"run {rid} failed: see {run_dir / 'log.txt'}")
+            raise TrialFailed(run_failure(rid, run_dir))
     result = json.loads((run_dir / "result.json").read_text())
     trial.set_user_attr("status", result["status"])
     if result["status"] == "pruned":
@@ -565,7 +614,8 @@ def _say_waiting(sweep: Sweep, study, announced: tuple) -> tuple:
 
 def worker_loop(sweep_path: str, results: str, url: str, n_trials: int, worker: int,
                 overrides: list[str] | None = None, poll_s: float = POLL_S) -> int:
-    """Ask and run trials until ``n_trials`` are COMPLETE or PRUNED; returns trials run here."""
+    """Ask and run trials until ``n_trials`` are COMPLETE or PRUNED, or until this session's
+    last ``max_consecutive_failures`` trials all failed; returns trials run here."""
     import optuna
     from optuna.trial import TrialState
 
@@ -579,11 +629,14 @@ def worker_loop(sweep_path: str, results: str, url: str, n_trials: int, worker: 
     locks.mkdir(parents=True, exist_ok=True)
     alive = create_lock(locks / f"{socket.gethostname()}.{os.getpid()}.{session}.lock")
     heartbeat.add(alive)
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "lock": str(alive.lock)}
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "lock": str(alive.lock),
+          "session": os.environ.get(SESSION_ENV) or session}
     announced: tuple = ()
     try:
         while True:
             fail_stale_trials(study)
+            if len(consecutive_failures(study, me["session"])) >= sweep.max_failures:
+                return done_here  # the parent says why, once
             finished, running, waiting = _counted(study)
             if finished >= n_trials:
                 return done_here
@@ -618,8 +671,8 @@ def worker_loop(sweep_path: str, results: str, url: str, n_trials: int, worker: 
                 continue
             except optuna.TrialPruned:
                 outcome = {"state": TrialState.PRUNED}
-            except Exception as err:  # a crashed trial does not stop the sweep
-                trial.set_user_attr("error", repr(err))
+            except Exception as err:  # a crashed trial stops the sweep only max_consecutive_failures in a row
+                trial.set_user_attr("error", str(err) if isinstance(err, TrialFailed) else f"{type(err).__name__}: {err}")
                 outcome = {"state": TrialState.FAIL}
             _tell(study, trial, **outcome)
             done_here += 1
@@ -644,15 +697,22 @@ def run_sweep(sweep_path: str, results: str, workers: int = 1, n_trials: int | N
     url = storage_url(sweep, results, storage)
     target = n_trials or sweep.n_trials
     study = open_study(sweep, url, create=True)  # created once, before any worker starts
+    session = uuid.uuid4().hex[:12]  # this command's workers count their failures together
     commands = [([sys.executable, "-m", "abexp.lab.sweep", sweep_path, results, url, str(target), str(i),
-                  *(overrides or [])], env) for i, env in enumerate(worker_envs(workers))]
+                  *(overrides or [])], dict(env, **{SESSION_ENV: session}))
+                for i, env in enumerate(worker_envs(workers))]
     codes = supervise(commands, target, lambda: _counted(study)[0], "trial", sweep.name, progress)
+    failed = consecutive_failures(study, session)
+    if len(failed) >= sweep.max_failures:  # said once here, not once per trial
+        print(f"{sweep.name}: stopped after {len(failed)} failed trials in a row "
+              f"(max_consecutive_failures: {sweep.max_failures}); the last: {failed[-1].user_attrs['error']}",
+              file=sys.stderr, flush=True)
     finished = _counted(study)[0]
     size = space_size(sweep.space)
     exhausted = size < float("inf") and distinct_finished(study) >= size
     print(f"{sweep.name}: {finished}/{target} trials finished ({url})"
           + (" -- every configuration of the space is done" if exhausted and finished < target else ""))
-    return 0 if (finished >= target or exhausted) and not any(codes) else 1
+    return 0 if (finished >= target or exhausted) and not any(codes) and len(failed) < sweep.max_failures else 1
 
 
 def trials_frame(study):
