@@ -143,16 +143,49 @@ def test_the_global_pool_keeps_the_cpu_numerics():
     assert torch.allclose(global_avg_pool(x), x.mean((2, 3)))
 
 
+def collected_gpu_tests() -> list[str]:
+    """tests/test_gpu.py's test ids as pytest itself collects them (the reference count)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
+                           "tests/test_gpu.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return [line for line in proc.stdout.splitlines() if line.startswith("tests/test_gpu.py::")]
+
+
 def test_gpu_check_runs_end_to_end_on_the_cpu_and_writes_few_files(tmp_path):
+    """The real test step too (no --skip-tests), started from another folder as `make gpu-check`
+    may be, with a relative --out: the XML must land there and hold test_gpu.py's tests."""
+    import os
+    import xml.etree.ElementTree as ET
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    env.pop("ABEXP_REQUIRE_GPU", None)
+    proc = subprocess.run([sys.executable, "-m", "abexp.tools.gpu_check", "--device", "cpu", "--quick",
+                           "--out", "gpu-check"], cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     out = tmp_path / "gpu-check"
-    proc = subprocess.run([sys.executable, "-m", "abexp.tools.gpu_check", "--device", "cpu", "--quick", "--skip-tests",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**__import__("os").environ, "WANDB_MODE": "disabled"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
-    assert len(files) <= 8 and {"env.json", "probe.json", "summary.md", "log.txt"} <= set(files), files
+    assert len(files) <= 8 and {"env.json", "probe.json", "summary.md", "log.txt", "test_gpu.xml"} <= set(files), files
+    assert not (ROOT / "abexp" / "gpu-check").exists() and not (ROOT / "gpu-check" / "test_gpu.xml").exists()
+    suite = ET.parse(out / "test_gpu.xml").getroot().find("testsuite")
+    cases = suite.findall("testcase")
+    want = collected_gpu_tests()
+    assert len(want) > 20 and int(suite.get("tests")) == len(cases) == len(want)
+    assert {c.get("classname") for c in cases} == {"tests.test_gpu"}
+    if not torch.cuda.is_available():  # without CUDA every one of them is skipped, none fails
+        assert int(suite.get("skipped")) == len(want) and int(suite.get("failures")) == 0
+    summary = (out / "summary.md").read_text()
+    assert f"tests/test_gpu.py: {len(want)} tests, 0 failed, 0 errors" in summary and "-> PASS" in summary
     probe = json.loads((out / "probe.json").read_text())
     assert not probe["errors"]
     assert probe["determinism"]["resume_equal_deterministic_True"] is True  # bitwise on the CPU
     assert probe["cpu_vs_gpu"]["relative_l2"] == 0.0  # CPU against itself: the probe compares like with like
     assert {r["precision"] for r in probe["step_times"]} == {"fp32", "tf32", "bf16", "bf16+channels_last"}
+
+
+def test_gpu_check_reports_a_pytest_that_could_not_run_in_its_own_words(tmp_path, monkeypatch):
+    from abexp.tools import gpu_check
+
+    monkeypatch.setattr(gpu_check, "GPU_TESTS", tmp_path / "missing" / "test_gpu.py")
+    tests = gpu_check.run_gpu_tests(tmp_path / "out", lambda m: None, require_gpu=False)
+    assert tests["passed"] is False and tests["exit_code"] == 4
+    line = gpu_check.tests_line(tests)
+    assert "FAIL" in line and f"file or directory not found: {tmp_path / 'missing' / 'test_gpu.py'}" in line

@@ -37,7 +37,8 @@ import torch
 
 from abexp import io
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: abexp/tools/gpu_check.py -> .
+GPU_TESTS = ROOT / "tests" / "test_gpu.py"
 
 
 def environment(device: torch.device) -> dict:
@@ -65,21 +66,43 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def run_gpu_tests(out: Path, log) -> dict:
-    """tests/test_gpu.py under pytest, as JUnit XML; skips are failures on a GPU machine."""
-    xml = out / "test_gpu.xml"
-    env = dict(os.environ, ABEXP_REQUIRE_GPU="1", WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_gpu.py"),
+def run_gpu_tests(out: Path, log, require_gpu: bool = True) -> dict:
+    """tests/test_gpu.py under pytest, as JUnit XML in ``out``. With ``require_gpu`` (a GPU
+    node) a skipped test is a failure; without (``--device cpu``) the tests skip, and only
+    their collection is checked. No XML (pytest could not start): pytest's own last line."""
+    xml = out.resolve() / "test_gpu.xml"  # absolute: pytest runs in the repository, not in our cwd
+    xml.unlink(missing_ok=True)  # never report a previous session's file
+    env = dict(os.environ, WANDB_MODE="disabled")
+    env.pop("ABEXP_REQUIRE_GPU", None)
+    if require_gpu:
+        env["ABEXP_REQUIRE_GPU"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(GPU_TESTS),
                            f"--junitxml={xml}"], cwd=ROOT, env=env, capture_output=True, text=True)
     log(proc.stdout[-4000:] + proc.stderr[-2000:])
-    counts = {"exit_code": proc.returncode}
+    counts: dict = {"exit_code": proc.returncode, "require_gpu": require_gpu}
     if xml.exists():
         suite = ET.parse(xml).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
         for key in ("tests", "failures", "errors", "skipped"):
             counts[key] = int(suite.get(key, 0))
-    counts["passed"] = proc.returncode == 0 and counts.get("skipped", 1) == 0
+    if not counts.get("tests"):  # pytest did not start, or collected nothing: say why in its words
+        lines = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+        what = "no JUnit XML" if not xml.exists() else "no test collected"
+        counts.update(passed=False, error=f"{what} (pytest exit {proc.returncode}): {lines[-1] if lines else 'no output'}")
+        return counts
+    counts["passed"] = proc.returncode == 0 and (counts["skipped"] == 0 or not require_gpu)
     return counts
+
+
+def tests_line(tests: dict) -> str:
+    """The summary's line on tests/test_gpu.py."""
+    if tests.get("skipped_by_flag"):
+        return "tests/test_gpu.py: not run (--skip-tests)"
+    if "error" in tests:
+        return f"tests/test_gpu.py: FAIL, {tests['error']}"
+    note = "" if tests.get("require_gpu", True) else " (no GPU: skips expected)"
+    return (f"tests/test_gpu.py: {tests['tests']} tests, {tests['failures']} failed, {tests['errors']} errors, "
+            f"{tests['skipped']} skipped{note} -> {'PASS' if tests['passed'] else 'FAIL'}")
 
 
 # ---------------------------------------------------------------- probe
@@ -243,9 +266,7 @@ def summary_markdown(env: dict, tests: dict, probe: dict) -> str:
     lines = [f"# abexp gpu-check: {gpu}", "",
              f"torch {env['torch']}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, driver {env.get('driver')}, "
              f"Python {env['python']}, abexp {env.get('abexp_commit')}, {env['date']}", "",
-             "tests/test_gpu.py: not run (--skip-tests)" if tests.get("skipped_by_flag") else
-             f"tests/test_gpu.py: {tests.get('tests')} tests, {tests.get('failures')} failed, "
-             f"{tests.get('errors')} errors, {tests.get('skipped')} skipped -> {'PASS' if tests.get('passed') else 'FAIL'}", ""]
+             tests_line(tests), ""]
     det = probe.get("determinism", {})
     if det:
         lines += ["| check | deterministic on | off |", "|---|---|---|"]
@@ -297,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     io.write_json(out / "env.json", env)
     log(json.dumps(env))
-    tests = {"skipped_by_flag": True} if args.skip_tests else run_gpu_tests(out, log)
+    tests = {"skipped_by_flag": True} if args.skip_tests else run_gpu_tests(out, log, require_gpu=device.type == "cuda")
     probe: dict = {"errors": {}}
     work = out / ".work"
     parts = [("determinism", lambda: resume_and_determinism(device, args.quick, work)),
