@@ -112,7 +112,8 @@ def batch_gradient(trainer, chunks: list[tuple[torch.Tensor, torch.Tensor]], w_f
 @torch.no_grad()
 def evaluate(model: nn.Module, test_batches: Iterator, device: torch.device, precision: str
              ) -> torch.Tensor:
-    """[loss sum, correct, count] over the batches (summed over ranks by the caller)."""
+    """[loss sum, correct, count] over the batches (summed over ranks by the caller), on the
+    device: nothing is copied to or read from the host (the count is a fill, not a copy)."""
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -124,7 +125,7 @@ def evaluate(model: nn.Module, test_batches: Iterator, device: torch.device, pre
         correct += (logits.argmax(1) == y).sum()
         n += len(y)
     model.train()
-    return torch.stack([loss_sum, correct.double(), torch.tensor(float(n), device=device, dtype=torch.float64)])
+    return torch.stack([loss_sum, correct.double(), torch.full((), float(n), device=device, dtype=torch.float64)])
 
 
 @contextlib.contextmanager
@@ -289,13 +290,16 @@ class Run:
                 raise preempt.Preempted(f"epoch {self.epoch + 1} step {i + 1}")
         totals = self.ddp.all_reduce_sum_(torch.stack([
             self.loss_sum, self.correct.double(),
-            torch.tensor(float(self.seen), device=self.device, dtype=torch.float64)]))
-        seen = max(float(totals[2]), 1.0)
-        train_loss = float(totals[0]) / seen
+            torch.full((), float(self.seen), device=self.device, dtype=torch.float64)]))
         for buf in self.model.buffers():  # BN statistics: rank 0's, everywhere
             self.ddp.broadcast_(buf)
-        return [{"train_loss": train_loss, "train_acc": float(totals[1]) / seen, "lr": lr,
-                 "diverged": not math.isfinite(train_loss) or not bool(torch.isfinite(self.engine.w).all())}]
+        # the epoch's one host read: its sums and whether the weights are finite
+        loss_sum, correct, seen, finite = torch.cat([
+            totals, torch.isfinite(self.engine.w).all().double().unsqueeze(0)]).tolist()
+        seen = max(seen, 1.0)
+        train_loss = loss_sum / seen
+        return [{"train_loss": train_loss, "train_acc": correct / seen, "lr": lr,
+                 "diverged": not math.isfinite(train_loss) or not finite}]
 
     def evaluate(self, bn: str | None = None) -> list[tuple[float, float]]:
         """[(test loss, test accuracy)] at the current weights; ranks add their shares. ``bn``
@@ -312,8 +316,9 @@ class Run:
             sums = evaluate(self.model, test, self.device, self.cfg.train.precision)
         if getattr(self.batches, "sharded", False):
             self.ddp.all_reduce_sum_(sums)
-        n = max(float(sums[2]), 1.0)
-        return [(float(sums[0]) / n, float(sums[1]) / n)]
+        loss_sum, correct, n = sums.tolist()  # one host read
+        n = max(n, 1.0)
+        return [(loss_sum / n, correct / n)]
 
     def fit(self, stop_after_epochs: int | None = None, tracker: Tracker | None = None,
             on_epoch: Callable[[dict], bool] | None = None) -> dict | None:
