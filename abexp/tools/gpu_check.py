@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from abexp import io
+from abexp.process_env import init_process_env
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: abexp/tools/gpu_check.py -> .
 GPU_TESTS = ROOT / "tests" / "test_gpu.py"
@@ -295,6 +296,7 @@ def summary_markdown(env: dict, tests: dict, probe: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    init_process_env()  # first: cuBLAS reads it once per process; pytest's process inherits it
     parser = argparse.ArgumentParser(prog="python -m abexp.tools.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="gpu-check", help="folder for the (at most seven) files")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 from abexp.train import lifecycle, preempt
 from abexp.config import RunConfig, check_processes, run_id
+from abexp.process_env import init_process_env
 from abexp.train.distributed import Dist, init_from_env
 from abexp.data.images import Batches
 from abexp.data.load import load_image_data
@@ -42,12 +42,14 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def set_determinism(on: bool, device: torch.device) -> None:
     """train.deterministic on CUDA: deterministic cuDNN and cuBLAS algorithms, an error for any
-    op that has none. CPU kernels are deterministic already and are left alone."""
+    op that has none; off: cuDNN may pick (benchmark) its fastest algorithms. CPU kernels are
+    deterministic already and are left alone."""
     if device.type != "cuda":
         return
-    if on:  # cuBLAS reads it when its handle is created: before the first matmul of the process
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.benchmark = False
+    # cuBLAS reads it once, at the process's first matmul: every entry point sets it at its start
+    # (abexp.process_env); this call only covers a Run built by a library user before any matmul
+    init_process_env()
+    torch.backends.cudnn.benchmark = not on
     torch.backends.cudnn.deterministic = on
     torch.use_deterministic_algorithms(on)
 
