@@ -224,10 +224,13 @@ def resnet50_step(device: torch.device, quick: bool) -> dict:
     from abexp.sim.engine import DelayedSGD, FlatParams
     from abexp.config import load_config
     from abexp.train.models import build_model
-    from abexp.train.run import autocast
+    from abexp.train.run import autocast, set_determinism, set_precision
 
     batch, size, steps = (4, 112, 2) if quick else (128, 224, 20)
-    cfg = load_config(None, ["delay.steps=32", "optim.name=ab"])
+    cfg = load_config(None, ["delay.steps=32", "optim.name=ab", "train.precision=bf16", "train.channels_last=true"])
+    # process-wide flags: set here, not inherited from whichever section ran before
+    set_precision(cfg.train.precision)
+    set_determinism(cfg.train.deterministic, device)
     torch.manual_seed(0)
     model = build_model("resnet50", 1000).to(device).to(memory_format=torch.channels_last)
     flat = FlatParams(model, True)
@@ -238,7 +241,7 @@ def resnet50_step(device: torch.device, quick: bool) -> dict:
     def grad_fn(w):
         flat.data.copy_(w)
         flat.grad.zero_()
-        with autocast(device, "bf16"):
+        with autocast(device, cfg.train.precision):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         loss.backward()
         return flat.grad
@@ -258,6 +261,7 @@ def resnet50_step(device: torch.device, quick: bool) -> dict:
     timer(2)
     ms = timer(steps) * 1e3
     return {"batch": batch, "image": size, "precision": "bf16+channels_last", "delay": 32, "optim": "ab",
+            "deterministic": cfg.train.deterministic, "tf32": torch.backends.cuda.matmul.allow_tf32,
             "step_ms": round(ms, 2), "images_per_s": round(batch / ms * 1e3, 1),
             "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None}
 
