@@ -288,3 +288,26 @@ def test_cudnn_benchmarks_only_when_determinism_is_off():
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[:2]
         torch.use_deterministic_algorithms(saved[2])
+
+
+def test_gpu_check_names_what_the_node_lacks_in_one_line_before_importing_it(tmp_path):
+    """A GPU image without pydantic (and pytest): one line naming both, exit 2, no traceback."""
+    import os
+
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(
+        "import sys\nclass _Gone:\n    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('pydantic', 'pytest'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _Gone())\n")
+    env = {**os.environ, "PYTHONPATH": f"{block}{os.pathsep}{ROOT}"}
+    assert subprocess.run([sys.executable, "-c", "import pydantic"], env=env, capture_output=True).returncode != 0
+    proc = subprocess.run([sys.executable, "-m", "abexp.tools.gpu_check", "--out", str(tmp_path / "out")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "lacks pydantic, pytest:" in proc.stderr and "make gpu-wheels" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    listed = subprocess.run([sys.executable, "-m", "abexp.tools.gpu_deps", "--missing"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert listed.stdout.split() == ["pydantic", "pytest"]  # what make gpu-check installs from wheels/

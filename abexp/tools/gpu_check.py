@@ -33,10 +33,16 @@ import traceback
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import torch
+from abexp.tools import gpu_deps  # the standard library only
 
-from abexp import io
-from abexp.process_env import init_process_env
+if __name__ == "__main__" and gpu_deps.missing():  # one line, before torch or pydantic is imported
+    print(gpu_deps.missing_line(gpu_deps.missing()), file=sys.stderr)
+    raise SystemExit(2)
+
+import torch  # noqa: E402
+
+from abexp import io  # noqa: E402
+from abexp.process_env import init_process_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: abexp/tools/gpu_check.py -> .
 GPU_TESTS = ROOT / "tests" / "test_gpu.py"
