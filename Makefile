@@ -81,18 +81,26 @@ resilience: $(STAMP)
 
 # On a GPU node with its own CUDA torch (no venv is built, nothing is downloaded): tests/test_gpu.py
 # as JUnit XML and a probe of resume, determinism, CPU-vs-GPU and step times, all in
-# $(GPU_CHECK_DIR) (docs/gpu.md). GPU_PY is that node's python. abexp needs pydantic there; a node
-# without it takes the wheels that `make gpu-wheels` put in wheels/ (carried over by hand).
+# $(GPU_CHECK_DIR) (docs/gpu.md). GPU_PY is that node's python. What it lacks of what gpu-check
+# and `abexp run` import (abexp/tools/gpu_deps.py; pydantic on the images seen so far) is
+# installed into $(GPU_DEPS) from the wheels that `make gpu-wheels` put in wheels/ (carried over
+# by hand); still missing, gpu-check says what in one line and exits 2.
 GPU_PY ?= python3
 GPU_CHECK_DIR ?= gpu-check
 GPU_DEPS := .gpu-deps
+GPU_PATH = PYTHONPATH=$(CURDIR):$(CURDIR)/$(GPU_DEPS)
 gpu-check:
-	@$(GPU_PY) -c "import pydantic" 2>/dev/null || { test -d wheels && \
-	  $(GPU_PY) -m pip install -q --no-index --find-links wheels --target $(GPU_DEPS) pydantic; } || \
-	  { echo "gpu-check: $(GPU_PY) lacks pydantic: pip install pydantic, or run make gpu-wheels where there is a network and copy wheels/ here"; exit 2; }
-	WANDB_MODE=disabled PYTHONPATH=$(CURDIR):$(CURDIR)/$(GPU_DEPS) $(GPU_PY) -m abexp.tools.gpu_check --out $(GPU_CHECK_DIR)
+	@missing="$$($(GPU_PATH) $(GPU_PY) -m abexp.tools.gpu_deps --missing)"; \
+	  if [ -n "$$missing" ] && [ -d wheels ]; then \
+	    $(GPU_PY) -m pip install -q --no-index --find-links wheels --target $(GPU_DEPS) $$missing || true; fi
+	WANDB_MODE=disabled $(GPU_PATH) $(GPU_PY) -m abexp.tools.gpu_check --out $(GPU_CHECK_DIR)
 
-# Wheels of what a GPU node may lack, for Python 3.12 on x86_64 (copy wheels/ to the node).
+# Wheels (with their dependencies) of what a GPU node's image lacks, for CPython 3.12 on
+# manylinux x86_64: GPU_WHEELS is what gpu-check and a real `abexp run` import that the image
+# (torch, PyYAML, pytest, tqdm, scikit-learn, pandas, matplotlib) does not have. Copy wheels/ over.
+WHEELS_DIR ?= wheels
+GPU_WHEELS ?= pydantic
 gpu-wheels:
-	$(PY) -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-	  --platform manylinux_2_17_x86_64 --implementation cp -d wheels pydantic
+	$(PY) -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+	  --platform any -d $(WHEELS_DIR) $(GPU_WHEELS)

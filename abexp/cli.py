@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from abexp.config import ConfigError
 from abexp.lab import preflight
+from abexp.process_env import init_process_env
 
 if TYPE_CHECKING:
     from abexp.lab import slurm
@@ -455,6 +456,7 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    init_process_env()  # first: cuBLAS reads it once per process (abexp.process_env)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `abexp plan ... | head` exits quietly
     parser = build_parser()
     args = parser.parse_args(argv)  # --help and usage errors end here, before torch is imported

@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from abexp.process_env import init_process_env  # noqa: E402
+
+init_process_env()  # as every abexp entry point does: tests/test_gpu.py builds deterministic runs
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(2)

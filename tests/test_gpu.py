@@ -5,6 +5,7 @@ Run them on a GPU machine with ``make gpu-check`` (writes JUnit XML) or
 ``python -m pytest tests/test_gpu.py``.
 """
 
+import contextlib
 import os
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from abexp.config import load_config
 from abexp.train.packed import PackedRun
-from abexp.train.run import Run, evaluate
+from abexp.train.run import Run, evaluate, set_precision
 from abexp.train.start import train_run
 
 REQUIRED = os.environ.get("ABEXP_REQUIRE_GPU") == "1"
@@ -103,6 +104,18 @@ def test_ten_packed_steps_at_a_constant_delay_equal_separate_runs(tmp_path):
         assert float((engine.w - run.engine.w).norm() / moved.norm()) < 1e-3
 
 
+@contextlib.contextmanager
+def precision_flags(precision: str):
+    """The TF32 flags of ``precision`` (fp32: off, true fp32 products) for the block, restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    set_precision(precision)
+    assert torch.backends.cuda.matmul.allow_tf32 is (precision == "tf32")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("extra,tolerance", [
     (["train.channels_last=true"], 1e-4), (["train.compile=true"], 1e-4),
     (["train.precision=tf32"], 5e-3), (["train.precision=tf32", "train.channels_last=true"], 5e-3),
@@ -117,8 +130,11 @@ def test_fast_path_options_take_the_fp32_eager_step(extra, tolerance, tmp_path):
     assert torch.equal(ref.engine.w, run.engine.w)
     x, y = next(iter(ref.batches.epoch(0)))
     w0 = ref.engine.w.clone()
-    ref.train_step(x, y, 0.05)
-    run.train_step(x, y, 0.05)
+    # precision flags are process-wide and were last set by the second Run: each step gets its own
+    with precision_flags(base.train.precision):
+        ref.train_step(x, y, 0.05)
+    with precision_flags(fast.train.precision):
+        run.train_step(x, y, 0.05)
     want, got = ref.engine.w - w0, run.engine.w - w0
     assert float((got - want).norm() / want.norm()) < tolerance
 

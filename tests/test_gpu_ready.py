@@ -143,16 +143,171 @@ def test_the_global_pool_keeps_the_cpu_numerics():
     assert torch.allclose(global_avg_pool(x), x.mean((2, 3)))
 
 
+def collected_gpu_tests() -> list[str]:
+    """tests/test_gpu.py's test ids as pytest itself collects them (the reference count)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
+                           "tests/test_gpu.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return [line for line in proc.stdout.splitlines() if line.startswith("tests/test_gpu.py::")]
+
+
 def test_gpu_check_runs_end_to_end_on_the_cpu_and_writes_few_files(tmp_path):
+    """The real test step too (no --skip-tests), started from another folder as `make gpu-check`
+    may be, with a relative --out: the XML must land there and hold test_gpu.py's tests."""
+    import os
+    import xml.etree.ElementTree as ET
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    env.pop("ABEXP_REQUIRE_GPU", None)
+    proc = subprocess.run([sys.executable, "-m", "abexp.tools.gpu_check", "--device", "cpu", "--quick",
+                           "--out", "gpu-check"], cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     out = tmp_path / "gpu-check"
-    proc = subprocess.run([sys.executable, "-m", "abexp.tools.gpu_check", "--device", "cpu", "--quick", "--skip-tests",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**__import__("os").environ, "WANDB_MODE": "disabled"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
-    assert len(files) <= 8 and {"env.json", "probe.json", "summary.md", "log.txt"} <= set(files), files
+    assert len(files) <= 8 and {"env.json", "probe.json", "summary.md", "log.txt", "test_gpu.xml"} <= set(files), files
+    assert not (ROOT / "abexp" / "gpu-check").exists() and not (ROOT / "gpu-check" / "test_gpu.xml").exists()
+    suite = ET.parse(out / "test_gpu.xml").getroot().find("testsuite")
+    cases = suite.findall("testcase")
+    want = collected_gpu_tests()
+    assert len(want) > 20 and int(suite.get("tests")) == len(cases) == len(want)
+    assert {c.get("classname") for c in cases} == {"tests.test_gpu"}
+    if not torch.cuda.is_available():  # without CUDA every one of them is skipped, none fails
+        assert int(suite.get("skipped")) == len(want) and int(suite.get("failures")) == 0
+    summary = (out / "summary.md").read_text()
+    assert f"tests/test_gpu.py: {len(want)} tests, 0 failed, 0 errors" in summary and "-> PASS" in summary
     probe = json.loads((out / "probe.json").read_text())
     assert not probe["errors"]
     assert probe["determinism"]["resume_equal_deterministic_True"] is True  # bitwise on the CPU
     assert probe["cpu_vs_gpu"]["relative_l2"] == 0.0  # CPU against itself: the probe compares like with like
     assert {r["precision"] for r in probe["step_times"]} == {"fp32", "tf32", "bf16", "bf16+channels_last"}
+
+
+def test_gpu_check_reports_a_pytest_that_could_not_run_in_its_own_words(tmp_path, monkeypatch):
+    from abexp.tools import gpu_check
+
+    monkeypatch.setattr(gpu_check, "GPU_TESTS", tmp_path / "missing" / "test_gpu.py")
+    tests = gpu_check.run_gpu_tests(tmp_path / "out", lambda m: None, require_gpu=False)
+    assert tests["passed"] is False and tests["exit_code"] == 4
+    line = gpu_check.tests_line(tests)
+    assert "FAIL" in line and f"file or directory not found: {tmp_path / 'missing' / 'test_gpu.py'}" in line
+
+
+# Put on PYTHONPATH as sitecustomize: records CUBLAS_WORKSPACE_CONFIG when the process first
+# calls conv2d or linear (on a GPU, its first cuBLAS/cuDNN matrix product, when cuBLAS reads the
+# variable) and at exit, one JSON file per process.
+SPY = '''
+import atexit, json, os, sys
+import torch.nn.functional as F
+_seen = {}
+def _wrap(name):
+    inner = getattr(F, name)
+    def spy(*args, **kwargs):
+        _seen.setdefault("first_matmul", os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+        return inner(*args, **kwargs)
+    setattr(F, name, spy)
+for _name in ("conv2d", "linear"):
+    _wrap(_name)
+@atexit.register
+def _write():
+    _seen["exit"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    with open(os.path.join(os.environ["ABEXP_SPY_DIR"], f"{os.getpid()}.json"), "w") as fh:
+        json.dump({"argv": sys.argv, **_seen}, fh)
+'''
+
+
+def spied(tmp_path, name: str, cmd: list[str]) -> list[dict]:
+    """Run ``cmd`` with no CUBLAS_WORKSPACE_CONFIG in its environment; each process's record."""
+    import os
+
+    spy, records = tmp_path / "spy", tmp_path / f"records_{name}"
+    spy.mkdir(exist_ok=True)
+    records.mkdir()
+    (spy / "sitecustomize.py").write_text(SPY)
+    env = {**os.environ, "PYTHONPATH": f"{spy}{os.pathsep}{ROOT}", "ABEXP_SPY_DIR": str(records),
+           "WANDB_MODE": "disabled", "ABEXP_THREADS": "1"}
+    env.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return [json.loads(p.read_text()) for p in records.iterdir()]
+
+
+def test_every_entry_point_sets_the_cublas_workspace_before_its_first_matrix_product(tmp_path):
+    """cuBLAS reads CUBLAS_WORKSPACE_CONFIG once, at the process's first matrix product; a run
+    that set it when it wanted determinism came too late in a worker whose earlier run did not.
+    Each entry point sets it first, seen from inside each process (its workers included)."""
+    from abexp.process_env import CUBLAS_DETERMINISTIC
+    from abexp.lab.sweep import load_sweep, open_study, storage_url
+
+    py = sys.executable
+    control = spied(tmp_path, "control", [py, "-c", "import torch; torch.nn.functional.linear(torch.ones(1, 2), torch.ones(3, 2))"])
+    assert control[0]["first_matmul"] is None  # the spy sees a process that does not set it
+
+    base = ("{model: {name: resnet8}, data: {name: digits, subset: 64, test_subset: 32}, "
+            "train: {epochs: 1, batch_size: 32, deterministic: false}}")
+    config = tmp_path / "run.yaml"
+    config.write_text(base + "\n")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"name: spied\nbase: {base}\ngrid: {{train.deterministic: [false, true]}}\n")
+    sweep = tmp_path / "spied_sweep.yaml"
+    sweep.write_text("name: spied_sweep\nbase: run.yaml\nn_trials: 1\nsampler: {name: random, seed: 0}\n"
+                     "space:\n  optim.lr: {type: float, low: 0.01, high: 0.1}\n")
+    loaded = load_sweep(sweep)
+    url = storage_url(loaded, tmp_path / "sweep_results")
+    open_study(loaded, url, create=True)
+    entries = {
+        "cli": [py, "-m", "abexp.cli", "train", str(config), "--out", str(tmp_path / "one")],
+        "cli_run": [py, "-m", "abexp.cli", "run", str(spec), "--results", str(tmp_path / "r1"), "--no-progress"],
+        "runner_worker": [py, "-m", "abexp.lab.runner", str(spec), str(tmp_path / "r2"), "session0"],
+        "sweep_worker": [py, "-m", "abexp.lab.sweep", str(sweep), str(tmp_path / "sweep_results"), url, "1", "0"],
+        "gpu_check": [py, "-m", "abexp.tools.gpu_check", "--help"],
+        "bench": [py, "-m", "abexp.tools.bench", "--help"],
+    }
+    for name, cmd in entries.items():
+        records = spied(tmp_path, name, cmd)
+        trained = [r for r in records if "first_matmul" in r]
+        if name in ("gpu_check", "bench"):  # set before its arguments are even parsed
+            assert [r["exit"] for r in records] == [CUBLAS_DETERMINISTIC], name
+            continue
+        assert trained, (name, records)
+        if name == "cli_run":  # the runner's worker process trained, not the CLI's
+            assert any("abexp.lab.runner" in " ".join(r["argv"]) or r["argv"][0].endswith("runner.py")
+                       for r in trained), records
+        assert all(r["first_matmul"] == CUBLAS_DETERMINISTIC for r in trained), (name, records)
+
+
+def test_cudnn_benchmarks_only_when_determinism_is_off():
+    """The flags set_determinism gives a CUDA run (they are plain process flags: settable here)."""
+    from abexp.train.run import set_determinism
+
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled())
+    try:
+        for on in (False, True):
+            set_determinism(on, torch.device("cuda"))
+            assert torch.backends.cudnn.benchmark is (not on)
+            assert torch.backends.cudnn.deterministic is on and torch.are_deterministic_algorithms_enabled() is on
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[:2]
+        torch.use_deterministic_algorithms(saved[2])
+
+
+def test_gpu_check_names_what_the_node_lacks_in_one_line_before_importing_it(tmp_path):
+    """A GPU image without pydantic (and pytest): one line naming both, exit 2, no traceback."""
+    import os
+
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(
+        "import sys\nclass _Gone:\n    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('pydantic', 'pytest'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _Gone())\n")
+    env = {**os.environ, "PYTHONPATH": f"{block}{os.pathsep}{ROOT}"}
+    assert subprocess.run([sys.executable, "-c", "import pydantic"], env=env, capture_output=True).returncode != 0
+    proc = subprocess.run([sys.executable, "-m", "abexp.tools.gpu_check", "--out", str(tmp_path / "out")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "lacks pydantic, pytest:" in proc.stderr and "make gpu-wheels" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    listed = subprocess.run([sys.executable, "-m", "abexp.tools.gpu_deps", "--missing"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert listed.stdout.split() == ["pydantic", "pytest"]  # what make gpu-check installs from wheels/

@@ -71,3 +71,35 @@ def test_packed_epoch_host_reads_do_not_grow_with_steps(tmp_path):
         return audit(pack.train_epoch)
 
     assert syncs(2) == syncs(6)
+
+
+def test_evaluation_and_epoch_ends_copy_nothing_to_the_device(tmp_path):
+    """Evaluation made a host->device copy per call (the count, torch.tensor(float(n))) and
+    read each figure separately; the epoch end likewise. Now the count is a fill on the device
+    and the figures come back in one .tolist() (a device->host copy on a GPU; on the CPU the
+    tensor is already there, so the audit sees nothing at all). The values equal a plain
+    recomputation."""
+    import torch.nn.functional as F
+
+    cfg = load_config(None, SYNTH + ["data.synthetic_size=32", "delay.steps=2"])
+    run = Run(cfg, tmp_path / "r", "cpu", log=lambda s: None)
+    run.evaluate()  # the first call builds the cached normalisation constants
+    assert audit(run.evaluate) == []
+    assert not [f for f in audit(run.train_epoch) if "lift_fresh" in f]
+    (loss, acc), = run.evaluate()
+    run.use_current_weights()
+    run.model.eval()
+    with torch.no_grad():
+        test = list(run.batches.test(cfg.eval.batch_size))
+        logits = [run.model(x) for x, _ in test]
+    run.model.train()
+    n = sum(len(y) for _, y in test)
+    want_loss = sum(float(F.cross_entropy(lg, y, reduction="sum")) for lg, (_, y) in zip(logits, test)) / n
+    want_acc = sum(int((lg.argmax(1) == y).sum()) for lg, (_, y) in zip(logits, test)) / n
+    assert loss == pytest.approx(want_loss, rel=1e-9) and acc == want_acc
+
+    cfgs = [load_config(None, SYNTH + ["data.synthetic_size=32", "delay.steps=2", f"seed={i}"]) for i in range(2)]
+    pack = PackedRun(cfgs, [tmp_path / str(i) for i in range(2)], "cpu", log=lambda s: None)
+    pack.evaluate()
+    assert audit(pack.evaluate) == []
+    assert not [f for f in audit(pack.train_epoch) if "lift_fresh" in f]

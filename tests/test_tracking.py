@@ -7,9 +7,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from abexp.config import load_config, run_id
 from conftest import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def wandb_history(wandb_file):
@@ -83,3 +86,33 @@ def test_packed_runs_log_every_epoch_to_their_own_wandb_run(tmp_path):
         rows = wandb_history(logs[0])
         truth = {r["epoch"]: r["test_acc"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
         assert {r["epoch"]: r["test_acc"] for r in rows} == truth and len(rows) == 3
+
+
+BLOCK_WANDB = '''
+import sys
+class _NoWandb:
+    def find_spec(self, name, path=None, target=None):
+        if name == "wandb" or name.startswith("wandb."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, _NoWandb())
+'''
+
+
+def test_auto_mode_falls_back_to_disabled_where_wandb_cannot_be_imported(tmp_path):
+    """A GPU node's image without wandb: `tracking.wandb.mode: auto` trains, W&B off, one note."""
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(BLOCK_WANDB)
+    env = {**os.environ, "PYTHONPATH": f"{block}{os.pathsep}{ROOT}"}
+    env.pop("WANDB_MODE", None)
+    assert subprocess.run([sys.executable, "-c", "import wandb"], env=env, capture_output=True).returncode != 0
+    config = tmp_path / "run.yaml"
+    config.write_text("model: {name: resnet8}\ndata: {name: digits, subset: 64, test_subset: 32}\n"
+                      "train: {epochs: 2, batch_size: 32}\ntracking: {wandb: {mode: auto}}\n")
+    proc = subprocess.run([sys.executable, "-m", "abexp.cli", "train", str(config), "--out", str(tmp_path / "run")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("note: tracking.wandb.mode auto: wandb cannot be imported") == 1, proc.stderr
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["epochs_completed"] == 2
+    assert not (tmp_path / "run" / "wandb").exists()

@@ -28,6 +28,7 @@ from abexp.train import preempt
 from abexp.config import ConfigError, RunConfig, dump_yaml
 from abexp.lab.claims import LOCK, Claim, ClaimLost, Heartbeat, is_stale, try_claim
 from abexp.lab.spec import PlannedRun, load_spec
+from abexp.process_env import init_process_env
 
 FAILED, EVENTS, LOG = "failed.json", "events.jsonl", "log.txt"
 POLL_S = float(os.environ.get("ABEXP_POLL_S", "2"))
@@ -419,6 +420,7 @@ def run_local(spec_path: str, results: str, workers: int | None = None,
 def worker_main(argv: Iterable[str]) -> int:
     """A worker process; as a SLURM task (ABEXP_SLURM_FOLDER set) it stops on SLURM's signals
     at the next step boundary and requeues itself (abexp.lab.slurm)."""
+    init_process_env()  # first: cuBLAS reads it once per process (abexp.process_env)
     spec_path, results, session, *overrides = list(argv)
     under_slurm = bool(os.environ.get("ABEXP_SLURM_FOLDER"))
     if under_slurm:

@@ -799,5 +799,7 @@ def best(sweep_path: str, results: str, storage: str | None = None, overrides: l
 
 
 if __name__ == "__main__":
+    from abexp.process_env import init_process_env
+    init_process_env()  # first: cuBLAS reads it once per process (abexp.process_env)
     sweep_path, results, url, n, worker, *overrides = sys.argv[1:]
     worker_loop(sweep_path, results, url, int(n), int(worker), overrides)

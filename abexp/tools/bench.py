@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from abexp import io
+from abexp.process_env import init_process_env
 from abexp.config import load_config
 from abexp.tools import bench_async
 from abexp.train.run import Run
@@ -297,6 +298,7 @@ def to_markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    init_process_env()  # first: cuBLAS reads it once per process (abexp.process_env)
     parser = argparse.ArgumentParser(prog="python -m abexp.tools.bench")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)

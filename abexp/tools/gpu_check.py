@@ -33,11 +33,19 @@ import traceback
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import torch
+from abexp.tools import gpu_deps  # the standard library only
 
-from abexp import io
+if __name__ == "__main__" and gpu_deps.missing():  # one line, before torch or pydantic is imported
+    print(gpu_deps.missing_line(gpu_deps.missing()), file=sys.stderr)
+    raise SystemExit(2)
 
-ROOT = Path(__file__).resolve().parent.parent
+import torch  # noqa: E402
+
+from abexp import io  # noqa: E402
+from abexp.process_env import init_process_env  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: abexp/tools/gpu_check.py -> .
+GPU_TESTS = ROOT / "tests" / "test_gpu.py"
 
 
 def environment(device: torch.device) -> dict:
@@ -65,21 +73,43 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def run_gpu_tests(out: Path, log) -> dict:
-    """tests/test_gpu.py under pytest, as JUnit XML; skips are failures on a GPU machine."""
-    xml = out / "test_gpu.xml"
-    env = dict(os.environ, ABEXP_REQUIRE_GPU="1", WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_gpu.py"),
+def run_gpu_tests(out: Path, log, require_gpu: bool = True) -> dict:
+    """tests/test_gpu.py under pytest, as JUnit XML in ``out``. With ``require_gpu`` (a GPU
+    node) a skipped test is a failure; without (``--device cpu``) the tests skip, and only
+    their collection is checked. No XML (pytest could not start): pytest's own last line."""
+    xml = out.resolve() / "test_gpu.xml"  # absolute: pytest runs in the repository, not in our cwd
+    xml.unlink(missing_ok=True)  # never report a previous session's file
+    env = dict(os.environ, WANDB_MODE="disabled")
+    env.pop("ABEXP_REQUIRE_GPU", None)
+    if require_gpu:
+        env["ABEXP_REQUIRE_GPU"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(GPU_TESTS),
                            f"--junitxml={xml}"], cwd=ROOT, env=env, capture_output=True, text=True)
     log(proc.stdout[-4000:] + proc.stderr[-2000:])
-    counts = {"exit_code": proc.returncode}
+    counts: dict = {"exit_code": proc.returncode, "require_gpu": require_gpu}
     if xml.exists():
         suite = ET.parse(xml).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
         for key in ("tests", "failures", "errors", "skipped"):
             counts[key] = int(suite.get(key, 0))
-    counts["passed"] = proc.returncode == 0 and counts.get("skipped", 1) == 0
+    if not counts.get("tests"):  # pytest did not start, or collected nothing: say why in its words
+        lines = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+        what = "no JUnit XML" if not xml.exists() else "no test collected"
+        counts.update(passed=False, error=f"{what} (pytest exit {proc.returncode}): {lines[-1] if lines else 'no output'}")
+        return counts
+    counts["passed"] = proc.returncode == 0 and (counts["skipped"] == 0 or not require_gpu)
     return counts
+
+
+def tests_line(tests: dict) -> str:
+    """The summary's line on tests/test_gpu.py."""
+    if tests.get("skipped_by_flag"):
+        return "tests/test_gpu.py: not run (--skip-tests)"
+    if "error" in tests:
+        return f"tests/test_gpu.py: FAIL, {tests['error']}"
+    note = "" if tests.get("require_gpu", True) else " (no GPU: skips expected)"
+    return (f"tests/test_gpu.py: {tests['tests']} tests, {tests['failures']} failed, {tests['errors']} errors, "
+            f"{tests['skipped']} skipped{note} -> {'PASS' if tests['passed'] else 'FAIL'}")
 
 
 # ---------------------------------------------------------------- probe
@@ -200,10 +230,13 @@ def resnet50_step(device: torch.device, quick: bool) -> dict:
     from abexp.sim.engine import DelayedSGD, FlatParams
     from abexp.config import load_config
     from abexp.train.models import build_model
-    from abexp.train.run import autocast
+    from abexp.train.run import autocast, set_determinism, set_precision
 
     batch, size, steps = (4, 112, 2) if quick else (128, 224, 20)
-    cfg = load_config(None, ["delay.steps=32", "optim.name=ab"])
+    cfg = load_config(None, ["delay.steps=32", "optim.name=ab", "train.precision=bf16", "train.channels_last=true"])
+    # process-wide flags: set here, not inherited from whichever section ran before
+    set_precision(cfg.train.precision)
+    set_determinism(cfg.train.deterministic, device)
     torch.manual_seed(0)
     model = build_model("resnet50", 1000).to(device).to(memory_format=torch.channels_last)
     flat = FlatParams(model, True)
@@ -214,7 +247,7 @@ def resnet50_step(device: torch.device, quick: bool) -> dict:
     def grad_fn(w):
         flat.data.copy_(w)
         flat.grad.zero_()
-        with autocast(device, "bf16"):
+        with autocast(device, cfg.train.precision):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         loss.backward()
         return flat.grad
@@ -234,6 +267,7 @@ def resnet50_step(device: torch.device, quick: bool) -> dict:
     timer(2)
     ms = timer(steps) * 1e3
     return {"batch": batch, "image": size, "precision": "bf16+channels_last", "delay": 32, "optim": "ab",
+            "deterministic": cfg.train.deterministic, "tf32": torch.backends.cuda.matmul.allow_tf32,
             "step_ms": round(ms, 2), "images_per_s": round(batch / ms * 1e3, 1),
             "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None}
 
@@ -243,9 +277,7 @@ def summary_markdown(env: dict, tests: dict, probe: dict) -> str:
     lines = [f"# abexp gpu-check: {gpu}", "",
              f"torch {env['torch']}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, driver {env.get('driver')}, "
              f"Python {env['python']}, abexp {env.get('abexp_commit')}, {env['date']}", "",
-             "tests/test_gpu.py: not run (--skip-tests)" if tests.get("skipped_by_flag") else
-             f"tests/test_gpu.py: {tests.get('tests')} tests, {tests.get('failures')} failed, "
-             f"{tests.get('errors')} errors, {tests.get('skipped')} skipped -> {'PASS' if tests.get('passed') else 'FAIL'}", ""]
+             tests_line(tests), ""]
     det = probe.get("determinism", {})
     if det:
         lines += ["| check | deterministic on | off |", "|---|---|---|"]
@@ -274,6 +306,7 @@ def summary_markdown(env: dict, tests: dict, probe: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    init_process_env()  # first: cuBLAS reads it once per process; pytest's process inherits it
     parser = argparse.ArgumentParser(prog="python -m abexp.tools.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="gpu-check", help="folder for the (at most seven) files")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
@@ -297,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     io.write_json(out / "env.json", env)
     log(json.dumps(env))
-    tests = {"skipped_by_flag": True} if args.skip_tests else run_gpu_tests(out, log)
+    tests = {"skipped_by_flag": True} if args.skip_tests else run_gpu_tests(out, log, require_gpu=device.type == "cuda")
     probe: dict = {"errors": {}}
     work = out / ".work"
     parts = [("determinism", lambda: resume_and_determinism(device, args.quick, work)),

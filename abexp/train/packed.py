@@ -158,7 +158,10 @@ class PackedRun:
         self.correct = torch.zeros(self.k, device=self.device, dtype=torch.long)
         self.seen = [0] * self.k
         self.active = [status == "running" for status in self.status]
-        self.active_mask = torch.tensor(self.active, device=self.device, dtype=torch.float64)
+        self.active_mask = torch.ones(self.k, device=self.device, dtype=torch.float64)  # no host copy
+        for i, active in enumerate(self.active):
+            if not active:
+                self.active_mask[i].fill_(0.0)  # a kernel with a scalar argument: no copy
 
     def train_epoch(self) -> list[dict]:
         self.reset_counters()
@@ -176,9 +179,9 @@ class PackedRun:
                     if self.active[i] and not torch.isfinite(engine.w).all():
                         self.active[i] = False
                         self.active_mask[i] = 0.0
-        seen = torch.tensor([max(n, 1) for n in self.seen], device=self.device, dtype=torch.float64)
-        losses = (self.loss_sum / seen).tolist()
-        accs = (self.correct.double() / seen).tolist()
+        seen = [max(n, 1) for n in self.seen]  # divided on the host: the same float64 division, no copy
+        losses = [s / n for s, n in zip(self.loss_sum.tolist(), seen)]
+        accs = [c / n for c, n in zip(self.correct.double().tolist(), seen)]
         return [{"train_loss": losses[i], "train_acc": accs[i], "lr": lrs[i],
                  "diverged": not math.isfinite(losses[i]) or not bool(torch.isfinite(self.engines[i].w).all())}
                 for i in range(self.k)]
@@ -194,8 +197,9 @@ class PackedRun:
                 sums = self._test_sums()
         else:
             sums = self._test_sums()
-        n = max(float(sums[0, 2]), 1.0)
-        return [(float(s[0]) / n, float(s[1]) / n) for s in sums]
+        rows = sums.tolist()  # one host read
+        n = max(rows[0][2], 1.0)
+        return [(loss_sum / n, correct / n) for loss_sum, correct, _ in rows]
 
     @torch.no_grad()
     def _test_sums(self) -> torch.Tensor:

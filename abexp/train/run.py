@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 from abexp.train import lifecycle, preempt
 from abexp.config import RunConfig, check_processes, run_id
+from abexp.process_env import init_process_env
 from abexp.train.distributed import Dist, init_from_env
 from abexp.data.images import Batches
 from abexp.data.load import load_image_data
@@ -42,12 +42,14 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def set_determinism(on: bool, device: torch.device) -> None:
     """train.deterministic on CUDA: deterministic cuDNN and cuBLAS algorithms, an error for any
-    op that has none. CPU kernels are deterministic already and are left alone."""
+    op that has none; off: cuDNN may pick (benchmark) its fastest algorithms. CPU kernels are
+    deterministic already and are left alone."""
     if device.type != "cuda":
         return
-    if on:  # cuBLAS reads it when its handle is created: before the first matmul of the process
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.benchmark = False
+    # cuBLAS reads it once, at the process's first matmul: every entry point sets it at its start
+    # (abexp.process_env); this call only covers a Run built by a library user before any matmul
+    init_process_env()
+    torch.backends.cudnn.benchmark = not on
     torch.backends.cudnn.deterministic = on
     torch.use_deterministic_algorithms(on)
 
@@ -112,7 +114,8 @@ def batch_gradient(trainer, chunks: list[tuple[torch.Tensor, torch.Tensor]], w_f
 @torch.no_grad()
 def evaluate(model: nn.Module, test_batches: Iterator, device: torch.device, precision: str
              ) -> torch.Tensor:
-    """[loss sum, correct, count] over the batches (summed over ranks by the caller)."""
+    """[loss sum, correct, count] over the batches (summed over ranks by the caller), on the
+    device: nothing is copied to or read from the host (the count is a fill, not a copy)."""
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -124,7 +127,7 @@ def evaluate(model: nn.Module, test_batches: Iterator, device: torch.device, pre
         correct += (logits.argmax(1) == y).sum()
         n += len(y)
     model.train()
-    return torch.stack([loss_sum, correct.double(), torch.tensor(float(n), device=device, dtype=torch.float64)])
+    return torch.stack([loss_sum, correct.double(), torch.full((), float(n), device=device, dtype=torch.float64)])
 
 
 @contextlib.contextmanager
@@ -289,13 +292,16 @@ class Run:
                 raise preempt.Preempted(f"epoch {self.epoch + 1} step {i + 1}")
         totals = self.ddp.all_reduce_sum_(torch.stack([
             self.loss_sum, self.correct.double(),
-            torch.tensor(float(self.seen), device=self.device, dtype=torch.float64)]))
-        seen = max(float(totals[2]), 1.0)
-        train_loss = float(totals[0]) / seen
+            torch.full((), float(self.seen), device=self.device, dtype=torch.float64)]))
         for buf in self.model.buffers():  # BN statistics: rank 0's, everywhere
             self.ddp.broadcast_(buf)
-        return [{"train_loss": train_loss, "train_acc": float(totals[1]) / seen, "lr": lr,
-                 "diverged": not math.isfinite(train_loss) or not bool(torch.isfinite(self.engine.w).all())}]
+        # the epoch's one host read: its sums and whether the weights are finite
+        loss_sum, correct, seen, finite = torch.cat([
+            totals, torch.isfinite(self.engine.w).all().double().unsqueeze(0)]).tolist()
+        seen = max(seen, 1.0)
+        train_loss = loss_sum / seen
+        return [{"train_loss": train_loss, "train_acc": correct / seen, "lr": lr,
+                 "diverged": not math.isfinite(train_loss) or not finite}]
 
     def evaluate(self, bn: str | None = None) -> list[tuple[float, float]]:
         """[(test loss, test accuracy)] at the current weights; ranks add their shares. ``bn``
@@ -312,8 +318,9 @@ class Run:
             sums = evaluate(self.model, test, self.device, self.cfg.train.precision)
         if getattr(self.batches, "sharded", False):
             self.ddp.all_reduce_sum_(sums)
-        n = max(float(sums[2]), 1.0)
-        return [(float(sums[0]) / n, float(sums[1]) / n)]
+        loss_sum, correct, n = sums.tolist()  # one host read
+        n = max(n, 1.0)
+        return [(loss_sum / n, correct / n)]
 
     def fit(self, stop_after_epochs: int | None = None, tracker: Tracker | None = None,
             on_epoch: Callable[[dict], bool] | None = None) -> dict | None:

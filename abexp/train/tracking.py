@@ -1,7 +1,8 @@
 """Run tracking: metrics.jsonl always (written by abexp.train.run); Weights & Biases when enabled.
 
 ``tracking.wandb.mode``: ``auto`` is online when an API key is configured (WANDB_API_KEY or a
-netrc entry for the W&B host), else offline; an environment variable WANDB_MODE, when set,
+netrc entry for the W&B host), else offline, and disabled (with a note) where wandb cannot be
+imported (a GPU node's image without it); an environment variable WANDB_MODE, when set,
 overrides the config (tests force ``disabled``). The W&B run id is abexp's run_id with
 ``resume="allow"``, so a re-run or resumed run never creates a duplicate; offline runs land in
 ``<run dir>/wandb/offline-run-*-<run_id>`` and are uploaded later with ``wandb sync``.
@@ -49,6 +50,16 @@ def resolve_mode(configured: str) -> str:
     return mode
 
 
+_NOTED: set[str] = set()
+
+
+def _note_once(msg: str) -> None:
+    """A note on stderr, once per process (a worker trains many runs)."""
+    if msg not in _NOTED:
+        _NOTED.add(msg)
+        print(msg, file=sys.stderr, flush=True)
+
+
 class Tracker:
     """Mirror per-epoch metrics and the final result to W&B (no-op when disabled)."""
 
@@ -59,7 +70,15 @@ class Tracker:
         self.mode = resolve_mode(w.mode)
         if self.mode == "disabled":
             return
-        import wandb
+        try:
+            import wandb
+        except ImportError as err:
+            if (os.environ.get("WANDB_MODE") or w.mode) != "auto":
+                raise  # online or offline was asked for by name: no silent fallback
+            _note_once(f"note: tracking.wandb.mode auto: wandb cannot be imported ({err}); W&B is disabled "
+                       "for this process's runs (metrics.jsonl still holds every epoch)")
+            self.mode = "disabled"
+            return
 
         self.run = wandb.init(
             project=w.project, entity=w.entity, group=w.group or cfg.experiment or None,
