@@ -174,7 +174,7 @@ def draw(tuned: pd.DataFrame, table: pd.DataFrame, series: dict[str, str], delay
     note = f"{common.bn_note(table)}; " if common.bn_note(table) else ""
     chosen = "lr selected on validation, test shown" if tuned["selected_on"].eq("val_acc").all() else \
         "lr selected on test"
-    fig.suptitle(f"Each optimizer at its best lr per delay ({note}{chosen}; bar = mean, dots = seeds)", fontsize=10)
+    fig.suptitle(f"Each optimizer at its best lr per delay ({note}{chosen}; | = mean, dots = seeds, no error bars)", fontsize=10)
     common.save(fig, tuned, out, "tuned_lr")
 
 
