@@ -96,8 +96,13 @@ class OptimCfg(_Locked):
     weight_decay_on: Literal["current", "stale"] = "current"  # which weights λ·w uses
     rho: float = Field(1.0, ge=0.0)  # AB braking strength
     ab_cosine: Literal["tensor", "global"] = "tensor"  # AB: cosine per parameter tensor or one
-    dc_lambda: float = Field(0.04, ge=0.0)  # DC-ASGD variance-control strength
+    dc_lambda: float = Field(0.04, ge=0.0)  # DC-ASGD variance-control strength (lambda_0 when adaptive)
+    # DC-ASGD-a: lambda_0 / sqrt(MeanSquare(g)), MeanSquare an EMA (0.95) of g^2 per element
+    dc_adaptive: bool = False
     lwp_horizon: Optional[float] = Field(None, ge=0.0)  # LWP look-ahead; None = expected delay
+    # LWP's prediction w - lr * H * v: H = the horizon D (linear), or (m - m^(D+1)) / (1 - m),
+    # the distance momentum alone carries the weights in D steps (momentum; FTPipe's msnag)
+    lwp_lookahead: Literal["linear", "momentum"] = "linear"
     # delay_adaptive: lr * M / max(M, tau), M = max(1, tau_c); None = the expected delay
     tau_c: Optional[float] = Field(None, ge=0.0)
     # drop_stale: an update whose gradient is staler than this is discarded; None = 2 E[tau]
@@ -222,6 +227,7 @@ NON_IDENTITY_KEYS = ("tracking", "experiment", "variant", "data.root", "data.dow
 # option does not re-identify (and so re-run) every stored run. Register every key added from
 # now on here; the keys that existed on 2026-11-24 are all part of the id.
 ADDED_KEYS: dict[str, Any] = {"data.crop_pad": None, "data.flip": None, "data.val_split": None,
+                              "optim.lwp_lookahead": "linear", "optim.dc_adaptive": False,
                               "optim.betas": [0.9, 0.999], "optim.eps": 1e-8,
                               "delay.stages": None, "delay.stage_delays": None,
                               "delay.stage_balance": "params", "delay.stage_profile": "pipeline",

@@ -138,6 +138,8 @@ def fit(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch | 
                         io.save_torch(m.out / CHECKPOINT, trainer.checkpoint(i))
             raise
         diverged = [s.pop("diverged") for s in stats]
+        for s, brake in zip(stats, brake_fields(trainer)):  # AB rules: the braking applied this epoch
+            s.update(brake)
         live = [m.status == "running" and not d for m, d in zip(members, diverged)]
         evals = trainer.evaluate() if any(live) else [(math.nan, None)] * len(members)
         # the validation set, evaluated as the test set is (same BN handling); packs never have one
@@ -190,6 +192,14 @@ def fit(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch | 
             m.status = "completed"
             finish(trainer, i)
     return True
+
+
+def brake_fields(trainer: Any) -> list[dict]:
+    """Per member, {brake_mean, brake_sd} of the epoch just trained (abexp.sim.brake), or {}:
+    read from each run's optimizer, so no trainer has to report it."""
+    engines = getattr(trainer, "engines", None) or [getattr(trainer, "engine", None)]
+    logs = [getattr(getattr(e, "optimizer", None), "brake_log", None) for e in engines]
+    return [log.read() if log is not None else {} for log in logs]
 
 
 def finish(trainer: Any, i: int) -> None:
