@@ -63,6 +63,9 @@ def test_no_split_keeps_every_stored_run_id():
     assert run_id(load_config(None, TINY + ["data.val_split=0.1"])) != run_id(a)
     with pytest.raises(ConfigError, match="data.val_split"):
         load_config(None, TINY + ["data.val_split=1.0"])
+    # a pack evaluates the test set only: runs with a validation set train alone
+    from abexp.train.packed import pack_key
+    assert pack_key(a) is not None and pack_key(load_config(None, TINY + ["data.val_split=0.1"])) is None
 
 
 def test_val_metrics_are_logged_and_evaluated_like_the_test_set(tmp_path):
@@ -128,6 +131,28 @@ def test_a_sweep_optimises_the_validation_metric_when_there_is_one(tmp_path, cap
     rows = [json.loads(line) for line in (tmp_path / "results" / "runs" / trial.user_attrs["run_id"]
                                           / "metrics.jsonl").read_text().splitlines()]
     assert trial.value == pytest.approx(max(r["val_acc"] for r in rows))
+    # abexp collect carries the validation metrics
+    from abexp.lab.collect import collect
+    table = collect(tmp_path / "results").set_index("run_id")
+    run = table.loc[trial.user_attrs["run_id"]]
+    assert run["val_acc"] == pytest.approx(rows[-1]["val_acc"]) and run["best_val_acc"] == pytest.approx(trial.value)
+
+
+def test_imagenet_holds_out_training_images_the_same_for_every_seed(tmp_path):
+    from test_imagenet_ddp import IMAGENET, write_image_folder
+
+    from abexp.data.imagenet import ImageNetBatches
+    root = write_image_folder(tmp_path / "imnet", classes=3, train_per_class=4)
+    cfgs = [load_config(None, IMAGENET + [f"data.root={root}", "train.batch_size=4", "data.workers=0",
+                                          "data.val_split=0.25", f"seed={s}"]) for s in (0, 3)]
+    data = [ImageNetBatches(c, torch.device("cpu")) for c in cfgs]
+    assert torch.equal(data[0].held_out, data[1].held_out) and len(data[0].held_out) == 3
+    assert set(data[0].held_out.tolist()).isdisjoint(data[0].indices.tolist())
+    assert sorted(data[0].held_out.tolist() + data[0].indices.tolist()) == list(range(12))
+    assert data[0].steps_per_epoch == 9 // 4
+    # the held-out images are what split="val" evaluates: their labels, in order
+    labels = torch.cat([y for _, y in data[0].test(2, "val")]).tolist()
+    assert labels == [data[0].train.targets[i] for i in data[0].held_out.tolist()]
 
 
 def test_tuned_lr_selects_on_validation_and_reports_test(tmp_path):
