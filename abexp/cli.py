@@ -304,7 +304,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
     preflight.check_results_dir(args.results, write=True)  # runs.csv, epochs.csv and figures/ go there
     argv = ["--results", args.results] + [a for e in args.experiment for a in ("--experiment", e)] \
         + [a for f in args.spec for a in ("--spec", f)]
-    return figures_main(argv + (["--stability"] if args.stability else []))
+    return figures_main(argv + (["--stability"] if args.stability else []) + ["--baseline", args.baseline])
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -435,6 +435,7 @@ def build_parser() -> Parser:
     p.add_argument("--spec", action="append", default=[],
                    help="the runs of this spec, whichever spec trained them (repeatable)")
     p.add_argument("--stability", action="store_true", help="(re)compute and draw the quadratic stability tables")
+    p.add_argument("--baseline", default="sgdm", help="the optimizer paired.md compares every other with (default sgdm)")
     p.set_defaults(func=cmd_figures)
 
     p = sub.add_parser("sweep", help="Optuna sweep whose trials are ordinary runs")

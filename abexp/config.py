@@ -58,10 +58,19 @@ class DataCfg(_Locked):
     augment: bool = True  # random crop + horizontal flip, batched on the device
     crop_pad: Optional[int] = Field(None, ge=0)  # None: the dataset's (4 for 32x32, 2 for 28x28)
     flip: Optional[bool] = None  # None: the dataset's (no flips for MNIST digits)
-    split_seed: int = 0  # digits: the fixed train/test split
+    split_seed: int = 0  # digits: the fixed train/test split; every dataset: the validation split
+    # hold out this fraction of the training set (after data.subset) as a validation set, drawn
+    # from data.split_seed alone (never the run seed): every run of a study holds out the same
+    # examples and trains on the rest. None or 0: no validation set (the behaviour before it existed)
+    val_split: Optional[float] = Field(None, ge=0.0, lt=1.0)
     synthetic_size: int = Field(50000, ge=1)  # synthetic: training examples (test: a fifth)
     workers: int = Field(8, ge=0)  # imagenet DataLoader workers
     image_size: int = Field(224, ge=8)  # imagenet crop size
+
+    @field_validator("val_split")
+    @classmethod
+    def _no_split_is_none(cls, v: Optional[float]) -> Optional[float]:
+        return None if v == 0 else v  # 0 and None are one config, hence one run id
 
 
 class TrainCfg(_Locked):
@@ -87,8 +96,13 @@ class OptimCfg(_Locked):
     weight_decay_on: Literal["current", "stale"] = "current"  # which weights λ·w uses
     rho: float = Field(1.0, ge=0.0)  # AB braking strength
     ab_cosine: Literal["tensor", "global"] = "tensor"  # AB: cosine per parameter tensor or one
-    dc_lambda: float = Field(0.04, ge=0.0)  # DC-ASGD variance-control strength
+    dc_lambda: float = Field(0.04, ge=0.0)  # DC-ASGD variance-control strength (lambda_0 when adaptive)
+    # DC-ASGD-a: lambda_0 / sqrt(MeanSquare(g)), MeanSquare an EMA (0.95) of g^2 per element
+    dc_adaptive: bool = False
     lwp_horizon: Optional[float] = Field(None, ge=0.0)  # LWP look-ahead; None = expected delay
+    # LWP's prediction w - lr * H * v: H = the horizon D (linear), or (m - m^(D+1)) / (1 - m),
+    # the distance momentum alone carries the weights in D steps (momentum; FTPipe's msnag)
+    lwp_lookahead: Literal["linear", "momentum"] = "linear"
     # delay_adaptive: lr * M / max(M, tau), M = max(1, tau_c); None = the expected delay
     tau_c: Optional[float] = Field(None, ge=0.0)
     # drop_stale: an update whose gradient is staler than this is discarded; None = 2 E[tau]
@@ -212,7 +226,8 @@ NON_IDENTITY_KEYS = ("tracking", "experiment", "variant", "data.root", "data.dow
 # the behaviour from before it existed. At that value a key is left out of the run id, so a new
 # option does not re-identify (and so re-run) every stored run. Register every key added from
 # now on here; the keys that existed on 2026-11-24 are all part of the id.
-ADDED_KEYS: dict[str, Any] = {"data.crop_pad": None, "data.flip": None,
+ADDED_KEYS: dict[str, Any] = {"data.crop_pad": None, "data.flip": None, "data.val_split": None,
+                              "optim.lwp_lookahead": "linear", "optim.dc_adaptive": False,
                               "optim.betas": [0.9, 0.999], "optim.eps": 1e-8,
                               "delay.stages": None, "delay.stage_delays": None,
                               "delay.stage_balance": "params", "delay.stage_profile": "pipeline",

@@ -12,6 +12,9 @@ def test_steps_and_largest_delay_by_hand(tmp_path):
     # Fashion-MNIST, 60,000 / 32 = 1,875 steps per epoch, 34 epochs
     fm = cfg("data.name=fashion_mnist", "train.batch_size=32", "train.epochs=34", "delay.steps=32")
     assert length.steps_per_run(fm) == 63_750 and length.largest_delay(fm) == 32
+    # data.val_split 0.1 holds out 6,000: 54,000 / 32 = 1,687 steps per epoch (issue 39's recipe)
+    assert length.steps_per_run(cfg("data.name=fashion_mnist", "train.batch_size=32", "train.epochs=3",
+                                    "data.val_split=0.1")) == 1_687 * 3
     # digits: 1,797 images, 359 held out, 1,438 / 16 = 89 full batches (the last 14 dropped)
     assert length.steps_per_run(cfg("data.name=digits", "model.name=resnet8", "train.batch_size=16",
                                     "train.epochs=8")) == 89 * 8
@@ -31,6 +34,9 @@ def test_a_run_trains_the_planned_number_of_steps(tmp_path):
                            "train.batch_size=32", "train.epochs=2"])
     run = Run(c, tmp_path / "run", device="cpu")
     assert run.total_steps == length.steps_per_run(c) == 6
+    held = c.model_copy(update={"data": c.data.model_copy(update={"val_split": 0.37})})
+    # 100 examples, round(37.0) held out: 63 // 32 = 1 step per epoch
+    assert Run(held, tmp_path / "held", device="cpu").total_steps == length.steps_per_run(held) == 2
 
 
 def test_plan_shows_steps_and_warns_of_a_large_delay(tmp_path, capsys):

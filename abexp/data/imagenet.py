@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from abexp.data.common import DataError, data_root
+from abexp.data.common import DataError, data_root, validation_indices
 from abexp.seeds import epoch_seed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -92,6 +92,10 @@ class ImageNetBatches:
         if cfg.data.subset:
             perm = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(cfg.data.split_seed))
             self.indices = perm[:cfg.data.subset]
+        self.held_out = torch.arange(0)  # data.val_split: training images evaluated, not trained on
+        if cfg.data.val_split:
+            kept, held = validation_indices(len(self.indices), cfg.data.val_split, cfg.data.split_seed)
+            self.indices, self.held_out = self.indices[kept], self.indices[held]
         self.val_indices = torch.arange(len(self.val))[:cfg.data.test_subset]
         self.batch_size, self.seed, self.device = cfg.train.batch_size, cfg.seed, device
         self.rank, self.world, self.workers = rank, world, cfg.data.workers
@@ -122,9 +126,14 @@ class ImageNetBatches:
         sampler = _Batches(order, self.batch_size, min(n_batches, self.steps_per_epoch), self.rank, self.world)
         return (x for x, _ in self._to_device(self._loader(self.train_plain, sampler, -1)))
 
-    def test(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's share of the validation set (the caller sums over ranks)."""
-        mine = self.val_indices[self.rank::self.world]
-        loader = DataLoader(Subset(self.val, mine.tolist()), batch_size=batch_size,
+    def test(self, batch_size: int, split: str = "test") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share of ImageNet's val/ folder (abexp's test set), or (``split="val"``)
+        of the training images held out by data.val_split, with the same centre-crop transform
+        (the caller sums over ranks)."""
+        if split == "val" and not len(self.held_out):
+            raise ValueError("no val set (data.val_split is not set)")
+        dataset, indices = (self.val, self.val_indices) if split == "test" else (self.train_plain, self.held_out)
+        mine = indices[self.rank::self.world]
+        loader = DataLoader(Subset(dataset, mine.tolist()), batch_size=batch_size,
                             num_workers=self.workers, pin_memory=self.device.type == "cuda")
         return self._to_device(loader)

@@ -66,10 +66,13 @@ class Batches:
         for i in range(min(n_batches, self.steps_per_epoch)):
             yield self.data.normalize(self.data.train_x[order[i * self.batch_size:(i + 1) * self.batch_size]])
 
-    def test(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for i in range(0, len(self.data.test_y), batch_size):
-            yield (self.data.normalize(self.data.test_x[i:i + batch_size]),
-                   self.data.test_y[i:i + batch_size])
+    def test(self, batch_size: int, split: str = "test") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The test set, or (``split="val"``) the examples held out of training, un-augmented."""
+        xs, ys = (self.data.test_x, self.data.test_y) if split == "test" else (self.data.val_x, self.data.val_y)
+        if ys is None:
+            raise ValueError(f"no {split} set (data.val_split is not set)")
+        for i in range(0, len(ys), batch_size):
+            yield self.data.normalize(xs[i:i + batch_size]), ys[i:i + batch_size]
 
 
 def random_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: bool = True

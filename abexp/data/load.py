@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from abexp.data.common import IDX_DATASETS, DataError, ImageData, data_root
+from abexp.data.common import IDX_DATASETS, DataError, ImageData, data_root, hold_out
 from abexp.data.images import cifar10_folder, load_cifar10, load_digits, make_synthetic, take_subset
 
 
@@ -54,6 +54,8 @@ def preflight(cfg) -> None:
 
 
 def load_image_data(cfg, device: torch.device | str) -> ImageData:
-    """The in-memory dataset a run config names, subset and moved to ``device``."""
+    """The in-memory dataset a run config names, subset, with data.val_split of the (subset)
+    training examples held out, and moved to ``device``."""
     d = cfg.data
-    return take_subset(load_dataset(cfg), d.subset, d.test_subset, d.split_seed).to(device)
+    data = take_subset(load_dataset(cfg), d.subset, d.test_subset, d.split_seed)
+    return hold_out(data, d.val_split, d.split_seed).to(device)

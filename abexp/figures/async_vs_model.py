@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("final test accuracy")
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
-    fig.suptitle("Real asynchronous training vs the delay models (mean ± std over seeds)", fontsize=10)
+    fig.suptitle(f"Real asynchronous training vs the delay models (mean over seeds; {common.ERRORBARS})", fontsize=10)
     common.save(fig, data, args.out, "async_vs_model")
 
 

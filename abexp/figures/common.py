@@ -35,6 +35,10 @@ LABELS = {"sgdm": "SGDM", "ab": "AB", "sc": "SC", "lwp": "LWP", "dcasgd": "DC-AS
 
 LINESTYLES = ["-", "--", ":", "-."]  # several series of one optimizer: one colour, these styles
 
+# what every error bar in abexp's figures is, said on the figure itself (title or legend):
+# a spread of the seeds, not a confidence interval (abexp/figures/paired.py gives those)
+ERRORBARS = "error bars: ±1 sd over seeds (sample sd, n − 1; none for one seed), not a CI"
+
 
 def ordered(optims) -> list[str]:
     """Optimizers in one fixed order (SGDM first), whatever order the table has them in."""

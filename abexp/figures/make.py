@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 RUN_SCRIPTS = ["accuracy_vs_delay", "accuracy_vs_stages", "async_vs_model", "delay_drop", "drop_vs_length", "heatmaps",
-               "rho_sensitivity", "staleness", "tables", "tuned_lr"]
+               "paired", "rho_sensitivity", "staleness", "tables", "tuned_lr"]
 STABILITY_DELAYS = [0, 1, 2, 4, 8, 16, 32]
 STABILITY_OPTIMS = ["sgdm", "ab", "sc", "lwp"]
 STABILITY_STAGES = [1, 2, 4, 8, 16]
@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                         "by several specs carry the label of the one that trained them first")
     p.add_argument("--stability", action="store_true",
                    help="(re)compute and draw the quadratic stability tables")
+    p.add_argument("--baseline", default="sgdm",
+                   help="the optimizer the paired table (paired.md) compares every other with (default sgdm)")
     args = p.parse_args(argv)
     import pandas as pd
 
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         ok &= stability_tables(res, args.stability)
     names = {n for n in table.get("experiment", pd.Series(dtype=str)).dropna() if n}  # "": abexp train
     for spec_path in args.spec:
-        ok &= spec_figures(spec_path, table, res)
+        ok &= spec_figures(spec_path, table, res, args.baseline)
     if args.spec and not args.experiment:
         return 0 if ok and not damaged else 1
     experiments = args.experiment or sorted(names)
@@ -111,14 +113,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipped {exp}: no runs of that experiment in {runs}")
             continue
         for name in RUN_SCRIPTS:
-            ok &= script(name, "--table", str(runs), "--experiment", exp, "--out", out)
+            ok &= script(name, "--table", str(runs), "--experiment", exp, "--out", out, *extra_args(name, args))
         ok &= script("training_curves", "--table", str(epochs), "--experiment", exp, "--out", out)
     if damaged:
         print(f"abexp figures: {len(damaged)} damaged run folder(s) skipped; the figures omit them", file=sys.stderr)
     return 0 if ok and not damaged else 1
 
 
-def spec_figures(spec_path: str, table, res: Path) -> bool:
+def extra_args(name: str, args: argparse.Namespace) -> list[str]:
+    """Options of ``abexp figures`` that one script takes: the paired table's baseline."""
+    return ["--baseline", args.baseline] if name == "paired" else []
+
+
+def spec_figures(spec_path: str, table, res: Path, baseline: str = "sgdm") -> bool:
     """Figures of exactly a spec's runs (selected by run id, labelled with the spec's name) into
     RESULTS/figures/<spec name>/, from a table of their own (runs.csv there)."""
     from abexp.lab.collect import collect_epochs, write_table
@@ -138,7 +145,8 @@ def spec_figures(spec_path: str, table, res: Path) -> bool:
     write_table(curves, out / "epochs.csv")
     ok = True
     for name in RUN_SCRIPTS:
-        ok &= script(name, "--table", str(out / "runs.csv"), "--out", str(out))
+        ok &= script(name, "--table", str(out / "runs.csv"), "--out", str(out),
+                     *extra_args(name, argparse.Namespace(baseline=baseline)))
     return ok & script("training_curves", "--table", str(out / "epochs.csv"), "--out", str(out))
 
 

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     axes[1, 0].set_ylabel("train loss")
     handles, labels = axes[0, 0].get_legend_handles_labels()  # below the panels, not over them
     fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncol=2 if len(labels) > 3 else len(labels))
-    fig.suptitle("Training curves (mean over seeds)", fontsize=11)
+    fig.suptitle("Training curves (mean over seeds; no error bars)", fontsize=11)
     common.save(fig, mean, args.out, "training_curves")
 
 

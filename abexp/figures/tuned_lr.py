@@ -4,10 +4,12 @@ A spec that gives each optimizer the same lr grid at a delay (experiments/fashio
 is read here as a reviewer would: for each optimizer and delay, the lr whose mean test accuracy
 over seeds is highest is that optimizer's tuned lr *at that delay*; the cell reports the mean ±
 sd over seeds at it, the lr, and a mark when the best lr sits on the edge of the lrs compared
-(they did not bracket the optimum). A diverged run counts as accuracy 0. The same test set selects
-the lr and reports it: an optimistic bias, the same for every optimizer; the per-lr table below
-the tuned one shows every cell, so nothing rests on the selection alone. Only lrs run with the
-cell's largest number of seeds compete (a half-finished lr waits); their count shows when short.
+(they did not bracket the optimum). A diverged run counts as accuracy 0. When every finished run
+held out a validation set (data.val_split), the lr is selected on the mean *validation* accuracy
+and the cell reports *test* accuracy at it; otherwise the same test set selects the lr and reports
+it (an optimistic bias, the same for every optimizer), and the table says which. The per-lr table
+below the tuned one shows every cell, so nothing rests on the selection alone. Only lrs run with
+the cell's largest number of seeds compete (a half-finished lr waits); their count shows when short.
 """
 
 from pathlib import Path
@@ -18,26 +20,41 @@ import pandas as pd
 from abexp.figures import common
 
 
+def selects_on_validation(table: pd.DataFrame) -> bool:
+    """Whether every finished run has a validation accuracy (then it, not test, selects the lr)."""
+    done = table[table["status"] == "completed"]
+    return "val_acc" in table and len(done) > 0 and bool(done["val_acc"].notna().all())
+
+
 def per_lr(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean, sd and seed count of every (series, delay, lr) cell, with the per-seed accuracies."""
+    """Mean, sd and seed count of every (series, delay, lr) cell, with the per-seed accuracies
+    (``acc``: test, reported) and, where the table has it, the mean of ``sel`` (validation
+    accuracy, what selects the lr) as ``val_mean``."""
     rows = []
     for (name, delay, lr), runs in table.groupby(["series", "delay.steps", "optim.lr"]):
-        accs = runs.sort_values("seed")["acc"]
-        rows.append({"series": name, "delay": int(delay), "lr": float(lr), "seeds": len(accs),
-                     "mean": accs.mean(), "sd": accs.std(ddof=1) if len(accs) > 1 else float("nan"),
-                     "accs": " ".join(f"{a:.4f}" for a in accs)})
+        runs = runs.sort_values("seed")
+        accs = runs["acc"]
+        row = {"series": name, "delay": int(delay), "lr": float(lr), "seeds": len(accs),
+               "mean": accs.mean(), "sd": accs.std(ddof=1) if len(accs) > 1 else float("nan"),
+               "accs": " ".join(f"{a:.4f}" for a in accs),
+               "seed_list": " ".join(str(int(s)) for s in runs["seed"])}
+        if "sel" in runs:
+            row["val_mean"] = runs["sel"].mean()
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
 def best(cells: pd.DataFrame) -> pd.DataFrame:
-    """One row per (series, delay): the lr with the highest mean among those run with the most
+    """One row per (series, delay): the lr with the highest mean validation accuracy
+    (``val_mean``; the test ``mean`` when the cells have none) among those run with the most
     seeds (ties: the smaller lr), whether it is a grid edge, how many lrs competed, and how many
     the delay's grid has (every lr any optimizer was run at at that delay)."""
     grid_at = cells.groupby("delay")["lr"].nunique()
+    key = "val_mean" if "val_mean" in cells else "mean"
     rows = []
     for (name, delay), lrs in cells.groupby(["series", "delay"], sort=False):
         full = lrs[lrs["seeds"] == lrs["seeds"].max()].sort_values("lr")
-        top = full.loc[full["mean"].idxmax()]
+        top = full.loc[full[key].idxmax()]
         # an edge of the lrs that competed: those did not bracket the optimum
         edge = "" if len(full) < 2 else "low" if top["lr"] == full["lr"].min() else "high" if top["lr"] == full["lr"].max() else ""
         rows.append({**top.to_dict(), "lrs_compared": len(full), "lrs_in_grid": int(grid_at[delay]), "edge": edge})
@@ -73,6 +90,9 @@ def main(argv: list[str] | None = None) -> None:
         common.skip("tuned_lr", "no finished runs")
     common.skip_sweeps("tuned_lr", table)
     table["acc"] = table["test_acc"].where(table["status"] == "completed", 0.0)
+    on_val = selects_on_validation(table)
+    if on_val:
+        table["sel"] = table["val_acc"].where(table["status"] == "completed", 0.0)
     series = common.add_series(table, axes=("delay.steps", "optim.lr"))
     cells = per_lr(table)
     if cells.groupby(["series", "delay"])["lr"].nunique().max() < 2:
@@ -85,15 +105,19 @@ def main(argv: list[str] | None = None) -> None:
     text = {(r["series"], r["delay"]): cell_text(r) for r in tuned.to_dict("records")}
     seeds = int(cells["seeds"].max())
     note = f" ({common.bn_note(table)})" if common.bn_note(table) else ""
+    chosen = ("mean validation accuracy (data.val_split: examples held out of training), test reported"
+              if on_val else "mean test accuracy, the same test set that is reported (no validation set)")
     lines = [f"Final test accuracy{note}, mean ± sd over {seeds} seed{'s' * (seeds > 1)} at each "
              f"optimizer's best lr per delay from {grid_text(cells)} (chosen on the "
-             "mean test accuracy among the lrs with the most seeds; ↑/↓: the best is the top/bottom of the lrs compared). A diverged run counts as 0.", "",
+             f"{chosen}, among the lrs with the most seeds; ↑/↓: the best is the top/bottom of the lrs compared). "
+             "A diverged run counts as 0.", "",
              "| optimizer | " + " | ".join(f"D={d}" for d in delays) + " |", "|---|" + "---|" * len(delays)]
     lines += [f"| {name} | " + " | ".join(text.get((name, d), "–") for d in delays) + " |"
               for name in series if any((name, d) in text for d in delays)]
     if any((name, d) not in text for name in series for d in delays):
         lines += ["", "–: not run (a spec's `exclude`, e.g. rules that are SGDM bitwise without delay)."]
-    lines += ["", "Every lr (mean ± sd over seeds; the tuned table picks one per cell):", "",
+    lines += ["", "Every lr (test: mean ± sd over seeds" + ("; val: the mean validation accuracy that selects"
+              if on_val else "") + "; the tuned table picks one per cell):", "",
               "| optimizer | lr | " + " | ".join(f"D={d}" for d in delays) + " |", "|---|---|" + "---|" * len(delays)]
     every = {(r["series"], r["lr"], r["delay"]): r for r in cells.to_dict("records")}
     for name in series:
@@ -102,12 +126,14 @@ def main(argv: list[str] | None = None) -> None:
             if any(shown):
                 lines.append(f"| {name} | {lr:g} | " + " | ".join(
                     "–" if r is None else f"{r['mean']:.3f}" + (f" ± {r['sd']:.3f}" if r["seeds"] > 1 else "")
+                    + (f" (val {r['val_mean']:.3f})" if on_val else "")
                     for r in shown) + " |")
     print("\n".join(lines))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tuned_lr.md").write_text("\n".join(lines) + "\n")
     cells.to_csv(out / "tuned_lr_every_lr.csv", index=False)
+    tuned["selected_on"] = "val_acc" if on_val else "test_acc"  # tuned_lr.csv says what chose the lr
     draw(tuned, table, series, delays, args.out)
 
 
@@ -134,7 +160,7 @@ def draw(tuned: pd.DataFrame, table: pd.DataFrame, series: dict[str, str], delay
             ax.axvline(ref["mean"], color="k", ls="--", lw=0.9, label=f"SGDM, no delay ({ref['mean']:.3f})")
         ax.set_title(f"D = {delay}", fontsize=10)
         ax.grid(axis="x", color="0.9", lw=0.6)
-        ax.set_xlabel("test accuracy at the tuned lr")
+        ax.set_xlabel("test accuracy at the tuned lr")  # reported on test whichever split selected
     # the tuned cells' own range (not down to chance): tuned rules often differ by a point or two
     spread = max(shown) - min(shown)
     low = max(0.0, min(shown) - max(0.02, 0.1 * spread))
@@ -146,7 +172,9 @@ def draw(tuned: pd.DataFrame, table: pd.DataFrame, series: dict[str, str], delay
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles[:1], labels[:1], fontsize=7, loc="outside lower center")
     note = f"{common.bn_note(table)}; " if common.bn_note(table) else ""
-    fig.suptitle(f"Each optimizer at its best lr per delay ({note}bar = mean, dots = seeds)", fontsize=10)
+    chosen = "lr selected on validation, test shown" if tuned["selected_on"].eq("val_acc").all() else \
+        "lr selected on test"
+    fig.suptitle(f"Each optimizer at its best lr per delay ({note}{chosen}; | = mean, dots = seeds, no error bars)", fontsize=10)
     common.save(fig, tuned, out, "tuned_lr")
 
 

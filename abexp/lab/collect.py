@@ -11,7 +11,7 @@ from abexp import io
 from abexp.config import ConfigError, flatten, load_config
 from abexp.lab.runner import FAILED, run_state, runs_dir
 
-SUMMARY = ["run_id", "experiment", "variant", "status", "test_acc", "test_acc_running_bn", "best_test_acc",
+SUMMARY = ["run_id", "experiment", "variant", "status", "val_acc", "val_loss", "best_val_acc", "test_acc", "test_acc_running_bn", "best_test_acc",
            "epochs_completed", "steps", "wall_s", "eval_bn", "device"]
 
 

@@ -11,9 +11,11 @@ LARGE_SHARE = 0.05  # a delay above 5% of a run's steps is warned about
 
 
 def train_examples(cfg: RunConfig) -> int:
-    """Examples per epoch: the dataset's train split (or ``data.subset`` of it)."""
+    """Examples per epoch: the dataset's train split (or ``data.subset`` of it), less the
+    examples data.val_split holds out (abexp.data.common.validation_indices rounds the same)."""
     n = cfg.data.synthetic_size if cfg.data.name == "synthetic" else TRAIN_EXAMPLES[cfg.data.name]
-    return min(n, cfg.data.subset) if cfg.data.subset else n
+    n = min(n, cfg.data.subset) if cfg.data.subset else n
+    return n - int(round(n * cfg.data.val_split)) if cfg.data.val_split else n
 
 
 def steps_per_run(cfg: RunConfig) -> int:

@@ -7,7 +7,8 @@
       optim.lr: {type: float, low: 1.0e-3, high: 0.1, log: true}
       optim.rho: {type: float, low: 0.0, high: 2.0}
       optim.momentum: {type: categorical, choices: [0.8, 0.9]}
-    objective: {metric: test_acc, reduce: best, direction: maximize}
+    objective: {metric: test_acc, reduce: best, direction: maximize}   # metric default: val_acc
+                                                                       # when data.val_split is set
     sampler: {name: tpe, seed: 0}              # tpe | random | grid
     pruner: {name: median}                     # none | median | hyperband (per-epoch metric)
     n_trials: 20
@@ -51,7 +52,7 @@ from abexp.lab.spec import _resolve_base
 
 SWEEP_KEYS = {"name", "description", "base", "fixed", "space", "objective", "sampler", "pruner",
               "n_trials", "max_consecutive_failures", "storage"}
-METRICS = ("test_acc", "test_loss", "train_acc", "train_loss")
+METRICS = ("val_acc", "val_loss", "test_acc", "test_loss", "train_acc", "train_loss")
 MAX_REPEATS = 50  # proposals in a row that repeat a trial: the sampler has nothing new to offer
 MAX_FAILURES = 3  # default max_consecutive_failures: trials in a row whose run raised
 SESSION_ENV = "ABEXP_SWEEP_SESSION"  # one `abexp sweep` command's workers count failures together
@@ -178,7 +179,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         key, value = parse_override(item, f"{source} (--set)")
         set_dotted(base, key, value, f"{source} (--set)")
         name += f"__{key}={value}"
-    validate(base, source)
+    has_val = bool(validate(base, source).data.val_split)
     space = doc.get("space")
     if not isinstance(space, dict) or not space:
         raise ConfigError(source, "space", "expected a mapping of dotted key -> parameter")
@@ -191,9 +192,14 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     for key in ("sampler", "pruner"):
         if not isinstance(doc.get(key) or {}, dict):
             raise ConfigError(source, key, f"expected a mapping such as {{name: ...}} (got {doc[key]!r})")
-    metric = objective.get("metric", "test_acc")
+    # selecting on the test set and reporting it is optimistic: a validation set, when the base
+    # holds one out, is what a sweep optimises unless the file says otherwise
+    metric = objective.get("metric", "val_acc" if has_val else "test_acc")
     if metric not in METRICS:
         raise ConfigError(source, "objective.metric", f"expected one of {list(METRICS)}")
+    if metric.startswith("val_") and not has_val:
+        raise ConfigError(source, "objective.metric", f"{metric} needs a validation set: set data.val_split "
+                                                      "in the base or under fixed")
     reduce = objective.get("reduce", "best")
     if reduce not in ("best", "final"):
         raise ConfigError(source, "objective.reduce", "expected best or final")
@@ -406,6 +412,13 @@ def trial_config(sweep: Sweep, params: dict) -> RunConfig:
     cfg = validate(tree, str(sweep.path))
     cfg.tracking.wandb.group = sweep.name  # W&B: trials grouped under the sweep
     return cfg
+
+
+def objective_text(sweep: Sweep) -> str:
+    """What the sweep optimises, in words: ``val_acc (best, maximize) on the validation set``."""
+    where = "the validation set" if sweep.metric.startswith("val_") else \
+        "the test set" if sweep.metric.startswith("test_") else "the training batches"
+    return f"{sweep.metric} ({sweep.reduce}, {sweep.direction}) on {where}"
 
 
 def objective_value(sweep: Sweep, rows: list[dict]) -> float | None:
@@ -697,6 +710,8 @@ def run_sweep(sweep_path: str, results: str, workers: int = 1, n_trials: int | N
     url = storage_url(sweep, results, storage)
     target = n_trials or sweep.n_trials
     study = open_study(sweep, url, create=True)  # created once, before any worker starts
+    study.set_user_attr("objective", objective_text(sweep))  # recorded with the trials
+    print(f"{sweep.name}: optimising {objective_text(sweep)}")
     session = uuid.uuid4().hex[:12]  # this command's workers count their failures together
     commands = [([sys.executable, "-m", "abexp.lab.sweep", sweep_path, results, url, str(target), str(i),
                   *(overrides or [])], dict(env, **{SESSION_ENV: session}))
@@ -764,7 +779,7 @@ def trials(sweep_path: str, results: str, storage: str | None = None, overrides:
         print(frame.where(frame.notna(), "").to_string(index=False))
     states = frame["state"].value_counts()
     print(f"{sweep.name}: {len(frame)} trials (" + ", ".join(f"{n} {s}" for s, n in states.items())
-          + f"); objective {sweep.metric} ({sweep.reduce}, {sweep.direction})")
+          + f"); objective {objective_text(sweep)}")
     return 0
 
 

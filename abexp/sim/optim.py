@@ -23,6 +23,10 @@ only the rules that depend on the staleness loop over the stages (one range with
     g  /= 1 + |w - w_fwd| / C,                                 Gap-Aware (Barkai et al. 2020), per element,
           C = lr_max (sqrt(EMA_0.999(v^2) / (1 - 0.999^k)) + 1e-8)   from v before this step
     stored forward weights: w - eta_s * H * v                  linear weight prediction (lwp)
+          H = D, or (m - m^(D+1)) / (1 - m) with                  (D: the horizon, lwp_horizon or the
+          optim.lwp_lookahead: momentum (FTPipe's msnag)          stage's expected delay)
+    lambda_dc = lambda_0 / sqrt(MS + 1e-7),                     DC-ASGD's adaptive variant (DC-ASGD-a,
+          MS = 0.95 MS + 0.05 g^2 (per element, every step)       optim.dc_adaptive)
     backward weights: w_bwd - (D_s - b_s) * delta,             PipeMare's discrepancy correction
           delta = gamma delta + (1 - gamma)(w_new - w_old)        (an unstashed pipeline only)
 
@@ -38,6 +42,9 @@ from dataclasses import dataclass
 import torch
 
 from abexp.config import OptimCfg
+from abexp.sim.brake import BrakeLog
+
+DC_MS_DECAY, DC_MS_EPS = 0.95, 1e-7  # DC-ASGD-a: MeanSquare's decay and the epsilon under its root
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,14 @@ class DelayedOptimizer:
         self.second = torch.zeros(numel, device=device, dtype=dtype) if self.rules.adam else None
         self.updates = 0  # Adam's bias-correction step count
         self.horizons = [h if cfg.lwp_horizon is None else cfg.lwp_horizon for h in horizons]
+        # LWP's multiple of lr·v per stage: the horizon D (linear), or the distance momentum alone
+        # would carry the weights in D steps, Σ_{k=1..D} m^k = (m − m^(D+1))/(1 − m) (FTPipe's msnag)
+        m = cfg.momentum
+        self.lookahead = [h if cfg.lwp_lookahead == "linear" else (m - m ** (h + 1)) / (1.0 - m)
+                          for h in self.horizons]
+        # DC-ASGD-a: the per-element mean square of the loss gradient that scales lambda
+        self.dc_ms = torch.zeros(numel, device=device, dtype=dtype) if self.rules.dc and cfg.dc_adaptive else None
+        self.brake_log = BrakeLog(device) if self.rules.ab else None  # abexp.sim.brake
         # delay-adaptive step: M per stage, tau_C or the stage's expected delay, at least 1
         self.tau_c = [max(1.0, h if cfg.tau_c is None else cfg.tau_c) for h in horizons]
         # drop_stale: per stage, the staleness above which a gradient is discarded
@@ -159,9 +174,9 @@ class DelayedOptimizer:
         if not self.rules.lwp:
             out.copy_(w)
             return
-        for (a, b), horizon in zip(self.ranges, self.horizons):
+        for (a, b), horizon, ahead in zip(self.ranges, self.horizons, self.lookahead):
             if horizon > 0:
-                torch.add(w[a:b], self.v[a:b], alpha=-lr * horizon, out=out[a:b])
+                torch.add(w[a:b], self.v[a:b], alpha=-lr * ahead, out=out[a:b])
             else:
                 out[a:b].copy_(w[a:b])
 
@@ -177,6 +192,7 @@ class DelayedOptimizer:
     def _brake(self, g: torch.Tensor, direction: torch.Tensor) -> None:
         """Adaptive Braking: g *= 1 - rho cos(g, direction), per tensor or global."""
         scale = 1.0 - self.cfg.rho * segment_cosine(g, direction, self.lengths)
+        self.brake_log.record(scale)  # read out per epoch (abexp.sim.brake), never applied
         if self.lengths is not None:
             scale = scale.repeat_interleave(self.lengths, output_size=g.numel())
         g.mul_(scale)
@@ -196,8 +212,12 @@ class DelayedOptimizer:
             self.accumulated.zero_()
             self.accumulated_count = 0
         correction = None
+        if self.dc_ms is not None:  # every step, delayed or not: the paper's running MeanSquare
+            self.dc_ms.mul_(DC_MS_DECAY).addcmul_(g, g, value=1.0 - DC_MS_DECAY)
         if rules.dc and cfg.dc_lambda and max(taus) > 0:
             correction = (g * g).mul_(w - w_fwd).mul_(cfg.dc_lambda)
+            if self.dc_ms is not None:  # lambda_t = lambda_0 / sqrt(MeanSquare + eps), per element
+                correction.div_(self.dc_ms.add(DC_MS_EPS).sqrt_())
         if cfg.weight_decay and not rules.decoupled_wd:
             g.add_(w if cfg.weight_decay_on == "current" else w_fwd, alpha=cfg.weight_decay)
         if correction is not None:
@@ -255,6 +275,10 @@ class DelayedOptimizer:
             state.update(accumulated=self.accumulated, accumulated_count=self.accumulated_count)
         if self.delta is not None:
             state.update(delta=self.delta)
+        if self.dc_ms is not None:
+            state.update(dc_ms=self.dc_ms)
+        if self.brake_log is not None:
+            state.update(brake=self.brake_log.state_dict())
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -272,3 +296,7 @@ class DelayedOptimizer:
             self.accumulated_count = int(state["accumulated_count"])
         if self.delta is not None:
             self.delta.copy_(state["delta"])
+        if self.dc_ms is not None:
+            self.dc_ms.copy_(state["dc_ms"])
+        if self.brake_log is not None and "brake" in state:  # absent in checkpoints from before it
+            self.brake_log.load_state_dict(state["brake"])

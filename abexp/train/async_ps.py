@@ -363,10 +363,10 @@ class AsyncRun(Run):
         self.trace_lines.append(f"{tau} {j}  # worker {info['worker']} {time.time() - self.started:.4f}\n")
         return lr
 
-    def evaluate(self, bn: str | None = None) -> list[tuple[float, float | None]]:
+    def evaluate(self, bn: str | None = None, split: str = "test") -> list[tuple[float, float | None]]:
         if (bn or self.cfg.eval.bn) == "running":  # the server has no running BN statistics
             return [(math.nan, None)]
-        return super().evaluate(bn)
+        return super().evaluate(bn, split)
 
     def event_fields(self, end: bool = False) -> dict:
         return {} if end else {"processes": self.workers + 1, "async_workers": self.workers}

@@ -10,7 +10,8 @@ and how many runs one step serves (``members``: one for ``abexp.train.run.Run``,
     members: list[Member]      epoch: int      wall_s: float      is_main: bool
     train_epoch() -> [per member: train_loss, train_acc, lr, diverged]   (may raise Preempted)
     side_files(i) -> {name: text}   (optional: files rewritten with each checkpoint and at the end)
-    evaluate(bn=None) -> [per member: (test loss, test accuracy)]
+    evaluate(bn=None, split="test") -> [per member: (loss, accuracy)] on the test set, or
+        (split="val", asked only when data.val_split is set) on the held-out training examples
     checkpoint(i) -> dict      restore(i, state)      weights(i) -> CPU state dict
     result(i) -> dict          steps(i) -> int        event_fields() -> dict      barrier()
 
@@ -137,8 +138,13 @@ def fit(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch | 
                         io.save_torch(m.out / CHECKPOINT, trainer.checkpoint(i))
             raise
         diverged = [s.pop("diverged") for s in stats]
+        for s, brake in zip(stats, brake_fields(trainer)):  # AB rules: the braking applied this epoch
+            s.update(brake)
         live = [m.status == "running" and not d for m, d in zip(members, diverged)]
         evals = trainer.evaluate() if any(live) else [(math.nan, None)] * len(members)
+        # the validation set, evaluated as the test set is (same BN handling); packs never have one
+        has_val = bool(members[0].cfg.data.val_split)
+        vals = trainer.evaluate(split="val") if has_val and any(live) else [(math.nan, None)] * len(members)
         trainer.epoch += 1
         epoch_s = time.perf_counter() - start
         trainer.wall_s += epoch_s
@@ -150,14 +156,17 @@ def fit(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch | 
             if m.status != "running":
                 continue
             test_loss, test_acc = (math.nan, None) if diverged[i] else evals[i]
-            row = {"epoch": trainer.epoch, **stats[i], "test_loss": test_loss, "test_acc": test_acc,
+            val_loss, val_acc = (math.nan, None) if diverged[i] else vals[i]
+            val = {"val_loss": val_loss, "val_acc": val_acc} if has_val else {}
+            row = {"epoch": trainer.epoch, **stats[i], **val, "test_loss": test_loss, "test_acc": test_acc,
                    "wall_s": round(epoch_s / share, 4), "elapsed_s": round(trainer.wall_s / share, 4),
                    "step": trainer.steps(i)}
             if running_bn is not None and live[i] and m.cfg.eval.bn == "recalibrate":
                 row["test_acc_running_bn"] = running_bn[i][1]
             m.history.append(row)
             if share == 1:
-                log(f"[{m.run_id}] epoch {trainer.epoch}/{epochs} loss {row['train_loss']:.4f} test_acc "
+                shown = f"val_acc {val_acc if val_acc is None else round(val_acc, 4)} " if has_val else ""
+                log(f"[{m.run_id}] epoch {trainer.epoch}/{epochs} loss {row['train_loss']:.4f} {shown}test_acc "
                     f"{test_acc if test_acc is None else round(test_acc, 4)} lr {row['lr']:.4g} {epoch_s:.1f}s")
             if diverged[i]:
                 m.status = "diverged"
@@ -183,6 +192,14 @@ def fit(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch | 
             m.status = "completed"
             finish(trainer, i)
     return True
+
+
+def brake_fields(trainer: Any) -> list[dict]:
+    """Per member, {brake_mean, brake_sd} of the epoch just trained (abexp.sim.brake), or {}:
+    read from each run's optimizer, so no trainer has to report it."""
+    engines = getattr(trainer, "engines", None) or [getattr(trainer, "engine", None)]
+    logs = [getattr(getattr(e, "optimizer", None), "brake_log", None) for e in engines]
+    return [log.read() if log is not None else {} for log in logs]
 
 
 def finish(trainer: Any, i: int) -> None:

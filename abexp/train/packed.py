@@ -39,7 +39,8 @@ SHARED_KEYS = ("model", "data", "train", "eval")
 def pack_key(cfg: RunConfig) -> str | None:
     """Runs with equal keys can share a pack; None: this run cannot be packed."""
     if (cfg.model.name not in CIFAR_DEPTHS or cfg.data.name == "imagenet" or cfg.train.micro_batches != 1
-            or cfg.train.channels_last or cfg.train.compile or not cfg.delay.stashing):
+            or cfg.train.channels_last or cfg.train.compile or not cfg.delay.stashing
+            or cfg.data.val_split):  # a pack evaluates the test set only
         return None
     dump = cfg.model_dump()
     return json.dumps({k: dump[k] for k in SHARED_KEYS}, sort_keys=True)

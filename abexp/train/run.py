@@ -303,12 +303,13 @@ class Run:
         return [{"train_loss": train_loss, "train_acc": correct / seen, "lr": lr,
                  "diverged": not math.isfinite(train_loss) or not finite}]
 
-    def evaluate(self, bn: str | None = None) -> list[tuple[float, float]]:
+    def evaluate(self, bn: str | None = None, split: str = "test") -> list[tuple[float, float]]:
         """[(test loss, test accuracy)] at the current weights; ranks add their shares. ``bn``
-        overrides eval.bn (the last epoch of a recalibrated run also reports the other)."""
+        overrides eval.bn (the last epoch of a recalibrated run also reports the other);
+        ``split="val"``: the same on the examples data.val_split held out of training."""
         self.use_current_weights()
         fmt = self.memory_format
-        test = ((x.contiguous(memory_format=fmt), y) for x, y in self.batches.test(self.cfg.eval.batch_size))
+        test = ((x.contiguous(memory_format=fmt), y) for x, y in self.batches.test(self.cfg.eval.batch_size, split))
         if (bn or self.cfg.eval.bn) == "recalibrate":
             plain = (x.contiguous(memory_format=fmt) for x in self.batches.plain(self.cfg.eval.recal_batches))
             with recalibrated_bn(self.model, plain,
@@ -391,7 +392,12 @@ def result_record(cfg: RunConfig, status: str, history: list[dict], steps: int, 
     """result.json's content, from the per-epoch rows (shared by plain and packed runs)."""
     accs = [r["test_acc"] for r in history if r["test_acc"] is not None]
     last = history[-1] if history else {}
-    return {"run_id": run_id(cfg), "experiment": cfg.experiment, "status": status,
+    val = {}
+    if cfg.data.val_split:  # only then: a result.json without a validation set is as before
+        val_accs = [r["val_acc"] for r in history if r.get("val_acc") is not None]
+        val = {"val_acc": last.get("val_acc"), "val_loss": last.get("val_loss"),
+               "best_val_acc": max(val_accs) if val_accs else None}
+    return {"run_id": run_id(cfg), "experiment": cfg.experiment, "status": status, **val,
             "test_acc": last.get("test_acc"), "test_loss": last.get("test_loss"),
             "best_test_acc": max(accs) if accs else None,
             "test_acc_running_bn": last.get("test_acc_running_bn"),

@@ -1,0 +1,120 @@
+"""Paired comparison of every optimizer with a named baseline (default SGDM), per delay.
+
+Each optimizer at its selected lr per delay (abexp.figures.tuned_lr: on the mean validation
+accuracy when every run has one, else on test; a study with one lr per cell uses it) is paired
+with the baseline at *its* selected lr, seed by seed: difference = acc(rule, seed s, D) −
+acc(baseline, seed s, D), test accuracy, a diverged run counting 0. The table gives the per-seed
+differences, their mean, the two-sided 95% Student-t interval of the mean (mean ± t(0.975, n−1)
+· sd/√n over the n paired seeds; no interval from one seed), n and the seeds, and how many
+paired seeds a two-sided paired t-test at alpha 0.05 needs to detect a true difference of the
+observed mean size with 80% power when the differences spread as observed (exact noncentral-t
+power, abexp.figures.stats). With 2 seeds that sd, and so that count, is itself very uncertain.
+Writes paired.md and paired.csv.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from abexp.figures import common, stats, tuned_lr
+
+LEVEL, POWER, ALPHA = 0.95, 0.8, 0.05
+
+
+def selected(table: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
+    """One row per (series, delay): the selected lr and its per-seed accuracies (tuned_lr.best),
+    and whether validation selected it."""
+    on_val = tuned_lr.selects_on_validation(table)
+    if on_val:
+        table["sel"] = table["val_acc"].where(table["status"] == "completed", 0.0)
+    return tuned_lr.best(tuned_lr.per_lr(table)), on_val
+
+
+def by_seed(row) -> dict[int, float]:
+    return dict(zip((int(s) for s in str(row["seed_list"]).split()), (float(a) for a in str(row["accs"]).split())))
+
+
+def compare(tuned: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Per delay and non-baseline series: the paired differences with ``baseline`` (a series
+    name) on the seeds both have, their t-interval and the seeds 80% power needs."""
+    rows = []
+    for delay, cells in tuned.groupby("delay", sort=True):
+        cells = cells.set_index("series")
+        if baseline not in cells.index:
+            continue
+        base = by_seed(cells.loc[baseline])
+        for name, cell in cells.iterrows():
+            if name == baseline:
+                continue
+            mine = by_seed(cell)
+            seeds = sorted(set(mine) & set(base))
+            if not seeds:
+                continue
+            diffs = [mine[s] - base[s] for s in seeds]
+            mean, sd, low, high = stats.t_interval(diffs, LEVEL)
+            need = stats.seeds_for_power(mean, sd, POWER, ALPHA) if len(seeds) > 1 else None
+            rows.append({"delay": int(delay), "series": name, "baseline": baseline, "lr": cell["lr"],
+                         "baseline_lr": cells.loc[baseline, "lr"], "seeds": len(seeds),
+                         "seed_list": " ".join(map(str, seeds)),
+                         "diffs": " ".join(f"{d:+.4f}" for d in diffs), "mean_diff": mean, "sd_diff": sd,
+                         "ci_low": low, "ci_high": high, "interval": f"t, {LEVEL:.0%}, two-sided",
+                         "seeds_for_80pct_power": need})
+    return pd.DataFrame(rows)
+
+
+def markdown(out: pd.DataFrame, baseline: str, on_val: bool) -> list[str]:
+    chosen = "validation" if on_val else "test (no validation set)"
+    lines = [f"Paired differences in final test accuracy against {baseline} (rule − {baseline}, same seed, same "
+             f"delay; each at its own lr selected on {chosen}; a diverged run counts 0). Interval: two-sided "
+             f"{LEVEL:.0%} Student-t interval of the mean difference over the paired seeds (mean ± "
+             "t(0.975, n−1)·sd/√n). 'seeds for 80% power': paired seeds a two-sided paired t-test at alpha "
+             f"{ALPHA} needs to detect a true difference of the observed mean with the observed sd (exact "
+             "noncentral t); with few seeds that sd is itself uncertain.", "",
+             f"| D | optimizer | lr | {baseline} lr | per-seed differences | mean | 95% t-interval | seeds | seeds for 80% power |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in out.to_dict("records"):
+        interval = "– (one seed)" if r["seeds"] < 2 else f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+        need = r["seeds_for_80pct_power"]
+        need = "–" if need is None or need != need else str(int(need))
+        lines.append(f"| {r['delay']} | {r['series']} | {r['lr']:g} | {r['baseline_lr']:g} | {r['diffs']} | "
+                     f"{r['mean_diff']:+.4f} | {interval} | {r['seeds']} ({r['seed_list']}) | {need} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = common.parser(__doc__)
+    p.add_argument("--baseline", default="sgdm", help="the optimizer (optim.name) every other is paired with")
+    args = p.parse_args(argv)
+    table = common.finished(common.load(args.table, args.experiment))
+    if "delay.kind" in table:
+        table = table[~table["delay.kind"].isin(["pipeline", "async", "trace"])]
+    if table.empty or "seed" not in table or "optim.lr" not in table:
+        common.skip("paired", "no finished runs")
+    common.skip_sweeps("paired", table)
+    if table["seed"].nunique() < 2:
+        common.skip("paired", "one seed: nothing to pair an interval on")
+    table["acc"] = table["test_acc"].where(table["status"] == "completed", 0.0)
+    series = common.add_series(table, axes=("delay.steps", "optim.lr"))
+    bases = [name for name, optim in series.items() if optim == args.baseline]
+    if len(bases) != 1:
+        common.skip("paired", f"baseline {args.baseline}: {len(bases)} series in this study (need exactly one)")
+    tuned, on_val = selected(table)
+    out = compare(tuned, bases[0])
+    if out.empty:
+        common.skip("paired", f"no optimizer shares a seed and a delay with {bases[0]}")
+    rank = {name: i for i, name in enumerate(series)}  # the fixed optimizer order of every figure
+    out = out.sort_values(["delay", "series"], key=lambda c: c.map(rank) if c.name == "series" else c,
+                          ignore_index=True)
+    lines = markdown(out, bases[0], on_val)
+    print("\n".join(lines))
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    out.assign(selected_on="val_acc" if on_val else "test_acc").to_csv(folder / "paired.csv", index=False)
+    (folder / "paired.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {folder / 'paired'}.csv/.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The paired table of abexp figures: t quantiles and power against published values, the
+table against a naive recomputation on a hand-made results table."""
+
+import math
+import statistics
+
+import pandas as pd
+import pytest
+
+from abexp.figures import paired, stats
+
+# Student-t quantiles from printed tables (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.2)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 5: 2.571, 7: 2.365, 10: 2.228, 30: 2.042, 100: 1.984}
+T_80 = {1: 1.376, 5: 0.920, 10: 0.879, 30: 0.854}
+
+
+def test_t_quantiles_match_printed_tables():
+    for df, t in T_975.items():
+        assert stats.t_quantile(0.975, df) == pytest.approx(t, abs=6e-4)
+        assert stats.t_quantile(0.025, df) == pytest.approx(-t, abs=6e-4)
+    for df, t in T_80.items():
+        assert stats.t_quantile(0.8, df) == pytest.approx(t, abs=6e-4)
+    assert stats.t_cdf(0.0, 4) == 0.5
+    assert stats.t_cdf(1.0, 1) == pytest.approx(0.75)  # Cauchy: 1/2 + atan(1)/π
+
+
+def test_t_quantiles_match_scipy_where_installed():
+    st = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 4, 9, 25, 60):
+        for p in (0.6, 0.8, 0.9, 0.975, 0.995):
+            assert stats.t_quantile(p, df) == pytest.approx(st.t.ppf(p, df), abs=1e-8)
+
+
+def test_seeds_for_80pct_power_match_published_sample_sizes():
+    # one-sample / paired t-test, two-sided alpha 0.05, power 0.8 (Cohen 1988; G*Power):
+    # d = 0.5 needs 34, d = 0.8 needs 15, d = 1.0 needs 10
+    assert stats.seeds_for_power(0.5, 1.0) == 34
+    assert stats.seeds_for_power(0.004, 0.005) == 15  # d = 0.8 in accuracy units
+    assert stats.seeds_for_power(-1.0, 1.0) == 10  # the sign does not matter
+    # and the power at those n is just above 0.8, one fewer just below
+    assert stats.paired_power(0.5, 34) >= 0.8 > stats.paired_power(0.5, 33)
+    assert stats.seeds_for_power(0.0, 1.0) is None and stats.seeds_for_power(0.1, float("nan")) is None
+
+
+def test_the_paired_table_matches_a_naive_recomputation(tmp_path):
+    # (optimizer, delay, lr): per seed (val_acc, test_acc); None = diverged
+    cells = {
+        ("sgdm", 8, 0.05): [(0.80, 0.81), (0.82, 0.80), (0.81, 0.79)],
+        ("sgdm", 8, 0.1): [(0.70, 0.90), (0.70, 0.90), (0.70, 0.90)],   # test likes it, validation not
+        ("ab", 8, 0.05): [(0.90, 0.84), (0.91, 0.83), (None, None)],    # seed 2 diverged: counts 0
+        ("ab", 8, 0.1): [(0.60, 0.95), (0.60, 0.95), (0.60, 0.95)],
+        ("sgdm", 32, 0.05): [(0.60, 0.61), (0.62, 0.60)],
+        ("ab", 32, 0.05): [(0.70, 0.66), (0.71, 0.68)],
+        ("ab", 32, 0.1): [(0.75, 0.70)],                                # one seed of two: waits
+    }
+    rows = [{"run_id": f"r{i}_{s}", "experiment": "e", "status": "diverged" if v is None else "completed",
+             "val_acc": v, "test_acc": t, "optim.name": o, "delay.steps": d, "optim.lr": lr, "seed": s,
+             "delay.kind": "constant"}
+            for i, ((o, d, lr), pairs) in enumerate(cells.items()) for s, (v, t) in enumerate(pairs)]
+    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
+    paired.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "figs")])
+    out = pd.read_csv(tmp_path / "figs" / "paired.csv").set_index("delay")
+    assert list(out["series"]) == ["AB", "AB"] and set(out["selected_on"]) == {"val_acc"}
+
+    # naive: D = 8, both at lr 0.05 (validation's choice), test accuracies paired by seed
+    d8 = out.loc[8]
+    assert d8["lr"] == 0.05 and d8["baseline_lr"] == 0.05
+    diffs = [0.84 - 0.81, 0.83 - 0.80, 0.0 - 0.79]
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    half = T_975[2] * sd / math.sqrt(3)
+    assert d8["mean_diff"] == pytest.approx(mean) and d8["sd_diff"] == pytest.approx(sd)
+    assert d8["ci_low"] == pytest.approx(mean - half, abs=1e-3) and d8["ci_high"] == pytest.approx(mean + half, abs=1e-3)
+    assert d8["seeds"] == 3 and d8["seed_list"] == "0 1 2"
+    assert d8["diffs"] == "+0.0300 +0.0300 -0.7900"
+    assert d8["seeds_for_80pct_power"] == stats.seeds_for_power(mean, sd)
+    # D = 32: AB's lr 0.1 has one seed of two, so 0.05 is its lr; 2 seeds: t(0.975, 1) = 12.706
+    d32 = out.loc[32]
+    diffs = [0.66 - 0.61, 0.68 - 0.60]
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    assert d32["lr"] == 0.05 and d32["mean_diff"] == pytest.approx(mean)
+    assert d32["ci_low"] == pytest.approx(mean - T_975[1] * sd / math.sqrt(2), abs=1e-3)
+    # d = 0.065 / 0.0212 = 3.06: n = 4 (power 0.87 there; 3 seeds give 0.59)
+    assert d32["seeds_for_80pct_power"] == 4
+    text = (tmp_path / "figs" / "paired.md").read_text()
+    assert "Student-t interval" in text and "selected on validation" in text
+    assert "| 8 | AB | 0.05 | 0.05 | +0.0300 +0.0300 -0.7900 |" in text
+
+
+def test_the_baseline_is_named(tmp_path):
+    rows = [{"run_id": f"r{o}{s}", "experiment": "e", "status": "completed", "test_acc": a,
+             "optim.name": o, "delay.steps": 4, "optim.lr": 0.1, "seed": s, "delay.kind": "constant"}
+            for o, accs in {"sgdm": [0.5, 0.6], "ab": [0.7, 0.7], "sc": [0.4, 0.6]}.items()
+            for s, a in enumerate(accs)]
+    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
+    paired.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "f"), "--baseline", "ab"])
+    out = pd.read_csv(tmp_path / "f" / "paired.csv")
+    assert set(out["baseline"]) == {"AB"} and list(out["series"]) == ["SGDM", "SC"]
+    assert list(out["mean_diff"]) == pytest.approx([-0.15, -0.2]) and set(out["selected_on"]) == {"test_acc"}
+    assert "no validation set" in (tmp_path / "f" / "paired.md").read_text()
+
+
+def test_every_figure_that_draws_error_bars_says_what_they_are():
+    """An error bar without a caption reads as a confidence interval: each module that draws one
+    puts common.ERRORBARS (±1 sd over seeds) into its title."""
+    import ast
+    from pathlib import Path
+
+    from abexp.figures import common
+    assert "sd over seeds" in common.ERRORBARS and "not a CI" in common.ERRORBARS
+    folder = Path(paired.__file__).parent
+    drawing = []
+    for module in sorted(folder.glob("*.py")):
+        tree = ast.parse(module.read_text())
+        calls = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+        if calls & {"errorbar", "fill_between"}:
+            drawing.append(module.stem)
+            assert "common.ERRORBARS" in module.read_text(), module.name
+    assert {"accuracy_vs_delay", "accuracy_vs_stages", "rho_sensitivity", "async_vs_model"} <= set(drawing)
+
+
+def test_abexp_figures_passes_the_baseline_to_the_paired_table_only():
+    import argparse
+
+    from abexp.figures import make
+    assert "paired" in make.RUN_SCRIPTS
+    ns = argparse.Namespace(baseline="ab")
+    assert make.extra_args("paired", ns) == ["--baseline", "ab"] and make.extra_args("tuned_lr", ns) == []
