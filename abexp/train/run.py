@@ -29,6 +29,7 @@ from abexp.train.backward_weights import backward_weights
 from abexp.sim.schedule import lr_at
 from abexp.train.lifecycle import (CHECKPOINT, CONFIG, EVENTS, METRICS, RESULT, WEIGHTS, Member,  # noqa: F401
                                    RunDirError)
+from abexp.train.trace_origin import replay_origin
 from abexp.train.tracking import Tracker
 
 
@@ -164,6 +165,11 @@ class Run:
                  log: Callable[[str], None] = print):
         self.cfg, self.out, self.log = cfg, Path(out_dir), log
         self.run_id = run_id(cfg)
+        # a replay of an async run: its device and torch threads (train_run restores the threads)
+        self.origin = replay_origin(cfg)
+        if self.origin is not None:
+            device = self.origin.device_for(device, cfg.delay.trace)
+            torch.set_num_threads(self.origin.threads)
         self.device = resolve_device(device)
         # an async run's processes (torchrun/srun may have started them) are a server and its
         # workers, not data-parallel ranks
@@ -254,7 +260,9 @@ class Run:
         self.seen += len(y)
 
         def grad_fn(w_fwd: torch.Tensor) -> torch.Tensor:
-            for loss_sum, correct in batch_gradient(self, chunks, w_fwd, self.engine.w_bwd):
+            with self.origin.gradient_threads() if self.origin else contextlib.nullcontext():
+                sums = batch_gradient(self, chunks, w_fwd, self.engine.w_bwd)
+            for loss_sum, correct in sums:
                 self.loss_sum += loss_sum
                 self.correct += correct
             return ddp.all_reduce_mean_(self.flat.grad)
