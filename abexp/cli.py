@@ -68,11 +68,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from abexp.lab.claims import ClaimLost, from_env
     from abexp.lab.runner import apply_thread_budget
     from abexp.train.distributed import shutdown
-    apply_thread_budget()  # ABEXP_THREADS (or SLURM's CPUs) bound torch's threads, as in a worker
+    from abexp.train import preempt
+    # ABEXP_THREADS (or SLURM's CPUs) bound torch's threads, as in a worker; split among DDP ranks
+    apply_thread_budget(int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if cfg.delay.kind != "async" else 1)
+    preempt.install_if_forwarded()  # a rank of `--nproc N`: its launcher passes SLURM's signals on
     claim = from_env()  # a rank of a worker's multi-GPU run: fenced by the worker's claim
     try:
         with io.fenced(out, claim.check) if claim else contextlib.nullcontext():
             result = train_run(cfg, out, device=args.device, stop_after_epochs=args.stop_after)
+    except preempt.Preempted as stop:  # every rank stopped after the same step; rank 0 saved it
+        rank = int(os.environ.get("RANK", "0"))
+        saved = f", checkpoint saved; run again to resume: {out}" if rank == 0 else ""
+        print(f"abexp: rank {rank}: stop signal: stopped after {stop}{saved}", file=sys.stderr)
+        return 0
     except ClaimLost as lost:
         print(lost, file=sys.stderr)
         return 3
@@ -94,15 +102,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def launch_torchrun(nproc: int, out: Path, args: argparse.Namespace) -> int:
     """Re-run this ``abexp train`` under torchrun with ``nproc`` processes on this machine."""
-    import subprocess
-
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "abexp.cli", "train", args.config, "--out", str(out), "--device", args.device]
     for item in args.set:
         cmd += ["--set", item]
     if args.stop_after is not None:
         cmd += ["--stop-after", str(args.stop_after)]
-    return subprocess.run(cmd).returncode
+    from abexp.train import preempt
+    preempt.install()  # SIGTERM/USR1/USR2 here (SLURM's, a worker's): passed on to the ranks
+    return preempt.run_forwarding(cmd, grandchildren=True)
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
@@ -167,7 +175,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_processes(run.config, args.gpus_per_run, args.spec)
     preflight.check_run_folders(plan, runs_dir(args.results))
     preflight.check_runs([run.config for run in plan], args.spec)
-    request = checked_slurm_request(args) if args.backend == "slurm" else None  # bad input: one line
+    request = (checked_slurm_request(args, [run.config for run in plan])  # bad input: one line
+               if args.backend == "slurm" else None)
     from abexp.lab import length
     for line in length.summary([run.config for run in plan]):  # the run's length, before it trains
         print(line, file=sys.stderr, flush=True)
@@ -195,8 +204,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return run_local(str(path), args.results, args.workers, progress=not args.no_progress)
 
 
-def checked_slurm_request(args: argparse.Namespace) -> slurm.Request:
-    """The array request, checked against sinfo before anything is printed or submitted."""
+def checked_slurm_request(args: argparse.Namespace, configs: list | None = None) -> slurm.Request:
+    """The array request, checked against sinfo before anything is printed or submitted; the
+    CPUs by default enough for ``configs``' data loaders."""
     from abexp.lab import slurm
 
     if args.pack > 1:
@@ -204,7 +214,7 @@ def checked_slurm_request(args: argparse.Namespace) -> slurm.Request:
     req = slurm.Request(array=args.array, cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task,
                         mem=args.mem, partition=args.partition, account=args.account, qos=args.qos,
                         time=args.time)
-    slurm.check_request(req, slurm.query_nodes(), args.gpus_per_run)
+    slurm.check_request(req, slurm.query_nodes(), args.gpus_per_run, slurm.loader_workers(configs or []))
     return req
 
 
@@ -400,7 +410,9 @@ def build_parser() -> Parser:
     g.add_argument("--qos", help="SLURM quality of service")
     g.add_argument("--time", help="per task, SLURM syntax (90, 4:00:00, 1-00:00:00); USR1 comes "
                                   "2 min before it, the task checkpoints and requeues")
-    g.add_argument("--cpus-per-task", type=positive_int, default=2, help="also the torch threads of a task")
+    g.add_argument("--cpus-per-task", type=positive_int,
+                   help="also the torch threads of a task (split among a run's ranks); default: "
+                        "(data.workers + 1) per GPU of a run for ImageNet, else 2")
     g.add_argument("--mem", help="per task, SLURM syntax (16G, 4000)")
     g.add_argument("--gpus-per-task", type=non_negative_int,
                    help="default: --gpus-per-run where the partition has GPUs, else 0")

@@ -63,11 +63,15 @@ def test_fifo_with_n_workers_is_the_simulator_at_constant_delay_n_minus_1(tmp_pa
     assert delays == [min(t, 2) for t in range(8)] and order == list(range(8))  # 4 steps x 2 epochs
 
 
-def test_a_free_running_trace_replayed_by_the_simulator_reproduces_the_run(tmp_path):
+def test_a_free_running_trace_replayed_by_the_simulator_reproduces_the_run(tmp_path, monkeypatch):
+    """Also where the replay's process would pick other threads and a GPU: the trace's header
+    says where the run ran (server 2 threads, workers 1, CPU) and the replay runs there."""
     cfg = BASE + ["optim.name=ab", "data.subset=256"]
+    torch.set_num_threads(2)  # the server's; each worker runs one thread whatever this is
     result = train_run(load_config(None, cfg + ["delay.kind=async", "delay.workers=3", "delay.slowdown=[1, 1, 3]"]),
                        tmp_path / "async", log=lambda s: None)
     trace = tmp_path / "async" / "trace.txt"
+    assert "# device: cpu, threads: 2, worker threads: 1\n" in trace.read_text()
     delays, order = read_trace_columns(str(trace))
     assert sorted(order) == list(range(16)) and max(delays) > 2  # the slow worker's gradients are staler
     # whatever the order, the sum of staleness is fixed by the protocol (docs/async.md): item j
@@ -75,10 +79,17 @@ def test_a_free_running_trace_replayed_by_the_simulator_reproduces_the_run(tmp_p
     T, N = 16, 3
     versions = [0] * N + [j - N + 1 for j in range(N, T)]
     assert sum(delays) == sum(range(T)) - sum(versions) == (N - 1) * (2 * T - N) // 2
-    replay = train_run(load_config(None, cfg + ["delay.kind=trace", f"delay.trace={trace}"]),
-                       tmp_path / "sim", log=lambda s: None)
+    replay_cfg = load_config(None, cfg + ["delay.kind=trace", f"delay.trace={trace}"])
+    # asked for another device: refused with one line naming the trace, nothing written
+    with pytest.raises(ConfigError, match="ran on cpu") as err:
+        train_run(replay_cfg, tmp_path / "gpu", device="cuda", log=lambda s: None)
+    assert str(trace) in str(err.value) and not (tmp_path / "gpu").exists()
+    torch.set_num_threads(1)  # this process's default: not the server's
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # device auto would pick a GPU
+    replay = train_run(replay_cfg, tmp_path / "sim", log=lambda s: None)
     assert_same_run(tmp_path / "async", tmp_path / "sim")
-    assert replay["test_acc"] == result["test_acc"]
+    assert replay["test_acc"] == result["test_acc"] and replay["device"] == "cpu"
+    assert torch.get_num_threads() == 1  # the process's own threads again
 
 
 KILL_CFG = BASE + ["optim.name=sgdm", "train.epochs=3", "data.subset=512"]

@@ -63,6 +63,33 @@ def test_imagefolder_batches_are_seeded_and_shaped(tmp_path):
     assert [s0 + s1 for s0, s1 in zip(*shards)] == a  # ranks split each global batch
 
 
+def test_imagefolder_workers_persist_and_crops_do_not_depend_on_them(tmp_path):
+    """data.workers > 0: one DataLoader with persistent workers serves training, recalibration
+    and evaluation (the same worker processes across epochs and passes), and an epoch's crops
+    are those of a loader without workers, also for an epoch drawn first by a fresh loader (a
+    resume): persistent workers keep their RNG across epochs, the crops must not."""
+    import multiprocessing
+    root = write_image_folder(tmp_path / "imnet", classes=3, train_per_class=4, val_per_class=2)
+    cfg = load_config(None, IMAGENET + [f"data.root={root}", "train.batch_size=4", "data.workers=2"])
+    data = ImageNetBatches(cfg, torch.device("cpu"))
+    assert data.loader().persistent_workers and data.loader().num_workers == 2
+    before = set(multiprocessing.active_children())
+    first = [x for x, _ in data.epoch(0)]
+    workers = set(multiprocessing.active_children()) - before
+    second = [x for x, _ in data.epoch(1)]
+    plain, test = list(data.plain(2)), list(data.test(4))
+    assert len(workers) == 2 and set(multiprocessing.active_children()) - before == workers  # not re-forked
+    none = ImageNetBatches(load_config(None, IMAGENET + [f"data.root={root}", "train.batch_size=4",
+                                                         "data.workers=0"]), torch.device("cpu"))
+    assert not none.loader().persistent_workers
+    assert all(torch.equal(a, b) for a, b in zip(second, [x for x, _ in none.epoch(1)]))  # epoch 1 first
+    assert all(torch.equal(a, b) for a, b in zip(first, [x for x, _ in none.epoch(0)]))
+    assert len(first) == len(second) == 3 and not torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(plain, none.plain(2)))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(test, none.test(4)))
+    assert len(test) == 2  # 6 validation images in batches of 4
+
+
 @pytest.mark.parametrize("breakage,needle", [
     ("no_val", "val"), ("empty_class", "holds no images"), ("class_mismatch", "classes differ"),
     ("missing_root", "train")])

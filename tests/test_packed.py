@@ -85,11 +85,17 @@ def test_an_interrupted_pack_resumes_packed_or_unpacked(tmp_path):
     assert [r["epochs_completed"] for r in rest] == [2, 2, 2]
 
 
-def test_pack_key_groups_compatible_runs_only():
+def test_pack_key_groups_compatible_runs_only(tmp_path):
     a, b, c = configs()
     assert pack_key(a) == pack_key(b) == pack_key(c)
     assert pack_key(load_config(None, BASE + ["train.batch_size=16"])) != pack_key(a)
     assert pack_key(load_config(None, BASE + ["train.micro_batches=2"])) is None
+    # a trace of delays packs; an async run's trace (each update's batch) is a replay: Run's alone
+    (tmp_path / "delays.txt").write_text("0\n1\n")
+    (tmp_path / "trace.txt").write_text("0 1\n1 0\n")
+    delays, batches = (load_config(None, BASE + ["delay.kind=trace", f"delay.trace={tmp_path / f}"])
+                       for f in ("delays.txt", "trace.txt"))
+    assert pack_key(delays) is not None and pack_key(batches) is None
 
 
 def test_a_run_diverging_mid_epoch_stops_where_it_would_unpacked(tmp_path):

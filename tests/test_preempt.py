@@ -67,3 +67,79 @@ def test_signal_before_training_leaves_nothing_half_done(tmp_path, tiny_override
     with pytest.raises(preempt.Preempted):
         train_run(cfg, tmp_path, device="cpu", log=lambda s: None)
     assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / RESULT).exists()
+
+
+def test_usr1_to_the_launcher_of_two_ddp_ranks_stops_both_at_one_step_and_resumes_bitwise(tmp_path):
+    """`abexp train --nproc 2` (gloo): SLURM signals the launcher only. It passes the stop on to
+    torchrun's ranks, which agree on the step (each may hear it at another): both stop after
+    the same step, rank 0 saves a mid-epoch checkpoint, and the resumed run ends bitwise equal
+    to an uninterrupted one (weights and every metrics line, the split epoch's sums included)."""
+    import re
+    import subprocess
+    import sys
+    import time
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("seed: 0\n")
+    sets = ["data.name=digits", "model.name=resnet8", "data.subset=512", "data.test_subset=64",
+            "train.batch_size=8", "train.epochs=2", "optim.name=ab", "delay.steps=3",
+            "schedule.name=cosine", "optim.lr=0.05", "train.divergence_check_every=2"]
+    base = [sys.executable, "-m", "abexp.cli", "train", str(cfg), "--device", "cpu", "--nproc", "2"]
+    base += [arg for s in sets for arg in ("--set", s)]
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert subprocess.run(base + ["--out", str(full)], env=env, capture_output=True).returncode == 0
+
+    launcher = subprocess.Popen(base + ["--out", str(part)], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (part / "metrics.jsonl").exists() or not (part / "metrics.jsonl").read_text():
+        assert launcher.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGUSR1)  # epoch 1 is done: epoch 2 (64 steps) has begun
+    err = launcher.communicate(timeout=300)[1]
+    assert launcher.returncode == 0, err
+    stops = dict(re.findall(r"rank (\d): stop signal: stopped after (epoch \d+ step \d+)", err))
+    assert stops.keys() == {"0", "1"} and stops["0"] == stops["1"], err
+    state = io.load_torch(part / "checkpoint.pt")
+    assert f"epoch {state['epoch'] + 1} step {state['step_in_epoch']}" == stops["0"]
+    assert state["epoch"] == 1 and 0 < state["step_in_epoch"] < 64 and state["step_in_epoch"] % 2 == 0
+    assert not (part / RESULT).exists()
+
+    assert subprocess.run(base + ["--out", str(part)], env=env, capture_output=True).returncode == 0
+    a, b = io.load_torch(full / "model.pt"), io.load_torch(part / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metric_rows(full) == metric_rows(part)
+
+
+def test_a_slurm_worker_passes_the_stop_on_to_its_runs_ranks(tmp_path, monkeypatch, signals):
+    """The whole chain: USR1 to the worker (SLURM signals it alone) reaches the ranks of its
+    two-process run through the launcher; the run stops mid-epoch with a checkpoint, counts as
+    pre-empted (not failed), and the next worker finishes it from there."""
+    import threading
+    import time
+    from abexp.lab.runner import runs_dir, worker_loop
+    from abexp.lab.spec import load_spec
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: chain\nbase:\n  model: {name: resnet8}\n"
+                    "  data: {name: digits, subset: 512, test_subset: 64}\n"
+                    "  train: {epochs: 2, batch_size: 8, divergence_check_every: 2}\n"
+                    "  tracking: {wandb: {mode: disabled}}\n")
+    monkeypatch.setenv("ABEXP_NPROC", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    (run,) = load_spec(spec).expand()
+    folder = runs_dir(tmp_path / "r") / run.run_id
+
+    def signal_after_epoch_1():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if (folder / "metrics.jsonl").exists() and (folder / "metrics.jsonl").read_text():
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=signal_after_epoch_1, daemon=True).start()
+    assert worker_loop(str(spec), str(tmp_path / "r"), "one") == {"preempted": 1}
+    state = io.load_torch(folder / "checkpoint.pt")
+    assert state["epoch"] == 1 and 0 < state["step_in_epoch"] < 64 and not (folder / RESULT).exists()
+    preempt.reset()
+    assert worker_loop(str(spec), str(tmp_path / "r"), "two") == {"completed": 1}
+    assert json.loads((folder / RESULT).read_text())["epochs_completed"] == 2

@@ -78,6 +78,51 @@ def test_slurm_cpus_per_task_sets_the_torch_threads():
     assert out.stdout.strip() == "1"
 
 
+def test_a_rank_of_a_run_takes_its_share_of_the_task_cpus():
+    code = ("from abexp.lab.runner import apply_thread_budget as a; import torch; a(4); "
+            "print(torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k != "ABEXP_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, SLURM_CPUS_PER_TASK="8"),
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "2"  # 8 CPUs, 4 ranks of one run
+
+
+def test_the_default_cpus_per_task_feed_each_gpu_rank_its_loader(tmp_path, monkeypatch):
+    """Without --cpus-per-task: (data.workers + 1) per process of a run for ImageNet (its
+    DataLoader workers and the rank itself), 2 for in-memory data, never more than the
+    partition's largest node; the sbatch line says so. An explicit flag is kept."""
+    from abexp.cli import main
+    from abexp.lab import slurm
+    from test_imagenet_ddp import write_image_folder
+    root = write_image_folder(tmp_path / "imnet", classes=2, train_per_class=4, val_per_class=1, size=16)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(textwrap.dedent(f"""
+        name: feed
+        base:
+          model: {{name: resnet18}}
+          data: {{name: imagenet, root: {root}, workers: 12, image_size: 16}}
+          train: {{epochs: 1, batch_size: 8}}
+    """))
+    submitted = []
+    monkeypatch.setattr(slurm, "query_nodes", lambda: parse_sinfo(SINFO))
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(slurm, "sbatch", lambda script, *extra: submitted.append(script.read_text()) or "7")
+
+    def cpus(*flags) -> int:
+        assert main(["run", str(spec), "--backend", "slurm", "--results", str(tmp_path / "r"),
+                     "--slurm-folder", str(tmp_path / "slurm"), "--partition", "gpu", *flags]) == 0
+        [line] = [l for l in submitted.pop().splitlines() if l.startswith("#SBATCH --cpus-per-task=")]
+        return int(line.split("=")[1])
+
+    assert cpus("--gpus-per-run", "2") == 13 * 2   # 12 loader workers + the rank, per GPU
+    assert cpus("--gpus-per-run", "8") == 64       # 104 wanted: the largest gpu node has 64
+    assert cpus("--gpus-per-run", "2", "--cpus-per-task", "6") == 6
+    # in-memory data: no loader workers, the old default of 2
+    assert check_request(Request(), parse_sinfo(SINFO), workers=slurm.loader_workers(
+        [load_config(None, ["data.name=digits", "data.workers=12"])])).cpus_per_task == 2
+    assert check_request(Request(), None, workers=3).cpus_per_task == 4  # no sinfo: one rank
+
+
 def test_a_cancelled_session_is_not_requeued(tmp_path, monkeypatch):
     (tmp_path / "task.sbatch").write_text("#!/bin/bash\n")
     (tmp_path / "stop").write_text("")

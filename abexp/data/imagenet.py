@@ -3,9 +3,14 @@ multi-worker DataLoader with pinned memory; too large to keep on the device like
 
 Augmentation is the standard one: RandomResizedCrop + horizontal flip for training; resize to
 256/224 of the crop size and a centre crop for validation. Data order and augmentation of
-epoch e depend only on (seed, e): the order is a seeded permutation, and the DataLoader's
-worker seeds come from a generator seeded per epoch. Under DDP every rank loads only its share
-of each global batch.
+epoch e depend only on (seed, e): the order is a seeded permutation, and each training image's
+crop is drawn from a seed of (seed, e, its index), so it does not depend on which worker loads
+it or what that worker loaded before. Under DDP every rank loads only its share of each global
+batch.
+
+One DataLoader serves training, BN recalibration and evaluation, with persistent workers: a
+rank forks its ``data.workers`` processes once, not at every epoch, evaluation and
+recalibration (ImageNet's 12 per rank used to be forked three times an epoch).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from abexp.data.common import DataError, data_root, validation_indices
 from abexp.seeds import epoch_seed
@@ -48,20 +53,60 @@ def check_image_folder(root: Path) -> list[str]:
     return train_classes
 
 
-class _Batches(torch.utils.data.Sampler):
-    """Yields, for each step of one epoch, this rank's indices of the global batch."""
+TRAIN, PLAIN, VAL = 0, 1, 2  # the three uses of a rank's images, one loader for all
+GOLDEN = 0x9E3779B97F4A7C15  # spreads an image's index over the 63-bit seed space
 
-    def __init__(self, order: torch.Tensor, batch: int, steps: int, rank: int, world: int):
-        self.order, self.batch, self.steps, self.rank, self.world = order, batch, steps, rank, world
+
+def crop_seed(epoch_base: int, index: int) -> int:
+    """The seed of one training image's augmentation in an epoch (``epoch_base`` is the epoch's)."""
+    return (epoch_base + (index + 1) * GOLDEN) & ((1 << 63) - 1)
+
+
+class _Images(torch.utils.data.Dataset):
+    """Training crops, plain training images and validation images as one dataset, so one set of
+    persistent workers serves all three. A key is (use, index, seed): with a seed, the image's
+    transform draws from it alone (the caller's RNG is left as it was: with no workers, this
+    runs in the training process)."""
+
+    def __init__(self, train, plain, val):
+        self.uses = (train, plain, val)
+
+    def __len__(self) -> int:
+        return sum(len(u) for u in self.uses)
+
+    def __getitem__(self, key: tuple[int, int, int | None]):
+        use, index, seed = key
+        if seed is None:
+            return self.uses[use][index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.uses[use][index]
+
+
+class _Pass(torch.utils.data.Sampler):
+    """The batches of the loader's next pass, set before each pass: lists of _Images keys."""
+
+    def __init__(self):
+        self.batches: list | Iterator = []
+        self.steps = 0
+
+    def set(self, batches, steps: int) -> None:
+        self.batches, self.steps = batches, steps
 
     def __iter__(self):
-        share = self.batch // self.world
-        for i in range(self.steps):
-            chunk = self.order[i * self.batch:(i + 1) * self.batch]
-            yield chunk[self.rank * share:(self.rank + 1) * share].tolist()
+        return iter(self.batches)
 
     def __len__(self) -> int:
         return self.steps
+
+
+def _shares(order: torch.Tensor, batch: int, steps: int, rank: int, world: int, use: int,
+            seed: int | None = None) -> Iterator[list]:
+    """For each step, this rank's keys of the global batch (a crop seed each with ``seed``)."""
+    share = batch // world
+    for i in range(steps):
+        chunk = order[i * batch:(i + 1) * batch][rank * share:(rank + 1) * share].tolist()
+        yield [(use, j, None if seed is None else crop_seed(seed, j)) for j in chunk]
 
 
 class ImageNetBatches:
@@ -104,27 +149,38 @@ class ImageNetBatches:
         if len(self.indices) < self.batch_size:
             raise DataError(f"data.root: {len(self.indices)} training images < batch size {self.batch_size}")
         self.steps_per_epoch = len(self.indices) // self.batch_size
+        self._loader: DataLoader | None = None
 
-    def _loader(self, dataset, batch_sampler, epoch: int) -> DataLoader:
-        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.workers,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False,
-                          generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch, 2)))
+    def loader(self) -> DataLoader:
+        """The one DataLoader of this rank, built at first use; its workers live as long as it."""
+        if self._loader is None:
+            self._pass = _Pass()
+            self._loader = DataLoader(
+                _Images(self.train, self.train_plain, self.val), batch_sampler=self._pass,
+                num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                persistent_workers=self.workers > 0,
+                generator=torch.Generator().manual_seed(self.seed))  # never draws from the global RNG
+        return self._loader
 
-    def _to_device(self, batches) -> Iterator:
-        for x, y in batches:
+    def _run(self, batches, steps: int) -> Iterator:
+        """One pass of the loader over ``batches``, onto the device."""
+        loader = self.loader()
+        self._pass.set(batches, steps)
+        for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, 0))
         order = self.indices[torch.randperm(len(self.indices), generator=gen)]
-        sampler = _Batches(order, self.batch_size, self.steps_per_epoch, self.rank, self.world)
-        return self._to_device(self._loader(self.train, sampler, epoch))
+        keys = _shares(order, self.batch_size, self.steps_per_epoch, self.rank, self.world, TRAIN,
+                       epoch_seed(self.seed, epoch, 2))
+        return self._run(keys, self.steps_per_epoch)
 
     def plain(self, n_batches: int) -> Iterator[torch.Tensor]:
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, -1, 1))
         order = self.indices[torch.randperm(len(self.indices), generator=gen)]
-        sampler = _Batches(order, self.batch_size, min(n_batches, self.steps_per_epoch), self.rank, self.world)
-        return (x for x, _ in self._to_device(self._loader(self.train_plain, sampler, -1)))
+        steps = min(n_batches, self.steps_per_epoch)
+        return (x for x, _ in self._run(_shares(order, self.batch_size, steps, self.rank, self.world, PLAIN), steps))
 
     def test(self, batch_size: int, split: str = "test") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's share of ImageNet's val/ folder (abexp's test set), or (``split="val"``)
@@ -132,8 +188,7 @@ class ImageNetBatches:
         (the caller sums over ranks)."""
         if split == "val" and not len(self.held_out):
             raise ValueError("no val set (data.val_split is not set)")
-        dataset, indices = (self.val, self.val_indices) if split == "test" else (self.train_plain, self.held_out)
-        mine = indices[self.rank::self.world]
-        loader = DataLoader(Subset(dataset, mine.tolist()), batch_size=batch_size,
-                            num_workers=self.workers, pin_memory=self.device.type == "cuda")
-        return self._to_device(loader)
+        use, indices = (VAL, self.val_indices) if split == "test" else (PLAIN, self.held_out)
+        mine = indices[self.rank::self.world].tolist()
+        batches = [[(use, j, None) for j in mine[i:i + batch_size]] for i in range(0, len(mine), batch_size)]
+        return self._run(batches, len(batches))

@@ -118,9 +118,14 @@ def train_claimed(config: RunConfig, run_dir: Path, session: str, claim: Claim, 
             if nproc > 1:  # a multi-GPU run: torchrun in a child that dies with this worker
                 cmd = [sys.executable, "-m", "abexp.cli", "train", str(run_dir / "config.yaml"),
                        "--out", str(run_dir), "--nproc", str(nproc)]
-                code = subprocess.run(cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=dict(os.environ, **claim.env()),
-                                      preexec_fn=die_with_parent).returncode
+                # SLURM signals this worker alone: the stop is passed on to the ranks (preempt)
+                code = preempt.run_forwarding(cmd, stdout=log_fh, stderr=subprocess.STDOUT,
+                                              env=dict(os.environ, **claim.env()))
                 claim.check()
+                if preempt.requested() is not None and not (run_dir / "result.json").exists():
+                    # stopped by the signal (scancel's SIGTERM also reaches torchrun, which then
+                    # exits non-zero): resumable from the ranks' checkpoint, whatever the code
+                    raise preempt.Preempted(f"the ranks' checkpoint (torchrun exit code {code})")
                 if code != 0:
                     raise RuntimeError(f"torchrun exited with {code}")
                 return json.loads((run_dir / "result.json").read_text())["status"]
@@ -252,13 +257,13 @@ def worker_loop(spec_path: str, results: str, session: str, overrides: list[str]
         heartbeat.stop()
 
 
-def apply_thread_budget() -> None:
+def apply_thread_budget(ranks: int = 1) -> None:
     """In a worker process: use the share of the CPU threads its parent (or SLURM) gave it,
-    not every core of the node."""
+    not every core of the node; one of ``ranks`` processes of a run on this node, its share."""
     threads = os.environ.get("ABEXP_THREADS") or os.environ.get("SLURM_CPUS_PER_TASK")
     if threads:
         import torch
-        torch.set_num_threads(int(threads))
+        torch.set_num_threads(max(1, int(threads) // ranks))
 
 
 def supervise(commands: list[tuple[list[str], dict]], total: int, count: Callable[[], int],

@@ -38,7 +38,7 @@ SCRIPT, JOBS, STOP = "task.sbatch", "jobs.txt", "stop"
 class Request:
     """What every array task asks SLURM for; None leaves the cluster's default."""
     array: int = 4
-    cpus_per_task: int = 2
+    cpus_per_task: int | None = None  # None: enough to feed the run's ranks (``default_cpus``)
     gpus_per_task: int | None = None  # None: one GPU per run where the partition has GPUs
     mem: str | None = None            # SLURM syntax: 4000 (MB), 16G, 500M
     partition: str | None = None
@@ -124,8 +124,23 @@ def query_nodes() -> list[Node] | None:
     return parse_sinfo(out.stdout) if out.returncode == 0 else None
 
 
-def check_request(req: Request, nodes: list[Node] | None, gpus_per_run: int = 1) -> Request:
-    """Fill the GPU default and check the request against the nodes (skipped when None).
+def loader_workers(configs) -> int:
+    """The most DataLoader worker processes a run of these uses (``data.workers``: ImageNet's
+    loader; the other datasets are tensors in memory and use none)."""
+    return max((c.data.workers for c in configs if c.data.name == "imagenet"), default=0)
+
+
+def default_cpus(workers: int, ranks: int, largest: int | None = None) -> int:
+    """CPUs per task when --cpus-per-task is not given: per process of a run (one per GPU), its
+    loader's workers and one for itself; at least 2 (what the flag's default was), at most the
+    largest node's CPUs (a default never makes a request that no node can hold)."""
+    cpus = max(2, (workers + 1) * ranks)
+    return cpus if largest is None else max(1, min(cpus, largest))
+
+
+def check_request(req: Request, nodes: list[Node] | None, gpus_per_run: int = 1, workers: int = 0) -> Request:
+    """Fill the GPU and CPU defaults and check the request against the nodes (skipped when
+    None). ``workers``: the DataLoader workers of a run's process (``loader_workers``).
 
     Raises ConfigError naming the flag when no node of the partition can run one task.
     """
@@ -138,6 +153,8 @@ def check_request(req: Request, nodes: list[Node] | None, gpus_per_run: int = 1)
     if nodes is None:
         if req.gpus_per_task is None:
             req.gpus_per_task = 0
+        if req.cpus_per_task is None:
+            req.cpus_per_task = default_cpus(workers, _ranks(req, gpus_per_run))
         return _processes(req, gpus_per_run)
     if req.partition is None:
         pool = [n for n in nodes if n.default] or nodes
@@ -149,6 +166,9 @@ def check_request(req: Request, nodes: list[Node] | None, gpus_per_run: int = 1)
     where = f"partition {pool[0].partition}"
     if req.gpus_per_task is None:  # the spec's needs: GPUs where the partition has them
         req.gpus_per_task = gpus_per_run if any(n.gpus for n in pool) else 0
+    if req.cpus_per_task is None:
+        holders = [n for n in pool if n.gpus >= (req.gpus_per_task or 0)] or pool
+        req.cpus_per_task = default_cpus(workers, _ranks(req, gpus_per_run), max(n.cpus for n in holders))
     fits = [n for n in pool if n.cpus >= req.cpus_per_task]
     if not fits:
         raise ConfigError("--cpus-per-task", "", f"{req.cpus_per_task} CPUs: no node of {where} has more "
@@ -167,6 +187,11 @@ def check_request(req: Request, nodes: list[Node] | None, gpus_per_run: int = 1)
     if time_min is not None and time_min > max(n.time_limit_min for n in fits):
         raise ConfigError("--time", "", f"{req.time}: over the time limit of {where}")
     return _processes(req, gpus_per_run)
+
+
+def _ranks(req: Request, gpus_per_run: int) -> int:
+    """Processes per run of a task: one per GPU of the run where the task has GPUs."""
+    return gpus_per_run if req.gpus_per_task and gpus_per_run > 1 else 1
 
 
 def _processes(req: Request, gpus_per_run: int) -> Request:

@@ -50,10 +50,12 @@ from abexp.sim.schedule import lr_at
 from abexp.train import preempt
 from abexp.data.stream import BatchStream
 from abexp.train.run import Run, batch_gradient
+from abexp.train.trace_origin import Origin
 
 TRACE = "trace.txt"
 TRACE_HEADER = ("# abexp async trace: one line per update, in the order applied: staleness, batch index"
                 "  # worker, seconds since the run started\n")
+WORKER_THREADS = 1  # torch threads of each worker process (its gradients), recorded in trace.txt
 POLL_S = 1.0  # how often a waiting side checks that the other is still alive
 
 
@@ -139,6 +141,9 @@ class AsyncRun(Run):
         self.arrivals_read = 0
         self.held: dict[int, dict] = {}  # fifo: gradients that arrived before their turn
         self.items_sent = [0] * (self.workers + 1)  # per rank: items handed to it so far
+        # the server's torch threads, kept for the whole run (a resume sets them back): with
+        # the workers', what a replay of trace.txt needs to be bitwise (abexp.train.trace_origin)
+        self.threads = torch.get_num_threads()
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -147,7 +152,8 @@ class AsyncRun(Run):
         state["async"] = {"next_item": self.next_item,
                           "outstanding": [[j, v] for j, v in sorted(self.outstanding.items())],
                           "versions": {str(v): self.versions[v] for v in used},
-                          "trace": list(self.trace_lines), "elapsed": time.time() - self.started}
+                          "trace": list(self.trace_lines), "elapsed": time.time() - self.started,
+                          "threads": self.threads}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -158,10 +164,14 @@ class AsyncRun(Run):
         self.versions = {int(v): w.clone() for v, w in a["versions"].items()}
         self.trace_lines = list(a["trace"])
         self.started = time.time() - float(a["elapsed"])
+        self.threads = int(a.get("threads", self.threads))  # absent: a checkpoint from before the record
+        torch.set_num_threads(self.threads)
 
     def side_files(self, i: int) -> dict[str, str]:
-        """trace.txt, rewritten whole with every checkpoint and at the end (lifecycle)."""
-        return {TRACE: TRACE_HEADER + "".join(self.trace_lines)}
+        """trace.txt, rewritten whole with every checkpoint and at the end (lifecycle); its
+        header says where the run ran, which a replay needs (abexp.train.trace_origin)."""
+        origin = Origin(self.device.type, self.threads, WORKER_THREADS)
+        return {TRACE: TRACE_HEADER + origin.line() + "".join(self.trace_lines)}
 
     # ---------------------------------------------------------------- processes
     def start_workers(self) -> None:
@@ -415,7 +425,7 @@ def _worker_exit(rank: int, err: RuntimeError) -> None:
 def worker_main(rank: int, world: int, port: int, config_path: str, server_pid: int,
                 num_classes: int, channels: int, input_shape: tuple) -> None:
     """A worker that the server started on its own machine: join its store, then serve."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(WORKER_THREADS)
     cfg = load_config(config_path)
     timeout = datetime.timedelta(seconds=cfg.delay.worker_timeout_s)
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timeout)
@@ -432,7 +442,7 @@ def launched_worker_main(cfg: RunConfig, source: str) -> int:
     """A worker that torchrun or srun started (rank >= 1, on any machine): join the group, learn
     the run's data shapes from the server, then serve. Its config must be the server's run."""
     from abexp.config import run_id
-    torch.set_num_threads(1)
+    torch.set_num_threads(WORKER_THREADS)
     rank, world = launched_world()
     check_launched_world(cfg, world, source)
     limit = cfg.delay.worker_timeout_s

@@ -46,6 +46,19 @@ class Dist:
             dist.broadcast(t, src=0)
         return t
 
+    def all_reduce_max_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``t``, stacked in rank order (``t`` itself, unstacked, alone)."""
+        if not self.enabled:
+            return t.unsqueeze(0)
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t)
+        return torch.stack(out)
+
     def barrier(self) -> None:
         if self.enabled:  # NCCL: name this rank's GPU, never let it guess
             nccl = dist.get_backend() == "nccl"

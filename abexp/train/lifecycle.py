@@ -10,6 +10,7 @@ and how many runs one step serves (``members``: one for ``abexp.train.run.Run``,
     members: list[Member]      epoch: int      wall_s: float      is_main: bool
     train_epoch() -> [per member: train_loss, train_acc, lr, diverged]   (may raise Preempted)
     side_files(i) -> {name: text}   (optional: files rewritten with each checkpoint and at the end)
+    stop_requested() -> bool   (optional: a stop signal as all ranks agree on it; else preempt's)
     evaluate(bn=None, split="test") -> [per member: (loss, accuracy)] on the test set, or
         (split="val", asked only when data.val_split is set) on the held-out training examples
     checkpoint(i) -> dict      restore(i, state)      weights(i) -> CPU state dict
@@ -124,7 +125,9 @@ def fit(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch | 
     while trainer.epoch < epochs and any(m.status == "running" for m in members):
         if stop_after_epochs is not None and trainer.epoch >= stop_after_epochs:
             return False
-        if preempt.requested():
+        # a DDP trainer's ranks agree on it (Run.stop_requested): one may not have heard it yet
+        stop = getattr(trainer, "stop_requested", lambda: preempt.requested() is not None)
+        if stop():
             raise preempt.Preempted(f"after epoch {trainer.epoch}")
         start = time.perf_counter()
         try:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from abexp.config import RunConfig, run_id
 from abexp.data.images import Batches
+from abexp.train.trace_origin import replay_origin
 from abexp.data.load import load_image_data
 from abexp.sim.engine import DelayedSGD, FlatParams
 from abexp.train.models import CIFAR_DEPTHS, PackedCifarResNet, build_model
@@ -40,7 +41,8 @@ def pack_key(cfg: RunConfig) -> str | None:
     """Runs with equal keys can share a pack; None: this run cannot be packed."""
     if (cfg.model.name not in CIFAR_DEPTHS or cfg.data.name == "imagenet" or cfg.train.micro_batches != 1
             or cfg.train.channels_last or cfg.train.compile or not cfg.delay.stashing
-            or cfg.data.val_split):  # a pack evaluates the test set only
+            or cfg.data.val_split  # a pack evaluates the test set only
+            or replay_origin(cfg) is not None):  # a replay's batch order is Run's (replayed_batches)
         return None
     dump = cfg.model_dump()
     return json.dumps({k: dump[k] for k in SHARED_KEYS}, sort_keys=True)

@@ -29,6 +29,7 @@ from abexp.train.backward_weights import backward_weights
 from abexp.sim.schedule import lr_at
 from abexp.train.lifecycle import (CHECKPOINT, CONFIG, EVENTS, METRICS, RESULT, WEIGHTS, Member,  # noqa: F401
                                    RunDirError)
+from abexp.train.trace_origin import replay_origin
 from abexp.train.tracking import Tracker
 
 
@@ -167,6 +168,11 @@ class Run:
                  log: Callable[[str], None] = print):
         self.cfg, self.out, self.log = cfg, Path(out_dir), log
         self.run_id = run_id(cfg)
+        # a replay of an async run: its device and torch threads (train_run restores the threads)
+        self.origin = replay_origin(cfg)
+        if self.origin is not None:
+            device = self.origin.device_for(device, cfg.delay.trace)
+            torch.set_num_threads(self.origin.threads)
         self.device = resolve_device(device)
         # an async run's processes (torchrun/srun may have started them) are a server and its
         # workers, not data-parallel ranks
@@ -196,6 +202,8 @@ class Run:
         self.epoch, self.wall_s = 0, 0.0
         self.step_in_epoch = 0  # > 0 only in a checkpoint saved mid-epoch on a signal
         self.reset_counters()
+        self.stop_flag = torch.zeros((), device=self.device)  # DDP: the ranks' stop vote
+        self.rank_counters: torch.Tensor | None = None  # DDP, stopped mid-epoch: every rank's sums
 
     @property
     def history(self) -> list[dict]:
@@ -214,7 +222,8 @@ class Run:
                 "buffers": dict(self.model.named_buffers()), "rng": rng,
                 "history": self.history, "wall_s": self.wall_s, "run_id": self.run_id,
                 "step_in_epoch": self.step_in_epoch,
-                "epoch_counters": {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen}}
+                "epoch_counters": {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen,
+                                   "ranks": self.rank_counters}}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("run_id") != self.run_id:
@@ -229,10 +238,17 @@ class Run:
         self.members[0].history = list(state["history"])
         self.step_in_epoch = int(state.get("step_in_epoch", 0))
         if self.step_in_epoch:  # the interrupted epoch's running loss and accuracy sums
-            counters = state["epoch_counters"]
-            self.loss_sum.copy_(counters["loss_sum"])
-            self.correct.copy_(counters["correct"])
-            self.seen = int(counters["seen"])
+            counters, ranks = state["epoch_counters"], state["epoch_counters"].get("ranks")
+            if ranks is not None and len(ranks) == self.ddp.world:  # DDP: each rank its own sums
+                row = ranks[self.ddp.rank]
+            elif self.ddp.is_main:
+                row = torch.stack([torch.as_tensor(counters[k], dtype=torch.float64).cpu()
+                                   for k in ("loss_sum", "correct", "seen")])
+            else:  # another world size: rank 0's sums, counted once
+                row = torch.zeros(3, dtype=torch.float64)
+            self.loss_sum.copy_(row[0])
+            self.correct.copy_(row[1])
+            self.seen = int(row[2])
         self.engine.load_state_dict(state["engine"])
         buffers = dict(self.model.named_buffers())
         for name, value in state["buffers"].items():
@@ -257,12 +273,31 @@ class Run:
         self.seen += len(y)
 
         def grad_fn(w_fwd: torch.Tensor) -> torch.Tensor:
-            for loss_sum, correct in batch_gradient(self, chunks, w_fwd, self.engine.w_bwd):
+            with self.origin.gradient_threads() if self.origin else contextlib.nullcontext():
+                sums = batch_gradient(self, chunks, w_fwd, self.engine.w_bwd)
+            for loss_sum, correct in sums:
                 self.loss_sum += loss_sum
                 self.correct += correct
             return ddp.all_reduce_mean_(self.flat.grad)
 
         self.engine.step(grad_fn, lr)
+
+    def stop_requested(self, check: bool = True) -> bool:
+        """A stop signal, as every rank will act on it: alone, as soon as it is heard; under
+        DDP only where ``check`` (every train.divergence_check_every steps, and between epochs),
+        agreed by an all-reduce of the ranks' flags, so all stop after the same step without
+        a host sync on the others (each rank may hear the signal at another step)."""
+        if not self.ddp.enabled:
+            return preempt.requested() is not None
+        if not check:
+            return False
+        self.stop_flag.fill_(preempt.requested() is not None)
+        return bool(self.ddp.all_reduce_max_(self.stop_flag))
+
+    def counters(self) -> torch.Tensor:
+        """The epoch's running sums so far: [loss sum, correct, seen] (this rank's)."""
+        return torch.stack([self.loss_sum, self.correct.double(),
+                            torch.full((), float(self.seen), device=self.device, dtype=torch.float64)])
 
     def reset_counters(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -285,10 +320,12 @@ class Run:
             lr = lr_at(self.engine.t, cfg.optim.lr, self.total_steps, self.steps_per_epoch, cfg.schedule)
             self.train_step(x, y, lr)
             # the weights are identical on every rank, so every rank takes the same decision
-            if (i + 1) % cfg.train.divergence_check_every == 0 and not torch.isfinite(self.engine.w).all():
+            check = (i + 1) % cfg.train.divergence_check_every == 0
+            if check and not torch.isfinite(self.engine.w).all():
                 break
-            if preempt.requested() and i + 1 < self.steps_per_epoch:
+            if i + 1 < self.steps_per_epoch and self.stop_requested(check):
                 self.step_in_epoch = i + 1
+                self.rank_counters = self.ddp.all_gather(self.counters()) if self.ddp.enabled else None
                 raise preempt.Preempted(f"epoch {self.epoch + 1} step {i + 1}")
         totals = self.ddp.all_reduce_sum_(torch.stack([
             self.loss_sum, self.correct.double(),

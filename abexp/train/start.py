@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from abexp.config import RunConfig
 from abexp.train import lifecycle
 from abexp.train.async_ps import AsyncRun, launched_world, release_launched_workers
@@ -25,13 +27,17 @@ def train_run(cfg: RunConfig, out_dir: str | Path, device: str = "auto",
         if cfg.delay.kind == "async" and launched_world() is not None:
             release_launched_workers(cfg)  # torchrun/srun started workers for it: let them go
         return done
-    if cfg.delay.kind == "async":  # a parameter server and its worker processes
-        run: Run = AsyncRun(cfg, out, device, log)
-    else:
-        run = Run(cfg, out, device, log)  # loads data: bad data folders fail before anything is written
-    prune = (lambda i, row: on_epoch(row)) if on_epoch is not None else None
+    threads = torch.get_num_threads()  # a replay sets its async run's (abexp.train.trace_origin)
     try:
-        results = lifecycle.train(run, stop_after_epochs, prune, log)
+        if cfg.delay.kind == "async":  # a parameter server and its worker processes
+            run: Run = AsyncRun(cfg, out, device, log)
+        else:
+            run = Run(cfg, out, device, log)  # loads data: bad data folders fail before anything is written
+        prune = (lambda i, row: on_epoch(row)) if on_epoch is not None else None
+        try:
+            results = lifecycle.train(run, stop_after_epochs, prune, log)
+        finally:
+            getattr(run, "close", lambda: None)()
     finally:
-        getattr(run, "close", lambda: None)()
+        torch.set_num_threads(threads)
     return None if results is None else results[0]
