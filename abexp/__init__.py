@@ -1,3 +1,19 @@
 """abexp: a research harness for gradient delay and the optimizers that mitigate it."""
 
+from typing import Any
+
 __version__ = "0.1.0"
+
+# the public Python API, imported on first use so that `import abexp` (and the CLI) stays light
+_LAZY = {"DelayedOptimizer": "abexp.train.torch_optim"}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DelayedOptimizer":
+        from abexp.train.torch_optim import DelayedOptimizer
+        return DelayedOptimizer
+    raise AttributeError(f"module 'abexp' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))

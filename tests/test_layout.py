@@ -11,6 +11,8 @@ TOP = {"config", "io", "seeds", "tv_compat", "__init__"}
 ALLOWED = {"sim": set(), "data": set(), "train": {"sim", "data"}, "lab": {"sim", "data", "train"},
            "tools": {"sim", "data", "train", "lab"}, "figures": {"sim", "lab"}, "top": set(),
            "cli": {"sim", "data", "train", "lab", "tools", "figures"}}
+# the package root's public Python API, each imported lazily on first use (abexp/__init__.py)
+PUBLIC_API = {"abexp.train.torch_optim"}
 
 
 def module_name(path: Path) -> str:
@@ -47,6 +49,8 @@ def test_every_wing_imports_only_the_wings_below_it():
     bad = []
     for module, targets in graph().items():
         for target in targets:
+            if module == "abexp" and target in PUBLIC_API:
+                continue
             src, dst = wing(module), wing(target)
             if dst not in ("top", src) and dst not in ALLOWED[src]:
                 bad.append(f"{module} -> {target}")
