@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "abexp"
-TOP = {"config", "io", "seeds", "tv_compat", "__init__"}
+TOP = {"config", "io", "seeds", "tv_compat", "process_env", "__init__"}
 # a wing -> the wings it may import (besides itself and the top-level modules)
 ALLOWED = {"sim": set(), "data": set(), "train": {"sim", "data"}, "lab": {"sim", "data", "train"},
            "tools": {"sim", "data", "train", "lab"}, "figures": {"sim", "lab"}, "top": set(),
