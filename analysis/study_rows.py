@@ -1,0 +1,62 @@
+"""One summary row per finished run of a long study, small enough to commit as the runs finish.
+
+A study such as experiments/fashion_mnist_evidence.yaml takes many sessions on a 2-core machine,
+and a machine may not survive to the next one: its results folder is not committed, so each
+finished run's row is (this file's output, under results/). Rows already in the output file are
+kept as they are (a run is never re-summarised on another machine or with other code), new
+finished runs are appended with the code commit and CPU kind that made them:
+
+    python analysis/study_rows.py --results /work/study/evidence --code c444401 \
+        -o results/fashion_mnist_evidence_runs.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from check_readme import cpu_kind  # noqa: E402  (the CPU kind, as the demo check names it)
+
+from abexp import io  # noqa: E402
+from abexp.lab.collect import collect  # noqa: E402
+
+COLUMNS = ["run_id", "experiment", "seed", "optim.name", "optim.lr", "delay.steps", "data.val_split",
+           "steps", "val_acc", "test_acc", "wall_s"]
+
+
+def new_rows(results: str, known: set[str], code: str, cpu: str) -> pd.DataFrame:
+    """The finished runs of ``results`` not in ``known``, with where they were made."""
+    table = collect(results)
+    if table.empty:
+        return pd.DataFrame(columns=COLUMNS + ["code", "cpu"])
+    done = table[(table["status"] == "completed") & ~table["run_id"].isin(known)]
+    rows = done.reindex(columns=COLUMNS).copy()
+    rows["steps"] = rows["steps"].astype("Int64")
+    rows["code"], rows["cpu"] = code, cpu
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", required=True, help="the study's results folder")
+    parser.add_argument("--code", required=True, help="the commit whose code trained the new runs")
+    parser.add_argument("-o", "--output", required=True, help="the CSV to extend")
+    args = parser.parse_args(argv)
+    out = Path(args.output)
+    old = pd.read_csv(out, dtype={"run_id": str}) if out.exists() else None
+    known = set(old["run_id"]) if old is not None else set()
+    model, isa = cpu_kind()
+    rows = new_rows(args.results, known, args.code, f"{model} ({isa})")
+    table = rows if old is None else pd.concat([old, rows], ignore_index=True)
+    table = table.sort_values(["delay.steps", "optim.name", "optim.lr", "seed"], kind="stable")
+    io.write_text(out, table.to_csv(index=False))
+    print(f"{out}: {len(rows)} new, {len(table)} rows")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
