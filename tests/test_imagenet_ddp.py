@@ -88,6 +88,41 @@ def test_imagefolder_workers_persist_and_crops_do_not_depend_on_them(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(plain, none.plain(2)))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(test, none.test(4)))
     assert len(test) == 2  # 6 validation images in batches of 4
+    # a resume mid-epoch loads only the rest of it: the same batches as the whole epoch's tail
+    rest = list(data.epoch_from(1, 1))
+    assert len(rest) == 2 and all(torch.equal(a, b[0]) for a, b in zip(second[1:], rest))
+
+
+def test_an_imagenet_run_stopped_mid_epoch_resumes_bitwise_loading_only_the_rest(tmp_path, monkeypatch):
+    """A stop after step 2 of epoch 2: the resume loads only that epoch's last 3 batches' images
+    (the first 2 are skipped, not decoded) and ends equal to an uninterrupted run."""
+    import signal
+    from abexp.data import imagenet
+    from abexp.train import preempt
+    from abexp.train.run import Run
+    root = write_image_folder(tmp_path / "imnet")
+    cfg = load_config(None, IMAGENET + [f"data.root={root}", "data.workers=0", "train.epochs=2", "delay.steps=1"])
+    train_run(cfg, tmp_path / "full", device="cpu", log=lambda s: None)
+    steps = {"n": 0}
+    plain_step = Run.train_step
+
+    def counted(self, x, y, lr):
+        plain_step(self, x, y, lr)
+        steps["n"] += 1
+
+    monkeypatch.setattr(Run, "train_step", counted)
+    monkeypatch.setattr(preempt, "requested", lambda: signal.SIGUSR1 if steps["n"] == 7 else None)
+    with pytest.raises(preempt.Preempted):  # 5 steps an epoch: epoch 2, step 2
+        train_run(cfg, tmp_path / "part", device="cpu", log=lambda s: None)
+    assert io.load_torch(tmp_path / "part" / "checkpoint.pt")["step_in_epoch"] == 2
+    monkeypatch.setattr(preempt, "requested", lambda: None)
+    loaded = []
+    plain_get = imagenet._Images.__getitem__
+    monkeypatch.setattr(imagenet._Images, "__getitem__", lambda self, key: loaded.append(key[0]) or plain_get(self, key))
+    train_run(cfg, tmp_path / "part", device="cpu", log=lambda s: None)
+    assert loaded.count(imagenet.TRAIN) == 3 * 16
+    a, b = io.load_torch(tmp_path / "full" / "model.pt"), io.load_torch(tmp_path / "part" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("breakage,needle", [

@@ -16,6 +16,7 @@ recalibration (ImageNet's 12 per rank used to be forked three times an epoch).
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 from typing import Iterator
 
@@ -170,11 +171,16 @@ class ImageNetBatches:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.epoch_from(epoch, 0)
+
+    def epoch_from(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Epoch ``epoch``'s batches from step ``start`` on, the earlier ones never loaded (a
+        resume mid-epoch): an image's crop depends on (seed, epoch, index) alone."""
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, 0))
         order = self.indices[torch.randperm(len(self.indices), generator=gen)]
         keys = _shares(order, self.batch_size, self.steps_per_epoch, self.rank, self.world, TRAIN,
                        epoch_seed(self.seed, epoch, 2))
-        return self._run(keys, self.steps_per_epoch)
+        return self._run(itertools.islice(keys, start, None), self.steps_per_epoch - start)
 
     def plain(self, n_batches: int) -> Iterator[torch.Tensor]:
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, -1, 1))

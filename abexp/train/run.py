@@ -314,7 +314,10 @@ class Run:
         lr = cfg.optim.lr
         self.model.train()
         batches = self.batches.epoch(self.epoch) if self.replay is None else self.replay.epoch(self.epoch)
-        for i, (x, y) in enumerate(batches):
+        first = 0
+        if start and self.replay is None and hasattr(self.batches, "epoch_from"):
+            batches, first = self.batches.epoch_from(self.epoch, start), start  # ImageNet: not even loaded
+        for i, (x, y) in enumerate(batches, first):
             if i < start:  # drawn and dropped: the data order and augmentation stay seeded
                 continue
             lr = lr_at(self.engine.t, cfg.optim.lr, self.total_steps, self.steps_per_epoch, cfg.schedule)
