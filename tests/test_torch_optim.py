@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import abexp
-from abexp.config import OPTIM_NAMES, load_config
+from abexp.config import OPTIM_NAMES, DelayCfg, OptimCfg, load_config
+from abexp.sim.engine import DelayedSGD, FlatParams
 from abexp.sim.schedule import lr_at
 from abexp.train.run import Run
 from abexp.train.torch_optim import rule_options
@@ -172,6 +173,28 @@ def test_under_delay_equals_the_run_path_bitwise(tmp_path, overrides, groups_as_
     for ours, theirs in zip(model.buffers(), run.model.buffers()):  # BN statistics: same passes
         assert torch.equal(ours, theirs)
     assert not torch.equal(run.engine.w, run.initial)  # it trained
+
+
+@pytest.mark.parametrize("name", ["lwp", "ab_lwp", "sc_lwp"])
+def test_weight_prediction_under_a_scheduler_equals_the_engine_driven_directly(name):
+    """LWP looks ahead by the step's lr, which the scheduler sets after the previous step():
+    the engine driven as run.py drives it (begin and finish with lr_t) is the reference."""
+    batches, lrs = data(14), [0.05] * 5 + [0.05 * 0.2] * 5 + [0.05 * 0.2 * 0.2] * 4  # MultiStepLR's
+    ref = mlp()
+    flat_ref = FlatParams(ref)
+    engine = DelayedSGD(flat_ref.data, flat_ref.sizes, OptimCfg(name=name, lr=0.05), DelayCfg(steps=3), 0)
+    for (x, y), lr in zip(batches, lrs):
+        def grad_fn(w_fwd):
+            flat_ref.data.copy_(w_fwd)
+            flat_ref.grad.zero_()
+            F.cross_entropy(ref(x), y).backward()
+            return flat_ref.grad
+        engine.step(grad_fn, lr)
+    model = mlp()
+    opt = abexp.DelayedOptimizer(model.parameters(), name, lr=0.05, delay=3)
+    train(model, opt, batches, torch.optim.lr_scheduler.MultiStepLR(opt, [5, 10], gamma=0.2))
+    with opt.current_weights():
+        assert torch.equal(flat(model), engine.w)
 
 
 # ---------------------------------------------------------------- state and resume
