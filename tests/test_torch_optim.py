@@ -30,7 +30,8 @@ def mlp(seed=0):
 
 def data(steps, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 20, generator=gen), torch.randint(0, 5, (16,), generator=gen)) for _ in range(steps)]
+    return [(torch.randn(16, 20, generator=gen), torch.randint(0, 5, (16,), generator=gen))
+            for _ in range(steps)]
 
 
 def flat(model):
@@ -79,7 +80,8 @@ def test_model_holds_the_stale_weights_and_current_weights_swaps_in_the_latest()
     second model at snapshot t - D, applied by torch.optim.SGD."""
     delay, batches = 3, data(12)
     model, ref, stale = mlp(), mlp(), mlp()
-    opt = abexp.DelayedOptimizer(model.parameters(), "sgdm", lr=0.1, momentum=0.9, weight_decay=1e-3, delay=delay)
+    opt = abexp.DelayedOptimizer(model.parameters(), "sgdm", lr=0.1, momentum=0.9, weight_decay=1e-3,
+                                 delay=delay)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     snapshots = [flat(ref).clone()]
     assert torch.equal(flat(model), snapshots[0])
