@@ -5,7 +5,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 # the public Python API, imported on first use so that `import abexp` (and the CLI) stays light
-_LAZY = {"DelayedOptimizer": "abexp.train.torch_optim"}
+_LAZY = ("DelayedOptimizer",)
 
 
 def __getattr__(name: str) -> Any:

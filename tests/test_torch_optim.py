@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import abexp
-from abexp.config import OPTIM_NAMES, load_config
+from abexp.config import OPTIM_NAMES, DelayCfg, OptimCfg, load_config
+from abexp.sim.engine import DelayedSGD, FlatParams
 from abexp.sim.schedule import lr_at
 from abexp.train.run import Run
 from abexp.train.torch_optim import rule_options
@@ -29,7 +30,8 @@ def mlp(seed=0):
 
 def data(steps, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 20, generator=gen), torch.randint(0, 5, (16,), generator=gen)) for _ in range(steps)]
+    return [(torch.randn(16, 20, generator=gen), torch.randint(0, 5, (16,), generator=gen))
+            for _ in range(steps)]
 
 
 def flat(model):
@@ -78,7 +80,8 @@ def test_model_holds_the_stale_weights_and_current_weights_swaps_in_the_latest()
     second model at snapshot t - D, applied by torch.optim.SGD."""
     delay, batches = 3, data(12)
     model, ref, stale = mlp(), mlp(), mlp()
-    opt = abexp.DelayedOptimizer(model.parameters(), "sgdm", lr=0.1, momentum=0.9, weight_decay=1e-3, delay=delay)
+    opt = abexp.DelayedOptimizer(model.parameters(), "sgdm", lr=0.1, momentum=0.9, weight_decay=1e-3,
+                                 delay=delay)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     snapshots = [flat(ref).clone()]
     assert torch.equal(flat(model), snapshots[0])
@@ -172,6 +175,28 @@ def test_under_delay_equals_the_run_path_bitwise(tmp_path, overrides, groups_as_
     for ours, theirs in zip(model.buffers(), run.model.buffers()):  # BN statistics: same passes
         assert torch.equal(ours, theirs)
     assert not torch.equal(run.engine.w, run.initial)  # it trained
+
+
+@pytest.mark.parametrize("name", ["lwp", "ab_lwp", "sc_lwp"])
+def test_weight_prediction_under_a_scheduler_equals_the_engine_driven_directly(name):
+    """LWP looks ahead by the step's lr, which the scheduler sets after the previous step():
+    the engine driven as run.py drives it (begin and finish with lr_t) is the reference."""
+    batches, lrs = data(14), [0.05] * 5 + [0.05 * 0.2] * 5 + [0.05 * 0.2 * 0.2] * 4  # MultiStepLR's
+    ref = mlp()
+    flat_ref = FlatParams(ref)
+    engine = DelayedSGD(flat_ref.data, flat_ref.sizes, OptimCfg(name=name, lr=0.05), DelayCfg(steps=3), 0)
+    for (x, y), lr in zip(batches, lrs):
+        def grad_fn(w_fwd):
+            flat_ref.data.copy_(w_fwd)
+            flat_ref.grad.zero_()
+            F.cross_entropy(ref(x), y).backward()
+            return flat_ref.grad
+        engine.step(grad_fn, lr)
+    model = mlp()
+    opt = abexp.DelayedOptimizer(model.parameters(), name, lr=0.05, delay=3)
+    train(model, opt, batches, torch.optim.lr_scheduler.MultiStepLR(opt, [5, 10], gamma=0.2))
+    with opt.current_weights():
+        assert torch.equal(flat(model), engine.w)
 
 
 # ---------------------------------------------------------------- state and resume

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from abexp.config import OPTIM_NAMES, ConfigError, DelayCfg, OptimCfg, validate
+from abexp.config import OPTIM_NAMES, ConfigError, validate
 from abexp.sim.engine import DelayedSGD, FlatParams
 from abexp.sim.optim import OPTIMIZERS
 from abexp.train.backward_weights import backward_weights
@@ -102,7 +102,8 @@ class DelayedOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable, name: str = "sgdm", *, lr: float, delay: int | dict | None = 0,
                  **options: Any):
         if name not in OPTIM_NAMES:
-            raise ValueError(f"{_SOURCE}: unknown update rule {name!r}; abexp's rules: {', '.join(OPTIM_NAMES)}")
+            raise ValueError(f"{_SOURCE}: unknown update rule {name!r}; abexp's rules: "
+                             f"{', '.join(OPTIM_NAMES)}")
         lr = float(lr)
         if not (math.isfinite(lr) and lr >= 0.0):
             raise ValueError(f"{_SOURCE}: lr must be a finite number >= 0, got {lr}")
@@ -181,9 +182,9 @@ class DelayedOptimizer(torch.optim.Optimizer):
         for g in self.param_groups[1:]:
             for k, v in values.items():
                 if g[k] != v:
-                    raise ValueError(f"{_SOURCE}: param groups differ in {k!r} ({v!r} vs {g[k]!r}); the delay "
-                                     "engine applies one value to all parameters (only 'delay' may differ "
-                                     "per group)")
+                    raise ValueError(f"{_SOURCE}: param groups differ in {k!r} ({v!r} vs {g[k]!r}); "
+                                     "the delay engine applies one value to all parameters (only "
+                                     "'delay' may differ per group)")
         return values
 
     def _sync_options(self) -> float:
@@ -194,7 +195,8 @@ class DelayedOptimizer(torch.optim.Optimizer):
             if k == "lr" or v == self._applied[k]:
                 continue
             if k in _FIXED:
-                raise ValueError(f"{_SOURCE}: {k!r} is fixed at construction (the engine sized its state by it)")
+                raise ValueError(f"{_SOURCE}: {k!r} is fixed at construction (the engine sized its "
+                                 "state by it)")
             try:
                 setattr(self.rule, k, [float(b) for b in v] if k == "betas" else v)
             except Exception as err:  # pydantic's ValidationError: one line naming the key
