@@ -85,9 +85,12 @@ demo-check: $(STAMP)
 
 # Every figure from $(RESULTS) alone: no training. With a .venv (kept up to date) its abexp; else
 # an installed abexp that has the figures command (nothing is built); else the venv is bootstrapped.
+# The quadratic stability tables (minutes of bisections, independent of the runs) are computed
+# when one is missing (--stability) and kept; plain `abexp figures` only draws kept ones.
 INSTALLED_ABEXP = $(if $(wildcard $(BIN)/abexp),,$(shell abexp figures --help >/dev/null 2>&1 && command -v abexp))
+STABILITY_IF_MISSING = $(if $(and $(wildcard $(RESULTS)/stability.csv),$(wildcard $(RESULTS)/pipeline_stability.csv)),,--stability)
 figures: $(if $(INSTALLED_ABEXP),,$(STAMP))
-	$(or $(INSTALLED_ABEXP),$(BIN)/abexp) figures --results $(RESULTS)
+	$(or $(INSTALLED_ABEXP),$(BIN)/abexp) figures --results $(RESULTS) $(STABILITY_IF_MISSING)
 
 # Paper scale: CIFAR-10 ResNet-20 accuracy vs delay, 4 optimizers x 8 delays x 3 seeds on the
 # GPUs present (resumable), ImageNet when IMAGENET_DIR is set, then the figures.
@@ -96,7 +99,7 @@ reproduce: $(STAMP)
 		--set data.root=$(CIFAR10_DIR) $(if $(RUNS_PER_GPU),--runs-per-gpu $(RUNS_PER_GPU))
 	$(if $(IMAGENET_DIR),$(BIN)/abexp run experiments/imagenet_resnet50_delay.yaml \
 		--results $(RESULTS) --set data.root=$(IMAGENET_DIR) --gpus-per-run $(GPUS_PER_IMAGENET_RUN))
-	$(BIN)/abexp figures --results $(RESULTS)
+	$(BIN)/abexp figures --results $(RESULTS) $(STABILITY_IF_MISSING)
 
 # SIGKILL the runner three times during a 16-run spec; audit completed/duplicate/lost runs.
 resilience: $(STAMP)

@@ -446,7 +446,9 @@ def build_parser() -> Parser:
                    help="only this experiment or sweep (repeatable); seconds, no stability tables")
     p.add_argument("--spec", action="append", default=[],
                    help="the runs of this spec, whichever spec trained them (repeatable)")
-    p.add_argument("--stability", action="store_true", help="(re)compute and draw the quadratic stability tables")
+    p.add_argument("--stability", action="store_true",
+                   help="(re)compute and draw the quadratic stability tables (minutes of CPU); without "
+                        "it, kept tables are drawn and missing ones skipped")
     p.add_argument("--baseline", default="sgdm", help="the optimizer paired.md compares every other with (default sgdm)")
     p.set_defaults(func=cmd_figures)
 

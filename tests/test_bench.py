@@ -54,3 +54,11 @@ def test_the_parameter_server_figures_follow_from_their_timings():
     assert rows[0]["speedup_over_first"] == 1.0 and all(r["updates_per_s"] > 0 for r in rows)
     md = "\n".join(bench_async.to_markdown({"server_cost": [cost], "updates_per_second": rows}))
     assert md.count("| resnet8 |") == 1 and "| 2 | 16 |" in md
+
+
+def test_ab_apply_figure_is_the_ratio_of_its_timings(tmp_path):
+    assert bench.main(["--only-ab", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    a = json.loads((tmp_path / "bench.json").read_text())["ab_apply"]
+    assert a["params"] == 25557032 - 2049000 + 20490  # torchvision's ResNet-50 with a 10-class head
+    assert abs(a["ratio_ab_over_sgdm"] - a["ab_ms"] / a["sgdm_ms"]) < 2e-3 * a["ratio_ab_over_sgdm"] + 1e-3
+    assert f"| {a['sgdm_ms']} | {a['ab_ms']} | {a['ratio_ab_over_sgdm']} |" in (tmp_path / "bench.md").read_text()

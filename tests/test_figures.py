@@ -1,6 +1,7 @@
 """Every figure script on a results table made by real tiny runs; the table numbers are right."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -195,6 +196,37 @@ def test_one_experiment_takes_no_stability_bisections(results, tmp_path):
     assert not (copy / "stability.csv").exists() and not (copy / "figures" / "stability.png").exists()
     # a script with nothing to draw is one line and the rest still run
     assert "skipped heatmaps: needs runs over at least 2 learning rates" in proc.stdout
+
+
+def test_every_experiment_draws_kept_stability_tables_and_computes_none(results, tmp_path):
+    """The stability bisections do not depend on the runs: a run over every experiment draws the
+    kept tables, skips a missing one in a line, and computes none (seconds, not minutes)."""
+    copy = tmp_path / "r"
+    shutil.copytree(results / "runs", copy / "runs")
+    shutil.copy(results / "stability.csv", copy / "stability.csv")
+    proc = subprocess.run([sys.executable, "-m", "abexp.cli", "figures", "--results", str(copy)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (copy / "figures" / "stability.png").exists()
+    assert (copy / "stability.csv").read_bytes() == (results / "stability.csv").read_bytes()  # drawn, not recomputed
+    assert not (copy / "pipeline_stability.csv").exists()
+    assert not (copy / "figures" / "pipeline_stability.png").exists()
+    assert "skipped pipeline_stability: no " in proc.stdout and "--stability" in proc.stdout
+    assert "computing" not in proc.stdout
+    assert (copy / "figures" / "pipe" / "accuracy_vs_stages.png").exists()
+
+
+@pytest.mark.parametrize("present, flag", [((), True), (("stability.csv",), True),
+                                           (("stability.csv", "pipeline_stability.csv"), False)])
+def test_make_figures_computes_the_stability_tables_when_one_is_missing(tmp_path, present, flag):
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    for name in present:
+        (tmp_path / name).write_text("x\n")
+    proc = subprocess.run(["make", "-n", "-s", "figures", f"RESULTS={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True)
+    [line] = [ln for ln in proc.stdout.splitlines() if " figures --results " in ln]
+    assert line.split()[-1] == "--stability" if flag else line.split()[-1] == str(tmp_path)
 
 
 def test_a_sweep_gets_its_own_figures_and_a_trials_table(tmp_path, capsys):

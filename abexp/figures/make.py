@@ -3,9 +3,10 @@
 Collects ``RESULTS/runs`` into ``runs.csv`` and ``epochs.csv``, draws each experiment's figures
 into ``RESULTS/figures/<experiment>/``, an Optuna sweep's own figures for each study in
 ``RESULTS/sweeps/``, and the quadratic stability figures. The stability tables are bisections
-(minutes of CPU), so they are computed only when asked for (``--stability``) or, for a run over
-every experiment, when missing, and then kept (``RESULTS/stability.csv``,
-``RESULTS/pipeline_stability.csv``); ``--experiment NAME`` alone takes seconds.
+(minutes of CPU) that do not depend on the runs, so they are computed only when asked for
+(``--stability``, which ``make figures`` passes when one is missing) and then kept
+(``RESULTS/stability.csv``, ``RESULTS/pipeline_stability.csv``); a run over every experiment
+draws the kept ones and says in a line which are missing, so it takes seconds.
 
 Scripts run in this one process; one that has nothing to draw says so in a line, and one that
 fails says so in a line too, and the rest still run (the exit code is then 1).
@@ -39,21 +40,26 @@ def script(name: str, *argv: str) -> bool:
     return True
 
 
-def stability_tables(res: Path, force: bool) -> bool:
-    """The quadratic tables, computed when forced or missing, then drawn; True when all drew."""
+def stability_tables(res: Path, compute: bool) -> bool:
+    """The quadratic tables, (re)computed when asked, drawn when present; True when all drew.
+    Without ``compute`` a missing table is one line, not minutes of bisections."""
     import pandas as pd
 
     from abexp.lab.collect import write_table
     from abexp.sim.stability import pipeline_table, stability_table
 
     ok = True
-    for name, compute, figure in (
+    for name, table_fn, figure in (
             ("stability", lambda: stability_table(STABILITY_OPTIMS, STABILITY_DELAYS), "stability"),
             ("pipeline_stability", lambda: pipeline_table(STABILITY_OPTIMS, STABILITY_STAGES), "pipeline_stability")):
         path = res / f"{name}.csv"
-        if force or not path.exists():
+        if compute:
             print(f"computing {path} (quadratic bisections; kept for later runs)", flush=True)
-            write_table(pd.DataFrame(compute()), path)
+            write_table(pd.DataFrame(table_fn()), path)
+        elif not path.exists():
+            print(f"skipped {figure}: no {path} (abexp figures --stability computes it: "
+                  "quadratic bisections, minutes of CPU)")
+            continue
         ok &= script(figure, "--table", str(path), "--out", str(res / "figures"))
     return ok
 
@@ -66,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the runs of this spec, whichever spec trained them (repeatable): runs shared "
                         "by several specs carry the label of the one that trained them first")
     p.add_argument("--stability", action="store_true",
-                   help="(re)compute and draw the quadratic stability tables")
+                   help="(re)compute and draw the quadratic stability tables (minutes of CPU; "
+                        "without it, kept tables are drawn and missing ones skipped)")
     p.add_argument("--baseline", default="sgdm",
                    help="the optimizer the paired table (paired.md) compares every other with (default sgdm)")
     args = p.parse_args(argv)

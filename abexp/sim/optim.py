@@ -43,6 +43,7 @@ import torch
 
 from abexp.config import OptimCfg
 from abexp.sim.brake import BrakeLog
+from abexp.sim.segments import Segments
 
 DC_MS_DECAY, DC_MS_EPS = 0.95, 1e-7  # DC-ASGD-a: MeanSquare's decay and the epsilon under its root
 
@@ -87,19 +88,23 @@ OPTIMIZERS: dict[str, Mitigations] = {
 }
 
 
-def segment_cosine(g: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+def segment_cosine(g: torch.Tensor, v: torch.Tensor, segments: Segments | None,
+                   scratch: torch.Tensor | None = None) -> torch.Tensor:
     """cos(g, v) per contiguous segment (one per parameter tensor), or one global value.
 
-    Defined as 0 where either norm is 0 (e.g. the first step, when v = 0). ``unsafe=True``
-    skips segment_reduce's validation of ``lengths`` (two host reads per call, a GPU sync each);
-    the lengths are the parameter sizes, valid by construction.
+    Defined as 0 where either norm is 0 (e.g. the first step, when v = 0). Per segment, the
+    three products go into ``scratch`` ([3, *g.shape], allocated when None) and are summed in
+    one pass (abexp.sim.segments: a fixed number of tensor operations, no host read). ``g`` and
+    ``v`` may carry leading batch dimensions ([K, P]: K packed runs); the result is then [K, S].
     """
-    if lengths is None:
+    if segments is None:
         dot, gg, vv = (g * v).sum(), (g * g).sum(), (v * v).sum()
     else:
-        dot = torch.segment_reduce(g * v, "sum", lengths=lengths, unsafe=True)
-        gg = torch.segment_reduce(g * g, "sum", lengths=lengths, unsafe=True)
-        vv = torch.segment_reduce(v * v, "sum", lengths=lengths, unsafe=True)
+        prod = torch.empty((3, *g.shape), device=g.device, dtype=g.dtype) if scratch is None else scratch
+        torch.mul(g, v, out=prod[0])
+        torch.mul(g, g, out=prod[1])
+        torch.mul(v, v, out=prod[2])
+        dot, gg, vv = segments.sums(prod).unbind(0)
     denom = gg.sqrt() * vv.sqrt()  # not sqrt(gg * vv): the product under- or overflows
     return torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(dot))
 
@@ -141,9 +146,9 @@ class DelayedOptimizer:
         self.accumulated_count = 0
         # PipeMare's discrepancy correction: EMA of the per-step weight change
         self.delta = torch.zeros(numel, device=device, dtype=dtype) if self.rules.discrepancy else None
-        self.lengths = None
+        self.segments, self._ab_scratch = None, None
         if self.rules.ab and cfg.ab_cosine == "tensor":
-            self.lengths = torch.tensor(segment_sizes, device=device, dtype=torch.long)
+            self.segments = Segments(segment_sizes, device)
 
     def step_size(self, lr: float, tau: int, stage: int = 0) -> float:
         if self.rules.salr:
@@ -191,11 +196,16 @@ class DelayedOptimizer:
 
     def _brake(self, g: torch.Tensor, direction: torch.Tensor) -> None:
         """Adaptive Braking: g *= 1 - rho cos(g, direction), per tensor or global."""
-        scale = 1.0 - self.cfg.rho * segment_cosine(g, direction, self.lengths)
-        self.brake_log.record(scale)  # read out per epoch (abexp.sim.brake), never applied
-        if self.lengths is not None:
-            scale = scale.repeat_interleave(self.lengths, output_size=g.numel())
-        g.mul_(scale)
+        if self.segments is None:
+            scale = 1.0 - self.cfg.rho * segment_cosine(g, direction, None)
+            self.brake_log.record(scale)  # read out per epoch (abexp.sim.brake), never applied
+            g.mul_(scale)
+            return
+        if self._ab_scratch is None:  # kept: a fresh 3P buffer per step costs its page faults
+            self._ab_scratch = torch.empty((3, *g.shape), device=g.device, dtype=g.dtype)
+        scale = 1.0 - self.cfg.rho * segment_cosine(g, direction, self.segments, self._ab_scratch)
+        self.brake_log.record(scale)
+        self.segments.scale_(g, scale)
 
     def step(self, w: torch.Tensor, grad: torch.Tensor, w_fwd: torch.Tensor, taus: list[int],
              lr: float) -> None:

@@ -15,7 +15,11 @@ c. grid throughput: K runs sharing one device, packed into one network (abexp.tr
    over the naive one-run baseline;
 d. torch.compile: eager vs compiled step time (ResNet-20, AB, delay 32);
 e. the parameter server of ``delay.kind: async`` (``abexp.tools.bench_async``): its cost per
-   update against one gradient, and updates per second against the number of workers.
+   update against one gradient, and updates per second against the number of workers;
+f. AB's update against SGDM's on a ResNet-50-sized flat vector (one thread, interleaved rounds):
+   the per-tensor cosines should cost about one more pass over memory (target <= 2.5x);
+g. ATen operations of one packed training step for K = 1, 8, 32 runs (torch.profiler on the CPU,
+   a proxy for a GPU's kernel launches): in all, and inside the K delay engines.
 Writes ``bench.json`` and ``bench.md`` under ``--out``.
 """
 
@@ -260,6 +264,86 @@ def compile_speedup(device: str, steps: int) -> dict:
             "speedup": round(times["eager"][0] / times["compiled"][0], 3)}
 
 
+def ab_apply_ratio(rounds: int, model: str = "resnet50", device: str = "cpu") -> dict:
+    """Median time of one optimizer update (``DelayedOptimizer.step``, delay 3) for SGDM and for
+    AB (per-tensor cosines) on ``model``'s parameter sizes, in interleaved rounds, one thread."""
+    from abexp.config import OptimCfg
+    from abexp.sim.optim import DelayedOptimizer
+    from abexp.train.models import build_model
+
+    sizes = [p.numel() for p in build_model(model, 10).parameters()]
+    dev = torch.device(device)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the parameter server of a CPU async run
+    try:
+        gen = torch.Generator().manual_seed(0)
+        grad = (torch.randn(sum(sizes), generator=gen) * 1e-3).to(dev)
+        rules = {name: (DelayedOptimizer(OptimCfg(name=name, lr=1e-3, momentum=0.9, rho=1.0), sizes, [3.0], dev),
+                        torch.randn(sum(sizes), generator=gen).to(dev)) for name in ("sgdm", "ab")}
+        times: dict[str, list[float]] = {name: [] for name in rules}
+        g = torch.empty_like(grad)
+        for r in range(rounds + 1):
+            for name, (opt, w) in rules.items():
+                g.copy_(grad)  # the step consumes its gradient (AB scales it in place)
+                sync(dev)
+                start = time.perf_counter()
+                opt.step(w, g, w, [3], 1e-3)
+                sync(dev)
+                if r:  # round 0 warms up (first-touch of the optimizer's buffers)
+                    times[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+    sgdm, ab = (statistics.median(times[n]) for n in ("sgdm", "ab"))
+    return {"model": model, "params": sum(sizes), "tensors": len(sizes), "rounds": rounds,
+            "sgdm_ms": round(sgdm * 1e3, 3), "ab_ms": round(ab * 1e3, 3),
+            "ratio_ab_over_sgdm": round(ab / sgdm, 3), "target": "<= 2.5"}
+
+
+def packed_op_counts(packs: list[int], model: str = "resnet8", batch: int = 8) -> dict:
+    """ATen operations of one packed training step (torch.profiler on the CPU: each top-level
+    ATen call is a kernel launch or more on a GPU), in all and inside the delay engines
+    (``begin`` and ``finish``: forward-weight storage, stale-weight read and the update), for K
+    packed runs, half SGDM and half AB, delays 0, 4, 8, ..."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from abexp.train.packed import PackedRun
+
+    rows = []
+    for k in packs:
+        cfgs = [load_config(None, [f"model.name={model}", "data.name=synthetic", f"data.synthetic_size={batch * 2}",
+                                   f"train.batch_size={batch}", f"seed={i}", "train.epochs=1000",
+                                   f"optim.name={'ab' if i % 2 else 'sgdm'}", f"delay.steps={(i * 4) % 33}"])
+                for i in range(k)]
+        pack = PackedRun(cfgs, ["/nonexistent"] * k, "cpu", log=lambda s: None)
+        for engine in pack.engines:  # label the engines' share of the step
+            for name in ("begin", "finish"):
+                method = getattr(engine, name)
+
+                def labelled(*a, _method=method, **kw):
+                    with record_function("abexp.engine"):
+                        return _method(*a, **kw)
+                setattr(engine, name, labelled)
+        batches = [next(iter(b.epoch(0))) for b in pack.batches]
+        step = lambda: pack.train_step([x for x, _ in batches], [y for _, y in batches], [0.01] * k)
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        total = engine_ops = 0
+        for event in prof.events():
+            if not event.name.startswith("aten::"):
+                continue
+            parent, inside, nested = event.cpu_parent, False, False
+            while parent is not None:
+                nested |= parent.name.startswith("aten::")
+                inside |= parent.name == "abexp.engine"
+                parent = parent.cpu_parent
+            if not nested:  # a top-level ATen call (its own sub-calls are not counted again)
+                total += 1
+                engine_ops += inside
+        rows.append({"K": k, "aten_ops": total, "engine_ops": engine_ops, "engine_ops_per_run": round(engine_ops / k, 1)})
+    return {"model": model, "rows": rows}
+
+
 def to_markdown(report: dict) -> str:
     lines = [f"# abexp benchmark — {report['machine']}", "",
              f"torch {report['torch']}, device {report['device']}, {report['date']}", ""]
@@ -294,6 +378,18 @@ def to_markdown(report: dict) -> str:
                       "one-run pipeline (target ≥ 20×, ≤ 1 s per run-epoch)", ""]
     if "async" in report:
         lines += bench_async.to_markdown(report["async"])
+    if "packed_ops" in report:
+        o = report["packed_ops"]
+        lines += [f"## ATen operations of one packed training step ({o['model']}, torch.profiler on the CPU)", "",
+                  "| K runs | ATen ops, whole step | in the delay engines | per run |", "|---|---|---|---|"]
+        lines += [f"| {r['K']} | {r['aten_ops']} | {r['engine_ops']} | {r['engine_ops_per_run']} |" for r in o["rows"]]
+        lines += [""]
+    if "ab_apply" in report:
+        a = report["ab_apply"]
+        lines += [f"## AB's update vs SGDM's ({a['model']}-sized vector: {a['params']:,} parameters in "
+                  f"{a['tensors']} tensors, one thread)", "",
+                  "| SGDM ms | AB ms | ratio (target ≤ 2.5) |", "|---|---|---|",
+                  f"| {a['sgdm_ms']} | {a['ab_ms']} | {a['ratio_ab_over_sgdm']} |", ""]
     return "\n".join(lines)
 
 
@@ -310,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
                              "2 4 on a CPU, where each process needs its own memory and threads)")
     parser.add_argument("--only-delay", action="store_true", help="just figure a (fast)")
     parser.add_argument("--only-async", action="store_true", help="just figure e (the parameter server)")
+    parser.add_argument("--only-ab", action="store_true", help="just figure f (AB's update vs SGDM's)")
+    parser.add_argument("--only-ops", action="store_true",
+                        help="just figure g (ATen operations of one packed step, K = 1, 8, 32)")
     parser.add_argument("--async-workers", type=int, nargs="+", default=[1, 2, 4, 8],
                         help="N for the updates-per-second runs of figure e")
     args = parser.parse_args(argv)
@@ -317,16 +416,21 @@ def main(argv: list[str] | None = None) -> int:
                           else ("cpu" if args.device == "auto" else args.device))
     report = {"machine": machine_name(device), "device": str(device), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M")}
-    if not args.only_async:
+    only = args.only_delay or args.only_async or args.only_ab or args.only_ops
+    if not only or args.only_delay:
         report["delay_overhead"] = delay_overhead(str(device), args.steps, args.rounds)
-    if not (args.only_delay or args.only_async):
+    if not only:
         report["path_vs_naive"] = path_vs_naive(str(device), args.steps)
         report["compile"] = compile_speedup(str(device), args.steps)
         procs = args.procs if args.procs is not None else ([2, 4, 8, 16, 32] if device.type == "cuda" else [2, 4])
         report["grid_throughput"] = grid_throughput(str(device), args.packs, procs, max(2, args.steps // 3),
                                                     report["path_vs_naive"]["naive_epoch_s"])
-    if not args.only_delay:  # the server is a CPU process (gloo), whatever the device
+    if not only or args.only_async:  # the server is a CPU process (gloo), whatever the device
         report["async"] = bench_async.report(max(20, args.steps), args.async_workers)
+    if not only or args.only_ab:
+        report["ab_apply"] = ab_apply_ratio(max(3, args.rounds), device=str(device))
+    if not only or args.only_ops:
+        report["packed_ops"] = packed_op_counts([1, 8, 32])
     out = Path(args.out)
     io.write_json(out / "bench.json", report)
     md = to_markdown(report)
