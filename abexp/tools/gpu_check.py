@@ -12,8 +12,12 @@ and writes at most seven files to ``--out``:
   step time for fp32 / tf32 / bf16 / bf16 + channels_last, SGDM and AB, with the share of wall
   time the GPU is busy; packed K = 1 / 8 / 32 step time and peak memory; a ResNet-50 224x224
   bf16 step at D = 32;
-- ``bench.json`` / ``bench.md``: a trimmed ``abexp.tools.bench``;
+- ``bench.json`` / ``bench.md``: a trimmed ``abexp.tools.bench`` (figures a-d);
 - ``summary.md``: the table the README shows; ``log.txt``: everything printed.
+
+Each section runs on its own (``abexp.tools.sections``): a failure is its one error line, the
+files are rewritten after every section, and on a GPU each section has a time limit so that the
+whole check stays within 7 minutes. What the python lacks is named in one line first (exit 2).
 
 ``--device cpu --quick`` runs the same code at toy sizes (the test suite does, so the script
 cannot rot between GPU sessions); its numbers mean nothing.
