@@ -53,6 +53,8 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest tests
 
+# Speed figures a-e (docs/throughput.md), each on its own: one that fails is listed with its error
+# line, the others still measured; results/bench/bench.{json,md} rewritten after each figure.
 bench: $(STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m abexp.tools.bench
 

@@ -62,3 +62,40 @@ def test_ab_apply_figure_is_the_ratio_of_its_timings(tmp_path):
     assert a["params"] == 25557032 - 2049000 + 20490  # torchvision's ResNet-50 with a 10-class head
     assert abs(a["ratio_ab_over_sgdm"] - a["ab_ms"] / a["sgdm_ms"]) < 2e-3 * a["ratio_ab_over_sgdm"] + 1e-3
     assert f"| {a['sgdm_ms']} | {a['ab_ms']} | {a['ratio_ab_over_sgdm']} |" in (tmp_path / "bench.md").read_text()
+
+
+def test_a_failing_section_leaves_the_others_on_disk(tmp_path, monkeypatch):
+    """Figure b forced to fail: a and c are still measured and written, b is named with its
+    error line, c's ratio to b is left empty, and the exit status says something failed."""
+    def broken(device, steps):
+        raise RuntimeError("no PIL on this node")
+
+    saved = []
+    real_write = bench.io.write_json
+    monkeypatch.setattr(bench, "path_vs_naive", broken)
+    monkeypatch.setattr(bench.io, "write_json", lambda path, obj: (saved.append(json.loads(json.dumps(obj))),
+                                                                   real_write(path, obj)))
+    code = bench.main(["--skip", "compile", "async", "--steps", "1", "--rounds", "1", "--packs", "1",
+                       "--procs", "--out", str(tmp_path)])
+    assert code == 1
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["failed"] == {"path_vs_naive": "RuntimeError: no PIL on this node"}
+    assert "delay_overhead" in report and "compile" not in report and "async" not in report
+    assert [r["K"] for r in report["grid_throughput"]["rows"]] == [1]
+    assert report["grid_throughput"]["best_speedup_over_naive"] is None
+    assert "- path_vs_naive FAILED: RuntimeError: no PIL on this node" in (tmp_path / "bench.md").read_text()
+    # written after every section: the first save already held figure a, before b was tried
+    assert [sorted(k for k in s if k in bench.SECTIONS) for s in saved] == \
+        [["delay_overhead"], ["delay_overhead"], ["delay_overhead", "grid_throughput"]]
+
+
+def test_a_section_past_its_limit_is_stopped_and_the_next_one_runs():
+    import time
+
+    from abexp.tools.sections import run_sections
+
+    start = time.perf_counter()
+    report = run_sections([("slow", lambda: time.sleep(30), 0.5), ("next", lambda: 42, 5.0)], {}, lambda r: None)
+    assert time.perf_counter() - start < 10
+    assert report["failed"] == {"slow": "SectionTimeout: stopped after its limit of 0.5 s"}
+    assert report["next"] == 42 and "slow" not in report

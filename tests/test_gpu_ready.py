@@ -175,7 +175,7 @@ def test_gpu_check_runs_end_to_end_on_the_cpu_and_writes_few_files(tmp_path):
     summary = (out / "summary.md").read_text()
     assert f"tests/test_gpu.py: {len(want)} tests, 0 failed, 0 errors" in summary and "-> PASS" in summary
     probe = json.loads((out / "probe.json").read_text())
-    assert not probe["errors"]
+    assert probe["failed"] == {} and not probe["bench"]["failed"]
     assert probe["determinism"]["resume_equal_deterministic_True"] is True  # bitwise on the CPU
     assert probe["cpu_vs_gpu"]["relative_l2"] == 0.0  # CPU against itself: the probe compares like with like
     assert {r["precision"] for r in probe["step_times"]} == {"fp32", "tf32", "bf16", "bf16+channels_last"}
@@ -311,3 +311,29 @@ def test_gpu_check_names_what_the_node_lacks_in_one_line_before_importing_it(tmp
     listed = subprocess.run([sys.executable, "-m", "abexp.tools.gpu_deps", "--missing"], env=env,
                             capture_output=True, text=True, timeout=300)
     assert listed.stdout.split() == ["pydantic", "pytest"]  # what make gpu-check installs from wheels/
+
+
+def test_gpu_check_keeps_every_other_section_when_one_fails(tmp_path, monkeypatch):
+    """The CPU-vs-GPU section forced to fail: the others' figures are in probe.json and the
+    summary, the failure is one line there, and gpu-check exits 1."""
+    from abexp.tools import gpu_check
+
+    def broken(device, quick):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(gpu_check, "resume_and_determinism", lambda d, q, w: {"resume_equal_deterministic_True": True})
+    monkeypatch.setattr(gpu_check, "cpu_vs_gpu", broken)
+    monkeypatch.setattr(gpu_check, "step_times", lambda d, q: [])
+    monkeypatch.setattr(gpu_check, "packed", lambda d, q: [{"k": 1, "step_ms": 1.0, "ms_per_run_step": 1.0,
+                                                            "peak_memory_gib": None}])
+    monkeypatch.setattr(gpu_check, "resnet50_step", lambda d, q: {"batch": 4, "image": 112, "precision": "bf16",
+                                                                  "step_ms": 9.0, "images_per_s": 1.0, "peak_memory_gib": None})
+    monkeypatch.setattr(gpu_check, "trimmed_bench", lambda d, q, o, lim, log: {"failed": {}})
+    out = tmp_path / "out"
+    assert gpu_check.main(["--device", "cpu", "--quick", "--skip-tests", "--out", str(out)]) == 1
+    probe = json.loads((out / "probe.json").read_text())
+    assert probe["failed"] == {"cpu_vs_gpu": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    assert {"determinism", "step_times", "packed", "resnet50", "bench"} <= set(probe) and "cpu_vs_gpu" not in probe
+    summary = (out / "summary.md").read_text()
+    assert "- cpu_vs_gpu FAILED: RuntimeError: CUDA error" in summary and "| 1 | 1.0 | 1.0 | None |" in summary
+    assert "9.0 ms/step" in summary

@@ -20,7 +20,10 @@ f. AB's update against SGDM's on a ResNet-50-sized flat vector (one thread, inte
    the per-tensor cosines should cost about one more pass over memory (target <= 2.5x);
 g. ATen operations of one packed training step for K = 1, 8, 32 runs (torch.profiler on the CPU,
    a proxy for a GPU's kernel launches): in all, and inside the K delay engines.
-Writes ``bench.json`` and ``bench.md`` under ``--out``.
+Writes ``bench.json`` and ``bench.md`` under ``--out``, after every section. Each section runs
+on its own (``abexp.tools.sections``): one that raises, or runs past ``--limit-s``, is listed as
+failed with its error line and the others are still measured; the exit status is then 1.
+``--skip`` leaves sections out (gpu-check skips e, the CPU-only parameter server).
 """
 
 from __future__ import annotations
@@ -221,6 +224,10 @@ def processes_step_time(device: str, k: int, steps: int) -> float:
                 if any(p.exitcode not in (None, 0) for p in procs):
                     raise RuntimeError(f"a benchmark worker failed (exit codes {[p.exitcode for p in procs]})")
         elapsed = time.perf_counter() - start
+    except BaseException:  # a failure or the section's time limit: the workers are not waited for
+        for proc in procs:
+            proc.kill()
+        raise
     finally:
         for proc in procs:
             proc.join(timeout=60)
@@ -229,7 +236,7 @@ def processes_step_time(device: str, k: int, steps: int) -> float:
     return elapsed / steps
 
 
-def grid_throughput(device: str, packs: list[int], procs: list[int], steps: int, naive_epoch_s: float) -> dict:
+def grid_throughput(device: str, packs: list[int], procs: list[int], steps: int, naive_epoch_s: float | None) -> dict:
     """Run-epochs per hour with K runs sharing the device, packed in one process or as K processes."""
     rows = []
     for mode, ks, timer in (("packed", packs, packed_step_time), ("processes", procs, processes_step_time)):
@@ -240,11 +247,11 @@ def grid_throughput(device: str, packs: list[int], procs: list[int], steps: int,
                          "run_epochs_per_hour": round(3600 * k / epoch_s, 1)})
     best = max(rows, key=lambda r: r["run_epochs_per_hour"])
     one = next((r for r in rows if r["K"] == 1), None)
-    naive_rate = 3600 / naive_epoch_s
+    naive_rate = 3600 / naive_epoch_s if naive_epoch_s else None  # None: figure b failed
     return {"rows": rows, "best_mode": best["mode"], "best_K": best["K"],
             "best_epoch_s_per_run": best["epoch_s_per_run"],
             "best_speedup_over_K1": round(best["run_epochs_per_hour"] / one["run_epochs_per_hour"], 3) if one else None,
-            "best_speedup_over_naive": round(best["run_epochs_per_hour"] / naive_rate, 3),
+            "best_speedup_over_naive": round(best["run_epochs_per_hour"] / naive_rate, 3) if naive_rate else None,
             "target": ">= 20x over naive; <= 1 s per ResNet-20 epoch per run (GPU)"}
 
 
@@ -390,7 +397,42 @@ def to_markdown(report: dict) -> str:
                   f"{a['tensors']} tensors, one thread)", "",
                   "| SGDM ms | AB ms | ratio (target ≤ 2.5) |", "|---|---|---|",
                   f"| {a['sgdm_ms']} | {a['ab_ms']} | {a['ratio_ab_over_sgdm']} |", ""]
+    for name, line in report.get("failed", {}).items():
+        lines.append(f"- {name} FAILED: {line}")
     return "\n".join(lines)
+
+
+SECTIONS = ("delay_overhead", "path_vs_naive", "compile", "grid_throughput", "async", "ab_apply", "packed_ops")
+
+
+def run_bench(device: torch.device, steps: int, rounds: int, packs: list[int], procs: list[int] | None,
+              async_workers: list[int], sections: tuple[str, ...], out: Path,
+              limits: dict[str, float] | None = None, log=lambda m: None) -> dict:
+    """The named sections, each on its own (abexp.tools.sections): one that fails or overruns its
+    limit is reported as failed with its error line; bench.json and bench.md are rewritten after
+    every section, so they always hold what finished."""
+    from abexp.tools.sections import run_sections
+
+    report = {"machine": machine_name(device), "device": str(device), "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d %H:%M")}
+    procs = procs if procs is not None else ([2, 4, 8, 16, 32] if device.type == "cuda" else [2, 4])
+    naive_s = lambda: (report.get("path_vs_naive") or {}).get("naive_epoch_s")  # noqa: E731 - None if it failed
+    parts = {"delay_overhead": lambda: delay_overhead(str(device), steps, rounds),
+             "path_vs_naive": lambda: path_vs_naive(str(device), steps),
+             "compile": lambda: compile_speedup(str(device), steps),
+             "grid_throughput": lambda: grid_throughput(str(device), packs, procs, max(2, steps // 3), naive_s()),
+             # the server is a CPU process (gloo), whatever the device
+             "async": lambda: bench_async.report(max(20, steps), async_workers),
+             "ab_apply": lambda: ab_apply_ratio(max(3, rounds), device=str(device)),
+             "packed_ops": lambda: packed_op_counts([1, 8, 32])}
+    limits = limits or {}
+
+    def save(rep: dict) -> None:
+        io.write_json(out / "bench.json", rep)
+        io.write_text(out / "bench.md", to_markdown(rep))
+
+    return run_sections([(name, parts[name], limits.get(name)) for name in SECTIONS if name in sections],
+                        report, save, log)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,34 +451,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only-ab", action="store_true", help="just figure f (AB's update vs SGDM's)")
     parser.add_argument("--only-ops", action="store_true",
                         help="just figure g (ATen operations of one packed step, K = 1, 8, 32)")
+    parser.add_argument("--skip", nargs="+", default=[], choices=SECTIONS, help="sections not to run")
+    parser.add_argument("--limit-s", type=float, default=None,
+                        help="wall-clock limit of each section: one past it is reported as failed")
     parser.add_argument("--async-workers", type=int, nargs="+", default=[1, 2, 4, 8],
                         help="N for the updates-per-second runs of figure e")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
-    report = {"machine": machine_name(device), "device": str(device), "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d %H:%M")}
-    only = args.only_delay or args.only_async or args.only_ab or args.only_ops
-    if not only or args.only_delay:
-        report["delay_overhead"] = delay_overhead(str(device), args.steps, args.rounds)
-    if not only:
-        report["path_vs_naive"] = path_vs_naive(str(device), args.steps)
-        report["compile"] = compile_speedup(str(device), args.steps)
-        procs = args.procs if args.procs is not None else ([2, 4, 8, 16, 32] if device.type == "cuda" else [2, 4])
-        report["grid_throughput"] = grid_throughput(str(device), args.packs, procs, max(2, args.steps // 3),
-                                                    report["path_vs_naive"]["naive_epoch_s"])
-    if not only or args.only_async:  # the server is a CPU process (gloo), whatever the device
-        report["async"] = bench_async.report(max(20, args.steps), args.async_workers)
-    if not only or args.only_ab:
-        report["ab_apply"] = ab_apply_ratio(max(3, args.rounds), device=str(device))
-    if not only or args.only_ops:
-        report["packed_ops"] = packed_op_counts([1, 8, 32])
-    out = Path(args.out)
-    io.write_json(out / "bench.json", report)
-    md = to_markdown(report)
-    io.write_text(out / "bench.md", md)
-    print(md)
-    return 0
+    only = {"delay_overhead": args.only_delay, "async": args.only_async, "ab_apply": args.only_ab,
+            "packed_ops": args.only_ops}
+    sections = tuple(s for s, on in only.items() if on) or SECTIONS
+    sections = tuple(s for s in sections if s not in args.skip)
+    limits = dict.fromkeys(sections, args.limit_s) if args.limit_s else None
+    report = run_bench(device, args.steps, args.rounds, args.packs, args.procs, args.async_workers, sections,
+                       Path(args.out), limits, log=lambda m: print(m, flush=True))
+    print(to_markdown(report))
+    return 1 if report["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -12,8 +12,12 @@ and writes at most seven files to ``--out``:
   step time for fp32 / tf32 / bf16 / bf16 + channels_last, SGDM and AB, with the share of wall
   time the GPU is busy; packed K = 1 / 8 / 32 step time and peak memory; a ResNet-50 224x224
   bf16 step at D = 32;
-- ``bench.json`` / ``bench.md``: a trimmed ``abexp.tools.bench``;
+- ``bench.json`` / ``bench.md``: a trimmed ``abexp.tools.bench`` (figures a-d);
 - ``summary.md``: the table the README shows; ``log.txt``: everything printed.
+
+Each section runs on its own (``abexp.tools.sections``): a failure is its one error line, the
+files are rewritten after every section, and on a GPU each section has a time limit so that the
+whole check stays within 7 minutes. What the python lacks is named in one line first (exit 2).
 
 ``--device cpu --quick`` runs the same code at toy sizes (the test suite does, so the script
 cannot rot between GPU sessions); its numbers mean nothing.
@@ -29,7 +33,6 @@ import platform
 import subprocess
 import sys
 import time
-import traceback
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -73,7 +76,7 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def run_gpu_tests(out: Path, log, require_gpu: bool = True) -> dict:
+def run_gpu_tests(out: Path, log, require_gpu: bool = True, limit_s: float | None = None) -> dict:
     """tests/test_gpu.py under pytest, as JUnit XML in ``out``. With ``require_gpu`` (a GPU
     node) a skipped test is a failure; without (``--device cpu``) the tests skip, and only
     their collection is checked. No XML (pytest could not start): pytest's own last line."""
@@ -83,8 +86,14 @@ def run_gpu_tests(out: Path, log, require_gpu: bool = True) -> dict:
     env.pop("ABEXP_REQUIRE_GPU", None)
     if require_gpu:
         env["ABEXP_REQUIRE_GPU"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(GPU_TESTS),
-                           f"--junitxml={xml}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(GPU_TESTS),
+                               f"--junitxml={xml}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit_s)
+    except subprocess.TimeoutExpired as late:
+        said = (late.stdout or b"").decode(errors="replace") if isinstance(late.stdout, bytes) else (late.stdout or "")
+        log(said[-4000:])
+        return {"exit_code": None, "require_gpu": require_gpu, "passed": False,
+                "error": f"pytest stopped after its limit of {limit_s:g} s (the log has how far it got)"}
     log(proc.stdout[-4000:] + proc.stderr[-2000:])
     counts: dict = {"exit_code": proc.returncode, "require_gpu": require_gpu}
     if xml.exists():
@@ -300,9 +309,18 @@ def summary_markdown(env: dict, tests: dict, probe: dict) -> str:
         r = probe["resnet50"]
         lines += [f"ResNet-50 {r['image']}px batch {r['batch']} {r['precision']} AB at D = 32: {r['step_ms']} ms/step, "
                   f"{r['images_per_s']} images/s, peak {r['peak_memory_gib']} GiB", ""]
-    for key, err in probe.get("errors", {}).items():
-        lines.append(f"- {key} FAILED: {err.splitlines()[-1] if err else ''}")
+    for key, err in probe.get("failed", {}).items():
+        lines.append(f"- {key} FAILED: {err}")
+    for key, err in (probe.get("bench") or {}).get("failed", {}).items():
+        lines.append(f"- bench {key} FAILED: {err}")
     return "\n".join(lines) + "\n"
+
+
+# Wall-clock limits per section on a GPU (seconds): with the start-up, under the 7 minutes a lent
+# device gives gpu-check. A section past its limit is reported as failed; the others still run.
+LIMITS_S = {"tests": 110, "determinism": 35, "cpu_vs_gpu": 20, "step_times": 35, "packed": 25, "resnet50": 30}
+# the trimmed bench: figures a-d (e, the parameter server with its ResNet-50 gradients, is CPU-only)
+BENCH_LIMITS_S = {"delay_overhead": 20, "path_vs_naive": 30, "compile": 40, "grid_throughput": 60}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,7 +336,11 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu-check: torch.cuda.is_available() is False with this python "
               f"({sys.executable}, torch {torch.__version__})", file=sys.stderr)
         return 2
+    from abexp.tools.sections import run_sections
+
     device = torch.device(args.device)
+    limited = device.type == "cuda"  # on a CPU (--quick, testing the script) nothing is timed out
+    limit = lambda name: LIMITS_S.get(name) if limited else None  # noqa: E731
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     logged: list[str] = []
@@ -330,42 +352,38 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     io.write_json(out / "env.json", env)
     log(json.dumps(env))
-    tests = {"skipped_by_flag": True} if args.skip_tests else run_gpu_tests(out, log, require_gpu=device.type == "cuda")
-    probe: dict = {"errors": {}}
+    tests = {"skipped_by_flag": True} if args.skip_tests else \
+        run_gpu_tests(out, log, require_gpu=device.type == "cuda", limit_s=limit("tests"))
     work = out / ".work"
     parts = [("determinism", lambda: resume_and_determinism(device, args.quick, work)),
              ("cpu_vs_gpu", lambda: cpu_vs_gpu(device, args.quick)),
              ("step_times", lambda: step_times(device, args.quick)),
              ("packed", lambda: packed(device, args.quick)),
              ("resnet50", lambda: resnet50_step(device, args.quick)),
-             ("bench", lambda: trimmed_bench(device, args.quick, out))]
-    for name, part in parts:  # one failing part does not cost the others
-        start = time.perf_counter()
-        try:
-            probe[name] = part()
-        except Exception:  # noqa: BLE001 - recorded in probe.json and the summary
-            probe["errors"][name] = traceback.format_exc()
-        log(f"{name}: {time.perf_counter() - start:.1f}s {json.dumps(probe.get(name))[:2000]}")
-        io.write_json(out / "probe.json", probe)
+             ("bench", lambda: trimmed_bench(device, args.quick, out, limited, log))]
+    # each part on its own: one that fails or overruns costs only its own figures
+    probe = run_sections([(name, part, limit(name)) for name, part in parts], {},
+                         lambda rep: io.write_json(out / "probe.json", rep), log)
     import shutil
     shutil.rmtree(work, ignore_errors=True)
     summary = summary_markdown(env, tests, probe)
     io.write_text(out / "summary.md", summary)
     log(summary)
     io.write_text(out / "log.txt", "\n".join(logged) + "\n")
-    return 0 if (tests.get("passed") or args.skip_tests) and not probe["errors"] else 1
+    bench_failed = (probe.get("bench") or {}).get("failed")
+    return 0 if (tests.get("passed") or args.skip_tests) and not probe["failed"] and not bench_failed else 1
 
 
-def trimmed_bench(device: torch.device, quick: bool, out: Path) -> dict:
-    """abexp.tools.bench's figures a-c at fewer steps and packs (its bench.json / bench.md)."""
+def trimmed_bench(device: torch.device, quick: bool, out: Path, limited: bool, log) -> dict:
+    """abexp.tools.bench's figures a-d at fewer steps and packs (its bench.json / bench.md),
+    each under its limit on a GPU; a failed figure is in the report's ``failed``."""
     from abexp.tools import bench
 
-    argv = ["--device", device.type, "--out", str(out)]
-    argv += ["--steps", "2", "--rounds", "1", "--only-delay"] if quick else \
-        ["--steps", "10", "--rounds", "2", "--packs", "1", "8", "32", "--procs", "4", "16"]
+    sections = ("delay_overhead",) if quick else tuple(BENCH_LIMITS_S)
+    steps, rounds = (2, 1) if quick else (10, 2)
     with contextlib.redirect_stdout(open(os.devnull, "w")):
-        bench.main(argv)
-    return json.loads((out / "bench.json").read_text())
+        return bench.run_bench(device, steps, rounds, [1, 8, 32], [4, 16], [], sections, out,
+                               BENCH_LIMITS_S if limited else None, log=lambda m: log(f"bench {m}"))
 
 
 if __name__ == "__main__":
