@@ -22,21 +22,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 HEADING = "### What the demo shows"
 FIGURE = ROOT / "results" / "demo_accuracy_vs_delay.png"
-# the CPU kind the README's demo table was made on (its model name starts so, and its ISA)
-MADE_ON = ("AMD EPYC", "with AVX-512")
+# the CPU kind the README's demo table was made on (its model name starts so, and its ISA); until
+# 2026-12-06 an AMD EPYC with AVX-512, then (AB's per-tensor sums re-ordered, commit 88b69e6)
+# the Intel Xeon this project's machines are now
+MADE_ON = ("Intel(R) Xeon(R) Processor (family 6 model 167)", "with AVX-512")
 
 
 def cpu_kind() -> tuple[str, str]:
-    """(model name, "with AVX-512" or "without AVX-512") of this machine's CPU."""
-    model, avx512 = "unknown", False
+    """("model name (family F model M)", "with AVX-512" or "without AVX-512") of this machine's
+    CPU: a virtual machine's model name alone ("Intel(R) Xeon(R) Processor") can hide several
+    microarchitectures, so the family and model numbers are part of the kind."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                avx512 = "avx512f" in line.split(":", 1)[1].split()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())  # the first processor's
     except OSError:
         pass
+    model = fields.get("model name", "unknown")
+    if "cpu family" in fields and "model" in fields:
+        model += f" (family {fields['cpu family']} model {fields['model']})"
+    avx512 = "avx512f" in fields.get("flags", "").split()
     return model, "with AVX-512" if avx512 else "without AVX-512"
 
 
