@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from abexp.figures import paired, stats
+from conftest import runs_table
 
 # Student-t quantiles from printed tables (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.2)
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 5: 2.571, 7: 2.365, 10: 2.228, 30: 2.042, 100: 1.984}
@@ -53,11 +54,7 @@ def test_the_paired_table_matches_a_naive_recomputation(tmp_path):
         ("ab", 32, 0.05): [(0.70, 0.66), (0.71, 0.68)],
         ("ab", 32, 0.1): [(0.75, 0.70)],                                # one seed of two: waits
     }
-    rows = [{"run_id": f"r{i}_{s}", "experiment": "e", "status": "diverged" if v is None else "completed",
-             "val_acc": v, "test_acc": t, "optim.name": o, "delay.steps": d, "optim.lr": lr, "seed": s,
-             "delay.kind": "constant"}
-            for i, ((o, d, lr), pairs) in enumerate(cells.items()) for s, (v, t) in enumerate(pairs)]
-    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
+    runs_table(cells, tmp_path / "runs.csv")
     paired.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "figs")])
     out = pd.read_csv(tmp_path / "figs" / "paired.csv").set_index("delay")
     assert list(out["series"]) == ["AB", "AB"] and set(out["selected_on"]) == {"val_acc"}

@@ -12,6 +12,7 @@ from abexp.config import ConfigError, load_config, run_id
 from abexp.data.common import ImageData, hold_out
 from abexp.data.images import Batches
 from abexp.data.load import load_image_data
+from conftest import runs_table
 
 TINY = ["data.name=digits", "model.name=resnet8", "train.batch_size=32", "data.subset=256",
         "data.test_subset=128", "optim.lr=0.05", "schedule.name=constant"]
@@ -164,11 +165,7 @@ def test_tuned_lr_selects_on_validation_and_reports_test(tmp_path):
         ("ab", 0, 0.1): [(0.80, 0.70), (0.80, 0.72)],
         ("ab", 0, 0.2): [(0.70, 0.90), (None, None)],     # diverged seed: 0 for val as for test
     }
-    rows = [{"run_id": f"r{i}{s}", "experiment": "e", "status": "diverged" if v is None else "completed",
-             "val_acc": v, "test_acc": t, "optim.name": o, "delay.steps": d, "optim.lr": lr, "seed": s,
-             "delay.kind": "constant"}
-            for i, ((o, d, lr), pairs) in enumerate(cells.items()) for s, (v, t) in enumerate(pairs)]
-    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
+    runs_table(cells, tmp_path / "runs.csv")
     tuned_lr.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "figs")])
     tuned = pd.read_csv(tmp_path / "figs" / "tuned_lr.csv").set_index(["series", "delay"])
     assert tuned.loc[("SGDM", 0), "lr"] == 0.2 and tuned.loc[("SGDM", 0), "mean"] == pytest.approx(0.90)
@@ -178,7 +175,7 @@ def test_tuned_lr_selects_on_validation_and_reports_test(tmp_path):
     assert "chosen on the mean validation accuracy" in text and "test reported" in text
     assert "| SGDM | 0.900 ± 0.014 @ 0.2↑ |" in text
     # without validation accuracies the same table selects on test, and says so
-    pd.DataFrame(rows).drop(columns="val_acc").to_csv(tmp_path / "test_only.csv", index=False)
+    pd.read_csv(tmp_path / "runs.csv").drop(columns="val_acc").to_csv(tmp_path / "test_only.csv", index=False)
     tuned_lr.main(["--table", str(tmp_path / "test_only.csv"), "--out", str(tmp_path / "t")])
     tuned = pd.read_csv(tmp_path / "t" / "tuned_lr.csv").set_index(["series", "delay"])
     assert tuned.loc[("SGDM", 0), "lr"] == 0.1 and set(tuned["selected_on"]) == {"test_acc"}
