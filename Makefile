@@ -51,7 +51,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	WANDB_MODE=disabled $(BIN)/python -m pytest tests
+	WANDB_MODE=disabled $(BIN)/python -m pytest tests --durations=15
 
 # Speed figures a-e (docs/throughput.md), each on its own: one that fails is listed with its error
 # line, the others still measured; results/bench/bench.{json,md} rewritten after each figure.
