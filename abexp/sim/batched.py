@@ -12,7 +12,7 @@ step's operations, each a kernel launch on a GPU. Here the runs' state is adopte
   one ``index_copy_`` stores all runs' forward weights, one ``index_select`` reads all stale
   ones. The slot indices (and the per-run learning rates) are pure functions of the step, so
   they are computed on the host for ``CHUNK`` steps at a time and copied to the device once
-  per chunk: no host-to-device copy per step.
+  per chunk, without blocking (pinned memory): no host-to-device copy per step.
 - the update: rows are ordered by what the rule needs (AB's brake or not, Nesterov, weight
   decay on current/stale weights or none); each such group is one contiguous slice and one
   batched update with per-run lr, momentum, weight decay and rho as [rows, 1] tensors.
@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from abexp.config import OptimCfg
@@ -121,6 +122,8 @@ class BatchedSGD:
         self._given: tuple[list[float], torch.Tensor] | None = None
         self._scratch: dict[tuple[int, int], torch.Tensor] = {}
         self.set_active([True] * n)
+        t = self._step_t()
+        self._build(t - t % CHUNK)  # now, not inside the first epoch
 
     def set_active(self, active: list[bool]) -> None:
         """Rows that take updates (a diverged or pruned run stops where it would alone)."""
@@ -161,10 +164,20 @@ class BatchedSGD:
             stale.append([base + max(t - tau, 0) % e.history.slots
                           for base, e, tau in zip(self.bases, self.engines, taus)])
             lrs.append([float(lr) for lr in self.lr_fn(t)])
-        device = self.w.device
-        index = torch.tensor([a + b for a, b in zip(store, stale)], device=device, dtype=torch.long)
-        neg_lr = torch.tensor([[-lr for lr in row] for row in lrs], device=device, dtype=self.w.dtype)
+        index = self._to_device(np.asarray([a + b for a, b in zip(store, stale)], dtype=np.int64))
+        neg_lr = self._to_device(-np.asarray(lrs, dtype=np.float64))  # -lr rounds as alpha=-lr does
         self._chunk_start, self._tables, self._host_lrs = start, (index, neg_lr), lrs
+
+    def _to_device(self, values: np.ndarray) -> torch.Tensor:
+        """Host values on the device without making the host wait: a numpy-backed tensor (no
+        copy on a CPU), or a non-blocking copy from pinned memory (which the caching host
+        allocator keeps until the copy is done)."""
+        host = torch.from_numpy(np.ascontiguousarray(values))
+        if host.is_floating_point():
+            host = host.to(self.w.dtype)
+        if self.w.device.type == "cpu":
+            return host
+        return host.pin_memory().to(self.w.device, non_blocking=True)
 
     def begin(self, lrs: list[float]) -> None:
         """Store every run's forward weights of this step, read the stale ones into ``fwd``."""
@@ -179,8 +192,7 @@ class BatchedSGD:
             self.neg_lr = neg_lr[row].view(n, 1)
         else:  # rates other than the schedule's (a caller's own): copied once while unchanged
             if self._given is None or self._given[0] != lrs:
-                self._given = (lrs, torch.tensor([-lr for lr in lrs], device=self.w.device,
-                                                 dtype=self.w.dtype).view(n, 1))
+                self._given = (lrs, self._to_device(-np.asarray(lrs, dtype=np.float64)).view(n, 1))
             self.neg_lr = self._given[1]
         slots = index[row]
         self.ring.index_copy_(0, slots[:n], self.w)

@@ -119,6 +119,7 @@ class PackedRun:
         self.fwd_index[rows] = torch.arange(len(rows), device=rows.device)
         self.fwd = torch.empty(self.k, numel, device=self.device, dtype=self.flat.data.dtype)  # row order
         self.grads = torch.empty_like(self.fwd)
+        self.fwd_flat, self.grads_flat = self.fwd.view(-1), self.grads.view(-1)  # kept: no view per step
         self.together = None
         if together:
             def lr_fn(t: int) -> list[float]:
@@ -163,19 +164,17 @@ class PackedRun:
 
     def use_current_weights(self) -> None:
         torch.stack([self.engines[i].w for i in self.order], out=self.fwd)
-        torch.index_select(self.fwd.view(-1), 0, self.fwd_index, out=self.flat.data)
+        torch.index_select(self.fwd_flat, 0, self.fwd_index, out=self.flat.data)
 
     # ---------------------------------------------------------------- training
     def train_step(self, xs: list[torch.Tensor], ys: list[torch.Tensor], lrs: list[float]) -> None:
         n = self.n_together
         if self.together is not None:
             self.together.begin([lrs[i] for i in self.order[:n]])
-        begun = {}
-        for row in range(n, self.k):  # the runs the vectorised update does not cover
-            i = self.order[row]
-            begun[i] = self.engines[i].begin(lrs[i])
-            self.fwd[row].copy_(begun[i][1])
-        torch.index_select(self.fwd.view(-1), 0, self.fwd_index, out=self.flat.data)
+        begun = {i: self.engines[i].begin(lrs[i]) for i in self.order[n:]}  # the runs it does not cover
+        if begun:
+            torch.stack([begun[i][1] for i in self.order[n:]], out=self.fwd[n:])
+        torch.index_select(self.fwd_flat, 0, self.fwd_index, out=self.flat.data)
         self.flat.grad.zero_()
         x = torch.stack(xs, dim=1).flatten(1, 2)
         y = torch.stack(ys, dim=1)
@@ -184,7 +183,7 @@ class PackedRun:
         losses = F.cross_entropy(logits.permute(0, 2, 1), y, reduction="none",
                                  label_smoothing=self.cfgs[0].train.label_smoothing).mean(0)
         losses.sum().backward()  # runs are independent: d(sum)/d(run k) = run k's gradient
-        torch.index_select(self.flat.grad, 0, self.grad_index, out=self.grads.view(-1))
+        torch.index_select(self.flat.grad, 0, self.grad_index, out=self.grads_flat)
         if self.together is not None:
             self.together.finish()  # its inactive rows stay as they are
         for row in range(n, self.k):
