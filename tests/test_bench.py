@@ -99,3 +99,18 @@ def test_a_section_past_its_limit_is_stopped_and_the_next_one_runs():
     assert time.perf_counter() - start < 10
     assert report["failed"] == {"slow": "SectionTimeout: stopped after its limit of 0.5 s"}
     assert report["next"] == 42 and "slow" not in report
+
+
+def test_packed_ops_figure_counts_the_update_once_for_any_number_of_runs():
+    """Figure g: with the vectorised update the engines' share of a packed step is the same at
+    K = 2 and K = 4 (one SGDM and one AB group either way); with each run's own engine it grows
+    with K. The markdown carries both."""
+    o = bench.packed_op_counts([2, 4], batch=2)
+    two, four = o["rows"]
+    assert two["engine_ops"] == four["engine_ops"] > 0
+    assert four["loop_engine_ops"] > two["loop_engine_ops"] > two["engine_ops"]
+    assert four["loop_engine_ops_per_run"] == round(four["loop_engine_ops"] / 4, 1)
+    assert four["aten_ops"] < four["loop_aten_ops"]
+    md = bench.to_markdown({"machine": "m", "torch": "t", "device": "cpu", "date": "d", "packed_ops": o})
+    assert (f"| 4 | {four['aten_ops']} | {four['engine_ops']} | {four['loop_aten_ops']} | "
+            f"{four['loop_engine_ops']} ({four['loop_engine_ops_per_run']}) |") in md

@@ -82,6 +82,29 @@ def test_evaluation_never_makes_the_host_wait_per_batch(tmp_path):
     assert int(sums[2]) == sum(len(y) for _, y in test)
 
 
+def test_the_vectorised_packed_update_equals_the_per_run_engines_on_cuda(tmp_path):
+    """abexp.sim.batched on CUDA against each run's own engine (vectorise=False), six steps of
+    the same deterministic pack: SGDM rows bitwise (addcmul_ with a [rows, 1] factor rounds as
+    add_ with a scalar alpha, as on the CPU); AB rows within 1e-5 (their per-tensor sums of a
+    [rows, P] buffer were bitwise per row on the CPU; the CUDA reductions' order is unverified)."""
+    runs = [["seed=0", "optim.name=sgdm"], ["seed=1", "optim.name=ab", "optim.rho=0.5"],
+            ["seed=2", "optim.name=sgdm", "optim.nesterov=true", "optim.weight_decay_on=stale"],
+            ["seed=3", "optim.name=ab", "optim.momentum=0.5"], ["seed=4", "optim.name=sc"]]
+    cfgs = [load_config(None, SYNTH + r + ["train.deterministic=true"]) for r in runs]
+    packs = [PackedRun(cfgs, [tmp_path / str(i) for i in range(5)], "cuda", log=quiet, vectorise=v)
+             for v in (False, True)]
+    assert packs[1].n_together == 4
+    batches = [list(b.epoch(0))[:6] for b in packs[0].batches]
+    for i in range(6):
+        for pack in packs:
+            pack.train_step([b[i][0] for b in batches], [b[i][1] for b in batches], [0.01 * (1 + i)] * 5)
+    for run, loop, together in zip(runs, packs[0].engines, packs[1].engines):
+        if "optim.name=ab" in run:
+            assert float((loop.w - together.w).norm() / loop.w.norm()) < 1e-5
+        else:
+            assert torch.equal(loop.w, together.w), run
+
+
 def test_ten_packed_steps_at_a_constant_delay_equal_separate_runs(tmp_path):
     """Ten steps at D = 4 (stale gradients, momentum built up: AB and SC act), small lr so that
     round-off does not grow: the displacement of every run matches its separate run to 1e-3,

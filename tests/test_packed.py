@@ -110,3 +110,55 @@ def test_a_run_diverging_mid_epoch_stops_where_it_would_unpacked(tmp_path):
     assert packed[1]["steps"] == alone[1]["steps"] < 8  # stopped inside the first epoch
     assert packed[0]["status"] == alone[0]["status"] == "completed"
     assert packed[0]["steps"] == alone[0]["steps"] == 16
+
+
+MIXED = [["seed=0", "optim.name=sgdm", "delay.steps=0", "optim.lr=0.01"],
+         ["seed=1", "optim.name=ab", "delay.steps=3", "optim.lr=0.02", "optim.rho=0.5"],
+         ["seed=2", "optim.name=sc", "delay.steps=2", "optim.momentum=0.8", "optim.lr=0.01"],  # its own engine
+         ["seed=3", "optim.name=sgdm", "optim.nesterov=true", "delay.kind=uniform", "delay.steps=4"],
+         ["seed=4", "optim.name=ab", "delay.kind=geometric", "delay.mean=2", "delay.steps=5",
+          "optim.weight_decay_on=stale", "optim.momentum=0.5", "optim.lr=0.03"],
+         ["seed=5", "optim.name=ab", "delay.steps=1", "optim.lr=0.05", "optim.weight_decay=0"]]
+
+
+def test_the_vectorised_update_equals_each_runs_own_engine_bitwise(tmp_path):
+    """Two epochs (8 steps, cosine schedule: a new lr every step) of a pack of mixed rules and
+    delays, vectorised and with every run's own engine in a loop (the code before abexp.sim.batched):
+    every run's engine state — weights, ring, velocity, brake statistics, step — is bitwise the same."""
+    cfgs = [load_config(None, BASE + r + ["schedule.name=cosine"]) for r in MIXED]
+    outs = [tmp_path / str(i) for i in range(len(cfgs))]
+    loop = PackedRun(cfgs, outs, "cpu", log=lambda s: None, vectorise=False)
+    together = PackedRun(cfgs, outs, "cpu", log=lambda s: None)
+    assert loop.together is None and together.n_together == 5 and together.order[-1] == 2
+    for _ in range(2):
+        assert loop.train_epoch() == together.train_epoch()  # the same losses and accuracies
+    for i in range(len(cfgs)):
+        a, b = loop.checkpoint(i)["engine"], together.checkpoint(i)["engine"]
+        assert a["t"] == b["t"] == 8
+        assert torch.equal(a["w"], b["w"]) and torch.equal(a["history"], b["history"])
+        assert a["optimizer"].keys() == b["optimizer"].keys()
+        for key, value in a["optimizer"].items():
+            if key == "brake":
+                assert torch.equal(value["sums"], b["optimizer"]["brake"]["sums"])
+                assert value["count"] == b["optimizer"]["brake"]["count"] > 0
+            else:
+                assert torch.equal(value, b["optimizer"][key])
+    assert rel(together.engines[0].w, together.engines[3].w) > 0.1  # the runs really differ
+
+
+def test_a_vectorised_runs_checkpoint_is_a_single_runs(tmp_path):
+    """An unpacked run's checkpoint restored into a vectorised pack gives back the same state,
+    and the pack's checkpoint holds that run's tensors only (not the pack's shared buffers)."""
+    cfg = configs()[1]  # AB at delay 3
+    assert train_run(cfg, tmp_path / "s", "cpu", log=lambda s: None, stop_after_epochs=1) is None
+    state = io.load_torch(tmp_path / "s" / "checkpoint.pt")
+    pack = PackedRun(configs(), [tmp_path / str(i) for i in range(3)], "cpu", log=lambda s: None)
+    assert 1 in pack.order[:pack.n_together]
+    pack.restore(1, state)
+    got = pack.checkpoint(1)["engine"]
+    assert got["t"] == state["engine"]["t"] == 4
+    for key in ("w", "history"):
+        assert torch.equal(got[key], state["engine"][key])
+        assert got[key].untyped_storage().nbytes() == got[key].numel() * got[key].element_size()
+    assert torch.equal(got["optimizer"]["v"], state["engine"]["optimizer"]["v"])
+    assert torch.equal(got["optimizer"]["brake"]["sums"], state["engine"]["optimizer"]["brake"]["sums"])

@@ -306,13 +306,47 @@ def ab_apply_ratio(rounds: int, model: str = "resnet50", device: str = "cpu") ->
             "ratio_ab_over_sgdm": round(ab / sgdm, 3), "target": "<= 2.5"}
 
 
-def packed_op_counts(packs: list[int], model: str = "resnet8", batch: int = 8) -> dict:
-    """ATen operations of one packed training step (torch.profiler on the CPU: each top-level
-    ATen call is a kernel launch or more on a GPU), in all and inside the delay engines
-    (``begin`` and ``finish``: forward-weight storage, stale-weight read and the update), for K
-    packed runs, half SGDM and half AB, delays 0, 4, 8, ..."""
+def _step_ops(pack, k: int) -> tuple[int, int]:
+    """Top-level ATen calls of one ``pack.train_step`` (after a first one), in all and inside
+    the delay engines: the vectorised update's ``begin``/``finish`` and every engine stepped on
+    its own (forward-weight storage, stale-weight read and the update)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    own = [pack.engines[i] for i in pack.order[pack.n_together:]]
+    for target in own + ([pack.together] if pack.together is not None else []):
+        for name in ("begin", "finish"):  # label the engines' share of the step
+            method = getattr(target, name)
+
+            def labelled(*a, _method=method, **kw):
+                with record_function("abexp.engine"):
+                    return _method(*a, **kw)
+            setattr(target, name, labelled)
+    batches = [next(iter(b.epoch(0))) for b in pack.batches]
+    step = lambda: pack.train_step([x for x, _ in batches], [y for _, y in batches], [0.01] * k)  # noqa: E731
+    step()  # the first step builds the step tables
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    total = engine_ops = 0
+    for event in prof.events():
+        if not event.name.startswith("aten::"):
+            continue
+        parent, inside, nested = event.cpu_parent, False, False
+        while parent is not None:
+            nested |= parent.name.startswith("aten::")
+            inside |= parent.name == "abexp.engine"
+            parent = parent.cpu_parent
+        if not nested:  # a top-level ATen call (its own sub-calls are not counted again)
+            total += 1
+            engine_ops += inside
+    return total, engine_ops
+
+
+def packed_op_counts(packs: list[int], model: str = "resnet8", batch: int = 8) -> dict:
+    """ATen operations of one packed training step (torch.profiler on the CPU: each top-level
+    ATen call is a kernel launch or more on a GPU), in all and inside the delay engines, for K
+    packed runs, half SGDM and half AB, delays 0, 4, 8, ...: with the vectorised update
+    (abexp.sim.batched) and with each run's own engine in a loop (``vectorise=False``, the
+    code before it)."""
     from abexp.train.packed import PackedRun
 
     rows = []
@@ -321,33 +355,12 @@ def packed_op_counts(packs: list[int], model: str = "resnet8", batch: int = 8) -
                                    f"train.batch_size={batch}", f"seed={i}", "train.epochs=1000",
                                    f"optim.name={'ab' if i % 2 else 'sgdm'}", f"delay.steps={(i * 4) % 33}"])
                 for i in range(k)]
-        pack = PackedRun(cfgs, ["/nonexistent"] * k, "cpu", log=lambda s: None)
-        for engine in pack.engines:  # label the engines' share of the step
-            for name in ("begin", "finish"):
-                method = getattr(engine, name)
-
-                def labelled(*a, _method=method, **kw):
-                    with record_function("abexp.engine"):
-                        return _method(*a, **kw)
-                setattr(engine, name, labelled)
-        batches = [next(iter(b.epoch(0))) for b in pack.batches]
-        step = lambda: pack.train_step([x for x, _ in batches], [y for _, y in batches], [0.01] * k)
-        step()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step()
-        total = engine_ops = 0
-        for event in prof.events():
-            if not event.name.startswith("aten::"):
-                continue
-            parent, inside, nested = event.cpu_parent, False, False
-            while parent is not None:
-                nested |= parent.name.startswith("aten::")
-                inside |= parent.name == "abexp.engine"
-                parent = parent.cpu_parent
-            if not nested:  # a top-level ATen call (its own sub-calls are not counted again)
-                total += 1
-                engine_ops += inside
-        rows.append({"K": k, "aten_ops": total, "engine_ops": engine_ops, "engine_ops_per_run": round(engine_ops / k, 1)})
+        row = {"K": k}
+        for vectorise, tag in ((True, ""), (False, "loop_")):
+            pack = PackedRun(cfgs, ["/nonexistent"] * k, "cpu", log=lambda s: None, vectorise=vectorise)
+            row[f"{tag}aten_ops"], row[f"{tag}engine_ops"] = _step_ops(pack, k)
+        row["loop_engine_ops_per_run"] = round(row["loop_engine_ops"] / k, 1)
+        rows.append(row)
     return {"model": model, "rows": rows}
 
 
@@ -388,8 +401,10 @@ def to_markdown(report: dict) -> str:
     if "packed_ops" in report:
         o = report["packed_ops"]
         lines += [f"## ATen operations of one packed training step ({o['model']}, torch.profiler on the CPU)", "",
-                  "| K runs | ATen ops, whole step | in the delay engines | per run |", "|---|---|---|---|"]
-        lines += [f"| {r['K']} | {r['aten_ops']} | {r['engine_ops']} | {r['engine_ops_per_run']} |" for r in o["rows"]]
+                  "| K runs | whole step | in the vectorised update | whole step, per-run engines (before) "
+                  "| in the engines (per run) |", "|---|---|---|---|---|"]
+        lines += [f"| {r['K']} | {r['aten_ops']} | {r['engine_ops']} | {r['loop_aten_ops']} | "
+                  f"{r['loop_engine_ops']} ({r['loop_engine_ops_per_run']}) |" for r in o["rows"]]
         lines += [""]
     if "ab_apply" in report:
         a = report["ab_apply"]

@@ -3,8 +3,11 @@
 A small ResNet at batch 128 leaves a GPU mostly idle; K runs as one network of grouped
 convolutions (abexp.train.models.PackedCifarResNet) fill it. Each run keeps everything of its own:
 seed (initial weights, data order, augmentation, delay draws), lr, momentum, rho, optimizer and
-delay — each has its own DelayedSGD engine on a run-major copy of its weights. What runs in a
-pack must share: the CIFAR model, the data, epochs, batch size, precision and evaluation.
+delay — each has its own DelayedSGD engine on a run-major copy of its weights. The runs whose
+rule abexp.sim.batched covers (SGDM and AB at sampled delays) are then stepped together, as rows
+of one vectorised update whose operation count does not grow with K; the others step their own
+engine. What runs in a pack must share: the CIFAR model, the data, epochs, batch size,
+precision and evaluation.
 
 Each run's folder is written by the same lifecycle as a single run's (abexp.train.lifecycle: the
 checkpoint format is the same, so a packed run can be resumed unpacked and vice versa, and
@@ -25,6 +28,7 @@ from abexp.config import RunConfig, run_id
 from abexp.data.images import Batches
 from abexp.train.trace_origin import replay_origin
 from abexp.data.load import load_image_data
+from abexp.sim.batched import BatchedSGD, covers, group_key
 from abexp.sim.engine import DelayedSGD, FlatParams
 from abexp.train.models import CIFAR_DEPTHS, PackedCifarResNet, build_model
 from abexp.sim.pipeline import run_stages
@@ -63,9 +67,18 @@ def _run_major_index(model: PackedCifarResNet, flat: FlatParams) -> torch.Tensor
     return torch.cat(pieces).to(flat.data.device)
 
 
+def _own(state):
+    """A checkpoint's tensors as their own copies: a row view would save its whole buffer."""
+    if isinstance(state, dict):
+        return {k: _own(v) for k, v in state.items()}
+    return state.clone() if isinstance(state, torch.Tensor) else state
+
+
 class PackedRun:
     def __init__(self, cfgs: list[RunConfig], out_dirs: list[Path], device: str = "auto",
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, vectorise: bool = True):
+        """``vectorise=False`` steps every run's own engine in a loop (the reference the
+        vectorised update is tested and measured against)."""
         keys = {pack_key(c) for c in cfgs}
         if len(keys) != 1 or None in keys:
             raise ValueError("runs in a pack must share model, data, train and eval settings")
@@ -86,17 +99,35 @@ class PackedRun:
         self.model.load_runs(singles).to(self.device)
         self.flat = FlatParams(self.model)
         self.index = _run_major_index(self.model, self.flat)
-        self.inverse = torch.empty_like(self.index)
-        self.inverse[self.index] = torch.arange(len(self.index), device=self.index.device)
         sizes = [s // self.k for s in self.flat.sizes]
         w = self.flat.data[self.index].view(self.k, -1)
         staged = [run_stages(c, m, sizes, self.batches[0].input_shape) for c, m in zip(cfgs, singles)]
         self.stage_maps = [m for _, m in staged]
         self.engines = [DelayedSGD(w[i], sizes, c.optim, c.delay, c.seed, staged[i][0])
                         for i, c in enumerate(cfgs)]
-        self.fwd = torch.empty_like(self.flat.data)  # run-major forward weights
         self.steps_per_epoch = self.batches[0].steps_per_epoch
         self.total_steps = self.steps_per_epoch * shared.train.epochs
+        # rows: the vectorised runs first (grouped by what their rule needs), then the others
+        together = [i for i in range(self.k) if vectorise and covers(self.engines[i], cfgs[i].optim)]
+        together.sort(key=lambda i: group_key(cfgs[i].optim))  # stable: run order within a group
+        self.order = together + [i for i in range(self.k) if i not in together]
+        self.n_together = len(together)
+        numel = len(self.index) // self.k
+        rows = self.index.view(self.k, numel)[torch.tensor(self.order, device=self.index.device)].reshape(-1)
+        self.grad_index = rows  # flat.grad[grad_index]: the gradients in row order
+        self.fwd_index = torch.empty_like(rows)  # fwd.view(-1)[fwd_index]: row order -> flat order
+        self.fwd_index[rows] = torch.arange(len(rows), device=rows.device)
+        self.fwd = torch.empty(self.k, numel, device=self.device, dtype=self.flat.data.dtype)  # row order
+        self.grads = torch.empty_like(self.fwd)
+        self.fwd_flat, self.grads_flat = self.fwd.view(-1), self.grads.view(-1)  # kept: no view per step
+        self.together = None
+        if together:
+            def lr_fn(t: int) -> list[float]:
+                return [lr_at(t, cfgs[i].optim.lr, self.total_steps, self.steps_per_epoch, cfgs[i].schedule)
+                        for i in together]
+            n = self.n_together
+            self.together = BatchedSGD([self.engines[i] for i in together], [cfgs[i].optim for i in together],
+                                       sizes, lr_fn, self.fwd[:n], self.grads[:n])
         self.epoch, self.wall_s = 0, 0.0
         self.members = [Member(c, o, rid) for c, o, rid in zip(cfgs, self.outs, self.ids)]
         self.is_main = True
@@ -113,7 +144,7 @@ class PackedRun:
     # ---------------------------------------------------------------- state (per run, Run's format)
     def checkpoint(self, i: int) -> dict:
         buffers = self.model.run_state(i, buffers_only=True)
-        return {"epoch": self.epoch, "device": self.device.type, "engine": self.engines[i].state_dict(), "buffers": buffers,
+        return {"epoch": self.epoch, "device": self.device.type, "engine": _own(self.engines[i].state_dict()), "buffers": buffers,
                 "rng": {"torch": torch.get_rng_state()}, "history": self.histories[i],
                 "wall_s": self.wall_s, "run_id": self.ids[i]}
 
@@ -132,14 +163,18 @@ class PackedRun:
         self.epoch, self.wall_s = int(state["epoch"]), float(state["wall_s"])
 
     def use_current_weights(self) -> None:
-        self.fwd.copy_(torch.cat([e.w for e in self.engines]))
-        self.flat.data.copy_(self.fwd[self.inverse])
+        torch.stack([self.engines[i].w for i in self.order], out=self.fwd)
+        torch.index_select(self.fwd_flat, 0, self.fwd_index, out=self.flat.data)
 
     # ---------------------------------------------------------------- training
     def train_step(self, xs: list[torch.Tensor], ys: list[torch.Tensor], lrs: list[float]) -> None:
-        begun = [e.begin(lr) for e, lr in zip(self.engines, lrs)]
-        torch.cat([w for _, w in begun], out=self.fwd)
-        self.flat.data.copy_(self.fwd[self.inverse])
+        n = self.n_together
+        if self.together is not None:
+            self.together.begin([lrs[i] for i in self.order[:n]])
+        begun = {i: self.engines[i].begin(lrs[i]) for i in self.order[n:]}  # the runs it does not cover
+        if begun:
+            torch.stack([begun[i][1] for i in self.order[n:]], out=self.fwd[n:])
+        torch.index_select(self.fwd_flat, 0, self.fwd_index, out=self.flat.data)
         self.flat.grad.zero_()
         x = torch.stack(xs, dim=1).flatten(1, 2)
         y = torch.stack(ys, dim=1)
@@ -148,10 +183,16 @@ class PackedRun:
         losses = F.cross_entropy(logits.permute(0, 2, 1), y, reduction="none",
                                  label_smoothing=self.cfgs[0].train.label_smoothing).mean(0)
         losses.sum().backward()  # runs are independent: d(sum)/d(run k) = run k's gradient
-        grads = self.flat.grad[self.index].view(self.k, -1)
-        for i, (engine, (tau, w_fwd), lr) in enumerate(zip(self.engines, begun, lrs)):
+        torch.index_select(self.flat.grad, 0, self.grad_index, out=self.grads_flat)
+        if self.together is not None:
+            self.together.finish()  # its inactive rows stay as they are
+        for row in range(n, self.k):
+            i = self.order[row]
             if self.active[i]:  # a run that diverged mid-epoch stops where an unpacked run would
-                engine.finish(grads[i], w_fwd, tau, lr)
+                tau, w_fwd = begun[i]
+                self.engines[i].finish(self.grads[row], w_fwd, tau, lrs[i])
+        for i in range(self.k):
+            if self.active[i]:
                 self.seen[i] += len(y)
         self.loss_sum += losses.detach().double() * len(y) * self.active_mask
         self.correct += (logits.argmax(2) == y).sum(0) * self.active_mask.long()
@@ -165,6 +206,11 @@ class PackedRun:
         for i, active in enumerate(self.active):
             if not active:
                 self.active_mask[i].fill_(0.0)  # a kernel with a scalar argument: no copy
+        self._share_active()
+
+    def _share_active(self) -> None:
+        if self.together is not None:
+            self.together.set_active([self.active[i] for i in self.order[:self.n_together]])
 
     def train_epoch(self) -> list[dict]:
         self.reset_counters()
@@ -182,6 +228,7 @@ class PackedRun:
                     if self.active[i] and not torch.isfinite(engine.w).all():
                         self.active[i] = False
                         self.active_mask[i] = 0.0
+                        self._share_active()
         seen = [max(n, 1) for n in self.seen]  # divided on the host: the same float64 division, no copy
         losses = [s / n for s, n in zip(self.loss_sum.tolist(), seen)]
         accs = [c / n for c, n in zip(self.correct.double().tolist(), seen)]
