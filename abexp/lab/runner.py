@@ -11,7 +11,6 @@ training a run that a restarted runner would then train twice.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import subprocess
@@ -26,50 +25,29 @@ from abexp.train.preempt import die_with_parent
 from abexp import io
 from abexp.train import preempt
 from abexp.config import ConfigError, RunConfig, dump_yaml
-from abexp.lab.claims import LOCK, Claim, ClaimLost, Heartbeat, is_stale, try_claim
+from abexp.lab.claims import Claim, ClaimLost, Heartbeat, is_stale, try_claim
 from abexp.lab.spec import PlannedRun, load_spec
 from abexp.process_env import init_process_env
+from abexp.train.folder import STATES, RunFolder, runs_dir  # noqa: F401 -- runs_dir, STATES: the lab's names
 
-FAILED, EVENTS, LOG = "failed.json", "events.jsonl", "log.txt"
+FAILED, EVENTS, LOG = RunFolder.FAILED, RunFolder.EVENTS, RunFolder.LOG
 POLL_S = float(os.environ.get("ABEXP_POLL_S", "2"))
 
 
-def runs_dir(results: str | Path) -> Path:
-    return Path(results) / "runs"
-
-
-STATES = ("completed", "diverged", "pruned", "running", "partial", "failed", "pending", "damaged")
-
-
 def run_state(run_dir: Path) -> str:
-    """One of STATES, from the files in the run folder alone: the one vocabulary of plan,
-    status, collect and the progress line. Finished runs say how (result.json's status)."""
-    if (run_dir / "result.json").exists():
-        try:
-            status = json.loads((run_dir / "result.json").read_text())["status"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return "damaged"
-        return status if status in STATES else "damaged"
-    if (run_dir / LOCK).exists() and not is_stale(run_dir / LOCK):
-        return "running"
-    if (run_dir / FAILED).exists():
-        return "failed"
-    if (run_dir / "checkpoint.pt").exists():
-        return "partial"
-    return "pending"
+    """One of STATES, from the files in the run folder alone (abexp.train.folder), a claim
+    counting as running while its holder is alive (abexp.lab.claims)."""
+    return RunFolder(run_dir).state(claim_live=lambda lock: not is_stale(lock))
 
 
 def _failed_in_session(run_dir: Path, session: str) -> bool:
-    try:
-        return json.loads((run_dir / FAILED).read_text()).get("session") == session
-    except (OSError, json.JSONDecodeError):
-        return False
+    return RunFolder(run_dir).failed_in(session)
 
 
 def _worker_log(run_dirs: list[Path], claims: list[Claim]):
     """A log function writing to each run's log.txt while its claim is held (fenced like
     every other write); the handles, to close."""
-    handles = [open(d / LOG, "a", buffering=1) for d in run_dirs]
+    handles = [open(RunFolder(d).log, "a", buffering=1) for d in run_dirs]
 
     def log(msg: str) -> None:
         for fh, claim in zip(handles, claims):
@@ -89,7 +67,7 @@ def _record_failure(run_dirs: list[Path], handles, claims: list[Claim], session:
             all_held = False
             continue
         fh.write(tb)
-        io.write_json(d / FAILED, {"status": "failed", "session": session, "error": repr(err),
+        io.write_json(RunFolder(d).failed, {"status": "failed", "session": session, "error": repr(err),
                                    "traceback": tb, "host": socket.gethostname(), "time": time.time()})
     return all_held
 
@@ -106,31 +84,32 @@ def train_claimed(config: RunConfig, run_dir: Path, session: str, claim: Claim, 
     from abexp.train.start import train_run
 
     nproc = int(os.environ.get("ABEXP_NPROC", "1"))
+    folder = RunFolder(run_dir)
     with io.fenced(run_dir, claim.check):
         try:
-            if not (run_dir / "config.yaml").exists():  # so status and collect see even a failed run
-                io.write_text(run_dir / "config.yaml", dump_yaml(config))
+            if not folder.config.exists():  # so status and collect see even a failed run
+                io.write_text(folder.config, dump_yaml(config))
             log, (log_fh,) = _worker_log([run_dir], [claim])
         except ClaimLost as lost:
             _say_lost(lost)
             return "lost"
         try:
             if nproc > 1:  # a multi-GPU run: torchrun in a child that dies with this worker
-                cmd = [sys.executable, "-m", "abexp.cli", "train", str(run_dir / "config.yaml"),
+                cmd = [sys.executable, "-m", "abexp.cli", "train", str(folder.config),
                        "--out", str(run_dir), "--nproc", str(nproc)]
                 # SLURM signals this worker alone: the stop is passed on to the ranks (preempt)
                 code = preempt.run_forwarding(cmd, stdout=log_fh, stderr=subprocess.STDOUT,
                                               env=dict(os.environ, **claim.env()))
                 claim.check()
-                if preempt.requested() is not None and not (run_dir / "result.json").exists():
+                if preempt.requested() is not None and not folder.finished():
                     # stopped by the signal (scancel's SIGTERM also reaches torchrun, which then
                     # exits non-zero): resumable from the ranks' checkpoint, whatever the code
                     raise preempt.Preempted(f"the ranks' checkpoint (torchrun exit code {code})")
                 if code != 0:
                     raise RuntimeError(f"torchrun exited with {code}")
-                return json.loads((run_dir / "result.json").read_text())["status"]
+                return folder.read_result()["status"]
             result = train_run(config, run_dir, device="auto", log=log, on_epoch=on_epoch)
-            io.remove(run_dir / FAILED)
+            io.remove(folder.failed)
             return result["status"]
         except ClaimLost as lost:
             _say_lost(lost)
@@ -161,8 +140,8 @@ def train_pack_claimed(runs: list[PlannedRun], run_dirs: list[Path], session: st
             stack.enter_context(io.fenced(d, c.check))
         try:
             for r, d in zip(runs, run_dirs):  # so status and collect see even a failed run
-                if not (d / "config.yaml").exists():
-                    io.write_text(d / "config.yaml", dump_yaml(r.config))
+                if not RunFolder(d).config.exists():
+                    io.write_text(RunFolder(d).config, dump_yaml(r.config))
             log, logs = _worker_log(run_dirs, claims)
         except ClaimLost as lost:
             _say_lost(lost)
@@ -187,14 +166,14 @@ def _pack_partners(run: PlannedRun, plan: list[PlannedRun], root: Path, session:
     from abexp.train.packed import pack_key
 
     key = pack_key(run.config)
-    if size <= 1 or key is None or (root / run.run_id / "checkpoint.pt").exists():
+    if size <= 1 or key is None or RunFolder(root / run.run_id).started():
         return []
     partners = []
     for other in plan:
         if len(partners) == size - 1:
             break
         d = root / other.run_id
-        if (other.run_id == run.run_id or (d / "result.json").exists() or (d / "checkpoint.pt").exists()
+        if (other.run_id == run.run_id or RunFolder(d).finished() or RunFolder(d).started()
                 or _failed_in_session(d, session) or pack_key(other.config) != key):
             continue
         claim = try_claim(d)
@@ -221,7 +200,7 @@ def worker_loop(spec_path: str, results: str, session: str, overrides: list[str]
             unfinished = 0
             for run in plan:
                 run_dir = root / run.run_id
-                if (run_dir / "result.json").exists() or _failed_in_session(run_dir, session):
+                if RunFolder(run_dir).finished() or _failed_in_session(run_dir, session):
                     continue
                 unfinished += 1
                 if preempt.requested():  # told to stop: claim nothing more
@@ -234,7 +213,7 @@ def worker_loop(spec_path: str, results: str, session: str, overrides: list[str]
                     heartbeat.add(c)
                 try:
                     group_todo = [(r, root / r.run_id) for r, _ in group
-                                  if not (root / r.run_id / "result.json").exists()]
+                                  if not RunFolder(root / r.run_id).finished()]
                     held = {r.run_id: c for r, c in group}
                     if len(group_todo) == 1:
                         r, d = group_todo[0]
@@ -381,13 +360,13 @@ def run_local(spec_path: str, results: str, workers: int | None = None,
     ids = [r.run_id for r in plan]
     root = runs_dir(results)
     session = uuid.uuid4().hex[:12]
-    done = lambda: sum((root / rid / "result.json").exists() for rid in ids)  # noqa: E731
+    done = lambda: sum(RunFolder(root / rid).finished() for rid in ids)  # noqa: E731
     if done() == len(ids):
         print(f"all {len(ids)} runs of {spec_path} are done")
         return 0
     slots = _slots(workers, gpus, runs_per_gpu, gpus_per_run)
     threads = thread_share(slots)
-    note = async_sharing_note([r for r in plan if not (root / r.run_id / "result.json").exists()],
+    note = async_sharing_note([r for r in plan if not RunFolder(root / r.run_id).finished()],
                               len(slots), os.cpu_count() or 1)
     if note:
         print(note, flush=True)
@@ -399,11 +378,11 @@ def run_local(spec_path: str, results: str, workers: int | None = None,
     def epochs_done() -> int:
         n = 0
         for rid, total in epochs.items():
-            if (root / rid / "result.json").exists():
+            if RunFolder(root / rid).finished():
                 n += total
             else:
                 try:
-                    n += (root / rid / "metrics.jsonl").read_bytes().count(b"\n")
+                    n += RunFolder(root / rid).metrics.read_bytes().count(b"\n")
                 except OSError:
                     pass
         return n
@@ -416,7 +395,7 @@ def run_local(spec_path: str, results: str, workers: int | None = None,
     failed = [rid for rid in ids if _failed_in_session(root / rid, session)]
     crashed = [code for code in codes if code != 0]
     for rid in failed:
-        print(f"failed: {rid} (traceback in {root / rid / LOG})", file=sys.stderr)
+        print(f"failed: {rid} (traceback in {RunFolder(root / rid).log})", file=sys.stderr)
     if crashed:
         print(f"{len(crashed)} worker(s) exited abnormally: {crashed}", file=sys.stderr)
     return 1 if failed or crashed or done() < len(ids) else 0

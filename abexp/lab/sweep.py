@@ -49,6 +49,7 @@ from abexp.lab.runner import (POLL_S, apply_thread_budget, runs_dir, supervise, 
                           visible_gpus, worker_env)
 from abexp.lab.preflight import check_name, path_component
 from abexp.lab.spec import _resolve_base
+from abexp.train.folder import RunFolder
 
 SWEEP_KEYS = {"name", "description", "base", "fixed", "space", "objective", "sampler", "pruner",
               "n_trials", "max_consecutive_failures", "storage"}
@@ -451,7 +452,7 @@ def trial_is_stale(t, stale_after: float = STALE_AFTER_S) -> bool:
     if host is not None and pid is not None:  # a trial of a journal written before worker locks
         if host == socket.gethostname():
             return not pid_alive(int(pid))
-        lock = Path(rid) / "claim.lock" if rid else None
+        lock = RunFolder(rid).lock if rid else None
         return lock is not None and lock.exists() and is_stale(lock, stale_after)
     started = t.datetime_start
     if started is None:
@@ -492,14 +493,13 @@ class TrialFailed(Exception):
 def run_failure(rid: str, run_dir: Path) -> str:
     """The one line that says why run ``rid`` failed: the last line of the traceback its worker
     recorded in failed.json (``ValueError: ...``), and where the whole traceback is."""
-    import json
-
+    folder = RunFolder(run_dir)
     try:
-        traceback = json.loads((run_dir / "failed.json").read_text()).get("traceback") or ""
+        traceback = folder.read_failure().get("traceback") or ""
         last = [line for line in traceback.splitlines() if line.strip()][-1].strip()
     except (OSError, ValueError, IndexError, AttributeError):
-        last = "no failed.json"
-    return f"run {rid} failed: {last} (traceback in {run_dir / 'log.txt'})"
+        last = f"no {folder.FAILED}"
+    return f"run {rid} failed: {last} (traceback in {folder.log})"
 
 
 def consecutive_failures(study, session: str) -> list:
@@ -538,13 +538,12 @@ def _counted(study) -> tuple[int, int, int]:
 def run_trial(sweep: Sweep, study, trial, params: dict, results: str | Path, session: str,
               heartbeat: Heartbeat):
     """Train (or reuse) the run of one trial; returns the Optuna outcome."""
-    import json
-
     import optuna
 
     cfg = trial_config(sweep, params)
     rid = run_id(cfg)
     run_dir = runs_dir(results) / rid
+    folder = RunFolder(run_dir)
     for key, value in (("run_id", rid), ("run_dir", str(run_dir)), ("host", socket.gethostname()),
                        ("pid", os.getpid())):
         trial.set_user_attr(key, value)
@@ -557,7 +556,7 @@ def run_trial(sweep: Sweep, study, trial, params: dict, results: str | Path, ses
         trial.report(float(row[sweep.metric]), step=int(row["epoch"]))
         return trial.should_prune()
 
-    while not (run_dir / "result.json").exists():
+    while not folder.finished():
         claim = try_claim(run_dir)
         if claim is None:  # the same config is being trained elsewhere: wait, then reuse it
             time.sleep(POLL_S)
@@ -565,7 +564,7 @@ def run_trial(sweep: Sweep, study, trial, params: dict, results: str | Path, ses
         heartbeat.add(claim)
         try:
             status = train_claimed(cfg, run_dir, session, claim, on_epoch) \
-                if not (run_dir / "result.json").exists() else "completed"
+                if not folder.finished() else "completed"
         finally:
             heartbeat.remove(claim)
             claim.release()
@@ -573,15 +572,15 @@ def run_trial(sweep: Sweep, study, trial, params: dict, results: str | Path, ses
             if not trial_running(study, trial):
                 raise TrialAbandoned(f"trial {trial.number}: failed and retried by another worker")
             continue  # still ours: wait for the run's new holder, then report its result
-        if not (run_dir / "result.json").exists():
+        if not folder.finished():
             raise TrialFailed(run_failure(rid, run_dir))
-    result = json.loads((run_dir / "result.json").read_text())
+    result = folder.read_result()
     trial.set_user_attr("status", result["status"])
     if result["status"] == "pruned":
         raise optuna.TrialPruned()
     if result["status"] == "diverged":
         return sweep.diverged_value
-    rows = io.read_jsonl(run_dir / "metrics.jsonl")
+    rows = io.read_jsonl(folder.metrics)
     value = objective_value(sweep, rows)
     return sweep.diverged_value if value is None else value
 

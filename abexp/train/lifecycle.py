@@ -36,10 +36,12 @@ from typing import Any, Callable
 from abexp import io
 from abexp.config import RunConfig, dump_yaml, load_config, run_id
 from abexp.train import preempt
+from abexp.train.folder import RunFolder
 from abexp.train.tracking import Tracker
 
-CONFIG, METRICS, CHECKPOINT, RESULT, WEIGHTS, EVENTS = (
-    "config.yaml", "metrics.jsonl", "checkpoint.pt", "result.json", "model.pt", "events.jsonl")
+# the file names, as older imports know them (abexp.train.folder names them)
+CONFIG, METRICS, CHECKPOINT, RESULT, WEIGHTS, EVENTS = (RunFolder.CONFIG, RunFolder.METRICS, RunFolder.CHECKPOINT,
+                                                        RunFolder.RESULT, RunFolder.WEIGHTS, RunFolder.EVENTS)
 
 Log = Callable[[str], None]
 OnEpoch = Callable[[int, dict], bool]  # (member, row) -> prune this member now
@@ -60,6 +62,10 @@ class Member:
     tracker: Tracker | None = None
     result: dict | None = None
 
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.out)
+
 
 def train(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch | None = None,
           log: Log = print) -> list[dict] | None:
@@ -69,7 +75,7 @@ def train(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch 
     if main:
         for m in members:
             m.out.mkdir(parents=True, exist_ok=True)
-            io.write_text(m.out / CONFIG, dump_yaml(m.cfg))
+            io.write_text(m.folder.config, dump_yaml(m.cfg))
     for i, m in enumerate(members):  # every rank resumes from the same checkpoint
         state = read_checkpoint(m.out, m.run_id, main, log)
         if state is not None:
@@ -84,7 +90,7 @@ def train(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch 
         for i, m in enumerate(members):
             # metrics.jsonl is rewritten from the checkpoint: an epoch logged after the last
             # checkpoint (a crash in between) is dropped and trained again, never duplicated
-            io.write_text(m.out / METRICS, "".join(json.dumps(r) + "\n" for r in m.history))
+            io.write_text(m.folder.metrics, "".join(json.dumps(r) + "\n" for r in m.history))
             event(m.out, "start", from_epoch=trainer.epoch, from_step=trainer.steps(i), **trainer.event_fields())
     try:
         if main:
@@ -103,7 +109,7 @@ def train(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch 
     trainer.barrier()
     if main:
         for m in members:
-            io.remove(m.out / CHECKPOINT)
+            io.remove(m.folder.checkpoint)
     return [m.result for m in members]
 
 
@@ -138,7 +144,7 @@ def fit(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch | 
                 for i, m in enumerate(members):
                     if m.status == "running":
                         write_side_files(trainer, i)
-                        io.save_torch(m.out / CHECKPOINT, trainer.checkpoint(i))
+                        io.save_torch(m.folder.checkpoint, trainer.checkpoint(i))
             raise
         diverged = [s.pop("diverged") for s in stats]
         for s, brake in zip(stats, brake_fields(trainer)):  # AB rules: the braking applied this epoch
@@ -174,15 +180,15 @@ def fit(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch | 
             if diverged[i]:
                 m.status = "diverged"
                 if main:
-                    io.append_jsonl(m.out / METRICS, row)
+                    io.append_jsonl(m.folder.metrics, row)
                 if m.tracker:
                     m.tracker.log(row)
                 finish(trainer, i)
                 continue
             if main:  # one writer; every rank holds the same state
                 write_side_files(trainer, i)  # a trace as long as the checkpoint's, or longer
-                io.save_torch(m.out / CHECKPOINT, trainer.checkpoint(i))  # first: a failed write
-                io.append_jsonl(m.out / METRICS, row)                     # leaves both as they were
+                io.save_torch(m.folder.checkpoint, trainer.checkpoint(i))  # first: a failed write
+                io.append_jsonl(m.folder.metrics, row)                     # leaves both as they were
             if m.tracker:  # after the checkpoint: W&B never holds an epoch that is trained again
                 m.tracker.log(row)
             if on_epoch is not None and not last and on_epoch(i, row):
@@ -211,8 +217,8 @@ def finish(trainer: Any, i: int) -> None:
     m.result = trainer.result(i)
     if trainer.is_main:
         write_side_files(trainer, i)
-        io.save_torch(m.out / WEIGHTS, trainer.weights(i))
-        io.write_json(m.out / RESULT, m.result)
+        io.save_torch(m.folder.weights, trainer.weights(i))
+        io.write_json(m.folder.result, m.result)
         event(m.out, "end", status=m.status, **trainer.event_fields(end=True))
     if m.tracker is not None:
         m.tracker.finish(m.result)
@@ -232,7 +238,7 @@ def read_checkpoint(out: Path, run_id: str, main: bool, log: Log) -> dict | None
     A damaged one (truncated, not a torch file) is moved aside, never deleted, and the run
     restarts from its last good state: the start, since one checkpoint is kept (metrics.jsonl
     is then rewritten from the empty history)."""
-    path = out / CHECKPOINT
+    path = RunFolder(out).checkpoint
     if not path.exists():
         return None
     try:
@@ -241,7 +247,7 @@ def read_checkpoint(out: Path, run_id: str, main: bool, log: Log) -> dict | None
         return None
     except Exception as err:  # zip/pickle errors of a truncated or foreign file
         if main:
-            aside = out / f"checkpoint.damaged-{time.strftime('%Y%m%d-%H%M%S')}.pt"
+            aside = RunFolder(out).damaged_checkpoint(time.strftime('%Y%m%d-%H%M%S'))
             os.replace(path, aside)
             log(f"[{run_id}] {path}: unreadable ({type(err).__name__}); moved to {aside.name}, "
                 "restarting from epoch 0")
@@ -251,20 +257,20 @@ def read_checkpoint(out: Path, run_id: str, main: bool, log: Log) -> dict | None
 def finished_result(out: Path, cfg: RunConfig) -> dict | None:
     """The result of the run ``cfg`` if ``out`` holds it finished, else None; RunDirError when
     the folder holds another run."""
-    rid = run_id(cfg)
-    if (out / RESULT).exists():
-        done = json.loads((out / RESULT).read_text())
+    rid, folder = run_id(cfg), RunFolder(out)
+    if folder.finished():
+        done = folder.read_result()
         if done.get("run_id") != rid:
-            raise RunDirError(f"{out / RESULT}: belongs to run {done.get('run_id')}, not {rid}")
+            raise RunDirError(f"{folder.result}: belongs to run {done.get('run_id')}, not {rid}")
         return done
-    if (out / CONFIG).exists():
-        other = run_id(load_config(out / CONFIG))
+    if folder.config.exists():
+        other = run_id(load_config(folder.config))
         if other != rid:
-            raise RunDirError(f"{out / CONFIG}: folder holds run {other}, not {rid}")
+            raise RunDirError(f"{folder.config}: folder holds run {other}, not {rid}")
     return None
 
 
 def event(out: Path, name: str, **fields) -> None:
     """Append to events.jsonl: who trained this run when (audits exactly-once execution)."""
-    io.append_jsonl(out / EVENTS, {"event": name, "time": time.time(), "host": socket.gethostname(),
+    io.append_jsonl(RunFolder(out).events, {"event": name, "time": time.time(), "host": socket.gethostname(),
                                    "pid": os.getpid(), **fields})
