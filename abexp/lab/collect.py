@@ -126,3 +126,19 @@ def write_table(table: pd.DataFrame, path: str | Path) -> None:
 def read_table(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+
+
+def readable(table: pd.DataFrame, summary: list[str]) -> pd.DataFrame:
+    """The printed table: run id, experiment, the config keys that vary between runs (the
+    optimizer, delay and seed first), then the results; sorted by those keys."""
+    from abexp.config import NON_IDENTITY_KEYS
+    if table.empty:
+        return table
+    first = ["optim.name", "delay.kind", "delay.steps", "delay.stages", "seed"]
+    config = [c for c in table.columns if "." in c or c == "seed"]
+    config = [c for c in config if not any(c == k or c.startswith(k + ".") for k in NON_IDENTITY_KEYS)]
+    varying = [c for c in config if table[c].astype(str).nunique() > 1]
+    keys = [c for c in first if c in varying] + sorted(c for c in varying if c not in first)
+    results = [c for c in summary if c in table.columns and c not in ("run_id", "experiment", "variant")]
+    columns = ["run_id", "experiment"] + keys + results
+    return table[columns].sort_values(["experiment"] + keys, kind="stable")

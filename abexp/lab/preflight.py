@@ -127,6 +127,18 @@ def check_run_folders(plan: list, runs: Path) -> None:
                                   "move the folder away")
 
 
+def check_plan(plan: list, results: str | Path, processes: int, source: str) -> None:
+    """What ``abexp run`` checks of a whole plan before any backend starts a worker: each run
+    fits ``processes`` (--gpus-per-run), its folder holds it, its pipeline cut and data."""
+    from abexp.config import check_processes
+    from abexp.train.folder import runs_dir
+
+    for run in plan:
+        check_processes(run.config, processes, source)
+    check_run_folders(plan, runs_dir(results))
+    check_runs([run.config for run in plan], source)
+
+
 def space_ends(spec: dict) -> list:
     """The values of one space parameter that the checks must see: every choice, or the two
     ends a sampler can reach (an int range's top is the last step; the stage check grows with

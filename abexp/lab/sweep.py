@@ -45,10 +45,10 @@ from abexp import io
 from abexp.lab.claims import STALE_AFTER_S, ClaimLost, Heartbeat, create_lock, is_stale, pid_alive, try_claim
 from abexp.config import (ConfigError, RunConfig, flatten, parse_override, read_locked_mapping,
                           read_yaml, run_id, set_dotted, validate)
-from abexp.lab.runner import (POLL_S, apply_thread_budget, runs_dir, supervise, thread_share, train_claimed,
-                          visible_gpus, worker_env)
+from abexp.lab.local import supervise, thread_share, visible_gpus, worker_env
+from abexp.lab.runner import POLL_S, apply_thread_budget, runs_dir, train_claimed
 from abexp.lab.preflight import check_name, path_component
-from abexp.lab.spec import _resolve_base
+from abexp.lab.spec import resolve_base
 from abexp.train.folder import RunFolder
 
 SWEEP_KEYS = {"name", "description", "base", "fixed", "space", "objective", "sampler", "pruner",
@@ -157,7 +157,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     doc = read_locked_mapping(path, SWEEP_KEYS, "name, base, space, ...")
     base_doc = doc.get("base")
     base_ref = {"extends": base_doc} if isinstance(base_doc, str) else base_doc
-    base = _resolve_base(base_ref, path.parent, source, (path.resolve(),))
+    base = resolve_base(base_ref, path.parent, source, (path.resolve(),))
     notes = []
     parent_ref = base_doc if isinstance(base_doc, str) else (base_doc or {}).get("extends") \
         if isinstance(base_doc, dict) else None
