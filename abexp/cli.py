@@ -268,14 +268,15 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from abexp.lab import sweep
+    from abexp.lab import sweep, sweep_report
+    from abexp.lab.sweep_file import load_sweep
 
     preflight.check_results_dir(args.results, write=not (args.best or args.trials))
     if args.trials:
-        return sweep.trials(args.sweep, args.results, args.storage, args.set)
+        return sweep_report.trials(args.sweep, args.results, args.storage, args.set)
     if args.best:
-        return sweep.best(args.sweep, args.results, args.storage, args.set, args.export)
-    spec = sweep.load_sweep(args.sweep, args.set)
+        return sweep_report.best(args.sweep, args.results, args.storage, args.set, args.export)
+    spec = load_sweep(args.sweep, args.set)
     for note in spec.notes:
         print(f"note: {note}", file=sys.stderr)
     preflight.check_sweep(args.sweep, spec.base, spec.space)  # the base and every end of the space, before the study exists

@@ -1,5 +1,5 @@
 """The seams a contributor extends: RunFolder (a run folder's names and states), launch backends
-chosen by name for ``abexp run`` (check before anything, then launch)."""
+chosen by name for ``abexp run`` (check before anything, then launch), the sweep file's schema."""
 
 import json
 import textwrap
@@ -124,3 +124,18 @@ def test_slurm_refuses_pack_in_check_before_asking_sinfo(tmp_path, monkeypatch, 
     Path("s.yaml").write_text(textwrap.dedent(SPEC))
     assert main(["run", "s.yaml", "--results", "r", "--backend", "slurm", "--pack", "2"]) == 2
     assert "--pack: local only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,key,words", [
+    ("sampler: {name: tpe, seeed: 1}\n", "sampler.seeed", "did you mean sampler.seed"),
+    ("objective: {metric: acc}\n", "objective.metric", "'test_acc'"),
+    ("n_trials: 0\n", "n_trials", "positive integer"),
+    ("storag: x\n", "storag", "did you mean storage"),
+])
+def test_a_sweep_file_key_is_checked_by_its_schema(tmp_path, capsys, text, key, words):
+    sweep = tmp_path / "w.yaml"
+    sweep.write_text("name: w\nbase: {}\nspace: {optim.lr: {type: float, low: 0.01, high: 0.1}}\n" + text)
+    assert main(["sweep", str(sweep), "--results", str(tmp_path / "r")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"abexp: error: {sweep}: {key}: ") and words in line, line
+    assert not (tmp_path / "r").exists()
