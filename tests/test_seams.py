@@ -139,3 +139,40 @@ def test_a_sweep_file_key_is_checked_by_its_schema(tmp_path, capsys, text, key, 
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"abexp: error: {sweep}: {key}: ") and words in line, line
     assert not (tmp_path / "r").exists()
+
+
+def _accepts(impl, proto) -> list[str]:
+    """Why ``impl`` cannot stand where ``proto`` is called (empty when it can): each of the
+    protocol's parameters is there, by name and position, with a default where it has one, and
+    the implementation requires nothing more."""
+    import inspect
+
+    want = list(inspect.signature(proto).parameters.values())[1:]
+    have = list(inspect.signature(impl).parameters.values())[1:]
+    bad = []
+    for k, p in enumerate(want):
+        q = have[k] if k < len(have) else None
+        if q is None or q.name != p.name:
+            bad.append(f"no parameter {p.name} at position {k}")
+        elif p.default is not inspect.Parameter.empty and q.default is inspect.Parameter.empty:
+            bad.append(f"{p.name} has no default")
+    bad += [f"requires {q.name}" for q in have[len(want):] if q.default is inspect.Parameter.empty
+            and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)]
+    return bad
+
+
+def test_the_single_run_async_and_packed_trainers_implement_the_trainer_protocol():
+    from abexp.train.async_ps import AsyncRun
+    from abexp.train.lifecycle import Trainer, ValidatingTrainer
+    from abexp.train.packed import PackedRun
+    from abexp.train.run import Run
+
+    methods = [n for n in vars(Trainer) if not n.startswith("_") and callable(vars(Trainer)[n])]
+    assert {"train_epoch", "evaluate", "checkpoint", "restore", "result", "barrier"} <= set(methods)
+    for cls, proto in ((Run, ValidatingTrainer), (AsyncRun, ValidatingTrainer), (PackedRun, Trainer)):
+        for name in methods:
+            want = getattr(proto, name)
+            assert hasattr(cls, name), f"{cls.__name__} lacks {name}"
+            assert not _accepts(getattr(cls, name), want), (cls.__name__, name, _accepts(getattr(cls, name), want))
+    # the check itself refuses a mismatch: a pack cannot be asked for its validation set
+    assert _accepts(PackedRun.evaluate, ValidatingTrainer.evaluate) == ["no parameter split at position 1"]

@@ -3,18 +3,12 @@
 checkpoint then metrics line then W&B, pruning) and the end (weights, result.json, an ``end``
 event, the checkpoint removed).
 
-A *trainer* supplies only what differs between kinds of run: how an epoch of steps is taken
-and how many runs one step serves (``members``: one for ``abexp.train.run.Run``, K for
-``abexp.train.packed.PackedRun``). It provides::
-
-    members: list[Member]      epoch: int      wall_s: float      is_main: bool
-    train_epoch() -> [per member: train_loss, train_acc, lr, diverged]   (may raise Preempted)
-    side_files(i) -> {name: text}   (optional: files rewritten with each checkpoint and at the end)
-    stop_requested() -> bool   (optional: a stop signal as all ranks agree on it; else preempt's)
-    evaluate(bn=None, split="test") -> [per member: (loss, accuracy)] on the test set, or
-        (split="val", asked only when data.val_split is set) on the held-out training examples
-    checkpoint(i) -> dict      restore(i, state)      weights(i) -> CPU state dict
-    result(i) -> dict          steps(i) -> int        event_fields() -> dict      barrier()
+A *trainer* (the ``Trainer`` protocol below) supplies only what differs between kinds of run:
+how an epoch of steps is taken and how many runs one step serves (``members``: one for
+``abexp.train.run.Run`` and ``abexp.train.async_ps.AsyncRun``, K for
+``abexp.train.packed.PackedRun``). A trainer whose runs may hold out a validation set is a
+``ValidatingTrainer``; ``side_files``, ``stop_requested`` and the optimizers' ``brake_log``
+are optional and looked up by name.
 
 A run folder holds config.yaml, metrics.jsonl (one line per epoch), checkpoint.pt (replaced
 atomically at the end of each epoch, RNG states included), events.jsonl (who trained it when)
@@ -31,7 +25,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, Protocol, cast
 
 from abexp import io
 from abexp.config import RunConfig, dump_yaml, load_config, run_id
@@ -67,7 +61,58 @@ class Member:
         return RunFolder(self.out)
 
 
-def train(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch | None = None,
+class Trainer(Protocol):
+    """What the lifecycle drives. Per member ``i`` (a run of ``members``):
+
+    ``train_epoch`` takes an epoch of steps (or its rest after a mid-epoch checkpoint) and may
+    raise ``preempt.Preempted`` after the step during which a stop signal arrived; ``evaluate``
+    is one pass over the test set (``bn`` overrides eval.bn). Optional, looked up by name:
+    ``side_files(i) -> {name: text}`` (files rewritten with each checkpoint and at the end: an
+    async run's trace) and ``stop_requested() -> bool`` (a stop signal as all DDP ranks agree
+    on it; else abexp.train.preempt's).
+    """
+    members: list[Member]
+    epoch: int       # epochs completed
+    wall_s: float    # training seconds so far, shared among the members
+    is_main: bool    # the one process that writes the run folders
+
+    def train_epoch(self) -> list[dict]:
+        """Per member: train_loss, train_acc, lr, diverged."""
+
+    def evaluate(self, bn: str | None = None) -> list[tuple[float, float | None]]:
+        """Per member: (test loss, test accuracy)."""
+
+    def checkpoint(self, i: int) -> dict:
+        """Everything a resumed run needs to continue bitwise (RNG states included)."""
+
+    def restore(self, i: int, state: dict) -> None:
+        """Continue from ``checkpoint(i)``'s state."""
+
+    def weights(self, i: int) -> dict:
+        """The final weights as a CPU state dict (model.pt)."""
+
+    def result(self, i: int) -> dict:
+        """result.json's record."""
+
+    def steps(self, i: int) -> int:
+        """Optimizer steps taken."""
+
+    def event_fields(self, end: bool = False) -> dict:
+        """Extra fields of the start and end events (device, world size, ...)."""
+
+    def barrier(self) -> None:
+        """Wait for every rank (a no-op without DDP)."""
+
+
+class ValidatingTrainer(Trainer, Protocol):
+    """A trainer whose runs may hold out a validation set (``data.val_split``); packs never do."""
+
+    def evaluate(self, bn: str | None = None, split: str = "test") -> list[tuple[float, float | None]]:
+        """Per member: (loss, accuracy) on the test set, or with ``split="val"`` on the held-out
+        training examples (asked only when data.val_split is set)."""
+
+
+def train(trainer: Trainer, stop_after_epochs: int | None = None, on_epoch: OnEpoch | None = None,
           log: Log = print) -> list[dict] | None:
     """Start (or resume) every member, train to the end, finish: the members' results, or None
     when stopped early by ``stop_after_epochs`` (resumable)."""
@@ -113,7 +158,7 @@ def train(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch 
     return [m.result for m in members]
 
 
-def fit(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch | None = None,
+def fit(trainer: Trainer, stop_after_epochs: int | None = None, on_epoch: OnEpoch | None = None,
         log: Log = print) -> bool:
     """The loop over epochs; False when stopped early (``stop_after_epochs``), True at the end.
 
@@ -153,7 +198,8 @@ def fit(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch | 
         evals = trainer.evaluate() if any(live) else [(math.nan, None)] * len(members)
         # the validation set, evaluated as the test set is (same BN handling); packs never have one
         has_val = bool(members[0].cfg.data.val_split)
-        vals = trainer.evaluate(split="val") if has_val and any(live) else [(math.nan, None)] * len(members)
+        vals = (cast(ValidatingTrainer, trainer).evaluate(split="val") if has_val and any(live)
+                else [(math.nan, None)] * len(members))
         trainer.epoch += 1
         epoch_s = time.perf_counter() - start
         trainer.wall_s += epoch_s
@@ -203,7 +249,7 @@ def fit(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch | 
     return True
 
 
-def brake_fields(trainer: Any) -> list[dict]:
+def brake_fields(trainer: Trainer) -> list[dict]:
     """Per member, {brake_mean, brake_sd} of the epoch just trained (abexp.sim.brake), or {}:
     read from each run's optimizer, so no trainer has to report it."""
     engines = getattr(trainer, "engines", None) or [getattr(trainer, "engine", None)]
@@ -211,7 +257,7 @@ def brake_fields(trainer: Any) -> list[dict]:
     return [log.read() if log is not None else {} for log in logs]
 
 
-def finish(trainer: Any, i: int) -> None:
+def finish(trainer: Trainer, i: int) -> None:
     """A member's end: its final weights (CPU tensors), result.json, the ``end`` event, W&B's summary."""
     m = trainer.members[i]
     m.result = trainer.result(i)
@@ -224,7 +270,7 @@ def finish(trainer: Any, i: int) -> None:
         m.tracker.finish(m.result)
 
 
-def write_side_files(trainer: Any, i: int) -> None:
+def write_side_files(trainer: Trainer, i: int) -> None:
     """Files a trainer keeps beside its checkpoint (an async run's trace.txt), rewritten whole
     from the trainer's state: a resumed run rewrites them from its checkpoint, so they never
     hold an update twice."""
