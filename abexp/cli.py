@@ -9,16 +9,15 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from abexp.config import ConfigError
 from abexp.lab import preflight
 from abexp.process_env import init_process_env
 
-if TYPE_CHECKING:
-    from abexp.lab import slurm
-
 EXIT_BAD_INPUT = 2
+# the flags of `abexp run` that only a launch backend reads (Launch.options): SLURM's today
+BACKEND_OPTIONS = ("array", "slurm_folder", "partition", "account", "qos", "time", "cpus_per_task", "mem",
+                   "gpus_per_task")
 
 
 def non_negative_int(text: str) -> int:
@@ -165,33 +164,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from abexp.config import check_processes
-    from abexp.lab.runner import run_local, runs_dir
+    from abexp.lab import length
+    from abexp.lab.backends import Launch, get_backend
     from abexp.lab.spec import load_spec
 
+    backend = get_backend(args.backend)
     preflight.check_results_dir(args.results, write=True)
     plan = load_spec(args.spec, args.set).expand()  # validate every run before anything starts
-    for run in plan:
-        check_processes(run.config, args.gpus_per_run, args.spec)
-    preflight.check_run_folders(plan, runs_dir(args.results))
-    preflight.check_runs([run.config for run in plan], args.spec)
-    request = (checked_slurm_request(args, [run.config for run in plan])  # bad input: one line
-               if args.backend == "slurm" else None)
-    from abexp.lab import length
+    preflight.check_plan(plan, args.results, args.gpus_per_run, args.spec)
+    launch = Launch(args.spec, args.results, plan, overrides=args.set, workers=args.workers,
+                    gpus=[g for g in args.gpus.split(",") if g] if args.gpus else None,
+                    runs_per_gpu=args.runs_per_gpu, gpus_per_run=args.gpus_per_run, pack=args.pack,
+                    progress=not args.no_progress, options={k: getattr(args, k) for k in BACKEND_OPTIONS})
+    backend.check(launch)  # bad input: one line, before anything is printed or submitted
     for line in length.summary([run.config for run in plan]):  # the run's length, before it trains
         print(line, file=sys.stderr, flush=True)
-    gpus = [g for g in args.gpus.split(",") if g] if args.gpus else None
-    if request is not None:
-        return submit_slurm(args, request)
-    return run_local(args.spec, args.results, args.workers, gpus, args.runs_per_gpu,
-                     progress=not args.no_progress, overrides=args.set,
-                     gpus_per_run=args.gpus_per_run, pack=args.pack)
+    return backend.launch(launch)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Write the replay spec of a spec's finished async runs, then run it like ``abexp run``."""
+    from abexp.lab.local import run_local
     from abexp.lab.replay import write_replay_spec
-    from abexp.lab.runner import run_local
 
     preflight.check_results_dir(args.results, write=True)
     path, count, pending = write_replay_spec(args.spec, args.results, args.set)
@@ -202,34 +196,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
     # one torch thread per process: the replay then equals its async run bitwise (docs/async.md)
     os.environ.setdefault("ABEXP_THREADS", "1")
     return run_local(str(path), args.results, args.workers, progress=not args.no_progress)
-
-
-def checked_slurm_request(args: argparse.Namespace, configs: list | None = None) -> slurm.Request:
-    """The array request, checked against sinfo before anything is printed or submitted; the
-    CPUs by default enough for ``configs``' data loaders."""
-    from abexp.lab import slurm
-
-    if args.pack > 1:
-        raise ConfigError("--pack", "", "local only: SLURM tasks train one run at a time")
-    req = slurm.Request(array=args.array, cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task,
-                        mem=args.mem, partition=args.partition, account=args.account, qos=args.qos,
-                        time=args.time)
-    slurm.check_request(req, slurm.query_nodes(), args.gpus_per_run, slurm.loader_workers(configs or []))
-    return req
-
-
-def submit_slurm(args: argparse.Namespace, req: slurm.Request) -> int:
-    """Write the array script for a checked request and submit it."""
-    import uuid
-
-    from abexp.lab import slurm
-
-    job, folder = slurm.submit(req, args.spec, args.results, uuid.uuid4().hex[:12], args.slurm_folder, args.set)
-    print(f"submitted job array {job} ({req.array} tasks, {req.cpus_per_task} CPUs and "
-          f"{req.gpus_per_task} GPU(s) each); script {folder / slurm.SCRIPT}")
-    print(f"progress: abexp status {args.spec} --results {args.results}; stop for good: "
-          f"abexp cancel --slurm-folder {args.slurm_folder}")
-    return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -268,7 +234,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from abexp.lab.collect import SUMMARY, collect, write_table
+    from abexp.lab.collect import SUMMARY, collect, readable, write_table
 
     preflight.check_results_dir(args.results)
     for target in (args.output, args.curves):
@@ -292,22 +258,6 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 1 if damaged else 0
 
 
-def readable(table, summary: list[str]):
-    """The printed table: run id, experiment, the config keys that vary between runs (the
-    optimizer, delay and seed first), then the results; sorted by those keys."""
-    from abexp.config import NON_IDENTITY_KEYS
-    if table.empty:
-        return table
-    first = ["optim.name", "delay.kind", "delay.steps", "delay.stages", "seed"]
-    config = [c for c in table.columns if "." in c or c == "seed"]
-    config = [c for c in config if not any(c == k or c.startswith(k + ".") for k in NON_IDENTITY_KEYS)]
-    varying = [c for c in config if table[c].astype(str).nunique() > 1]
-    keys = [c for c in first if c in varying] + sorted(c for c in varying if c not in first)
-    results = [c for c in summary if c in table.columns and c not in ("run_id", "experiment", "variant")]
-    columns = ["run_id", "experiment"] + keys + results
-    return table[columns].sort_values(["experiment"] + keys, kind="stable")
-
-
 def cmd_figures(args: argparse.Namespace) -> int:
     from abexp.figures.make import main as figures_main
 
@@ -318,14 +268,15 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from abexp.lab import sweep
+    from abexp.lab import sweep, sweep_report
+    from abexp.lab.sweep_file import load_sweep
 
     preflight.check_results_dir(args.results, write=not (args.best or args.trials))
     if args.trials:
-        return sweep.trials(args.sweep, args.results, args.storage, args.set)
+        return sweep_report.trials(args.sweep, args.results, args.storage, args.set)
     if args.best:
-        return sweep.best(args.sweep, args.results, args.storage, args.set, args.export)
-    spec = sweep.load_sweep(args.sweep, args.set)
+        return sweep_report.best(args.sweep, args.results, args.storage, args.set, args.export)
+    spec = load_sweep(args.sweep, args.set)
     for note in spec.notes:
         print(f"note: {note}", file=sys.stderr)
     preflight.check_sweep(args.sweep, spec.base, spec.space)  # the base and every end of the space, before the study exists
@@ -352,6 +303,7 @@ def package_version() -> str:
 
 def build_parser() -> Parser:
     from abexp.config import OPTIM_NAMES
+    from abexp.lab.backends import BACKENDS
 
     parser = Parser(prog="abexp", description="Gradient-delay experiments (Adaptive Braking et al.)")
     parser.add_argument("--version", action="version", version=f"abexp {package_version()}")
@@ -400,8 +352,9 @@ def build_parser() -> Parser:
                    help="GPUs per run (data parallel through torchrun), e.g. 8 for ImageNet")
     p.add_argument("--pack", type=int, default=1,
                    help="train up to K compatible runs together in one process (grouped convolutions)")
-    p.add_argument("--backend", choices=["local", "slurm"], default="local",
-                   help="slurm: submit an sbatch job array of workers (see the options below)")
+    p.add_argument("--backend", choices=list(BACKENDS), default="local",
+                   help="where the workers start (abexp.lab.backends); slurm: an sbatch job array of "
+                        "workers (see the options below)")
     g = p.add_argument_group("slurm", "checked against sinfo before submitting")
     g.add_argument("--array", type=positive_int, default=4, help="array tasks (workers)")
     g.add_argument("--slurm-folder", default="results/slurm", help="job scripts and logs")

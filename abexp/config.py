@@ -351,11 +351,12 @@ def parse_override(item: str, source: str = "--set") -> tuple[str, Any]:
         raise ConfigError(source, key.strip(), f"cannot parse value {raw!r}") from None
 
 
-def unknown_key_message(loc: tuple) -> str:
-    """``unknown key (did you mean optim.nesterov?)``: the closest keys of the same section."""
+def unknown_key_message(loc: tuple, root: type[BaseModel] | None = None) -> str:
+    """``unknown key (did you mean optim.nesterov?)``: the closest keys of the same section of
+    ``root`` (a run config unless said; a sweep file's schema in abexp.lab.sweep_file)."""
     import difflib
 
-    model: type[BaseModel] = RunConfig
+    model: type[BaseModel] = root or RunConfig
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
@@ -368,6 +369,19 @@ def unknown_key_message(loc: tuple) -> str:
         f"unknown key (expected one of {', '.join(prefix + k for k in model.model_fields)})"
 
 
+def config_error(err: ValidationError, source: str, root: type[BaseModel] | None = None,
+                 prefix: str = "") -> ConfigError:
+    """A strict model's first validation error as one line naming the file and the dotted key
+    (``prefix`` + the error's location in ``root``, a run config unless said)."""
+    first = err.errors()[0]
+    loc = first["loc"]
+    key = prefix + ".".join(str(p) for p in loc)
+    msg = unknown_key_message(loc, root) if first["type"] == "extra_forbidden" else first["msg"]
+    if "input" in first and first["type"] != "extra_forbidden":
+        msg += f" (got {first['input']!r})"
+    return ConfigError(source, key, msg)
+
+
 def validate(raw: dict, source: str) -> RunConfig:
     """Validate a full nested dict; raise ConfigError naming the first offending dotted key."""
     if not isinstance(raw, dict):
@@ -375,12 +389,7 @@ def validate(raw: dict, source: str) -> RunConfig:
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        msg = unknown_key_message(first["loc"]) if first["type"] == "extra_forbidden" else first["msg"]
-        if "input" in first and first["type"] != "extra_forbidden":
-            msg += f" (got {first['input']!r})"
-        raise ConfigError(source, key, msg) from None
+        raise config_error(err, source) from None
     _check_combinations(cfg, source)
     return cfg
 

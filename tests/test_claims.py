@@ -9,7 +9,7 @@ import time
 import pytest
 
 from abexp.lab.claims import LOCK, is_stale, try_claim
-from abexp.lab.runner import _slots
+from abexp.lab.local import gpu_slots
 from abexp.train.tracking import resolve_mode
 
 
@@ -53,10 +53,10 @@ def test_worker_slots_for_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert _slots(None, ["0", "1"], 2) == ["0", "0", "1", "1"]
-    assert _slots(3, ["0", "1"], 2) == ["0", "0", "1"]
-    assert _slots(None, ["0", "1", "2", "3"], 1, gpus_per_run=2) == ["0,1", "2,3"]
-    assert _slots(2, [], 1) == [None, None]
+    assert gpu_slots(None, ["0", "1"], 2) == ["0", "0", "1", "1"]
+    assert gpu_slots(3, ["0", "1"], 2) == ["0", "0", "1"]
+    assert gpu_slots(None, ["0", "1", "2", "3"], 1, gpus_per_run=2) == ["0,1", "2,3"]
+    assert gpu_slots(2, [], 1) == [None, None]
 
 
 def test_wandb_mode_resolution(monkeypatch, tmp_path):

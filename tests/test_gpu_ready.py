@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from abexp.config import ConfigError, load_config, run_id
-from abexp.lab.runner import _slots, visible_gpus
+from abexp.lab.local import gpu_slots, visible_gpus
 from abexp.train.lifecycle import read_checkpoint
 from abexp.train.run import CHECKPOINT, Run, RunDirError
 from abexp.train.start import train_run
@@ -30,28 +30,28 @@ def test_workers_get_the_gpus_the_parent_was_given(monkeypatch):
     fake_cuda(monkeypatch, 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")  # a node restricted to GPUs 2 and 3
     assert visible_gpus() == ["2", "3"]
-    assert _slots(None, None, 1) == ["2", "3"]
-    assert _slots(None, None, 2) == ["2", "2", "3", "3"]
-    assert _slots(None, ["1"], 1) == ["3"]  # --gpus counts as torch does: the second visible one
+    assert gpu_slots(None, None, 1) == ["2", "3"]
+    assert gpu_slots(None, None, 2) == ["2", "2", "3", "3"]
+    assert gpu_slots(None, ["1"], 1) == ["3"]  # --gpus counts as torch does: the second visible one
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8c1e,MIG-4f2a/1/0")  # UUID and MIG names
-    assert _slots(None, None, 1) == ["GPU-8c1e", "MIG-4f2a/1/0"]
+    assert gpu_slots(None, None, 1) == ["GPU-8c1e", "MIG-4f2a/1/0"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert _slots(None, None, 1, gpus_per_run=2) == ["0,1"]
+    assert gpu_slots(None, None, 1, gpus_per_run=2) == ["0,1"]
 
 
 def test_more_gpus_per_run_than_present_is_one_clear_error(monkeypatch):
     fake_cuda(monkeypatch, 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     with pytest.raises(ConfigError, match="--gpus-per-run"):
-        _slots(None, None, 1, gpus_per_run=4)
+        gpu_slots(None, None, 1, gpus_per_run=4)
     with pytest.raises(ConfigError, match="--gpus"):
-        _slots(None, ["5"], 1)
+        gpu_slots(None, ["5"], 1)
 
 
 def test_no_gpu_means_cpu_workers(monkeypatch):
     fake_cuda(monkeypatch, 0)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # set, but this torch sees no GPU
-    assert _slots(2, None, 1) == [None, None]
+    assert gpu_slots(2, None, 1) == [None, None]
 
 
 def test_sweep_workers_are_spread_over_the_gpus(monkeypatch):

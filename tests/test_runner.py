@@ -146,7 +146,7 @@ def test_run_with_pack_trains_compatible_runs_together(tmp_path):
 def test_async_runs_side_by_side_beyond_the_cores_are_said(tmp_path):
     """An async run is N + 1 processes: two workers may run the two largest async runs at once
     (N = 3 and 1: 4 + 2 = 6 processes); counted by hand against the cores."""
-    from abexp.lab.runner import async_sharing_note
+    from abexp.lab.local import async_sharing_note
     from abexp.lab.spec import load_spec
 
     spec = tmp_path / "a.yaml"

@@ -15,7 +15,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from abexp.figures import common
-from abexp.lab.sweep import trials_frame
+from abexp.lab.sweep_report import trials_frame
 
 
 def draw(study, out: str | Path) -> list[str]:

@@ -29,7 +29,9 @@ import time
 import uuid
 from pathlib import Path
 
-LOCK, TAKEOVER = "claim.lock", "claim.takeover"
+from abexp.train.folder import RunFolder
+
+LOCK, TAKEOVER = RunFolder.LOCK, RunFolder.TAKEOVER
 HEARTBEAT_S = float(os.environ.get("ABEXP_HEARTBEAT_S", "10"))
 STALE_AFTER_S = float(os.environ.get("ABEXP_STALE_AFTER_S", "120"))
 TORN_AFTER_S = 5.0  # an unreadable lock this old is a creator that died mid-write

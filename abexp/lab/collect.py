@@ -9,7 +9,8 @@ import pandas as pd
 
 from abexp import io
 from abexp.config import ConfigError, flatten, load_config
-from abexp.lab.runner import FAILED, run_state, runs_dir
+from abexp.lab.runner import run_state, runs_dir
+from abexp.train.folder import RunFolder
 
 SUMMARY = ["run_id", "experiment", "variant", "status", "val_acc", "val_loss", "best_val_acc", "test_acc", "test_acc_running_bn", "best_test_acc",
            "epochs_completed", "steps", "wall_s", "eval_bn", "device"]
@@ -28,13 +29,14 @@ def _read_result(path: Path) -> dict:
 
 
 def _row(run_dir: Path) -> dict | None:
-    result_file, config_file = run_dir / "result.json", run_dir / "config.yaml"
+    folder = RunFolder(run_dir)
+    result_file, config_file = folder.result, folder.config
     if result_file.exists():
         result = _read_result(result_file)
         config = result.pop("config")
-        epochs = io.read_jsonl(run_dir / "metrics.jsonl")
+        epochs = io.read_jsonl(folder.metrics)
         if len(epochs) < (result.get("epochs_completed") or 0):  # never a partial run as complete
-            raise io.DamagedFile(f"{run_dir / 'metrics.jsonl'}: {len(epochs)} epochs, but result.json "
+            raise io.DamagedFile(f"{folder.metrics}: {len(epochs)} epochs, but {folder.RESULT} "
                                  f"says {result.get('epochs_completed')}")
     elif config_file.exists():
         try:
@@ -43,9 +45,9 @@ def _row(run_dir: Path) -> dict | None:
             raise io.DamagedFile(str(err)) from None
         state = run_state(run_dir)
         result = {"run_id": run_dir.name, "status": state}
-        result["epochs_completed"] = len(io.read_jsonl(run_dir / "metrics.jsonl"))
-        if (run_dir / FAILED).exists() and state == "failed":
-            result["error"] = json.loads((run_dir / FAILED).read_text()).get("error")
+        result["epochs_completed"] = len(io.read_jsonl(folder.metrics))
+        if folder.failed.exists() and state == "failed":
+            result["error"] = folder.read_failure().get("error")
     else:
         return None
     row = {k: result.get(k) for k in SUMMARY}
@@ -95,7 +97,7 @@ def collect_epochs(results: str | Path, runs: pd.DataFrame | None = None) -> pd.
     frames = []
     for run in runs.to_dict("records"):
         try:
-            rows = io.read_jsonl(runs_dir(results) / run["run_id"] / "metrics.jsonl")
+            rows = io.read_jsonl(RunFolder.of(results, run["run_id"]).metrics)
         except io.DamagedFile as err:  # collect() skipped finished ones already; this is a partial run
             warn(str(err))
             continue
@@ -124,3 +126,19 @@ def write_table(table: pd.DataFrame, path: str | Path) -> None:
 def read_table(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+
+
+def readable(table: pd.DataFrame, summary: list[str]) -> pd.DataFrame:
+    """The printed table: run id, experiment, the config keys that vary between runs (the
+    optimizer, delay and seed first), then the results; sorted by those keys."""
+    from abexp.config import NON_IDENTITY_KEYS
+    if table.empty:
+        return table
+    first = ["optim.name", "delay.kind", "delay.steps", "delay.stages", "seed"]
+    config = [c for c in table.columns if "." in c or c == "seed"]
+    config = [c for c in config if not any(c == k or c.startswith(k + ".") for k in NON_IDENTITY_KEYS)]
+    varying = [c for c in config if table[c].astype(str).nunique() > 1]
+    keys = [c for c in first if c in varying] + sorted(c for c in varying if c not in first)
+    results = [c for c in summary if c in table.columns and c not in ("run_id", "experiment", "variant")]
+    columns = ["run_id", "experiment"] + keys + results
+    return table[columns].sort_values(["experiment"] + keys, kind="stable")

@@ -8,7 +8,6 @@ fail once per trial: a sweep over 40 pipeline stages wrote thousands of failed r
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -109,22 +108,35 @@ def check_run_folders(plan: list, runs: Path) -> None:
     """A run folder in ``runs`` (RESULTS/runs) must hold the run it is named after: a folder
     copied or edited by hand would otherwise fail its run inside a worker, once per retry."""
     from abexp.config import load_config, run_id
+    from abexp.train.folder import RunFolder
 
     for run in plan:
-        folder = runs / run.run_id
-        if (folder / "config.yaml").exists():
-            other = run_id(load_config(folder / "config.yaml"))
+        folder = RunFolder(runs / run.run_id)
+        if folder.config.exists():
+            other = run_id(load_config(folder.config))
             if other != run.run_id:
-                raise ConfigError(str(folder / "config.yaml"), "", f"holds run {other}, not {run.run_id} "
+                raise ConfigError(str(folder.config), "", f"holds run {other}, not {run.run_id} "
                                   "(copied or edited by hand?); move the folder away")
-        if (folder / "result.json").exists():
+        if folder.finished():
             try:
-                other = json.loads((folder / "result.json").read_text()).get("run_id")
+                other = folder.read_result().get("run_id")
             except (OSError, ValueError, AttributeError):
                 continue  # damaged: collect and status report it
             if other != run.run_id:
-                raise ConfigError(str(folder / "result.json"), "run_id", f"is {other}, not {run.run_id}; "
+                raise ConfigError(str(folder.result), "run_id", f"is {other}, not {run.run_id}; "
                                   "move the folder away")
+
+
+def check_plan(plan: list, results: str | Path, processes: int, source: str) -> None:
+    """What ``abexp run`` checks of a whole plan before any backend starts a worker: each run
+    fits ``processes`` (--gpus-per-run), its folder holds it, its pipeline cut and data."""
+    from abexp.config import check_processes
+    from abexp.train.folder import runs_dir
+
+    for run in plan:
+        check_processes(run.config, processes, source)
+    check_run_folders(plan, runs_dir(results))
+    check_runs([run.config for run in plan], source)
 
 
 def space_ends(spec: dict) -> list:

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from abexp import io
-from abexp.lab.runner import runs_dir
+from abexp.train.folder import RunFolder
 from abexp.config import ConfigError, parse_override
 from abexp.lab.spec import PlannedRun, Spec, load_spec
 
@@ -33,18 +33,16 @@ SUFFIX = "_replay"
 def finished_async_runs(plan: list[PlannedRun], results: str | Path) -> tuple[list[PlannedRun], int]:
     """The spec's async runs that completed (with their trace), and how many have not finished
     (a diverged run has no whole trace to replay: it is neither)."""
-    root = runs_dir(results)
     async_runs = [r for r in plan if r.config.delay.kind == "async"]
-    done = [r for r in async_runs if (root / r.run_id / "trace.txt").exists()
-            and _completed(root / r.run_id / "result.json")]
-    return done, sum(not (root / r.run_id / "result.json").exists() for r in async_runs)
+    done = [r for r in async_runs if RunFolder.of(results, r.run_id).trace.exists()
+            and _completed(RunFolder.of(results, r.run_id))]
+    return done, sum(not RunFolder.of(results, r.run_id).finished() for r in async_runs)
 
 
-def _completed(result: Path) -> bool:
-    import json
+def _completed(folder: RunFolder) -> bool:
     try:
-        return json.loads(result.read_text()).get("status") == "completed"
-    except (OSError, ValueError):
+        return folder.read_result().get("status") == "completed"
+    except (OSError, ValueError, AttributeError):
         return False
 
 
@@ -54,7 +52,7 @@ def replay_spec(spec: Spec, runs: list[PlannedRun], results: str | Path,
     variants: dict[str, dict[str, list]] = {}
     for run in runs:
         keys = {k: v for k, v in run.overrides.items() if k != "variant" and not k.startswith("delay.")}
-        keys["delay.trace"] = str(runs_dir(results) / run.run_id / "trace.txt")
+        keys["delay.trace"] = str(RunFolder.of(results, run.run_id).trace)
         rows = variants.setdefault(f"{run.overrides.get('variant') or 'async'}{SUFFIX}", {})
         for key, value in keys.items():
             rows.setdefault(key, []).append(value)

@@ -1,7 +1,8 @@
 """SLURM backend: an sbatch job array whose tasks are ordinary abexp workers.
 
-``abexp run --backend slurm`` writes ``<slurm folder>/<session>/task.sbatch`` (readable, plain
-``#SBATCH`` lines) and submits it as an array of ``--array`` tasks. Every task runs
+``abexp run --backend slurm`` (``SlurmBackend``, a launch backend: abexp.lab.backends) writes
+``<slurm folder>/<session>/task.sbatch`` (readable, plain ``#SBATCH`` lines) and submits it as
+an array of ``--array`` tasks. Every task runs
 ``abexp.lab.runner``'s worker loop, so runs are claimed exactly once, as locally.
 
 Resources are flags, checked before submitting against what ``sinfo`` reports for the
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from abexp import io
+from abexp.lab.backends import Launch
 from abexp.lab.claims import slurm_task
 from abexp.config import ConfigError
 
@@ -47,6 +49,47 @@ class Request:
     time: str | None = None           # SLURM syntax: minutes, H:MM:SS, D-HH:MM:SS
     signal_grace_s: int = 120         # USR1 this long before the time limit
     nproc: int = 1                    # processes per run (one per GPU of a run): ABEXP_NPROC
+
+
+class SlurmBackend:
+    """``abexp run --backend slurm``: an sbatch job array whose tasks are workers. ``check``
+    asks sinfo whether some node can run a task; ``launch`` writes the script and submits it."""
+
+    name = "slurm"
+
+    def __init__(self) -> None:
+        self.request: Request | None = None
+
+    def check(self, launch: Launch) -> None:
+        self.request = checked_slurm_request(launch)
+
+    def launch(self, launch: Launch) -> int:
+        return submit_slurm(launch, self.request if self.request is not None else checked_slurm_request(launch))
+
+
+def checked_slurm_request(launch: Launch) -> Request:
+    """The array request of ``launch.options`` (the slurm flags), checked against sinfo before
+    anything is printed or submitted; the CPUs by default enough for the plan's data loaders."""
+    if launch.pack > 1:
+        raise ConfigError("--pack", "", "local only: SLURM tasks train one run at a time")
+    o = launch.options
+    req = Request(array=o.get("array", 4), cpus_per_task=o.get("cpus_per_task"), gpus_per_task=o.get("gpus_per_task"),
+                  mem=o.get("mem"), partition=o.get("partition"), account=o.get("account"), qos=o.get("qos"),
+                  time=o.get("time"))
+    return check_request(req, query_nodes(), launch.gpus_per_run, loader_workers([r.config for r in launch.plan]))
+
+
+def submit_slurm(launch: Launch, req: Request) -> int:
+    """Write the array script for a checked request and submit it."""
+    import uuid
+
+    folder_flag = launch.options.get("slurm_folder", "results/slurm")
+    job, folder = submit(req, launch.spec_path, launch.results, uuid.uuid4().hex[:12], folder_flag, launch.overrides)
+    print(f"submitted job array {job} ({req.array} tasks, {req.cpus_per_task} CPUs and "
+          f"{req.gpus_per_task} GPU(s) each); script {folder / SCRIPT}")
+    print(f"progress: abexp status {launch.spec_path} --results {launch.results}; stop for good: "
+          f"abexp cancel --slurm-folder {folder_flag}")
+    return 0
 
 
 @dataclass

@@ -103,7 +103,7 @@ def _variant_rows(name: str, raw: Any, source: str) -> list[dict[str, Any]]:
     return [{**fixed, **row} for row in rows]
 
 
-def _resolve_base(base: Any, spec_dir: Path, source: str, seen: tuple[Path, ...]) -> dict:
+def resolve_base(base: Any, spec_dir: Path, source: str, seen: tuple[Path, ...]) -> dict:
     """A nested config tree: defaults <- extended file(s) <- this base's own keys."""
     if base is None:
         base = {}
@@ -120,9 +120,9 @@ def _resolve_base(base: Any, spec_dir: Path, source: str, seen: tuple[Path, ...]
         if not isinstance(doc, dict):
             raise ConfigError(str(path), "", "expected a mapping")
         if "base" in doc:  # another spec: use its resolved base
-            tree = _resolve_base(doc["base"], path.parent, str(path), seen + (path,))
+            tree = resolve_base(doc["base"], path.parent, str(path), seen + (path,))
         else:  # a run config
-            tree = _resolve_base(doc, path.parent, str(path), seen + (path,))
+            tree = resolve_base(doc, path.parent, str(path), seen + (path,))
     for key, value in flatten(base).items():
         set_dotted(tree, key, value, source)
     return tree
@@ -155,7 +155,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
     exclude = doc.get("exclude") or []
     if not isinstance(exclude, list) or not all(isinstance(e, dict) for e in exclude):
         raise ConfigError(source, "exclude", "expected a list of mappings")
-    base = _resolve_base(doc.get("base"), path.parent, source, (path.resolve(),))
+    base = resolve_base(doc.get("base"), path.parent, source, (path.resolve(),))
     varied = outside | {k for rows in variants.values() for row in rows for k in row}
     set_keys = []
     for item in overrides or []:

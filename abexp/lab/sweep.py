@@ -1,19 +1,6 @@
-"""Optuna sweeps whose trials are ordinary runs in the same results store.
-
-    name: digits_ab_lr_rho
-    base: ../experiments/digits_tiny.yaml     # a spec (its base), a run config, or a mapping
-    fixed: {optim.name: ab, delay.steps: 16}
-    space:
-      optim.lr: {type: float, low: 1.0e-3, high: 0.1, log: true}
-      optim.rho: {type: float, low: 0.0, high: 2.0}
-      optim.momentum: {type: categorical, choices: [0.8, 0.9]}
-    objective: {metric: test_acc, reduce: best, direction: maximize}   # metric default: val_acc
-                                                                       # when data.val_split is set
-    sampler: {name: tpe, seed: 0}              # tpe | random | grid
-    pruner: {name: median}                     # none | median | hyperband (per-epoch metric)
-    n_trials: 20
-    max_consecutive_failures: 3                # stop after this many failed trials in a row
-    storage: null                              # default results/sweeps/<name>.journal
+"""Optuna sweeps whose trials are ordinary runs in the same results store: the study, its
+workers and ``abexp sweep``. The file is read by abexp.lab.sweep_file; ``--trials`` and
+``--best`` are abexp.lab.sweep_report.
 
 ``n_trials`` is the total target: COMPLETE + PRUNED trials. Workers count before asking and
 re-check after (trial numbers are assigned atomically by the storage), so concurrent workers
@@ -34,195 +21,22 @@ import socket
 import sys
 import time
 import uuid
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from abexp import io
+from abexp.config import ConfigError, RunConfig, run_id, set_dotted, validate
 from abexp.lab.claims import STALE_AFTER_S, ClaimLost, Heartbeat, create_lock, is_stale, pid_alive, try_claim
-from abexp.config import (ConfigError, RunConfig, flatten, parse_override, read_locked_mapping,
-                          read_yaml, run_id, set_dotted, validate)
-from abexp.lab.runner import (POLL_S, apply_thread_budget, runs_dir, supervise, thread_share, train_claimed,
-                          visible_gpus, worker_env)
-from abexp.lab.preflight import check_name, path_component
-from abexp.lab.spec import _resolve_base
+from abexp.lab.local import supervise, thread_share, visible_gpus, worker_env
+from abexp.lab.preflight import path_component
+from abexp.lab.runner import POLL_S, apply_thread_budget, runs_dir, train_claimed
+from abexp.lab.sweep_file import Sweep, finite_values, load_sweep, objective_text  # noqa: F401 -- load_sweep: the sweep's API
+from abexp.train.folder import RunFolder
 
-SWEEP_KEYS = {"name", "description", "base", "fixed", "space", "objective", "sampler", "pruner",
-              "n_trials", "max_consecutive_failures", "storage"}
-METRICS = ("val_acc", "val_loss", "test_acc", "test_loss", "train_acc", "train_loss")
 MAX_REPEATS = 50  # proposals in a row that repeat a trial: the sampler has nothing new to offer
-MAX_FAILURES = 3  # default max_consecutive_failures: trials in a row whose run raised
 SESSION_ENV = "ABEXP_SWEEP_SESSION"  # one `abexp sweep` command's workers count failures together
-PARAM_KEYS = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
-              "categorical": {"type", "choices"}}
-
-
-@dataclass
-class Sweep:
-    path: Path
-    name: str
-    base: dict
-    space: dict[str, dict[str, Any]]
-    metric: str
-    reduce: str
-    direction: str
-    diverged_value: float
-    sampler: dict
-    pruner: str
-    n_trials: int
-    storage: str | None
-    notes: list[str] = dataclasses.field(default_factory=list)  # what the user may not expect
-    max_failures: int = MAX_FAILURES  # max_consecutive_failures
-
-
-def _check_param(source: str, key: str, spec: Any, base: dict) -> None:
-    """One parameter of the space, checked by Optuna's own rules before any study exists (a bad
-    one used to crash the first worker inside ``suggest`` and leave a trial RUNNING)."""
-    where = f"space.{key}"
-    if not isinstance(spec, dict) or spec.get("type") not in PARAM_KEYS:
-        raise ConfigError(source, f"{where}.type", "expected float, int or categorical")
-    extra = sorted((str(k) for k in set(spec) - PARAM_KEYS[spec["type"]]), key=str)
-    if extra:
-        import difflib
-        close = difflib.get_close_matches(extra[0], sorted(PARAM_KEYS[spec["type"]]), n=2, cutoff=0.6)
-        hint = f" (did you mean {' or '.join(close)}?)" if close else f" (expected {', '.join(sorted(PARAM_KEYS[spec['type']]))})"
-        raise ConfigError(source, f"{where}.{extra[0]}", "unknown key" + hint)
-    if spec["type"] == "categorical":
-        values = spec.get("choices")
-        if not isinstance(values, list) or not values:
-            raise ConfigError(source, f"{where}.choices", "expected a non-empty list")
-        for value in values:
-            if value is not None and not isinstance(value, (bool, int, float, str)):
-                raise ConfigError(source, f"{where}.choices", f"choices must be numbers, strings, booleans or "
-                                                              f"null (got {value!r})")
-        if len({repr(v) for v in values}) < len(values):
-            raise ConfigError(source, f"{where}.choices", "a choice is listed twice")
-    else:
-        number = int if spec["type"] == "int" else (int, float)
-        low, high = spec.get("low"), spec.get("high")
-        for bound, value in (("low", low), ("high", high)):
-            if not isinstance(value, number) or isinstance(value, bool):
-                kind = "an integer" if spec["type"] == "int" else "a number"
-                raise ConfigError(source, f"{where}.{bound}", f"expected {kind} (got {value!r})")
-        if low >= high:
-            raise ConfigError(source, f"{where}.high", f"must exceed low ({low})")
-        if "log" in spec and not isinstance(spec["log"], bool):
-            raise ConfigError(source, f"{where}.log", f"expected true or false (got {spec['log']!r})")
-        if spec.get("log") and low <= 0:
-            raise ConfigError(source, f"{where}.low", "must be > 0 on a log scale")
-        if "step" in spec:
-            step = spec["step"]
-            if not isinstance(step, number) or isinstance(step, bool) or step <= 0:
-                raise ConfigError(source, f"{where}.step", f"expected a positive {'integer' if number is int else 'number'}"
-                                                           f" (got {step!r})")
-            if spec.get("log") and (spec["type"] == "float" or step != 1):
-                raise ConfigError(source, f"{where}.step", "Optuna allows no step on a log scale (drop step or log)")
-            if step > (high - low) * (1 + 1e-9):  # float ranges round: 0.3 - 0.1 < 0.2
-                raise ConfigError(source, f"{where}.step", f"larger than high - low ({high - low})")
-        _optuna_distribution(source, where, spec)
-        values = [low, high]
-    for value in values:  # every end of the space must give a valid run config
-        tree = yaml.safe_load(yaml.safe_dump(base))
-        set_dotted(tree, key, value, source)
-        try:
-            validate(tree, source)
-        except ConfigError as err:
-            raise ConfigError(source, where, f"{err.key}: {err.message}") from None
-
-
-def _optuna_distribution(source: str, where: str, spec: dict) -> None:
-    """Whatever the checks above missed, Optuna's distribution refuses here, as one line."""
-    import warnings
-
-    from optuna.distributions import FloatDistribution, IntDistribution
-
-    kind = IntDistribution if spec["type"] == "int" else FloatDistribution
-    step = spec.get("step", 1 if spec["type"] == "int" else None)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            kind(spec["low"], spec["high"], log=bool(spec.get("log", False)), step=step)
-    except ValueError as err:
-        raise ConfigError(source, where, f"refused by Optuna: {err}") from None
-
-
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
-    """Read and check a sweep file; ``overrides`` (KEY=VALUE) fix keys and name the study."""
-    path = Path(path)
-    source = str(path)
-    doc = read_locked_mapping(path, SWEEP_KEYS, "name, base, space, ...")
-    base_doc = doc.get("base")
-    base_ref = {"extends": base_doc} if isinstance(base_doc, str) else base_doc
-    base = _resolve_base(base_ref, path.parent, source, (path.resolve(),))
-    notes = []
-    parent_ref = base_doc if isinstance(base_doc, str) else (base_doc or {}).get("extends") \
-        if isinstance(base_doc, dict) else None
-    if isinstance(parent_ref, str):  # a spec as base: only its base is used (docs/sweeps.md)
-        parent = read_yaml(path.parent / parent_ref)
-        varied = lambda v: isinstance(v, dict) and bool(set(flatten(v)) - {"seed"})  # noqa: E731
-        dropped = [k for k in ("grid", "variants", "zip") if isinstance(parent, dict) and
-                   (varied(parent.get(k)) if k == "grid" else bool(parent.get(k)))]
-        if dropped:
-            notes.append(f"{source}: base {parent_ref} is a spec: its base is used, its {' and '.join(dropped)} "
-                         f"{'are' if len(dropped) > 1 else 'is'} not (keys they set stay at the base's values unless fixed here or swept)")
-    fixed = doc.get("fixed") or {}
-    if not isinstance(fixed, dict):
-        raise ConfigError(source, "fixed", "expected a mapping of key -> value")
-    for key, value in flatten(fixed).items():
-        set_dotted(base, key, value, source)
-    raw_name = doc.get("name") or path.stem
-    name = check_name(str(raw_name) if type(raw_name) is int else raw_name, source)  # a file name
-    for item in overrides or []:
-        key, value = parse_override(item, f"{source} (--set)")
-        set_dotted(base, key, value, f"{source} (--set)")
-        name += f"__{key}={value}"
-    has_val = bool(validate(base, source).data.val_split)
-    space = doc.get("space")
-    if not isinstance(space, dict) or not space:
-        raise ConfigError(source, "space", "expected a mapping of dotted key -> parameter")
-    for key, spec in space.items():
-        _check_param(source, key, spec, base)
-    objective = doc.get("objective") or {}
-    if not isinstance(objective, dict):
-        raise ConfigError(source, "objective", f"expected a mapping such as {{metric: test_acc, reduce: best}} "
-                                               f"(got {objective!r})")
-    for key in ("sampler", "pruner"):
-        if not isinstance(doc.get(key) or {}, dict):
-            raise ConfigError(source, key, f"expected a mapping such as {{name: ...}} (got {doc[key]!r})")
-    # selecting on the test set and reporting it is optimistic: a validation set, when the base
-    # holds one out, is what a sweep optimises unless the file says otherwise
-    metric = objective.get("metric", "val_acc" if has_val else "test_acc")
-    if metric not in METRICS:
-        raise ConfigError(source, "objective.metric", f"expected one of {list(METRICS)}")
-    if metric.startswith("val_") and not has_val:
-        raise ConfigError(source, "objective.metric", f"{metric} needs a validation set: set data.val_split "
-                                                      "in the base or under fixed")
-    reduce = objective.get("reduce", "best")
-    if reduce not in ("best", "final"):
-        raise ConfigError(source, "objective.reduce", "expected best or final")
-    direction = objective.get("direction", "maximize" if metric.endswith("acc") else "minimize")
-    if direction not in ("maximize", "minimize"):
-        raise ConfigError(source, "objective.direction", "expected maximize or minimize")
-    diverged = objective.get("diverged_value", 0.0 if direction == "maximize" else 1e9)
-    sampler = doc.get("sampler") or {"name": "tpe"}
-    if sampler.get("name", "tpe") not in ("tpe", "random", "grid"):
-        raise ConfigError(source, "sampler.name", "expected tpe, random or grid")
-    if sampler.get("name") == "grid" and any(finite_values(s) is None for s in space.values()):
-        raise ConfigError(source, "sampler.name", "grid needs categorical or stepped parameters (not on a log scale)")
-    pruner = (doc.get("pruner") or {}).get("name", "none")
-    if pruner not in ("none", "median", "hyperband"):
-        raise ConfigError(source, "pruner.name", "expected none, median or hyperband")
-    n_trials = doc.get("n_trials", 20)
-    if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
-        raise ConfigError(source, "n_trials", "expected a positive integer")
-    max_failures = doc.get("max_consecutive_failures", MAX_FAILURES)
-    if not isinstance(max_failures, int) or isinstance(max_failures, bool) or max_failures < 1:
-        raise ConfigError(source, "max_consecutive_failures", f"expected a positive integer (got {max_failures!r})")
-    return Sweep(path, name, base, space, metric, reduce, direction, float(diverged),
-                 dict(sampler), pruner, n_trials, doc.get("storage"), notes, max_failures)
 
 
 # ---------------------------------------------------------------- Optuna plumbing
@@ -261,17 +75,6 @@ def rdb_url(url: str) -> str:
         raise ConfigError("--storage", "", f"{scheme}://: the Python driver {driver!r} is not installed "
                                            f"(pip install {driver})")
     return url
-
-
-def finite_values(s: dict) -> list | None:
-    """Every value a parameter can take, or None when there are infinitely many (or a log scale)."""
-    if s["type"] == "categorical":
-        return list(s["choices"])
-    if s.get("log") or (s["type"] == "float" and s.get("step") is None):
-        return None
-    step = s.get("step", 1)
-    n = int((s["high"] - s["low"]) / step + 1e-9) + 1  # Optuna's grid: low + k*step <= high
-    return [s["low"] + i * step for i in range(n)]
 
 
 def _grid_space(space: dict) -> dict[str, list]:
@@ -414,13 +217,6 @@ def trial_config(sweep: Sweep, params: dict) -> RunConfig:
     return cfg
 
 
-def objective_text(sweep: Sweep) -> str:
-    """What the sweep optimises, in words: ``val_acc (best, maximize) on the validation set``."""
-    where = "the validation set" if sweep.metric.startswith("val_") else \
-        "the test set" if sweep.metric.startswith("test_") else "the training batches"
-    return f"{sweep.metric} ({sweep.reduce}, {sweep.direction}) on {where}"
-
-
 def objective_value(sweep: Sweep, rows: list[dict]) -> float | None:
     values = [r[sweep.metric] for r in rows if r.get(sweep.metric) is not None]
     values = [v for v in values if v == v]  # drop NaN
@@ -451,7 +247,7 @@ def trial_is_stale(t, stale_after: float = STALE_AFTER_S) -> bool:
     if host is not None and pid is not None:  # a trial of a journal written before worker locks
         if host == socket.gethostname():
             return not pid_alive(int(pid))
-        lock = Path(rid) / "claim.lock" if rid else None
+        lock = RunFolder(rid).lock if rid else None
         return lock is not None and lock.exists() and is_stale(lock, stale_after)
     started = t.datetime_start
     if started is None:
@@ -492,14 +288,13 @@ class TrialFailed(Exception):
 def run_failure(rid: str, run_dir: Path) -> str:
     """The one line that says why run ``rid`` failed: the last line of the traceback its worker
     recorded in failed.json (``ValueError: ...``), and where the whole traceback is."""
-    import json
-
+    folder = RunFolder(run_dir)
     try:
-        traceback = json.loads((run_dir / "failed.json").read_text()).get("traceback") or ""
+        traceback = folder.read_failure().get("traceback") or ""
         last = [line for line in traceback.splitlines() if line.strip()][-1].strip()
     except (OSError, ValueError, IndexError, AttributeError):
-        last = "no failed.json"
-    return f"run {rid} failed: {last} (traceback in {run_dir / 'log.txt'})"
+        last = f"no {folder.FAILED}"
+    return f"run {rid} failed: {last} (traceback in {folder.log})"
 
 
 def consecutive_failures(study, session: str) -> list:
@@ -538,13 +333,12 @@ def _counted(study) -> tuple[int, int, int]:
 def run_trial(sweep: Sweep, study, trial, params: dict, results: str | Path, session: str,
               heartbeat: Heartbeat):
     """Train (or reuse) the run of one trial; returns the Optuna outcome."""
-    import json
-
     import optuna
 
     cfg = trial_config(sweep, params)
     rid = run_id(cfg)
     run_dir = runs_dir(results) / rid
+    folder = RunFolder(run_dir)
     for key, value in (("run_id", rid), ("run_dir", str(run_dir)), ("host", socket.gethostname()),
                        ("pid", os.getpid())):
         trial.set_user_attr(key, value)
@@ -557,7 +351,7 @@ def run_trial(sweep: Sweep, study, trial, params: dict, results: str | Path, ses
         trial.report(float(row[sweep.metric]), step=int(row["epoch"]))
         return trial.should_prune()
 
-    while not (run_dir / "result.json").exists():
+    while not folder.finished():
         claim = try_claim(run_dir)
         if claim is None:  # the same config is being trained elsewhere: wait, then reuse it
             time.sleep(POLL_S)
@@ -565,7 +359,7 @@ def run_trial(sweep: Sweep, study, trial, params: dict, results: str | Path, ses
         heartbeat.add(claim)
         try:
             status = train_claimed(cfg, run_dir, session, claim, on_epoch) \
-                if not (run_dir / "result.json").exists() else "completed"
+                if not folder.finished() else "completed"
         finally:
             heartbeat.remove(claim)
             claim.release()
@@ -573,15 +367,15 @@ def run_trial(sweep: Sweep, study, trial, params: dict, results: str | Path, ses
             if not trial_running(study, trial):
                 raise TrialAbandoned(f"trial {trial.number}: failed and retried by another worker")
             continue  # still ours: wait for the run's new holder, then report its result
-        if not (run_dir / "result.json").exists():
+        if not folder.finished():
             raise TrialFailed(run_failure(rid, run_dir))
-    result = json.loads((run_dir / "result.json").read_text())
+    result = folder.read_result()
     trial.set_user_attr("status", result["status"])
     if result["status"] == "pruned":
         raise optuna.TrialPruned()
     if result["status"] == "diverged":
         return sweep.diverged_value
-    rows = io.read_jsonl(run_dir / "metrics.jsonl")
+    rows = io.read_jsonl(folder.metrics)
     value = objective_value(sweep, rows)
     return sweep.diverged_value if value is None else value
 
@@ -728,89 +522,6 @@ def run_sweep(sweep_path: str, results: str, workers: int = 1, n_trials: int | N
     print(f"{sweep.name}: {finished}/{target} trials finished ({url})"
           + (" -- every configuration of the space is done" if exhausted and finished < target else ""))
     return 0 if (finished >= target or exhausted) and not any(codes) and len(failed) < sweep.max_failures else 1
-
-
-def trials_frame(study):
-    """One row per trial: number, state, each parameter, objective, run id (from Optuna's own
-    ``trials_dataframe``)."""
-    frame = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs"))
-    if frame.empty:
-        return frame
-    keep = ["number", "state", "value"] + [c for c in frame.columns if c.startswith("params_")]
-    keep += [c for c in ("user_attrs_run_id", "user_attrs_duplicate_of", "user_attrs_retry_of") if c in frame]
-    return frame[keep].rename(columns=lambda c: c.removeprefix("params_").removeprefix("user_attrs_"))
-
-
-def existing_study(sweep: Sweep, results: str, storage: str | None = None):
-    """The sweep's study, or None (said in one line) when it was never created there."""
-    url = storage_url(sweep, results, storage)
-    journal = journal_path(url)
-    if journal is not None and not journal.exists():  # opening it would create it
-        print(f"{sweep.name}: no study in {url} yet (run the sweep first)", file=sys.stderr)
-        return None
-    try:
-        return open_study(sweep, url)
-    except KeyError:  # optuna: "Record does not exist." -- the study was never created there
-        print(f"{sweep.name}: no study in {url} yet (run the sweep first)", file=sys.stderr)
-        return None
-
-
-def trials(sweep_path: str, results: str, storage: str | None = None, overrides: list[str] | None = None) -> int:
-    """``abexp sweep SWEEP --trials``: every trial as a table, in trial-number order."""
-    import pandas as pd
-
-    sweep = load_sweep(sweep_path, overrides)
-    study = existing_study(sweep, results, storage)
-    if study is None:
-        return 1
-    frame = trials_frame(study)
-    if frame.empty:
-        print(f"{sweep.name}: no trials yet")
-        return 0
-    for key in sweep.space:
-        if key in frame and frame[key].dtype.kind == "f":
-            frame[key] = frame[key].map(lambda v: f"{v:.4g}" if v == v else "")
-    frame = frame.astype(object)
-    frame["value"] = frame["value"].map(lambda v: f"{v:.4f}" if pd.notna(v) else "")
-    for key in ("duplicate_of", "retry_of"):
-        if key in frame:
-            frame[key] = frame[key].map(lambda v: str(int(v)) if pd.notna(v) else "")
-    with pd.option_context("display.max_rows", None, "display.width", 200):
-        print(frame.where(frame.notna(), "").to_string(index=False))
-    states = frame["state"].value_counts()
-    print(f"{sweep.name}: {len(frame)} trials (" + ", ".join(f"{n} {s}" for s, n in states.items())
-          + f"); objective {objective_text(sweep)}")
-    return 0
-
-
-def best(sweep_path: str, results: str, storage: str | None = None, overrides: list[str] | None = None,
-         export: str | None = None, seeds: tuple[int, ...] = (0, 1, 2)) -> int:
-    from optuna.trial import TrialState
-
-    sweep = load_sweep(sweep_path, overrides)
-    study = existing_study(sweep, results, storage)
-    if study is None:
-        return 1
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        print(f"{sweep.name}: no completed trial yet", file=sys.stderr)
-        return 1
-    trial = study.best_trial
-    print(f"best {sweep.metric} ({sweep.reduce}, {sweep.direction}): {trial.value:.6g} "
-          f"(trial {trial.number}, run {trial.user_attrs.get('run_id')})")
-    for key, value in trial.params.items():
-        print(f"  {key}: {value}")
-    if export:
-        cfg = trial_config(sweep, trial.params)
-        base = cfg.model_dump()
-        for key in ("experiment", "variant"):
-            base.pop(key)
-        spec = {"name": Path(export).stem,
-                "description": f"Best trial {trial.number} of sweep {sweep.name} "
-                               f"({sweep.metric}={trial.value:.6g}) re-run over seeds.",
-                "base": base, "grid": {"seed": list(seeds)}}
-        io.write_text(export, yaml.safe_dump(spec, sort_keys=False))
-        print(f"wrote {export}")
-    return 0
 
 
 if __name__ == "__main__":

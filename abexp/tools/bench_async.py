@@ -27,6 +27,7 @@ import torch.distributed as dist
 from abexp.config import load_config, read_trace_columns
 from abexp.sim.engine import DelayedSGD
 from abexp.train.async_ps import WorkerModel, update_times
+from abexp.train.folder import RunFolder
 from abexp.train.run import batch_gradient
 
 # model -> (input channels, side, batch) for the gradient it is compared with: the CIFAR nets at
@@ -128,7 +129,7 @@ def updates_per_second(workers: list[int], updates: int = 88) -> list[dict]:
                                      "optim.name=ab", "optim.lr=0.01", "eval.bn=recalibrate",
                                      "delay.kind=async", f"delay.workers={n}"])
             train_run(cfg, Path(tmp) / "run", "cpu", log=lambda s: None)
-            trace = Path(tmp) / "run" / "trace.txt"
+            trace = RunFolder(Path(tmp) / "run").trace
             times = update_times(trace)
             delays, _ = read_trace_columns(str(trace))
         lo, hi = n - 1, len(times) - n

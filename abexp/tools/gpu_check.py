@@ -140,7 +140,9 @@ def train_to_end(overrides: list[str], out: Path, device: torch.device, stop_aft
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
-    return io.load_torch(out / "model.pt", map_location="cpu")
+    from abexp.train.folder import RunFolder
+
+    return io.load_torch(RunFolder(out).weights, map_location="cpu")
 
 
 def max_abs_diff(a: dict, b: dict) -> float:

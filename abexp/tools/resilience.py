@@ -77,27 +77,28 @@ def hosts_available() -> bool:
 def audit(spec: Path, results: Path, reference: Path) -> dict:
     from abexp.io import load_torch, read_jsonl
     from abexp.lab.spec import load_spec
+    from abexp.train.folder import RunFolder
 
     plan = load_spec(spec).expand(warn=lambda m: None)
     completed = duplicates = lost = equal = restarted = resumed = twice = 0
     for run in plan:
-        d, ref = results / "runs" / run.run_id, reference / "runs" / run.run_id
-        if not (d / "result.json").exists():
+        d, ref = RunFolder.of(results, run.run_id), RunFolder.of(reference, run.run_id)
+        if not d.finished():
             lost += 1
             continue
         completed += 1
-        events = read_jsonl(d / "events.jsonl")
+        events = read_jsonl(d.events)
         starts = [e for e in events if e["event"] == "start"]
         ends = sum(e["event"] == "end" for e in events)
         duplicates += ends > 1
-        logged = [r["epoch"] for r in read_jsonl(d / "metrics.jsonl")]
+        logged = [r["epoch"] for r in read_jsonl(d.metrics)]
         twice += len(logged) != len(set(logged))
         restarted += sum(e["from_epoch"] == 0 for e in starts) > 1
         resumed += any(e["from_epoch"] > 0 for e in starts)
         strip = lambda p: [{k: v for k, v in r.items() if k not in ("wall_s", "elapsed_s")}
                            for r in read_jsonl(p)]
-        a, b = load_torch(d / "model.pt"), load_torch(ref / "model.pt")
-        same = all(torch.equal(a[k], b[k]) for k in a) and strip(d / "metrics.jsonl") == strip(ref / "metrics.jsonl")
+        a, b = load_torch(d.weights), load_torch(ref.weights)
+        same = all(torch.equal(a[k], b[k]) for k in a) and strip(d.metrics) == strip(ref.metrics)
         equal += same
     return {"runs": len(plan), "completed": completed, "duplicates": duplicates,
             "epochs_trained_twice": twice, "lost": lost,

@@ -50,9 +50,10 @@ from abexp.sim.schedule import lr_at
 from abexp.train import preempt
 from abexp.data.stream import BatchStream
 from abexp.train.run import Run, batch_gradient
+from abexp.train.folder import RunFolder
 from abexp.train.trace_origin import Origin
 
-TRACE = "trace.txt"
+TRACE = RunFolder.TRACE
 TRACE_HEADER = ("# abexp async trace: one line per update, in the order applied: staleness, batch index"
                 "  # worker, seconds since the run started\n")
 WORKER_THREADS = 1  # torch threads of each worker process (its gradients), recorded in trace.txt

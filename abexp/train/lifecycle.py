@@ -3,18 +3,12 @@
 checkpoint then metrics line then W&B, pruning) and the end (weights, result.json, an ``end``
 event, the checkpoint removed).
 
-A *trainer* supplies only what differs between kinds of run: how an epoch of steps is taken
-and how many runs one step serves (``members``: one for ``abexp.train.run.Run``, K for
-``abexp.train.packed.PackedRun``). It provides::
-
-    members: list[Member]      epoch: int      wall_s: float      is_main: bool
-    train_epoch() -> [per member: train_loss, train_acc, lr, diverged]   (may raise Preempted)
-    side_files(i) -> {name: text}   (optional: files rewritten with each checkpoint and at the end)
-    stop_requested() -> bool   (optional: a stop signal as all ranks agree on it; else preempt's)
-    evaluate(bn=None, split="test") -> [per member: (loss, accuracy)] on the test set, or
-        (split="val", asked only when data.val_split is set) on the held-out training examples
-    checkpoint(i) -> dict      restore(i, state)      weights(i) -> CPU state dict
-    result(i) -> dict          steps(i) -> int        event_fields() -> dict      barrier()
+A *trainer* (the ``Trainer`` protocol below) supplies only what differs between kinds of run:
+how an epoch of steps is taken and how many runs one step serves (``members``: one for
+``abexp.train.run.Run`` and ``abexp.train.async_ps.AsyncRun``, K for
+``abexp.train.packed.PackedRun``). A trainer whose runs may hold out a validation set is a
+``ValidatingTrainer``; ``side_files``, ``stop_requested`` and the optimizers' ``brake_log``
+are optional and looked up by name.
 
 A run folder holds config.yaml, metrics.jsonl (one line per epoch), checkpoint.pt (replaced
 atomically at the end of each epoch, RNG states included), events.jsonl (who trained it when)
@@ -31,15 +25,17 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, Protocol, cast
 
 from abexp import io
 from abexp.config import RunConfig, dump_yaml, load_config, run_id
 from abexp.train import preempt
+from abexp.train.folder import RunFolder
 from abexp.train.tracking import Tracker
 
-CONFIG, METRICS, CHECKPOINT, RESULT, WEIGHTS, EVENTS = (
-    "config.yaml", "metrics.jsonl", "checkpoint.pt", "result.json", "model.pt", "events.jsonl")
+# the file names, as older imports know them (abexp.train.folder names them)
+CONFIG, METRICS, CHECKPOINT, RESULT, WEIGHTS, EVENTS = (RunFolder.CONFIG, RunFolder.METRICS, RunFolder.CHECKPOINT,
+                                                        RunFolder.RESULT, RunFolder.WEIGHTS, RunFolder.EVENTS)
 
 Log = Callable[[str], None]
 OnEpoch = Callable[[int, dict], bool]  # (member, row) -> prune this member now
@@ -60,8 +56,63 @@ class Member:
     tracker: Tracker | None = None
     result: dict | None = None
 
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.out)
 
-def train(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch | None = None,
+
+class Trainer(Protocol):
+    """What the lifecycle drives. Per member ``i`` (a run of ``members``):
+
+    ``train_epoch`` takes an epoch of steps (or its rest after a mid-epoch checkpoint) and may
+    raise ``preempt.Preempted`` after the step during which a stop signal arrived; ``evaluate``
+    is one pass over the test set (``bn`` overrides eval.bn). Optional, looked up by name:
+    ``side_files(i) -> {name: text}`` (files rewritten with each checkpoint and at the end: an
+    async run's trace) and ``stop_requested() -> bool`` (a stop signal as all DDP ranks agree
+    on it; else abexp.train.preempt's).
+    """
+    members: list[Member]
+    epoch: int       # epochs completed
+    wall_s: float    # training seconds so far, shared among the members
+    is_main: bool    # the one process that writes the run folders
+
+    def train_epoch(self) -> list[dict]:
+        """Per member: train_loss, train_acc, lr, diverged."""
+
+    def evaluate(self, bn: str | None = None) -> list[tuple[float, float | None]]:
+        """Per member: (test loss, test accuracy)."""
+
+    def checkpoint(self, i: int) -> dict:
+        """Everything a resumed run needs to continue bitwise (RNG states included)."""
+
+    def restore(self, i: int, state: dict) -> None:
+        """Continue from ``checkpoint(i)``'s state."""
+
+    def weights(self, i: int) -> dict:
+        """The final weights as a CPU state dict (model.pt)."""
+
+    def result(self, i: int) -> dict:
+        """result.json's record."""
+
+    def steps(self, i: int) -> int:
+        """Optimizer steps taken."""
+
+    def event_fields(self, end: bool = False) -> dict:
+        """Extra fields of the start and end events (device, world size, ...)."""
+
+    def barrier(self) -> None:
+        """Wait for every rank (a no-op without DDP)."""
+
+
+class ValidatingTrainer(Trainer, Protocol):
+    """A trainer whose runs may hold out a validation set (``data.val_split``); packs never do."""
+
+    def evaluate(self, bn: str | None = None, split: str = "test") -> list[tuple[float, float | None]]:
+        """Per member: (loss, accuracy) on the test set, or with ``split="val"`` on the held-out
+        training examples (asked only when data.val_split is set)."""
+
+
+def train(trainer: Trainer, stop_after_epochs: int | None = None, on_epoch: OnEpoch | None = None,
           log: Log = print) -> list[dict] | None:
     """Start (or resume) every member, train to the end, finish: the members' results, or None
     when stopped early by ``stop_after_epochs`` (resumable)."""
@@ -69,7 +120,7 @@ def train(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch 
     if main:
         for m in members:
             m.out.mkdir(parents=True, exist_ok=True)
-            io.write_text(m.out / CONFIG, dump_yaml(m.cfg))
+            io.write_text(m.folder.config, dump_yaml(m.cfg))
     for i, m in enumerate(members):  # every rank resumes from the same checkpoint
         state = read_checkpoint(m.out, m.run_id, main, log)
         if state is not None:
@@ -84,7 +135,7 @@ def train(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch 
         for i, m in enumerate(members):
             # metrics.jsonl is rewritten from the checkpoint: an epoch logged after the last
             # checkpoint (a crash in between) is dropped and trained again, never duplicated
-            io.write_text(m.out / METRICS, "".join(json.dumps(r) + "\n" for r in m.history))
+            io.write_text(m.folder.metrics, "".join(json.dumps(r) + "\n" for r in m.history))
             event(m.out, "start", from_epoch=trainer.epoch, from_step=trainer.steps(i), **trainer.event_fields())
     try:
         if main:
@@ -103,11 +154,11 @@ def train(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch 
     trainer.barrier()
     if main:
         for m in members:
-            io.remove(m.out / CHECKPOINT)
+            io.remove(m.folder.checkpoint)
     return [m.result for m in members]
 
 
-def fit(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch | None = None,
+def fit(trainer: Trainer, stop_after_epochs: int | None = None, on_epoch: OnEpoch | None = None,
         log: Log = print) -> bool:
     """The loop over epochs; False when stopped early (``stop_after_epochs``), True at the end.
 
@@ -138,7 +189,7 @@ def fit(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch | 
                 for i, m in enumerate(members):
                     if m.status == "running":
                         write_side_files(trainer, i)
-                        io.save_torch(m.out / CHECKPOINT, trainer.checkpoint(i))
+                        io.save_torch(m.folder.checkpoint, trainer.checkpoint(i))
             raise
         diverged = [s.pop("diverged") for s in stats]
         for s, brake in zip(stats, brake_fields(trainer)):  # AB rules: the braking applied this epoch
@@ -147,7 +198,8 @@ def fit(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch | 
         evals = trainer.evaluate() if any(live) else [(math.nan, None)] * len(members)
         # the validation set, evaluated as the test set is (same BN handling); packs never have one
         has_val = bool(members[0].cfg.data.val_split)
-        vals = trainer.evaluate(split="val") if has_val and any(live) else [(math.nan, None)] * len(members)
+        vals = (cast(ValidatingTrainer, trainer).evaluate(split="val") if has_val and any(live)
+                else [(math.nan, None)] * len(members))
         trainer.epoch += 1
         epoch_s = time.perf_counter() - start
         trainer.wall_s += epoch_s
@@ -174,15 +226,15 @@ def fit(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch | 
             if diverged[i]:
                 m.status = "diverged"
                 if main:
-                    io.append_jsonl(m.out / METRICS, row)
+                    io.append_jsonl(m.folder.metrics, row)
                 if m.tracker:
                     m.tracker.log(row)
                 finish(trainer, i)
                 continue
             if main:  # one writer; every rank holds the same state
                 write_side_files(trainer, i)  # a trace as long as the checkpoint's, or longer
-                io.save_torch(m.out / CHECKPOINT, trainer.checkpoint(i))  # first: a failed write
-                io.append_jsonl(m.out / METRICS, row)                     # leaves both as they were
+                io.save_torch(m.folder.checkpoint, trainer.checkpoint(i))  # first: a failed write
+                io.append_jsonl(m.folder.metrics, row)                     # leaves both as they were
             if m.tracker:  # after the checkpoint: W&B never holds an epoch that is trained again
                 m.tracker.log(row)
             if on_epoch is not None and not last and on_epoch(i, row):
@@ -197,7 +249,7 @@ def fit(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch | 
     return True
 
 
-def brake_fields(trainer: Any) -> list[dict]:
+def brake_fields(trainer: Trainer) -> list[dict]:
     """Per member, {brake_mean, brake_sd} of the epoch just trained (abexp.sim.brake), or {}:
     read from each run's optimizer, so no trainer has to report it."""
     engines = getattr(trainer, "engines", None) or [getattr(trainer, "engine", None)]
@@ -205,20 +257,20 @@ def brake_fields(trainer: Any) -> list[dict]:
     return [log.read() if log is not None else {} for log in logs]
 
 
-def finish(trainer: Any, i: int) -> None:
+def finish(trainer: Trainer, i: int) -> None:
     """A member's end: its final weights (CPU tensors), result.json, the ``end`` event, W&B's summary."""
     m = trainer.members[i]
     m.result = trainer.result(i)
     if trainer.is_main:
         write_side_files(trainer, i)
-        io.save_torch(m.out / WEIGHTS, trainer.weights(i))
-        io.write_json(m.out / RESULT, m.result)
+        io.save_torch(m.folder.weights, trainer.weights(i))
+        io.write_json(m.folder.result, m.result)
         event(m.out, "end", status=m.status, **trainer.event_fields(end=True))
     if m.tracker is not None:
         m.tracker.finish(m.result)
 
 
-def write_side_files(trainer: Any, i: int) -> None:
+def write_side_files(trainer: Trainer, i: int) -> None:
     """Files a trainer keeps beside its checkpoint (an async run's trace.txt), rewritten whole
     from the trainer's state: a resumed run rewrites them from its checkpoint, so they never
     hold an update twice."""
@@ -232,7 +284,7 @@ def read_checkpoint(out: Path, run_id: str, main: bool, log: Log) -> dict | None
     A damaged one (truncated, not a torch file) is moved aside, never deleted, and the run
     restarts from its last good state: the start, since one checkpoint is kept (metrics.jsonl
     is then rewritten from the empty history)."""
-    path = out / CHECKPOINT
+    path = RunFolder(out).checkpoint
     if not path.exists():
         return None
     try:
@@ -241,7 +293,7 @@ def read_checkpoint(out: Path, run_id: str, main: bool, log: Log) -> dict | None
         return None
     except Exception as err:  # zip/pickle errors of a truncated or foreign file
         if main:
-            aside = out / f"checkpoint.damaged-{time.strftime('%Y%m%d-%H%M%S')}.pt"
+            aside = RunFolder(out).damaged_checkpoint(time.strftime('%Y%m%d-%H%M%S'))
             os.replace(path, aside)
             log(f"[{run_id}] {path}: unreadable ({type(err).__name__}); moved to {aside.name}, "
                 "restarting from epoch 0")
@@ -251,20 +303,20 @@ def read_checkpoint(out: Path, run_id: str, main: bool, log: Log) -> dict | None
 def finished_result(out: Path, cfg: RunConfig) -> dict | None:
     """The result of the run ``cfg`` if ``out`` holds it finished, else None; RunDirError when
     the folder holds another run."""
-    rid = run_id(cfg)
-    if (out / RESULT).exists():
-        done = json.loads((out / RESULT).read_text())
+    rid, folder = run_id(cfg), RunFolder(out)
+    if folder.finished():
+        done = folder.read_result()
         if done.get("run_id") != rid:
-            raise RunDirError(f"{out / RESULT}: belongs to run {done.get('run_id')}, not {rid}")
+            raise RunDirError(f"{folder.result}: belongs to run {done.get('run_id')}, not {rid}")
         return done
-    if (out / CONFIG).exists():
-        other = run_id(load_config(out / CONFIG))
+    if folder.config.exists():
+        other = run_id(load_config(folder.config))
         if other != rid:
-            raise RunDirError(f"{out / CONFIG}: folder holds run {other}, not {rid}")
+            raise RunDirError(f"{folder.config}: folder holds run {other}, not {rid}")
     return None
 
 
 def event(out: Path, name: str, **fields) -> None:
     """Append to events.jsonl: who trained this run when (audits exactly-once execution)."""
-    io.append_jsonl(out / EVENTS, {"event": name, "time": time.time(), "host": socket.gethostname(),
+    io.append_jsonl(RunFolder(out).events, {"event": name, "time": time.time(), "host": socket.gethostname(),
                                    "pid": os.getpid(), **fields})
