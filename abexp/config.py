@@ -16,14 +16,6 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-MODEL_NAMES = ("resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-               "resnet18", "resnet50")
-DATA_NAMES = ("cifar10", "digits", "synthetic", "imagenet", "fashion_mnist", "mnist")
-# optimizer name -> which mitigations it switches on (see abexp/sim/optim.py)
-OPTIM_NAMES = ("sgdm", "ab", "sc", "lwp", "dcasgd", "salr", "ab_lwp", "sc_lwp",
-               "adam", "adamw", "ab_adam", "ab_adamw", "gap_aware", "delay_adaptive",
-               "pipemare_lr", "pipemare", "adl", "ab_adl", "drop_stale")
-ADAM_NAMES = ("adam", "adamw", "ab_adam", "ab_adamw")
 
 
 class ConfigError(Exception):
@@ -42,12 +34,12 @@ class _Locked(BaseModel):
 
 
 class ModelCfg(_Locked):
-    name: Literal[MODEL_NAMES] = "resnet20"  # type: ignore[valid-type]
+    name: str = "resnet20"  # a registered model (abexp.registry.MODELS), checked by validate()
     zero_init_residual: bool = False  # zero-init the last BN of each block (torchvision models)
 
 
 class DataCfg(_Locked):
-    name: Literal[DATA_NAMES] = "cifar10"  # type: ignore[valid-type]
+    name: str = "cifar10"  # a registered dataset (abexp.registry.DATASETS), checked by validate()
     # cifar10: folder holding cifar-10-batches-py (default data/cifar10); imagenet: train/ val/
     # (default data/imagenet); fashion_mnist, mnist: the four IDX files (.gz or not; default: the
     # Debian package's /usr/share/datasets/fashion-mnist where installed, else data/<name>)
@@ -88,7 +80,7 @@ class TrainCfg(_Locked):
 
 
 class OptimCfg(_Locked):
-    name: Literal[OPTIM_NAMES] = "sgdm"  # type: ignore[valid-type]
+    name: str = "sgdm"  # a registered update rule (abexp.registry.RULES), checked by validate()
     lr: float = Field(0.1, gt=0.0)  # at batch 128; no automatic scaling
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
@@ -386,17 +378,25 @@ def validate(raw: dict, source: str) -> RunConfig:
 
 
 def _check_combinations(cfg: RunConfig, source: str) -> None:
-    if cfg.optim.nesterov and cfg.optim.name in ("sc", "sc_lwp"):
+    from abexp.registry import DATASETS, MODELS, RULES, PluginError, UnknownName
+
+    try:  # the names a config gives must be registered: built-in, or a loaded plugin's
+        rule, model, data = RULES.get(cfg.optim.name), MODELS.get(cfg.model.name), DATASETS.get(cfg.data.name)
+    except UnknownName as err:
+        raise ConfigError(source, err.key, err.message) from None
+    except PluginError as err:
+        raise ConfigError(source, "", str(err)) from None
+    if cfg.optim.nesterov and "sc" in rule.flags:
         raise ConfigError(source, "optim.nesterov", "spike compensation defines its own update")
     if cfg.delay.kind == "geometric" and cfg.delay.mean is None:
         raise ConfigError(source, "delay.mean", "required when delay.kind is geometric")
     _check_delay(cfg.delay, source)
-    if cfg.delay.kind == "async" and cfg.eval.bn != "recalibrate":
+    if cfg.delay.kind == "async" and cfg.eval.bn != "recalibrate" and model.batch_norm:
         raise ConfigError(source, "eval.bn", "delay.kind async needs eval.bn: recalibrate (the parameter "
                           "server runs no forward pass, so it has no running BN statistics)")
-    if cfg.optim.name in ADAM_NAMES and cfg.optim.nesterov:
+    if "adam" in rule.flags and cfg.optim.nesterov:
         raise ConfigError(source, "optim.nesterov", f"not defined for {cfg.optim.name}")
-    if cfg.optim.name == "pipemare" and (cfg.delay.kind != "pipeline" or cfg.delay.stashing):
+    if "discrepancy" in rule.flags and (cfg.delay.kind != "pipeline" or cfg.delay.stashing):
         raise ConfigError(source, "optim.name", "pipemare's discrepancy correction acts on an unstashed "
                           "pipeline's backward weights: it needs delay.kind: pipeline and delay.stashing: "
                           "false (pipemare_lr is its rescheduling alone)")
@@ -407,10 +407,13 @@ def _check_combinations(cfg: RunConfig, source: str) -> None:
                           "delay.stashing: false needs train.precision fp32 or tf32 and train.compile: false")
     if cfg.train.batch_size % cfg.train.micro_batches:
         raise ConfigError(source, "train.micro_batches", "must divide train.batch_size")
-    imagenet_models = ("resnet18", "resnet50")
-    if (cfg.data.name == "imagenet") != (cfg.model.name in imagenet_models):
+    if data.input_kind not in model.inputs:
         raise ConfigError(source, "model.name",
-                          f"{cfg.model.name} does not fit data.name={cfg.data.name}")
+                          f"{cfg.model.name} does not fit data.name={cfg.data.name} ({cfg.model.name} takes "
+                          f"{' or '.join(model.inputs)} input, {cfg.data.name} yields {data.input_kind})")
+    if cfg.eval.bn == "recalibrate" and not model.batch_norm:
+        raise ConfigError(source, "eval.bn", f"recalibrate recomputes BN statistics; {cfg.model.name} "
+                          "has no batch norm (use eval.bn: running)")
 
 
 def _check_delay(d: DelayCfg, source: str) -> None:

@@ -403,9 +403,9 @@ class WorkerModel:
 
     def __init__(self, cfg: RunConfig, num_classes: int, channels: int, input_shape: tuple):
         from abexp.sim.engine import FlatParams
-        from abexp.train.models import build_model
+        from abexp.train.catalog import build
         self.cfg, self.device, self.input_shape = cfg, torch.device("cpu"), tuple(input_shape)
-        self.model = build_model(cfg.model.name, num_classes, cfg.model.zero_init_residual, channels)
+        self.model = build(cfg, num_classes, self.input_shape, channels)
         self.flat = FlatParams(self.model, cfg.train.channels_last)
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
