@@ -35,11 +35,13 @@ from typing import Any, Callable
 
 from abexp import io
 from abexp.config import RunConfig, dump_yaml, load_config, run_id
+from abexp.registry import plugin_versions
 from abexp.train import preempt
 from abexp.train.tracking import Tracker
 
 CONFIG, METRICS, CHECKPOINT, RESULT, WEIGHTS, EVENTS = (
     "config.yaml", "metrics.jsonl", "checkpoint.pt", "result.json", "model.pt", "events.jsonl")
+PLUGINS = "plugins.json"  # {plugin module: version}, only when plugins are loaded
 
 Log = Callable[[str], None]
 OnEpoch = Callable[[int, dict], bool]  # (member, row) -> prune this member now
@@ -70,6 +72,8 @@ def train(trainer: Any, stop_after_epochs: int | None = None, on_epoch: OnEpoch 
         for m in members:
             m.out.mkdir(parents=True, exist_ok=True)
             io.write_text(m.out / CONFIG, dump_yaml(m.cfg))
+            if plugin_versions():  # which plugin code the run used (not part of its id)
+                io.write_json(m.out / PLUGINS, plugin_versions())
     for i, m in enumerate(members):  # every rank resumes from the same checkpoint
         state = read_checkpoint(m.out, m.run_id, main, log)
         if state is not None:
