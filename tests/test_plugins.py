@@ -198,3 +198,13 @@ def test_a_config_still_only_names_entries(plugin):
     with pytest.raises(ConfigError) as err:  # an image model on tabular data
         load_config(None, ["model.name=resnet20", "data.name=breast_cancer"])
     assert "tabular" in err.value.message
+
+
+def test_a_slurm_job_loads_the_plugins_its_submission_loaded(monkeypatch):
+    """The job script exports ABEXP_PLUGINS (a requeued job or its resubmission, started
+    outside the submitting shell, still loads them); without plugins it is as before."""
+    from abexp.lab.slurm import Request, script_text
+    monkeypatch.delenv("ABEXP_PLUGINS", raising=False)
+    assert "ABEXP_PLUGINS" not in script_text(Request(), ["w"], Path("/f"), "x")
+    monkeypatch.setenv("ABEXP_PLUGINS", "abexp_breast_cancer,other_mod")
+    assert "export ABEXP_PLUGINS=abexp_breast_cancer,other_mod\n" in script_text(Request(), ["w"], Path("/f"), "x")
