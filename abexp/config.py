@@ -360,8 +360,10 @@ def unknown_key_message(loc: tuple) -> str:
         f"unknown key (expected one of {', '.join(prefix + k for k in model.model_fields)})"
 
 
-def validate(raw: dict, source: str) -> RunConfig:
-    """Validate a full nested dict; raise ConfigError naming the first offending dotted key."""
+def validate(raw: dict, source: str, check_names: bool = True) -> RunConfig:
+    """Validate a full nested dict; raise ConfigError naming the first offending dotted key.
+    ``check_names=False`` accepts names no registry holds (a stored run of a plugin that is
+    not loaded: its table row and run id need no plugin), checking the rest as far as it can."""
     if not isinstance(raw, dict):
         raise ConfigError(source, "", "expected a mapping of config sections")
     try:
@@ -373,19 +375,26 @@ def validate(raw: dict, source: str) -> RunConfig:
         if "input" in first and first["type"] != "extra_forbidden":
             msg += f" (got {first['input']!r})"
         raise ConfigError(source, key, msg) from None
-    _check_combinations(cfg, source)
+    _check_combinations(cfg, source, check_names)
     return cfg
 
 
-def _check_combinations(cfg: RunConfig, source: str) -> None:
-    from abexp.registry import DATASETS, MODELS, RULES, PluginError, UnknownName
+def _check_combinations(cfg: RunConfig, source: str, check_names: bool = True) -> None:
+    from abexp.registry import (DATASETS, INPUT_KINDS, MODELS, RULES, DatasetRecord, ModelRecord, PluginError,
+                                RuleRecord)
 
     try:  # the names a config gives must be registered: built-in, or a loaded plugin's
-        rule, model, data = RULES.get(cfg.optim.name), MODELS.get(cfg.model.name), DATASETS.get(cfg.data.name)
-    except UnknownName as err:
-        raise ConfigError(source, err.key, err.message) from None
+        found = [(r, r.find(name)) for r, name in ((RULES, cfg.optim.name), (MODELS, cfg.model.name),
+                                                    (DATASETS, cfg.data.name))]
     except PluginError as err:
         raise ConfigError(source, "", str(err)) from None
+    for registry, record in found:
+        if record is None and check_names:
+            raise ConfigError(source, registry.key, registry.unknown(get_dotted(cfg.model_dump(), registry.key)))
+    # an unregistered name, not checked: a record that constrains nothing
+    rule = found[0][1] or RuleRecord()
+    model = found[1][1] or ModelRecord(builder=None, inputs=INPUT_KINDS)
+    data = found[2][1] or DatasetRecord(loader=None)
     if cfg.optim.nesterov and "sc" in rule.flags:
         raise ConfigError(source, "optim.nesterov", "spike compensation defines its own update")
     if cfg.delay.kind == "geometric" and cfg.delay.mean is None:
@@ -514,7 +523,7 @@ def check_processes(cfg: RunConfig, processes: int, source: str) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict | None = None) -> RunConfig:
+                base: dict | None = None, check_names: bool = True) -> RunConfig:
     """Defaults <- YAML file <- ``--set`` overrides, then validation."""
     tree = base if base is not None else defaults()
     source = str(path) if path else "<defaults>"
@@ -528,7 +537,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         key, value = parse_override(item, f"{source} (--set)")
         set_dotted(tree, key, value, f"{source} (--set)")
-    return validate(tree, source if not overrides else f"{source} (with --set)")
+    return validate(tree, source if not overrides else f"{source} (with --set)", check_names)
 
 
 def _pop_dotted(tree: dict, key: str) -> None:

@@ -208,3 +208,18 @@ def test_a_slurm_job_loads_the_plugins_its_submission_loaded(monkeypatch):
     assert "ABEXP_PLUGINS" not in script_text(Request(), ["w"], Path("/f"), "x")
     monkeypatch.setenv("ABEXP_PLUGINS", "abexp_breast_cancer,other_mod")
     assert "export ABEXP_PLUGINS=abexp_breast_cancer,other_mod\n" in script_text(Request(), ["w"], Path("/f"), "x")
+
+
+def test_collect_lists_a_plugin_run_without_the_plugin(tmp_path):
+    """A table needs no plugin: an unfinished run of a plugin's model is a row, not 'damaged'."""
+    from abexp.config import dump_yaml
+    cfg = load_config(None, ["model.name=bc_mlp", "data.name=breast_cancer", "optim.name=gap_damped"],
+                      check_names=False)
+    from abexp.config import run_id
+    folder = tmp_path / "res" / "runs" / run_id(cfg)
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(dump_yaml(cfg))
+    proc = abexp_cli(["collect", "--results", str(tmp_path / "res"), "-o", str(tmp_path / "t.csv")], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "t.csv").read_text()
+    assert "bc_mlp" in text and "damaged" not in text
