@@ -88,8 +88,8 @@ def test_a_plugin_grid_plans_runs_exactly_once_and_draws(tmp_path):
     plan = abexp_cli(["--plugin", PLUGIN, "plan", str(SPEC), "--results", str(res)], tmp_path, pythonpath=[EXAMPLE])
     assert plan.returncode == 0, plan.stderr
     assert plan.stdout.count("pending") == 4
-    run = abexp_cli(["run", str(SPEC), "--workers", "2", "--results", str(res), "--no-progress"], tmp_path,
-                    {"ABEXP_PLUGINS": PLUGIN}, pythonpath=[EXAMPLE])
+    run = abexp_cli(["run", str(SPEC), "--workers", "2", "--results", str(res), "--no-progress", "--plugin", PLUGIN],
+                    tmp_path, pythonpath=[EXAMPLE])  # the workers learn of it from abexp alone
     assert run.returncode == 0, run.stderr[-2000:]
     folders = sorted(p for p in (res / "runs").iterdir() if p.is_dir() and not p.name.startswith("."))
     assert len(folders) == 4
@@ -98,8 +98,8 @@ def test_a_plugin_grid_plans_runs_exactly_once_and_draws(tmp_path):
         result = json.loads((folder / "result.json").read_text())
         assert result["status"] == "completed" and result["test_acc"] > 0.8 and result["val_acc"] is not None
     stamps = {f: (f / "result.json").stat().st_mtime_ns for f in folders}
-    again = abexp_cli(["--plugin", PLUGIN, "run", str(SPEC), "--workers", "2", "--results", str(res),
-                       "--no-progress"], tmp_path, pythonpath=[EXAMPLE])
+    again = abexp_cli(["run", str(SPEC), "--workers", "2", "--results", str(res), "--no-progress"], tmp_path,
+                      {"ABEXP_PLUGINS": PLUGIN}, pythonpath=[EXAMPLE])
     assert again.returncode == 0, again.stderr[-2000:]
     assert {f: (f / "result.json").stat().st_mtime_ns for f in folders} == stamps  # nothing retrained
     figures = abexp_cli(["--plugin", PLUGIN, "figures", "--results", str(res)], tmp_path, pythonpath=[EXAMPLE])
