@@ -223,3 +223,23 @@ def test_collect_lists_a_plugin_run_without_the_plugin(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = (tmp_path / "t.csv").read_text()
     assert "bc_mlp" in text and "damaged" not in text
+
+
+@pytest.mark.parametrize("kind", ["torchrun", "async"])
+def test_ranks_and_async_workers_load_the_plugin(tmp_path, kind):
+    """abexp train --nproc 2 (two torchrun ranks) and delay.kind async (a server and two
+    worker processes) on the plugin's model: each process it starts loads the plugin named on
+    the command line. An async run of a model without BN is evaluated at the server with
+    eval.bn running (there are no BN statistics to lack)."""
+    delay = "{steps: 2}" if kind == "torchrun" else "{kind: async, workers: 2}"
+    (tmp_path / "c.yaml").write_text(
+        "model: {name: bc_mlp}\ndata: {name: breast_cancer}\ntrain: {epochs: 2, batch_size: 32}\n"
+        f"optim: {{name: gap_damped, lr: 0.05}}\nschedule: {{name: constant}}\ndelay: {delay}\n")
+    extra = ["--nproc", "2"] if kind == "torchrun" else []
+    proc = abexp_cli(["train", "c.yaml", "--device", "cpu", "--out", "run", *extra, "--plugin", PLUGIN], tmp_path,
+                     pythonpath=[EXAMPLE])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["status"] == "completed" and result["processes"] == (2 if kind == "torchrun" else 3)
+    assert result["test_acc"] > 0.8
+    assert json.loads((tmp_path / "run" / "plugins.json").read_text()) == {PLUGIN: "0.1.0"}
