@@ -5,13 +5,19 @@ from typing import Any
 __version__ = "0.1.0"
 
 # the public Python API, imported on first use so that `import abexp` (and the CLI) stays light
-_LAZY = ("DelayedOptimizer",)
+_LAZY = ("DelayedOptimizer", "TensorData", "register_model", "register_dataset", "register_rule")
 
 
 def __getattr__(name: str) -> Any:
     if name == "DelayedOptimizer":
         from abexp.train.torch_optim import DelayedOptimizer
         return DelayedOptimizer
+    if name == "TensorData":
+        from abexp.data.common import TensorData
+        return TensorData
+    if name in ("register_model", "register_dataset", "register_rule"):
+        from abexp import plugins
+        return getattr(plugins, name)
     raise AttributeError(f"module 'abexp' has no attribute {name!r}")
 
 

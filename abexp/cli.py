@@ -27,6 +27,36 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def rule_name(text: str) -> str:
+    """A registered update rule (built-in or a loaded plugin's)."""
+    from abexp.registry import RULES
+    if text not in RULES:
+        raise argparse.ArgumentTypeError(RULES.unknown(text))
+    return text
+
+
+def take_plugins(argv: list[str]) -> list[str]:
+    """``--plugin MODULE`` (or ``--plugin=MODULE``), anywhere on the line and repeatable: taken
+    out of argv and named in ABEXP_PLUGINS, which the registries load lazily (only a command that
+    needs a name imports it) and every process abexp starts inherits (abexp.registry)."""
+    rest, modules, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--plugin" and i + 1 < len(argv):
+            modules.append(argv[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--plugin="):
+            modules.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+        i += 1
+    if modules:
+        from abexp.registry import add_plugins
+        add_plugins(modules)
+    return rest
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -302,11 +332,14 @@ def package_version() -> str:
 
 
 def build_parser() -> Parser:
-    from abexp.config import OPTIM_NAMES
     from abexp.lab.backends import BACKENDS
 
     parser = Parser(prog="abexp", description="Gradient-delay experiments (Adaptive Braking et al.)")
     parser.add_argument("--version", action="version", version=f"abexp {package_version()}")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE, which registers models, datasets or update rules "
+                             "(repeatable; also after the command; or ABEXP_PLUGINS=mod1,mod2; "
+                             "docs/extending.md)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("train", help="train one run from a YAML config")
@@ -324,8 +357,8 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("stability", help="largest stable step on a quadratic, per optimizer and delay")
-    p.add_argument("--optim", nargs="+", default=["sgdm", "ab"], choices=OPTIM_NAMES, metavar="NAME",
-                   help=f"optimizers to compare (default sgdm ab; any of {', '.join(OPTIM_NAMES)})")
+    p.add_argument("--optim", nargs="+", default=["sgdm", "ab"], type=rule_name, metavar="NAME",
+                   help="optimizers to compare (default sgdm ab; any registered update rule)")
     p.add_argument("--rho", type=float, default=1.0, help="AB's braking strength (default 1.0)")
     p.add_argument("--momentum", type=float, default=0.9, help="momentum (default 0.9)")
     p.add_argument("--delays", nargs="+", type=non_negative_int, default=[0, 1, 2, 4, 8, 16, 32], metavar="D",
@@ -427,13 +460,19 @@ def main(argv: list[str] | None = None) -> int:
     init_process_env()  # first: cuBLAS reads it once per process (abexp.process_env)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `abexp plan ... | head` exits quietly
     parser = build_parser()
-    args = parser.parse_args(argv)  # --help and usage errors end here, before torch is imported
+    from abexp.registry import PluginError
+    try:
+        argv = take_plugins(list(sys.argv[1:] if argv is None else argv))
+        args = parser.parse_args(argv)  # --help and usage errors end here, before torch is imported
+    except PluginError as err:
+        sys.stderr.write(f"abexp: error: {err}\n")
+        return EXIT_BAD_INPUT
     from abexp.data.common import DataError
     from abexp.io import WriteError
     from abexp.train.run import RunDirError
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DataError, RunDirError) as err:
+    except (ConfigError, DataError, RunDirError, PluginError) as err:
         sys.stderr.write(f"abexp: error: {err}\n")
         return EXIT_BAD_INPUT
     except WriteError as err:  # a full disk is not bad input: exit 1, still one line

@@ -16,14 +16,6 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-MODEL_NAMES = ("resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-               "resnet18", "resnet50")
-DATA_NAMES = ("cifar10", "digits", "synthetic", "imagenet", "fashion_mnist", "mnist")
-# optimizer name -> which mitigations it switches on (see abexp/sim/optim.py)
-OPTIM_NAMES = ("sgdm", "ab", "sc", "lwp", "dcasgd", "salr", "ab_lwp", "sc_lwp",
-               "adam", "adamw", "ab_adam", "ab_adamw", "gap_aware", "delay_adaptive",
-               "pipemare_lr", "pipemare", "adl", "ab_adl", "drop_stale")
-ADAM_NAMES = ("adam", "adamw", "ab_adam", "ab_adamw")
 
 
 class ConfigError(Exception):
@@ -42,12 +34,12 @@ class _Locked(BaseModel):
 
 
 class ModelCfg(_Locked):
-    name: Literal[MODEL_NAMES] = "resnet20"  # type: ignore[valid-type]
+    name: str = "resnet20"  # a registered model (abexp.registry.MODELS), checked by validate()
     zero_init_residual: bool = False  # zero-init the last BN of each block (torchvision models)
 
 
 class DataCfg(_Locked):
-    name: Literal[DATA_NAMES] = "cifar10"  # type: ignore[valid-type]
+    name: str = "cifar10"  # a registered dataset (abexp.registry.DATASETS), checked by validate()
     # cifar10: folder holding cifar-10-batches-py (default data/cifar10); imagenet: train/ val/
     # (default data/imagenet); fashion_mnist, mnist: the four IDX files (.gz or not; default: the
     # Debian package's /usr/share/datasets/fashion-mnist where installed, else data/<name>)
@@ -88,7 +80,7 @@ class TrainCfg(_Locked):
 
 
 class OptimCfg(_Locked):
-    name: Literal[OPTIM_NAMES] = "sgdm"  # type: ignore[valid-type]
+    name: str = "sgdm"  # a registered update rule (abexp.registry.RULES), checked by validate()
     lr: float = Field(0.1, gt=0.0)  # at batch 128; no automatic scaling
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
@@ -382,30 +374,47 @@ def config_error(err: ValidationError, source: str, root: type[BaseModel] | None
     return ConfigError(source, key, msg)
 
 
-def validate(raw: dict, source: str) -> RunConfig:
-    """Validate a full nested dict; raise ConfigError naming the first offending dotted key."""
+def validate(raw: dict, source: str, check_names: bool = True) -> RunConfig:
+    """Validate a full nested dict; raise ConfigError naming the first offending dotted key.
+    ``check_names=False`` accepts names no registry holds (a stored run of a plugin that is
+    not loaded: its table row and run id need no plugin), checking the rest as far as it can."""
     if not isinstance(raw, dict):
         raise ConfigError(source, "", "expected a mapping of config sections")
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as err:
         raise config_error(err, source) from None
-    _check_combinations(cfg, source)
+    _check_combinations(cfg, source, check_names)
     return cfg
 
 
-def _check_combinations(cfg: RunConfig, source: str) -> None:
-    if cfg.optim.nesterov and cfg.optim.name in ("sc", "sc_lwp"):
+def _check_combinations(cfg: RunConfig, source: str, check_names: bool = True) -> None:
+    from abexp.registry import (DATASETS, INPUT_KINDS, MODELS, RULES, DatasetRecord, ModelRecord, PluginError,
+                                RuleRecord)
+
+    try:  # the names a config gives must be registered: built-in, or a loaded plugin's
+        found = [(r, r.find(name)) for r, name in ((RULES, cfg.optim.name), (MODELS, cfg.model.name),
+                                                    (DATASETS, cfg.data.name))]
+    except PluginError as err:
+        raise ConfigError(source, "", str(err)) from None
+    for registry, record in found:
+        if record is None and check_names:
+            raise ConfigError(source, registry.key, registry.unknown(get_dotted(cfg.model_dump(), registry.key)))
+    # an unregistered name, not checked: a record that constrains nothing
+    rule = found[0][1] or RuleRecord()
+    model = found[1][1] or ModelRecord(builder=None, inputs=INPUT_KINDS)
+    data = found[2][1] or DatasetRecord(loader=None)
+    if cfg.optim.nesterov and "sc" in rule.flags:
         raise ConfigError(source, "optim.nesterov", "spike compensation defines its own update")
     if cfg.delay.kind == "geometric" and cfg.delay.mean is None:
         raise ConfigError(source, "delay.mean", "required when delay.kind is geometric")
     _check_delay(cfg.delay, source)
-    if cfg.delay.kind == "async" and cfg.eval.bn != "recalibrate":
+    if cfg.delay.kind == "async" and cfg.eval.bn != "recalibrate" and model.batch_norm:
         raise ConfigError(source, "eval.bn", "delay.kind async needs eval.bn: recalibrate (the parameter "
                           "server runs no forward pass, so it has no running BN statistics)")
-    if cfg.optim.name in ADAM_NAMES and cfg.optim.nesterov:
+    if "adam" in rule.flags and cfg.optim.nesterov:
         raise ConfigError(source, "optim.nesterov", f"not defined for {cfg.optim.name}")
-    if cfg.optim.name == "pipemare" and (cfg.delay.kind != "pipeline" or cfg.delay.stashing):
+    if "discrepancy" in rule.flags and (cfg.delay.kind != "pipeline" or cfg.delay.stashing):
         raise ConfigError(source, "optim.name", "pipemare's discrepancy correction acts on an unstashed "
                           "pipeline's backward weights: it needs delay.kind: pipeline and delay.stashing: "
                           "false (pipemare_lr is its rescheduling alone)")
@@ -416,10 +425,13 @@ def _check_combinations(cfg: RunConfig, source: str) -> None:
                           "delay.stashing: false needs train.precision fp32 or tf32 and train.compile: false")
     if cfg.train.batch_size % cfg.train.micro_batches:
         raise ConfigError(source, "train.micro_batches", "must divide train.batch_size")
-    imagenet_models = ("resnet18", "resnet50")
-    if (cfg.data.name == "imagenet") != (cfg.model.name in imagenet_models):
+    if data.input_kind not in model.inputs:
         raise ConfigError(source, "model.name",
-                          f"{cfg.model.name} does not fit data.name={cfg.data.name}")
+                          f"{cfg.model.name} does not fit data.name={cfg.data.name} ({cfg.model.name} takes "
+                          f"{' or '.join(model.inputs)} input, {cfg.data.name} yields {data.input_kind})")
+    if cfg.eval.bn == "recalibrate" and not model.batch_norm:
+        raise ConfigError(source, "eval.bn", f"recalibrate recomputes BN statistics; {cfg.model.name} "
+                          "has no batch norm (use eval.bn: running)")
 
 
 def _check_delay(d: DelayCfg, source: str) -> None:
@@ -520,7 +532,7 @@ def check_processes(cfg: RunConfig, processes: int, source: str) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict | None = None) -> RunConfig:
+                base: dict | None = None, check_names: bool = True) -> RunConfig:
     """Defaults <- YAML file <- ``--set`` overrides, then validation."""
     tree = base if base is not None else defaults()
     source = str(path) if path else "<defaults>"
@@ -534,7 +546,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         key, value = parse_override(item, f"{source} (--set)")
         set_dotted(tree, key, value, f"{source} (--set)")
-    return validate(tree, source if not overrides else f"{source} (with --set)")
+    return validate(tree, source if not overrides else f"{source} (with --set)", check_names)
 
 
 def _pop_dotted(tree: dict, key: str) -> None:

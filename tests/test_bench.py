@@ -75,7 +75,7 @@ def test_a_failing_section_leaves_the_others_on_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "path_vs_naive", broken)
     monkeypatch.setattr(bench.io, "write_json", lambda path, obj: (saved.append(json.loads(json.dumps(obj))),
                                                                    real_write(path, obj)))
-    code = bench.main(["--skip", "compile", "async", "ab_apply", "packed_ops", "--steps", "1", "--rounds", "1", "--packs", "1",
+    code = bench.main(["--skip", "compile", "async", "ab_apply", "packed_ops", "cli_help", "--steps", "1", "--rounds", "1", "--packs", "1",
                        "--procs", "--out", str(tmp_path)])
     assert code == 1
     report = json.loads((tmp_path / "bench.json").read_text())

@@ -6,13 +6,13 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "abexp"
-TOP = {"config", "io", "seeds", "tv_compat", "process_env", "__init__"}
+TOP = {"config", "io", "seeds", "tv_compat", "process_env", "registry", "plugins", "__init__"}
 # a wing -> the wings it may import (besides itself and the top-level modules)
 ALLOWED = {"sim": set(), "data": set(), "train": {"sim", "data"}, "lab": {"sim", "data", "train"},
            "tools": {"sim", "data", "train", "lab"}, "figures": {"sim", "lab"}, "top": set(),
            "cli": {"sim", "data", "train", "lab", "tools", "figures"}}
 # the package root's public Python API, each imported lazily on first use (abexp/__init__.py)
-PUBLIC_API = {"abexp.train.torch_optim"}
+PUBLIC_API = {"abexp.train.torch_optim", "abexp.data.common"}
 
 
 def module_name(path: Path) -> str:

@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import abexp
-from abexp.config import OPTIM_NAMES, DelayCfg, OptimCfg, load_config
+from abexp.config import DelayCfg, OptimCfg, load_config
+from abexp.registry import RULES
 from abexp.sim.engine import DelayedSGD, FlatParams
 from abexp.sim.schedule import lr_at
 from abexp.train.run import Run
@@ -243,7 +244,7 @@ def test_state_dict_of_another_rule_or_delay_is_refused():
 # ---------------------------------------------------------------- names and bad input
 
 def test_every_rule_name_builds_and_steps():
-    for name in OPTIM_NAMES:
+    for name in RULES.names():
         model = mlp()
         delay = {"kind": "pipeline", "stages": 2, "stashing": False} if name == "pipemare" else 2
         opt = abexp.DelayedOptimizer(model.parameters(), name, lr=0.01, delay=delay)

@@ -1,11 +1,11 @@
 """What every dataset reader shares: the error a bad data folder raises, the in-memory image
-container, default data folders. Imports nothing else of abexp's data."""
+and tensor containers, the validation split. Imports nothing else of abexp's data."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -57,11 +57,49 @@ class ImageData:
 
 
 IDX_DATASETS = ("fashion_mnist", "mnist")
-# Training examples of each dataset's full train split, for planning without loading it
-# (digits: 1,797 images less the 20% test split; ImageNet: the ILSVRC-2012 train set).
-TRAIN_EXAMPLES = {"cifar10": 50_000, "fashion_mnist": 60_000, "mnist": 60_000, "digits": 1_438,
-                  "imagenet": 1_281_167}
-DEFAULT_ROOTS = {"cifar10": "data/cifar10", "imagenet": "data/imagenet"}
+
+
+@dataclass
+class TensorData:
+    """A dataset that is not (necessarily) images: in-memory tensors of any dtype, e.g. tabular
+    features (float) or token ids (int64), with int64 class labels; what a plugin's dataset
+    function returns (``abexp.register_dataset``). Floating features are cast to the run's
+    dtype, integer ones passed as they are. ``augment(x, generator) -> x``: an optional batched
+    augmentation (none by default: tabular data has no crop or flip)."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: Optional[int] = None  # None: the dataset record's classes
+    augment: Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = None
+    val_x: Optional[torch.Tensor] = None
+    val_y: Optional[torch.Tensor] = None
+
+    @property
+    def channels(self) -> int:
+        return self.train_x.shape[1] if self.train_x.dim() > 1 else 1
+
+    def to(self, device: torch.device | str) -> "TensorData":
+        val = {} if self.val_x is None else {"val_x": self.val_x.to(device), "val_y": self.val_y.to(device)}
+        return replace(self, train_x=self.train_x.to(device), train_y=self.train_y.to(device),
+                       test_x=self.test_x.to(device), test_y=self.test_y.to(device), **val)
+
+    def normalize(self, x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        return x.to(dtype) if x.is_floating_point() else x
+
+    def check(self, name: str) -> "TensorData":
+        """Tensors of matching lengths and int64 labels: a DataError naming the dataset else."""
+        for split in ("train", "test"):
+            x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+            if not (torch.is_tensor(x) and torch.is_tensor(y)):
+                raise DataError(f"data.name={name}: {split}_x and {split}_y must be torch tensors")
+            if y.dim() != 1 or y.dtype != torch.int64 or len(x) != len(y) or not len(y):
+                raise DataError(f"data.name={name}: {split}_y must be a non-empty 1-D int64 tensor of "
+                                f"len({split}_x) = {len(x)} labels (got {tuple(y.shape)}, {y.dtype})")
+        if self.num_classes is not None and int(max(self.train_y.max(), self.test_y.max())) >= self.num_classes:
+            raise DataError(f"data.name={name}: a label is >= classes = {self.num_classes}")
+        return self
 
 
 def validation_indices(n: int, fraction: float, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +115,7 @@ def validation_indices(n: int, fraction: float, split_seed: int) -> tuple[torch.
     return order[n_val:].sort().values, order[:n_val].sort().values
 
 
-def hold_out(data: ImageData, fraction: float | None, split_seed: int) -> ImageData:
+def hold_out(data, fraction: float | None, split_seed: int):
     """The data with ``fraction`` of its training examples moved to the validation set (none
     moved when fraction is None). Normalisation constants stay the dataset's: two numbers per
     channel computed over the whole training split, not refitted per held-out part."""
@@ -89,5 +127,7 @@ def hold_out(data: ImageData, fraction: float | None, split_seed: int) -> ImageD
 
 
 def data_root(cfg) -> str | None:
-    """data.root, or the dataset's default folder (None: the IDX reader picks its own)."""
-    return cfg.data.root or DEFAULT_ROOTS.get(cfg.data.name)
+    """data.root, or the dataset's default folder (None: the reader picks its own)."""
+    from abexp.registry import DATASETS
+
+    return cfg.data.root or DATASETS.get(cfg.data.name).default_root

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from abexp.data.common import DataError, ImageData
+from abexp.data.common import DataError, ImageData, TensorData
 from abexp.seeds import epoch_seed
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -33,11 +33,14 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
 class Batches:
-    """Seeded, augmented mini-batches over an in-memory ImageData (drop_last: fixed batch size)."""
+    """Seeded, augmented mini-batches over an in-memory ImageData or TensorData (drop_last:
+    fixed batch size). TensorData is augmented only by its own ``augment`` function, if any."""
 
-    def __init__(self, data: ImageData, batch_size: int, augment: bool, seed: int):
+    def __init__(self, data: ImageData | TensorData, batch_size: int, augment: bool, seed: int):
         if len(data.train_y) < batch_size:
             raise DataError(f"{len(data.train_y)} training examples < batch size {batch_size}")
+        if isinstance(data, TensorData):
+            augment = augment and data.augment is not None
         self.data, self.batch_size, self.augment, self.seed = data, batch_size, augment, seed
         self.steps_per_epoch = len(data.train_y) // batch_size
         self.num_classes, self.channels = data.num_classes, data.channels
@@ -55,7 +58,9 @@ class Batches:
         for i in range(self.steps_per_epoch):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.data.train_x[idx]
-            if self.augment:
+            if self.augment and isinstance(self.data, TensorData):
+                x = self.data.augment(x, gen)
+            elif self.augment:
                 x = random_crop_flip(x, gen, self.data.crop_pad, self.data.flip)
             yield self.data.normalize(x), self.data.train_y[idx]
 
@@ -182,7 +187,7 @@ def make_synthetic(n_train: int, seed: int = 0, num_classes: int = 10) -> ImageD
     return ImageData(x[:n_train], y[:n_train], x[n_train:], y[n_train:], (0.5,) * 3, (0.29,) * 3)
 
 
-def take_subset(data: ImageData, n_train: int | None, n_test: int | None, seed: int) -> ImageData:
+def take_subset(data, n_train: int | None, n_test: int | None, seed: int):
     """The first N examples of a fixed shuffle, so a subset is a fair sample of the classes."""
     def pick(x: torch.Tensor, y: torch.Tensor, n: int | None, stream: int):
         if n is None or n >= len(y):

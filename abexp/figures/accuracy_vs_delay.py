@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     common.undelayed_references(ax, table, series)
     common.log2_delay_axis(ax, summary["delay.steps"])
     ax.set_ylabel("final test accuracy")
-    ax.set_title(f"Accuracy vs gradient delay\n({common.bn_note(table)}; line = mean, dots = seeds;\n{common.ERRORBARS})",
+    ax.set_title(f"Accuracy vs gradient delay\n({common.bn_prefix(table)}line = mean, dots = seeds;\n{common.ERRORBARS})",
                  fontsize=10)
     ax.grid(alpha=0.3)
     common.legend(ax)

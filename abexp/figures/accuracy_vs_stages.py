@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.set_xlabel("pipeline stages S (first stage's delay 2(S-1))")
     ax.set_ylabel("final test accuracy")
-    ax.set_title(f"Accuracy vs pipeline depth\n({common.bn_note(table)}; line = mean, dots = seeds;\n{common.ERRORBARS})", fontsize=10)
+    ax.set_title(f"Accuracy vs pipeline depth\n({common.bn_prefix(table)}line = mean, dots = seeds;\n{common.ERRORBARS})", fontsize=10)
     ax.grid(alpha=0.3)
     common.legend(ax)
     common.save(fig, summary, args.out, "accuracy_vs_stages")

@@ -21,18 +21,6 @@ import pandas as pd  # noqa: E402
 
 from abexp.config import NON_IDENTITY_KEYS  # noqa: E402
 
-# one colour per optimizer, the same in every figure
-COLORS = {"sgdm": "#1f77b4", "ab": "#d62728", "sc": "#2ca02c", "lwp": "#9467bd",
-          "dcasgd": "#8c564b", "salr": "#e377c2", "ab_lwp": "#ff7f0e", "sc_lwp": "#17becf",
-          "adam": "#7f7f7f", "adamw": "#bcbd22", "ab_adam": "#e7298a", "ab_adamw": "#66a61e",
-          "gap_aware": "#a6761d", "delay_adaptive": "#666666", "pipemare_lr": "#1b9e77",
-          "pipemare": "#0b5e47", "drop_stale": "#b15928", "adl": "#7570b3", "ab_adl": "#d95f02"}
-LABELS = {"sgdm": "SGDM", "ab": "AB", "sc": "SC", "lwp": "LWP", "dcasgd": "DC-ASGD",
-          "salr": "staleness-aware lr", "ab_lwp": "AB + LWP", "sc_lwp": "SC + LWP",
-          "adam": "Adam", "adamw": "AdamW", "ab_adam": "AB-Adam", "ab_adamw": "AB-AdamW",
-          "gap_aware": "Gap-Aware", "delay_adaptive": "delay-adaptive lr",
-          "pipemare_lr": "PipeMare lr", "pipemare": "PipeMare", "drop_stale": "drop stale", "adl": "ADL", "ab_adl": "AB + ADL"}
-
 LINESTYLES = ["-", "--", ":", "-."]  # several series of one optimizer: one colour, these styles
 
 # what every error bar in abexp's figures is, said on the figure itself (title or legend):
@@ -42,7 +30,8 @@ ERRORBARS = "error bars: ±1 sd over seeds (sample sd, n − 1; none for one see
 
 def ordered(optims) -> list[str]:
     """Optimizers in one fixed order (SGDM first), whatever order the table has them in."""
-    known = list(COLORS)
+    from abexp.registry import RULES
+    known = RULES.names()
     return sorted(set(optims), key=lambda o: (known.index(o) if o in known else len(known), o))
 
 
@@ -94,24 +83,30 @@ def describe(key: str, value) -> str:
     return f", {WORDS.get(key, key.split('.')[-1].replace('_', ' '))} {value}"
 
 
-# classes per dataset: the chance level an accuracy axis marks
-CLASSES = {"imagenet": 1000}
+def chance(table: pd.DataFrame) -> float | None:
+    """The chance level an accuracy axis marks: 1/classes of the table's datasets (their
+    records in abexp.registry.DATASETS); None when one is not a classification task or its
+    record is not loaded (a plugin's dataset without its plugin): no chance line then."""
+    from abexp.registry import DATASETS
 
-
-def chance(table: pd.DataFrame) -> float:
     names = set(table.get("data.name", pd.Series(dtype=str)).dropna())
-    return min((1.0 / CLASSES.get(n, 10) for n in names), default=0.1)
+    levels = [r.chance if r is not None else None for r in (DATASETS.find(n) for n in names)]
+    if any(level is None for level in levels):
+        return None
+    return min(levels, default=0.1)
 
 
 def accuracy_axis(ax, values, table: pd.DataFrame) -> tuple[float, float]:
-    """Fit the y-range to the accuracies shown (and the chance level, marked as a dotted line);
-    returns (bottom, top). Diverged runs are drawn at the bottom."""
+    """Fit the y-range to the accuracies shown (and the chance level, marked as a dotted line,
+    where the dataset has one); returns (bottom, top). Diverged runs are drawn at the bottom."""
     level = chance(table)
-    shown = [float(v) for v in values if v == v] + [level]
+    shown = [float(v) for v in values if v == v] + ([level] if level is not None else [])
     low, high = min(shown), max(shown)
     pad = max(0.02, 0.08 * (high - low))
     bottom, top = max(-0.02, low - pad), min(1.0, high + pad)
     ax.set_ylim(bottom, top)
+    if level is None:
+        return bottom, top
     ax.axhline(level, color="0.5", ls=":", lw=1, zorder=1)
     ax.annotate("chance", (0.0, level), xycoords=("axes fraction", "data"), xytext=(3, 2),
                 textcoords="offset points", ha="left", va="bottom", fontsize=7, color="0.4")
@@ -182,17 +177,42 @@ def finished(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def color(optim: str) -> str:
-    return COLORS.get(optim, "#7f7f7f")
+    """The optimizer's colour in every figure: its rule's record (grey when not registered)."""
+    from abexp.registry import RULES
+    record = RULES.find(optim)
+    return record.color if record is not None else "#7f7f7f"
 
 
 def label(optim: str) -> str:
-    return LABELS.get(optim, optim)
+    from abexp.registry import RULES
+    record = RULES.find(optim)
+    return record.label or optim if record is not None else optim
+
+
+def has_bn(table: pd.DataFrame) -> bool:
+    """Whether any run of the table has BN layers (its model's record; a model whose record is
+    not loaded counts as having them)."""
+    from abexp.registry import MODELS
+
+    names = set(table.get("model.name", pd.Series(dtype=str)).dropna())
+    records = [MODELS.find(n) for n in names]
+    return not names or any(r is None or r.batch_norm for r in records)
 
 
 def bn_note(table: pd.DataFrame) -> str:
+    """How BN statistics were evaluated; nothing for runs of models without BN, where the
+    phrase would describe nothing."""
+    if not has_bn(table):
+        return ""
     modes = sorted(set(table.get("eval_bn", pd.Series(dtype=str)).dropna()))
     names = {"running": "BN running stats", "recalibrate": "BN recalibrated at current weights"}
     return "; ".join(names.get(m, m) for m in modes)
+
+
+def bn_prefix(table: pd.DataFrame) -> str:
+    """``bn_note; `` for a title's parenthesis, or nothing."""
+    note = bn_note(table)
+    return f"{note}; " if note else ""
 
 
 def save(fig, data: pd.DataFrame, out: str, name: str) -> None:

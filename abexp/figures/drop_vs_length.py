@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     ax.set_xlabel("optimizer steps of the run")
     ax.set_ylabel(f"accuracy drop, D = 0 → {d_max}")
     ax.set_title(f"Accuracy lost to a delay of {d_max} steps vs training length\n"
-                 f"({common.bn_note(table)}; paired per seed, line = mean,\ndots = seeds, no error bars)", fontsize=10)
+                 f"({common.bn_prefix(table)}paired per seed, line = mean,\ndots = seeds, no error bars)", fontsize=10)
     ax.grid(alpha=0.3)
     common.legend(ax)
     common.save(fig, per_seed, args.out, "drop_vs_length")

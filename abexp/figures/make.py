@@ -19,19 +19,31 @@ import importlib
 import sys
 from pathlib import Path
 
-RUN_SCRIPTS = ["accuracy_vs_delay", "accuracy_vs_stages", "async_vs_model", "delay_drop", "drop_vs_length", "heatmaps",
-               "paired", "rho_sensitivity", "staleness", "tables", "tuned_lr"]
 STABILITY_DELAYS = [0, 1, 2, 4, 8, 16, 32]
 STABILITY_OPTIMS = ["sgdm", "ab", "sc", "lwp"]
 STABILITY_STAGES = [1, 2, 4, 8, 16]
 
 
+def __getattr__(name: str):
+    if name == "RUN_SCRIPTS":  # the figures of every experiment: abexp.registry.FIGURES
+        return run_scripts()
+    raise AttributeError(name)
+
+
+def run_scripts() -> list[str]:
+    """The figures drawn for each experiment: the registered ones (abexp.figures.catalog, plugins)."""
+    from abexp.registry import FIGURES
+    return FIGURES.names()
+
+
 def script(name: str, *argv: str) -> bool:
     """Run one figure script's ``main`` here; False when it failed (said in one line)."""
     from abexp.figures.common import Skipped
+    from abexp.registry import FIGURES
 
+    record = FIGURES.find(name)
     try:
-        importlib.import_module(f"abexp.figures.{name}").main(list(argv))
+        importlib.import_module(record.module if record else f"abexp.figures.{name}").main(list(argv))
     except Skipped:
         pass
     except Exception as err:  # noqa: BLE001 -- one broken figure must not stop the others
@@ -119,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         if exp not in names:
             print(f"skipped {exp}: no runs of that experiment in {runs}")
             continue
-        for name in RUN_SCRIPTS:
+        for name in run_scripts():
             ok &= script(name, "--table", str(runs), "--experiment", exp, "--out", out, *extra_args(name, args))
         ok &= script("training_curves", "--table", str(epochs), "--experiment", exp, "--out", out)
     if damaged:
@@ -151,7 +163,7 @@ def spec_figures(spec_path: str, table, res: Path, baseline: str = "sgdm") -> bo
     curves = collect_epochs(res, mine)
     write_table(curves, out / "epochs.csv")
     ok = True
-    for name in RUN_SCRIPTS:
+    for name in run_scripts():
         ok &= script(name, "--table", str(out / "runs.csv"), "--out", str(out),
                      *extra_args(name, argparse.Namespace(baseline=baseline)))
     return ok & script("training_curves", "--table", str(out / "epochs.csv"), "--out", str(out))

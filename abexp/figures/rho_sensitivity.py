@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     ax.set_xlabel("AB braking strength rho")
     ax.set_ylabel("final test accuracy (diverged = 0)")
     common.accuracy_axis(ax, list(summary["mean"] + summary["std"].fillna(0)) + list(summary["mean"]), table)
-    ax.set_title(f"Adaptive Braking: sensitivity to rho\n({common.bn_note(table)}; mean;\n{common.ERRORBARS})", fontsize=10)
+    ax.set_title(f"Adaptive Braking: sensitivity to rho\n({common.bn_prefix(table)}mean;\n{common.ERRORBARS})", fontsize=10)
     ax.grid(alpha=0.3)
     common.legend(ax)
     common.save(fig, summary, args.out, "rho_sensitivity")

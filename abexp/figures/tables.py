@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     tex += ["\\bottomrule", "\\end{tabular}"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    note = f"Final test accuracy ({common.bn_note(table)}); mean ± std over seeds.\n\n"
+    bn = f" ({common.bn_note(table)})" if common.bn_note(table) else ""
+    note = f"Final test accuracy{bn}; mean ± std over seeds.\n\n"
     (out / "accuracy_table.md").write_text(note + "\n".join(md) + "\n")
     (out / "accuracy_table.tex").write_text("\n".join(tex) + "\n")
     summary.to_csv(out / "accuracy_table.csv", index=False)

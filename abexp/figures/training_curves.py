@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> None:
             ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
             ax.grid(alpha=0.3)
     common.accuracy_axis(axes[0, 0], list(mean["test_acc"]), curves)
-    for ax in axes[0, 1:]:
-        ax.axhline(common.chance(curves), color="0.5", ls=":", lw=1, zorder=1)
+    level = common.chance(curves)
+    for ax in axes[0, 1:] if level is not None else []:
+        ax.axhline(level, color="0.5", ls=":", lw=1, zorder=1)
     axes[0, 0].set_ylabel("test accuracy")
     axes[1, 0].set_ylabel("train loss")
     handles, labels = axes[0, 0].get_legend_handles_labels()  # below the panels, not over them

@@ -5,7 +5,7 @@ training (a study that proves nothing) is seen before the compute is spent."""
 from __future__ import annotations
 
 from abexp.config import RunConfig, read_trace
-from abexp.data.common import TRAIN_EXAMPLES
+from abexp.registry import DATASETS
 
 LARGE_SHARE = 0.05  # a delay above 5% of a run's steps is warned about
 
@@ -13,9 +13,28 @@ LARGE_SHARE = 0.05  # a delay above 5% of a run's steps is warned about
 def train_examples(cfg: RunConfig) -> int:
     """Examples per epoch: the dataset's train split (or ``data.subset`` of it), less the
     examples data.val_split holds out (abexp.data.common.validation_indices rounds the same)."""
-    n = cfg.data.synthetic_size if cfg.data.name == "synthetic" else TRAIN_EXAMPLES[cfg.data.name]
+    n = full_train_examples(cfg)
     n = min(n, cfg.data.subset) if cfg.data.subset else n
     return n - int(round(n * cfg.data.val_split)) if cfg.data.val_split else n
+
+
+def full_train_examples(cfg: RunConfig) -> int:
+    """The dataset's full train split: its record's count (a number or a function of the
+    config), or, where the record gives none (a plugin's in-memory dataset), counted by
+    loading it once per process."""
+    known = DATASETS.get(cfg.data.name).train_examples
+    if callable(known):
+        return int(known(cfg))
+    if known is not None:
+        return int(known)
+    key = (cfg.data.name, cfg.data.root, cfg.data.split_seed)
+    if key not in _counted:
+        from abexp.data.load import load_dataset
+        _counted[key] = len(load_dataset(cfg).train_y)
+    return _counted[key]
+
+
+_counted: dict[tuple, int] = {}
 
 
 def steps_per_run(cfg: RunConfig) -> int:

@@ -62,7 +62,7 @@ def check_pipelines(configs: Iterable[RunConfig], source: str) -> None:
                               f"runs after its forward pass); got {backward}")
         stages = cfg.delay.stages if cfg.delay.stage_delays is None else len(cfg.delay.stage_delays)
         tensors = parameter_tensors(cfg.model.name)
-        if stages > tensors:
+        if tensors is not None and stages > tensors:
             key = "delay.stages" if cfg.delay.stage_delays is None else "delay.stage_delays"
             raise ConfigError(source, key, f"{stages} stages, but {cfg.model.name} has {tensors} parameter "
                                            f"tensors to cut into stages (at most {tensors} stages)")

@@ -260,6 +260,8 @@ def script_text(req: Request, worker_cmd: list[str], folder: Path, name: str) ->
         lines.append(f"#SBATCH --gres=gpu:{req.gpus_per_task}")
     if req.nproc > 1:  # the worker starts each run under torchrun with this many processes
         lines.append(f"export ABEXP_NPROC={req.nproc}")
+    if os.environ.get("ABEXP_PLUGINS"):  # the plugins this submission loaded (abexp.registry)
+        lines.append(f"export ABEXP_PLUGINS={shlex.quote(os.environ['ABEXP_PLUGINS'])}")
     lines += [f"export ABEXP_SLURM_FOLDER={shlex.quote(str(folder))}",
               "# exec: the worker itself receives SLURM's signals (see abexp/train/preempt.py)",
               "exec " + " ".join(shlex.quote(part) for part in worker_cmd), ""]

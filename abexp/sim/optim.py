@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from abexp.config import OptimCfg
+from abexp.registry import RULES
 from abexp.sim.brake import BrakeLog
 from abexp.sim.segments import Segments
 
@@ -65,27 +66,15 @@ class Mitigations:
     decoupled_wd: bool = False  # AdamW
 
 
-OPTIMIZERS: dict[str, Mitigations] = {
-    "sgdm": Mitigations(),
-    "ab": Mitigations(ab=True),
-    "sc": Mitigations(sc=True),
-    "lwp": Mitigations(lwp=True),
-    "dcasgd": Mitigations(dc=True),
-    "salr": Mitigations(salr=True),
-    "gap_aware": Mitigations(gap_aware=True),
-    "delay_adaptive": Mitigations(delay_adaptive=True),
-    "pipemare_lr": Mitigations(pipemare_lr=True),
-    "pipemare": Mitigations(pipemare_lr=True, discrepancy=True),
-    "adl": Mitigations(accumulate=True),
-    "drop_stale": Mitigations(drop_stale=True),
-    "ab_adl": Mitigations(ab=True, accumulate=True),
-    "ab_lwp": Mitigations(ab=True, lwp=True),
-    "sc_lwp": Mitigations(sc=True, lwp=True),
-    "adam": Mitigations(adam=True),
-    "adamw": Mitigations(adam=True, decoupled_wd=True),
-    "ab_adam": Mitigations(ab=True, adam=True),
-    "ab_adamw": Mitigations(ab=True, adam=True, decoupled_wd=True),
-}
+def mitigations(name: str) -> Mitigations:
+    """The flags rule ``name`` switches on: its record in abexp.registry.RULES (abexp.sim.rules
+    holds the built-in ones)."""
+    flags = RULES.get(name).flags
+    unknown = sorted(flags - set(Mitigations.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"update rule {name!r}: unknown flag {unknown[0]!r} (flags: "
+                         f"{', '.join(Mitigations.__dataclass_fields__)})")
+    return Mitigations(**dict.fromkeys(flags, True))
 
 
 def segment_cosine(g: torch.Tensor, v: torch.Tensor, segments: Segments | None,
@@ -118,7 +107,10 @@ class DelayedOptimizer:
 
     def __init__(self, cfg: OptimCfg, segment_sizes: list[int], horizons: list[float], device,
                  dtype=torch.float32, ranges: list[tuple[int, int]] | None = None):
-        self.cfg, self.rules = cfg, OPTIMIZERS[cfg.name]
+        self.cfg, self.rules = cfg, mitigations(cfg.name)
+        # a plugin rule's own step on the delayed gradient (abexp.register_rule), and its state
+        self.transform = RULES.get(cfg.name).grad_transform
+        self.transform_state: dict = {}
         numel = sum(segment_sizes)
         self.ranges = ranges or [(0, numel)]
         self.v = torch.zeros(numel, device=device, dtype=dtype)  # velocity; Adam: first moment
@@ -236,6 +228,8 @@ class DelayedOptimizer:
             self._gap_penalty(g, w, w_fwd, lr)
         if rules.ab and cfg.rho:
             self._brake(g, v)
+        if self.transform is not None:
+            self.transform(g, w, w_fwd, taus, lr, self.transform_state)
         if rules.adam:
             self._adam(w, g, lr)
             return
@@ -289,6 +283,8 @@ class DelayedOptimizer:
             state.update(dc_ms=self.dc_ms)
         if self.brake_log is not None:
             state.update(brake=self.brake_log.state_dict())
+        if self.transform is not None:
+            state.update(transform=dict(self.transform_state))
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -310,3 +306,6 @@ class DelayedOptimizer:
             self.dc_ms.copy_(state["dc_ms"])
         if self.brake_log is not None and "brake" in state:  # absent in checkpoints from before it
             self.brake_log.load_state_dict(state["brake"])
+        if self.transform is not None:
+            self.transform_state.clear()
+            self.transform_state.update(state.get("transform", {}))

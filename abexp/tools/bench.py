@@ -32,6 +32,7 @@ import argparse
 import platform
 import queue
 import statistics
+import os
 import time
 from pathlib import Path
 
@@ -406,6 +407,11 @@ def to_markdown(report: dict) -> str:
         lines += [f"| {r['K']} | {r['aten_ops']} | {r['engine_ops']} | {r['loop_aten_ops']} | "
                   f"{r['loop_engine_ops']} ({r['loop_engine_ops_per_run']}) |" for r in o["rows"]]
         lines += [""]
+    if "cli_help" in report:
+        h = report["cli_help"]
+        lines += ["## `abexp --help` (median of fresh processes)", "",
+                  "| plain s (target < 0.3) | with a 1 s plugin in ABEXP_PLUGINS s | ratio (target ≤ 1.1) |",
+                  "|---|---|---|", f"| {h['help_s']} | {h['help_with_plugin_s']} | {h['ratio_plugin_over_plain']} |", ""]
     if "ab_apply" in report:
         a = report["ab_apply"]
         lines += [f"## AB's update vs SGDM's ({a['model']}-sized vector: {a['params']:,} parameters in "
@@ -417,7 +423,37 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ("delay_overhead", "path_vs_naive", "compile", "grid_throughput", "async", "ab_apply", "packed_ops")
+SECTIONS = ("delay_overhead", "path_vs_naive", "compile", "grid_throughput", "async", "ab_apply", "packed_ops",
+            "cli_help")
+
+
+def cli_help(rounds: int = 5) -> dict:
+    """``abexp --help`` wall time (median of ``rounds`` fresh processes), and the same with a
+    plugin named in ABEXP_PLUGINS: plugins load only when a command needs the registries, so
+    the ratio should be 1 (target: help under 0.3 s; ratio <= 1.1)."""
+    import statistics
+    import subprocess
+    import sys
+    import tempfile
+
+    def median_s(env: dict) -> float:
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "abexp.cli", "--help"], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    with tempfile.TemporaryDirectory() as folder:  # a plugin that costs a second to import
+        Path(folder, "slow_plugin.py").write_text("import time\ntime.sleep(1.0)\n")
+        plain = dict(os.environ)
+        plain.pop("ABEXP_PLUGINS", None)
+        with_plugin = dict(plain, ABEXP_PLUGINS="slow_plugin",
+                           PYTHONPATH=os.pathsep.join(filter(None, [folder, plain.get("PYTHONPATH")])))
+        help_s, plugin_s = median_s(plain), median_s(with_plugin)
+    return {"help_s": round(help_s, 3), "help_with_plugin_s": round(plugin_s, 3),
+            "ratio_plugin_over_plain": round(plugin_s / help_s, 3), "rounds": rounds}
 
 
 def run_bench(device: torch.device, steps: int, rounds: int, packs: list[int], procs: list[int] | None,
@@ -439,7 +475,8 @@ def run_bench(device: torch.device, steps: int, rounds: int, packs: list[int], p
              # the server is a CPU process (gloo), whatever the device
              "async": lambda: bench_async.report(max(20, steps), async_workers),
              "ab_apply": lambda: ab_apply_ratio(max(3, rounds), device=str(device)),
-             "packed_ops": lambda: packed_op_counts([1, 8, 32])}
+             "packed_ops": lambda: packed_op_counts([1, 8, 32]),
+             "cli_help": lambda: cli_help(max(3, rounds))}
     limits = limits or {}
 
     def save(rep: dict) -> None:
@@ -464,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only-delay", action="store_true", help="just figure a (fast)")
     parser.add_argument("--only-async", action="store_true", help="just figure e (the parameter server)")
     parser.add_argument("--only-ab", action="store_true", help="just figure f (AB's update vs SGDM's)")
+    parser.add_argument("--only-help", action="store_true", help="just abexp --help's time (plugins lazy)")
     parser.add_argument("--only-ops", action="store_true",
                         help="just figure g (ATen operations of one packed step, K = 1, 8, 32)")
     parser.add_argument("--skip", nargs="+", default=[], choices=SECTIONS, help="sections not to run")
@@ -475,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     only = {"delay_overhead": args.only_delay, "async": args.only_async, "ab_apply": args.only_ab,
-            "packed_ops": args.only_ops}
+            "packed_ops": args.only_ops, "cli_help": args.only_help}
     sections = tuple(s for s, on in only.items() if on) or SECTIONS
     sections = tuple(s for s in sections if s not in args.skip)
     limits = dict.fromkeys(sections, args.limit_s) if args.limit_s else None

@@ -17,8 +17,9 @@ tau = t - (version the worker used), and hands that worker the next item.
 - A ``fifo`` run with N workers is the simulator at constant delay N - 1, pipeline fill
   included, bitwise: the proof that the simulator models this system.
 
-BN: the server never runs a forward pass, so it has no running BN statistics; async runs
-evaluate with ``eval.bn: recalibrate`` (required) and report no ``test_acc_running_bn``.
+BN: the server never runs a forward pass, so it has no running BN statistics; async runs of a
+model with BN evaluate with ``eval.bn: recalibrate`` (required) and report no
+``test_acc_running_bn`` (a model without BN is evaluated as it is).
 The run's life (epochs, checkpoint, metrics, events, W&B, stop signals, divergence) is
 ``abexp.train.lifecycle``'s, as for every run: this module supplies only ``train_epoch``.
 
@@ -375,7 +376,8 @@ class AsyncRun(Run):
         return lr
 
     def evaluate(self, bn: str | None = None, split: str = "test") -> list[tuple[float, float | None]]:
-        if (bn or self.cfg.eval.bn) == "running":  # the server has no running BN statistics
+        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        if (bn or self.cfg.eval.bn) == "running" and has_bn:  # the server has no running BN statistics
             return [(math.nan, None)]
         return super().evaluate(bn, split)
 
@@ -404,9 +406,9 @@ class WorkerModel:
 
     def __init__(self, cfg: RunConfig, num_classes: int, channels: int, input_shape: tuple):
         from abexp.sim.engine import FlatParams
-        from abexp.train.models import build_model
+        from abexp.train.catalog import build
         self.cfg, self.device, self.input_shape = cfg, torch.device("cpu"), tuple(input_shape)
-        self.model = build_model(cfg.model.name, num_classes, cfg.model.zero_init_residual, channels)
+        self.model = build(cfg, num_classes, self.input_shape, channels)
         self.flat = FlatParams(self.model, cfg.train.channels_last)
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.train_model = torch.compile(self.model) if cfg.train.compile else self.model

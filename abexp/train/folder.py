@@ -4,8 +4,9 @@ Every module that reads or writes ``RESULTS/runs/<run_id>/`` goes through ``RunF
 the on-disk format (which stored results folders must keep reading and resuming) is spelled
 once: config.yaml, metrics.jsonl (one line per epoch), checkpoint.pt (replaced atomically each
 epoch), events.jsonl (who trained it when), log.txt and failed.json (a worker's log and its
-last crash), claim.lock (abexp.lab.claims), trace.txt (an async run's arrivals), model.pt and,
-written atomically last, result.json: the completion marker.
+last crash), claim.lock (abexp.lab.claims), trace.txt (an async run's arrivals), plugins.json
+(the versions of the plugins it ran with), model.pt and, written atomically last, result.json:
+the completion marker.
 
 The state vocabulary (``STATES``) is read from these files alone. Whether a claim is live is
 the lab's to judge (abexp.lab.claims), so ``state`` takes that judgement as a function.
@@ -35,6 +36,7 @@ class RunFolder:
     LOCK = "claim.lock"
     TAKEOVER = "claim.takeover"
     TRACE = "trace.txt"
+    PLUGINS = "plugins.json"  # {plugin module: version}, only when plugins were loaded
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -77,6 +79,10 @@ class RunFolder:
     @property
     def events(self) -> Path:
         return self.path / self.EVENTS
+
+    @property
+    def plugins(self) -> Path:
+        return self.path / self.PLUGINS
 
     @property
     def log(self) -> Path:

@@ -29,6 +29,7 @@ from typing import Callable, Protocol, cast
 
 from abexp import io
 from abexp.config import RunConfig, dump_yaml, load_config, run_id
+from abexp.registry import plugin_versions
 from abexp.train import preempt
 from abexp.train.folder import RunFolder
 from abexp.train.tracking import Tracker
@@ -121,6 +122,8 @@ def train(trainer: Trainer, stop_after_epochs: int | None = None, on_epoch: OnEp
         for m in members:
             m.out.mkdir(parents=True, exist_ok=True)
             io.write_text(m.folder.config, dump_yaml(m.cfg))
+            if plugin_versions():  # which plugin code the run used (not part of its id)
+                io.write_json(m.folder.plugins, plugin_versions())
     for i, m in enumerate(members):  # every rank resumes from the same checkpoint
         state = read_checkpoint(m.out, m.run_id, main, log)
         if state is not None:

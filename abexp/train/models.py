@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 CIFAR_DEPTHS = {"resnet8": 8, "resnet20": 20, "resnet32": 32, "resnet44": 44,
                 "resnet56": 56, "resnet110": 110}
+TORCHVISION_RESNETS = ("resnet18", "resnet50")  # ImageNet ResNets (torchvision's builders)
 
 
 def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +93,7 @@ def build_model(name: str, num_classes: int = 10, zero_init_residual: bool = Fal
         raise ValueError(f"{name} takes 3-channel images, not {in_channels}")
     from abexp.tv_compat import import_torchvision
     tv = import_torchvision()
-    builders = {"resnet18": tv.models.resnet18, "resnet50": tv.models.resnet50}
+    builders = {n: getattr(tv.models, n) for n in TORCHVISION_RESNETS}
     if name not in builders:
         raise ValueError(f"unknown model {name!r}")
     model = builders[name](num_classes=num_classes, zero_init_residual=zero_init_residual)
@@ -182,8 +183,11 @@ class PackedCifarResNet(nn.Module):
         return out
 
 
-def parameter_tensors(name: str) -> int:
+def parameter_tensors(name: str) -> int | None:
     """How many parameter tensors model ``name`` has (a pipeline has at most that many stages);
-    built on the meta device, so no memory or initialisation is spent."""
+    built on the meta device, so no memory or initialisation is spent. None for a plugin's model
+    (its builder needs the data's shape; the run itself then checks the cut)."""
+    if name not in CIFAR_DEPTHS and name not in TORCHVISION_RESNETS:
+        return None
     with torch.device("meta"):
         return sum(1 for _ in build_model(name).parameters())

@@ -23,8 +23,7 @@ from abexp.train.distributed import Dist, init_from_env
 from abexp.data.images import Batches
 from abexp.data.load import load_image_data
 from abexp.sim.engine import DelayedSGD, FlatParams
-from abexp.train.models import build_model
-from abexp.sim.pipeline import run_stages
+from abexp.train import catalog
 from abexp.train.backward_weights import backward_weights
 from abexp.sim.schedule import lr_at
 from abexp.train.lifecycle import (CHECKPOINT, CONFIG, EVENTS, METRICS, RESULT, WEIGHTS, Member,  # noqa: F401
@@ -82,8 +81,9 @@ def autocast(device: torch.device, precision: str):
 
 
 def build_data(cfg: RunConfig, device: torch.device, ddp: Dist = Dist()):
-    """Batches for the run: in-memory (cifar10, digits, synthetic) or ImageNet's DataLoader."""
-    if cfg.data.name == "imagenet":
+    """Batches for the run: in-memory (images or tensors) or ImageNet's DataLoader."""
+    from abexp.registry import DATASETS
+    if DATASETS.get(cfg.data.name).input_kind == "image_folder":
         from abexp.data.imagenet import ImageNetBatches
         return ImageNetBatches(cfg, device, ddp.rank, ddp.world)
     data = load_image_data(cfg, device)
@@ -186,13 +186,13 @@ class Run:
         set_determinism(cfg.train.deterministic, self.device)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.batches = build_data(cfg, self.device, self.ddp)
-        self.model = build_model(cfg.model.name, self.batches.num_classes,
-                                 cfg.model.zero_init_residual, self.batches.channels).to(self.device)
+        self.model = catalog.build(cfg, self.batches.num_classes, self.batches.input_shape,
+                                   self.batches.channels).to(self.device)
         self.flat = FlatParams(self.model, cfg.train.channels_last)
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         # the compiled module reads the same parameter views, so weight swaps stay plain copies
         self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
-        ranges, self.stage_map = run_stages(cfg, self.model, self.flat.sizes, self.batches.input_shape)
+        ranges, self.stage_map = catalog.stages(cfg, self.model, self.flat.sizes, self.batches.input_shape)
         self.engine = DelayedSGD(self.flat.data, self.flat.sizes, cfg.optim, cfg.delay, cfg.seed, ranges)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.train.epochs

@@ -25,30 +25,23 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from abexp.config import OPTIM_NAMES, ConfigError, validate
+from abexp.config import ConfigError, validate
+from abexp.registry import RULES
 from abexp.sim.engine import DelayedSGD, FlatParams
-from abexp.sim.optim import OPTIMIZERS
+from abexp.sim.optim import mitigations
 from abexp.train.backward_weights import backward_weights
 
 _SOURCE = "abexp.DelayedOptimizer"
 _ALWAYS = ("weight_decay", "weight_decay_on")
-# the OptimCfg keys each mitigation reads; a rule's options are the union over its flags
-_RULE_KEYS = {"ab": ("rho", "ab_cosine"), "dc": ("dc_lambda",), "lwp": ("lwp_horizon",),
-              "delay_adaptive": ("tau_c",), "drop_stale": ("drop_above",),
-              "gap_aware": ("gap_gamma", "gap_eps"), "pipemare_lr": ("pipemare_anneal_steps",),
-              "discrepancy": ("pipemare_gamma",), "accumulate": ("adl_steps",)}
 # read once when the engine is built (buffers, look-aheads, thresholds): fixed afterwards
-_FIXED = frozenset({"lwp_horizon", "tau_c", "drop_above", "ab_cosine"})
+_FIXED = frozenset({"lwp_horizon", "lwp_lookahead", "tau_c", "drop_above", "ab_cosine", "dc_adaptive"})
 
 
 def rule_options(name: str) -> tuple[str, ...]:
     """The keyword options (besides lr and delay) that rule ``name`` reads."""
-    rules = OPTIMIZERS[name]
-    keys = ["betas", "eps"] if rules.adam else ["momentum", "nesterov"]
+    keys = ["betas", "eps"] if mitigations(name).adam else ["momentum", "nesterov"]
     keys += _ALWAYS
-    for flag, flag_keys in _RULE_KEYS.items():
-        if getattr(rules, flag):
-            keys += flag_keys
+    keys += [k for k in RULES.get(name).keys if k not in keys]  # the rule's record
     return tuple(keys)
 
 
@@ -101,9 +94,8 @@ class DelayedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, name: str = "sgdm", *, lr: float, delay: int | dict | None = 0,
                  **options: Any):
-        if name not in OPTIM_NAMES:
-            raise ValueError(f"{_SOURCE}: unknown update rule {name!r}; abexp's rules: "
-                             f"{', '.join(OPTIM_NAMES)}")
+        if name not in RULES:
+            raise ValueError(f"{_SOURCE}: {RULES.unknown(name)}")
         lr = float(lr)
         if not (math.isfinite(lr) and lr >= 0.0):
             raise ValueError(f"{_SOURCE}: lr must be a finite number >= 0, got {lr}")
