@@ -32,7 +32,10 @@ only the rules that depend on the staleness loop over the stages (one range with
 
 tau is a stage's actual staleness, min(D, t) while the pipeline fills. The Adam family follows
 torch.optim.Adam / AdamW exactly; with AB the gradient is scaled by 1 - rho cos(g, m), m Adam's
-first moment, before it enters both moments.
+first moment, before it enters both moments. Muon (``muon``, ``ab_muon``: abexp/sim/muon.py)
+follows torch.optim.Muon on the hidden matrices and AdamW on the rest; with AB the gradient is
+scaled by 1 - rho cos(g, B), B Muon's momentum buffer (AdamW's m elsewhere), before it enters
+the momentum, so before the orthogonalisation.
 """
 from __future__ import annotations
 
@@ -63,6 +66,7 @@ class Mitigations:
     drop_stale: bool = False  # discard gradients staler than a threshold (Koloskova et al. 2022)
     adam: bool = False
     decoupled_wd: bool = False  # AdamW
+    muon: bool = False  # Muon on the hidden matrices, AdamW on the rest (abexp/sim/muon.py)
 
 
 OPTIMIZERS: dict[str, Mitigations] = {
@@ -85,6 +89,8 @@ OPTIMIZERS: dict[str, Mitigations] = {
     "adamw": Mitigations(adam=True, decoupled_wd=True),
     "ab_adam": Mitigations(ab=True, adam=True),
     "ab_adamw": Mitigations(ab=True, adam=True, decoupled_wd=True),
+    "muon": Mitigations(muon=True, decoupled_wd=True),
+    "ab_muon": Mitigations(ab=True, muon=True, decoupled_wd=True),
 }
 
 
@@ -117,12 +123,19 @@ class DelayedOptimizer:
     """
 
     def __init__(self, cfg: OptimCfg, segment_sizes: list[int], horizons: list[float], device,
-                 dtype=torch.float32, ranges: list[tuple[int, int]] | None = None):
+                 dtype=torch.float32, ranges: list[tuple[int, int]] | None = None,
+                 matrices: list[tuple[int, int] | None] | None = None):
         self.cfg, self.rules = cfg, OPTIMIZERS[cfg.name]
         numel = sum(segment_sizes)
         self.ranges = ranges or [(0, numel)]
         self.v = torch.zeros(numel, device=device, dtype=dtype)  # velocity; Adam: first moment
         self.second = torch.zeros(numel, device=device, dtype=dtype) if self.rules.adam else None
+        self.muon = None  # muon rules: per segment its (rows, cols) if Muon updates it (``matrices``)
+        if self.rules.muon:
+            from abexp.sim.muon import MuonUpdate
+            if matrices is None:
+                raise ValueError(f"rule {cfg.name} needs the parameters' shapes (abexp.sim.muon.muon_matrices)")
+            self.muon = MuonUpdate(cfg, segment_sizes, matrices, device, dtype)
         self.updates = 0  # Adam's bias-correction step count
         self.horizons = [h if cfg.lwp_horizon is None else cfg.lwp_horizon for h in horizons]
         # LWP's multiple of lr·v per stage: the horizon D (linear), or the distance momentum alone
@@ -236,6 +249,9 @@ class DelayedOptimizer:
             self._gap_penalty(g, w, w_fwd, lr)
         if rules.ab and cfg.rho:
             self._brake(g, v)
+        if self.muon is not None:
+            self.muon.step(w, g, v, lr)
+            return
         if rules.adam:
             self._adam(w, g, lr)
             return
@@ -277,6 +293,8 @@ class DelayedOptimizer:
         state = {"v": self.v}
         if self.second is not None:
             state.update(second=self.second, updates=self.updates)
+        if self.muon is not None:
+            state.update(muon=self.muon.state_dict())
         if self.gap_avg is not None:
             state.update(gap_avg=self.gap_avg, gap_updates=self.gap_updates, max_lr=self.max_lr)
         if self.rules.pipemare_lr:
@@ -296,6 +314,8 @@ class DelayedOptimizer:
         if self.second is not None:
             self.second.copy_(state["second"])
             self.updates = int(state["updates"])
+        if self.muon is not None:
+            self.muon.load_state_dict(state["muon"])
         if self.gap_avg is not None:
             self.gap_avg.copy_(state["gap_avg"])
             self.gap_updates, self.max_lr = int(state["gap_updates"]), float(state["max_lr"])

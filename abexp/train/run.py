@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from abexp.train import lifecycle, preempt
-from abexp.config import RunConfig, check_processes, run_id
+from abexp.config import MUON_NAMES, RunConfig, check_processes, run_id
 from abexp.process_env import init_process_env
 from abexp.train.distributed import Dist, init_from_env
 from abexp.data.images import Batches
@@ -193,7 +193,12 @@ class Run:
         # the compiled module reads the same parameter views, so weight swaps stay plain copies
         self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
         ranges, self.stage_map = run_stages(cfg, self.model, self.flat.sizes, self.batches.input_shape)
-        self.engine = DelayedSGD(self.flat.data, self.flat.sizes, cfg.optim, cfg.delay, cfg.seed, ranges)
+        matrices = None  # the muon rules: which tensors Muon updates, as matrices (abexp.sim.muon)
+        if cfg.optim.name in MUON_NAMES:
+            from abexp.sim.muon import muon_matrices
+            matrices = muon_matrices(self.model, cfg.optim.muon_params)
+        self.engine = DelayedSGD(self.flat.data, self.flat.sizes, cfg.optim, cfg.delay, cfg.seed, ranges,
+                                 matrices)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.replay = replayed_batches(cfg, self.total_steps, self.batches)
