@@ -265,3 +265,95 @@ def test_new_keys_leave_existing_run_ids_unchanged_and_nesterov_is_refused(tmp_p
     bad.write_text("optim: {name: muon, nesterov: true}\n")
     with pytest.raises(Exception, match="optim.nesterov"):
         load_config(str(bad))
+
+
+# ---------------------------------------------------------------- abexp.DelayedOptimizer
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 5))
+
+
+def mlp_data(steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 20, generator=gen), torch.randint(0, 5, (16,), generator=gen))
+            for _ in range(steps)]
+
+
+@pytest.mark.parametrize("name", ["muon", "ab_muon"])
+def test_delayed_optimizer_equals_torch_muon_plus_adamw_for_the_rest_at_delay_0(name):
+    """abexp.DelayedOptimizer(name="muon") at D = 0: torch.optim.Muon on every 2-D parameter and
+    torch.optim.AdamW on the biases, bitwise after 60 steps, with an lr changed midway in both.
+    ab_muon with rho = 0 is the same."""
+    batches, lr, wd = mlp_data(60), 0.02, 0.1
+    ours, theirs = mlp(), mlp()
+    extra = {"rho": 0.0} if name == "ab_muon" else {}
+    opt = abexp.DelayedOptimizer(ours.parameters(), name, lr=lr, delay=0, weight_decay=wd, **extra)
+    refs = [torch.optim.Muon([p for p in theirs.parameters() if p.ndim == 2], lr=lr, weight_decay=wd),
+            torch.optim.AdamW([p for p in theirs.parameters() if p.ndim != 2], lr=lr, weight_decay=wd)]
+    for t, (x, y) in enumerate(batches):
+        if t == 30:
+            for o in [opt] + refs:
+                for g in o.param_groups:
+                    g["lr"] = lr / 4
+        opt.zero_grad()
+        F.cross_entropy(ours(x), y).backward()
+        opt.step()
+        for o in refs:
+            o.zero_grad()
+        F.cross_entropy(theirs(x), y).backward()
+        for o in refs:
+            o.step()
+    with opt.current_weights():
+        assert torch.equal(flat(ours), flat(theirs))
+    assert not torch.equal(flat(theirs), flat(mlp()))
+
+
+def test_delayed_optimizer_usual_recipe_on_the_gpt_through_a_muon_false_group():
+    """The usual recipe in a user's loop: the GPT's hidden matrices in one group, the rest (with
+    the 2-D embeddings) in a group with 'muon': False — torch.optim.Muon + AdamW bitwise."""
+    batches, lr, wd = windows(10), 0.01, 0.05
+    ours, theirs = tiny_gpt(), tiny_gpt()
+    hidden, other = ([p for _, p in part] for part in muon_split(ours))
+    opt = abexp.DelayedOptimizer([{"params": hidden}, {"params": other, "muon": False}], "muon",
+                                 lr=lr, weight_decay=wd)
+    refs = torch_pair(theirs, lr, wd)
+    for xy in batches:
+        opt.zero_grad()
+        loss(ours, xy).backward()
+        opt.step()
+        for o in refs:
+            o.zero_grad()
+        loss(theirs, xy).backward()
+        for o in refs:
+            o.step()
+    with opt.current_weights():
+        assert torch.equal(flat(ours), flat(theirs))
+    assert not torch.equal(flat(theirs), flat(tiny_gpt()))
+
+
+def test_delayed_optimizer_muon_bad_input():
+    params = list(mlp().parameters())
+    with pytest.raises(ValueError, match="muon_params needs the model"):
+        abexp.DelayedOptimizer(params, "muon", lr=0.1, muon_params="all_2d")
+    with pytest.raises(ValueError, match="'muon' is read only by rules muon, ab_muon"):
+        abexp.DelayedOptimizer([{"params": params, "muon": False}], "adamw", lr=0.1)
+    with pytest.raises(ValueError, match="no 2-D parameter"):
+        abexp.DelayedOptimizer([{"params": params, "muon": False}], "muon", lr=0.1)
+    with pytest.raises(ValueError, match="'momentum' is not read by rule 'muon'"):
+        abexp.DelayedOptimizer(params, "muon", lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="optim.muon_momentum"):
+        abexp.DelayedOptimizer(params, "muon", lr=0.1, muon_momentum=1.0)
+
+
+def test_a_model_without_a_muon_matrix_is_one_line_before_the_run(tmp_path):
+    """preflight: muon on a ResNet under hidden (convolutions are 4-D, fc the output layer) is a
+    ConfigError naming optim.muon_params; all_2d gives Muon the fc and passes."""
+    from abexp.config import ConfigError
+    from abexp.lab.preflight import check_muon
+    spec = tmp_path / "run.yaml"
+    spec.write_text("model: {name: resnet8}\noptim: {name: muon}\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: optim.muon_params: hidden: resnet8 has no"):
+        check_muon([load_config(str(spec))], str(spec))
+    spec.write_text("model: {name: resnet8}\noptim: {name: ab_muon, muon_params: all_2d}\n")
+    check_muon([load_config(str(spec))], str(spec))

@@ -14,6 +14,9 @@ holds the weights the *next* gradient is taken at; ``current_weights()`` swaps t
 The lr is each step's ``param_groups[*]['lr']`` when ``step()`` is called (schedulers set it);
 the other hyperparameters live in the groups too, one value for all groups (the engine updates
 one flat vector); only ``delay`` may differ per group, each group then being a pipeline stage.
+Rules ``muon`` and ``ab_muon`` update every 2-D parameter with Muon and the rest with AdamW, as
+torch.optim.Muon's own recipe; a group with ``"muon": False`` (embeddings, the output layer)
+goes to AdamW. That split is read at construction.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from abexp.config import OPTIM_NAMES, ConfigError, validate
+from abexp.config import MUON_NAMES, OPTIM_NAMES, ConfigError, validate
 from abexp.sim.engine import DelayedSGD, FlatParams
 from abexp.sim.optim import OPTIMIZERS
 from abexp.train.backward_weights import backward_weights
@@ -36,7 +39,8 @@ _ALWAYS = ("weight_decay", "weight_decay_on")
 _RULE_KEYS = {"ab": ("rho", "ab_cosine"), "dc": ("dc_lambda",), "lwp": ("lwp_horizon",),
               "delay_adaptive": ("tau_c",), "drop_stale": ("drop_above",),
               "gap_aware": ("gap_gamma", "gap_eps"), "pipemare_lr": ("pipemare_anneal_steps",),
-              "discrepancy": ("pipemare_gamma",), "accumulate": ("adl_steps",)}
+              "discrepancy": ("pipemare_gamma",), "accumulate": ("adl_steps",),
+              "muon": ("muon_momentum", "muon_nesterov", "muon_ns_steps", "muon_adjust_lr", "muon_lr_scale")}
 # read once when the engine is built (buffers, look-aheads, thresholds): fixed afterwards
 _FIXED = frozenset({"lwp_horizon", "tau_c", "drop_above", "ab_cosine"})
 
@@ -44,7 +48,7 @@ _FIXED = frozenset({"lwp_horizon", "tau_c", "drop_above", "ab_cosine"})
 def rule_options(name: str) -> tuple[str, ...]:
     """The keyword options (besides lr and delay) that rule ``name`` reads."""
     rules = OPTIMIZERS[name]
-    keys = ["betas", "eps"] if rules.adam else ["momentum", "nesterov"]
+    keys = ["betas", "eps"] if rules.adam or rules.muon else ["momentum", "nesterov"]
     keys += _ALWAYS
     for flag, flag_keys in _RULE_KEYS.items():
         if getattr(rules, flag):
@@ -108,6 +112,9 @@ class DelayedOptimizer(torch.optim.Optimizer):
         if not (math.isfinite(lr) and lr >= 0.0):
             raise ValueError(f"{_SOURCE}: lr must be a finite number >= 0, got {lr}")
         keys = rule_options(name)
+        if name in MUON_NAMES and "muon_params" in options:
+            raise ValueError(f"{_SOURCE}: muon_params needs the model (abexp run); here Muon updates the "
+                             "2-D parameters of every param group without 'muon': False")
         stray = [k for k in options if k not in keys]
         if stray:
             raise ValueError(f"{_SOURCE}: option {stray[0]!r} is not read by rule {name!r} (its options: "
@@ -140,7 +147,8 @@ class DelayedOptimizer(torch.optim.Optimizer):
         self._scratch = torch.empty_like(self._flat.grad)  # the gradient the rule consumes
         self._ptrs = [p.data_ptr() for p in params]
         ranges = self._stage_ranges(groups)
-        self.engine = DelayedSGD(self._flat.data, self._flat.sizes, self.rule, self.delay_cfg, 0, ranges)
+        self.engine = DelayedSGD(self._flat.data, self._flat.sizes, self.rule, self.delay_cfg, 0, ranges,
+                                 self._muon_matrices(name, groups))
         self._backward_seen = False
         self._begin(lr)
 
@@ -166,6 +174,24 @@ class DelayedOptimizer(torch.optim.Optimizer):
             ranges.append((start, start + n))
             start += n
         return ranges
+
+    @staticmethod
+    def _muon_matrices(name: str, groups: list[dict]) -> list[tuple[int, int] | None] | None:
+        """The muon rules: each parameter's shape where Muon updates it (2-D, its group without
+        'muon': False), None where AdamW does."""
+        flags = [g.get("muon", True) for g in groups]
+        if any(not isinstance(f, bool) for f in flags):
+            raise ValueError(f"{_SOURCE}: a param group's 'muon' must be True or False, got {flags}")
+        if name not in MUON_NAMES:
+            if any("muon" in g for g in groups):
+                raise ValueError(f"{_SOURCE}: a param group's 'muon' is read only by rules "
+                                 f"{', '.join(MUON_NAMES)}, not {name!r}")
+            return None
+        matrices = [tuple(p.shape) if p.ndim == 2 and f else None for g, f in zip(groups, flags) for p in g["params"]]
+        if all(m is None for m in matrices):
+            raise ValueError(f"{_SOURCE}: rule {name!r} found no 2-D parameter for Muon (groups with "
+                             "'muon': False go to AdamW)")
+        return matrices
 
     def add_param_group(self, param_group: dict) -> None:
         """Only while constructing: the parameters are one flat buffer, fixed afterwards."""
