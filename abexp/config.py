@@ -22,9 +22,11 @@ DATA_NAMES = ("cifar10", "digits", "synthetic", "imagenet", "fashion_mnist", "mn
 # optimizer name -> which mitigations it switches on (see abexp/sim/optim.py)
 OPTIM_NAMES = ("sgdm", "ab", "sc", "lwp", "dcasgd", "salr", "ab_lwp", "sc_lwp",
                "adam", "adamw", "ab_adam", "ab_adamw", "gap_aware", "delay_adaptive",
-               "pipemare_lr", "pipemare", "adl", "ab_adl", "drop_stale", "muon", "ab_muon")
-ADAM_NAMES = ("adam", "adamw", "ab_adam", "ab_adamw")
-MUON_NAMES = ("muon", "ab_muon")  # Muon on the hidden 2-D weights, AdamW on the rest (abexp/sim/muon.py)
+               "pipemare_lr", "pipemare", "adl", "ab_adl", "drop_stale", "muon", "ab_muon",
+               "lwp_adam", "lwp_adamw", "lwp_muon", "dcasgd_adam", "dcasgd_adamw", "dcasgd_muon")
+ADAM_NAMES = ("adam", "adamw", "ab_adam", "ab_adamw", "lwp_adam", "lwp_adamw", "dcasgd_adam", "dcasgd_adamw")
+# Muon on the hidden 2-D weights, AdamW on the rest (abexp/sim/muon.py)
+MUON_NAMES = ("muon", "ab_muon", "lwp_muon", "dcasgd_muon")
 
 
 class ConfigError(Exception):
@@ -411,6 +413,9 @@ def _check_combinations(cfg: RunConfig, source: str) -> None:
         raise ConfigError(source, "optim.nesterov", f"not defined for {cfg.optim.name}")
     if cfg.optim.name in MUON_NAMES and cfg.optim.nesterov:
         raise ConfigError(source, "optim.nesterov", f"not read by {cfg.optim.name} (Muon's is optim.muon_nesterov)")
+    if cfg.optim.name in ("lwp_adam", "lwp_adamw", "lwp_muon") and cfg.optim.lwp_lookahead != "linear":
+        raise ConfigError(source, "optim.lwp_lookahead", f"{cfg.optim.name} predicts along the last applied "
+                          "update, H = the horizon steps (linear only)")
     if cfg.optim.name == "pipemare" and (cfg.delay.kind != "pipeline" or cfg.delay.stashing):
         raise ConfigError(source, "optim.name", "pipemare's discrepancy correction acts on an unstashed "
                           "pipeline's backward weights: it needs delay.kind: pipeline and delay.stashing: "

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.optim._muon import _zeropower_via_newtonschulz
 
 import abexp
-from abexp.config import ADDED_KEYS, DelayCfg, OptimCfg, load_config, run_id
+from abexp.config import ADDED_KEYS, ConfigError, DelayCfg, OptimCfg, load_config, run_id
 from abexp.sim.engine import DelayedSGD, FlatParams
 from abexp.sim.muon import muon_matrices
 from abexp.train.gpt import GPT, GPTConfig, loss_nats, muon_split
@@ -228,10 +228,12 @@ def test_ab_muon_brakes_the_gradient_before_the_momentum_hand_computed():
 
 # ---------------------------------------------------------------- state and bad input
 
-def test_resume_from_state_dict_is_bitwise():
-    """Muon's momentum, AdamW's moments and step count and AB's state are all in the checkpoint:
-    an engine built afresh (other initial weights) and loaded after 5 steps continues exactly."""
-    batches, cfg = windows(8), OptimCfg(name="ab_muon", weight_decay=0.01)
+@pytest.mark.parametrize("name", ["ab_muon", "lwp_muon"])
+def test_resume_from_state_dict_is_bitwise(name):
+    """Muon's momentum, AdamW's moments and step count, AB's state and the last applied update
+    (weight prediction) are all in the checkpoint: an engine built afresh (other initial
+    weights) and loaded after 5 steps continues exactly."""
+    batches, cfg = windows(8), OptimCfg(name=name, weight_decay=0.01)
     whole = train_engine(tiny_gpt(), cfg, batches, 0.02, delay=2)
     first = train_engine(tiny_gpt(), cfg, batches[:5], 0.02, delay=2)
     state = copy.deepcopy(first.state_dict())
@@ -263,7 +265,10 @@ def test_new_keys_leave_existing_run_ids_unchanged_and_nesterov_is_refused(tmp_p
     assert run_id(cfg) == run_id(data)
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: {name: muon, nesterov: true}\n")
-    with pytest.raises(Exception, match="optim.nesterov"):
+    with pytest.raises(ConfigError, match="bad.yaml: optim.nesterov: not read by muon"):
+        load_config(str(bad))
+    bad.write_text("optim: {name: lwp_muon, lwp_lookahead: momentum}\n")
+    with pytest.raises(ConfigError, match="bad.yaml: optim.lwp_lookahead: lwp_muon predicts along"):
         load_config(str(bad))
 
 
@@ -349,7 +354,6 @@ def test_delayed_optimizer_muon_bad_input():
 def test_a_model_without_a_muon_matrix_is_one_line_before_the_run(tmp_path):
     """preflight: muon on a ResNet under hidden (convolutions are 4-D, fc the output layer) is a
     ConfigError naming optim.muon_params; all_2d gives Muon the fc and passes."""
-    from abexp.config import ConfigError
     from abexp.lab.preflight import check_muon
     spec = tmp_path / "run.yaml"
     spec.write_text("model: {name: resnet8}\noptim: {name: muon}\n")
@@ -357,3 +361,68 @@ def test_a_model_without_a_muon_matrix_is_one_line_before_the_run(tmp_path):
         check_muon([load_config(str(spec))], str(spec))
     spec.write_text("model: {name: resnet8}\noptim: {name: ab_muon, muon_params: all_2d}\n")
     check_muon([load_config(str(spec))], str(spec))
+
+
+# ---------------------------------------------------------------- weight prediction and DC-ASGD
+
+@pytest.mark.parametrize("name", ["lwp_adamw", "lwp_muon"])
+def test_weight_prediction_predicts_along_the_last_applied_update(name):
+    """lwp_adamw, lwp_muon: the stored forward weights of step t are w_t - H (w_{t-1} - w_t), the
+    last applied update extrapolated H = D steps (0 before the first update), and the gradient
+    of step t is taken at those of step t - D. Recomputed from the engine's own weight trajectory."""
+    delay, lr = 2, 0.02
+    batches = windows(7)
+    model = tiny_gpt()
+    optim = OptimCfg(name=name, weight_decay=0.01)
+    engine, flat_params = engine_for(model, optim, delay)
+    seen, trajectory = [], [engine.w.clone()]
+    for xy in batches:
+        def grad_fn(w_fwd, xy=xy):
+            seen.append(w_fwd.clone())
+            flat_params.data.copy_(w_fwd)
+            flat_params.grad.zero_()
+            loss(model, xy).backward()
+            return flat_params.grad
+        engine.step(grad_fn, lr)
+        trajectory.append(engine.w.clone())
+    predicted = [trajectory[0]] + [torch.add(w, prev - w, alpha=-float(delay))
+                                   for prev, w in zip(trajectory, trajectory[1:])]
+    for t, w_fwd in enumerate(seen):
+        assert torch.equal(w_fwd, predicted[max(t - delay, 0)]), t
+    assert not torch.equal(predicted[3], trajectory[3])
+    plain = train_engine(tiny_gpt(), OptimCfg(name=name.replace("lwp_", ""), weight_decay=0.01), batches,
+                         lr, delay=0)
+    assert torch.equal(train_engine(tiny_gpt(), optim, batches, lr, delay=0).w, plain.w)  # D = 0: no prediction
+
+
+@pytest.mark.parametrize("name", ["dcasgd_muon", "dcasgd_adamw"])
+def test_dcasgd_matches_torch_optimizers_fed_the_corrected_gradient(name):
+    """dcasgd_muon, dcasgd_adamw: g + lambda g*g*(w - w_fwd) (the weights now minus those the
+    gradient was taken at) enters Muon + AdamW / AdamW; a naive loop computing it per tensor and
+    feeding torch.optim.Muon + AdamW (or AdamW alone) agrees bitwise under D = 3."""
+    delay, lr, wd, lam = 3, 0.02, 0.01, 2.0
+    batches = windows(8)
+    engine = train_engine(tiny_gpt(), OptimCfg(name=name, weight_decay=wd, dc_lambda=lam), batches, lr, delay)
+    model, stale_model = tiny_gpt(), tiny_gpt()
+    opts = (torch_pair(model, lr, wd) if name == "dcasgd_muon" else
+            [torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)])
+    history = [[p.detach().clone() for p in model.parameters()]]
+    for t, xy in enumerate(batches):
+        stale = history[max(t - delay, 0)]
+        with torch.no_grad():
+            for p, s in zip(stale_model.parameters(), stale):
+                p.copy_(s)
+        stale_model.zero_grad()
+        loss(stale_model, xy).backward()
+        for p, s, old in zip(model.parameters(), stale_model.parameters(), stale):
+            g = s.grad.clone()
+            if t > 0:  # the engine corrects only a stale gradient
+                g.add_((g * g).mul_(p.detach() - old).mul_(lam))
+            p.grad = g
+        for o in opts:
+            o.step()
+        history.append([p.detach().clone() for p in model.parameters()])
+    assert torch.equal(engine.w, flat(model))
+    plain = train_engine(tiny_gpt(), OptimCfg(name=name.replace("dcasgd_", ""), weight_decay=wd),
+                         batches, lr, delay)
+    assert (plain.w - engine.w).abs().max() > 1e-6

@@ -26,12 +26,16 @@ COLORS = {"sgdm": "#1f77b4", "ab": "#d62728", "sc": "#2ca02c", "lwp": "#9467bd",
           "dcasgd": "#8c564b", "salr": "#e377c2", "ab_lwp": "#ff7f0e", "sc_lwp": "#17becf",
           "adam": "#7f7f7f", "adamw": "#bcbd22", "ab_adam": "#e7298a", "ab_adamw": "#66a61e",
           "gap_aware": "#a6761d", "delay_adaptive": "#666666", "pipemare_lr": "#1b9e77",
-          "pipemare": "#0b5e47", "drop_stale": "#b15928", "adl": "#7570b3", "ab_adl": "#d95f02"}
+          "pipemare": "#0b5e47", "drop_stale": "#b15928", "adl": "#7570b3", "ab_adl": "#d95f02",
+          "muon": "#e6ab02", "ab_muon": "#a50f15", "lwp_adam": "#c5b0d5", "lwp_adamw": "#9edae5",
+          "lwp_muon": "#dbdb8d", "dcasgd_adam": "#c49c94", "dcasgd_adamw": "#f7b6d2", "dcasgd_muon": "#ffbb78"}
 LABELS = {"sgdm": "SGDM", "ab": "AB", "sc": "SC", "lwp": "LWP", "dcasgd": "DC-ASGD",
           "salr": "staleness-aware lr", "ab_lwp": "AB + LWP", "sc_lwp": "SC + LWP",
           "adam": "Adam", "adamw": "AdamW", "ab_adam": "AB-Adam", "ab_adamw": "AB-AdamW",
           "gap_aware": "Gap-Aware", "delay_adaptive": "delay-adaptive lr",
-          "pipemare_lr": "PipeMare lr", "pipemare": "PipeMare", "drop_stale": "drop stale", "adl": "ADL", "ab_adl": "AB + ADL"}
+          "pipemare_lr": "PipeMare lr", "pipemare": "PipeMare", "drop_stale": "drop stale", "adl": "ADL", "ab_adl": "AB + ADL",
+          "muon": "Muon", "ab_muon": "AB-Muon", "lwp_adam": "LWP-Adam", "lwp_adamw": "LWP-AdamW",
+          "lwp_muon": "LWP-Muon", "dcasgd_adam": "DC-Adam", "dcasgd_adamw": "DC-AdamW", "dcasgd_muon": "DC-Muon"}
 
 LINESTYLES = ["-", "--", ":", "-."]  # several series of one optimizer: one colour, these styles
 

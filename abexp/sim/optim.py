@@ -35,7 +35,10 @@ torch.optim.Adam / AdamW exactly; with AB the gradient is scaled by 1 - rho cos(
 first moment, before it enters both moments. Muon (``muon``, ``ab_muon``: abexp/sim/muon.py)
 follows torch.optim.Muon on the hidden matrices and AdamW on the rest; with AB the gradient is
 scaled by 1 - rho cos(g, B), B Muon's momentum buffer (AdamW's m elsewhere), before it enters
-the momentum, so before the orthogonalisation.
+the momentum, so before the orthogonalisation. Weight prediction for these rules (``lwp_adam``,
+``lwp_adamw``, ``lwp_muon``) cannot use lr * v, which is not their step: it stores
+w - H * delta, delta = w_prev - w the last applied update (0 before the first), H the horizon;
+DC-ASGD (``dcasgd_adam``, ``dcasgd_adamw``, ``dcasgd_muon``) corrects g as for SGDM.
 """
 from __future__ import annotations
 
@@ -91,6 +94,13 @@ OPTIMIZERS: dict[str, Mitigations] = {
     "ab_adamw": Mitigations(ab=True, adam=True, decoupled_wd=True),
     "muon": Mitigations(muon=True, decoupled_wd=True),
     "ab_muon": Mitigations(ab=True, muon=True, decoupled_wd=True),
+    # weight prediction along the last applied update, and DC-ASGD, for the Adam family and Muon
+    "lwp_adam": Mitigations(lwp=True, adam=True),
+    "lwp_adamw": Mitigations(lwp=True, adam=True, decoupled_wd=True),
+    "lwp_muon": Mitigations(lwp=True, muon=True, decoupled_wd=True),
+    "dcasgd_adam": Mitigations(dc=True, adam=True),
+    "dcasgd_adamw": Mitigations(dc=True, adam=True, decoupled_wd=True),
+    "dcasgd_muon": Mitigations(dc=True, muon=True, decoupled_wd=True),
 }
 
 
@@ -136,6 +146,9 @@ class DelayedOptimizer:
             if matrices is None:
                 raise ValueError(f"rule {cfg.name} needs the parameters' shapes (abexp.sim.muon.muon_matrices)")
             self.muon = MuonUpdate(cfg, segment_sizes, matrices, device, dtype)
+        # weight prediction for Adam and Muon: the last applied update, w_prev - w
+        self.last_update = (torch.zeros(numel, device=device, dtype=dtype)
+                            if self.rules.lwp and (self.rules.adam or self.rules.muon) else None)
         self.updates = 0  # Adam's bias-correction step count
         self.horizons = [h if cfg.lwp_horizon is None else cfg.lwp_horizon for h in horizons]
         # LWP's multiple of lr·v per stage: the horizon D (linear), or the distance momentum alone
@@ -193,7 +206,9 @@ class DelayedOptimizer:
             out.copy_(w)
             return
         for (a, b), horizon, ahead in zip(self.ranges, self.horizons, self.lookahead):
-            if horizon > 0:
+            if horizon > 0 and self.last_update is not None:  # Adam, Muon: along the last update
+                torch.add(w[a:b], self.last_update[a:b], alpha=-horizon, out=out[a:b])
+            elif horizon > 0:
                 torch.add(w[a:b], self.v[a:b], alpha=-lr * ahead, out=out[a:b])
             else:
                 out[a:b].copy_(w[a:b])
@@ -249,11 +264,14 @@ class DelayedOptimizer:
             self._gap_penalty(g, w, w_fwd, lr)
         if rules.ab and cfg.rho:
             self._brake(g, v)
-        if self.muon is not None:
-            self.muon.step(w, g, v, lr)
-            return
-        if rules.adam:
-            self._adam(w, g, lr)
+        if self.muon is not None or rules.adam:
+            before = w.clone() if self.last_update is not None else None
+            if self.muon is not None:
+                self.muon.step(w, g, v, lr)
+            else:
+                self._adam(w, g, lr)
+            if before is not None:
+                torch.sub(before, w, out=self.last_update)
             return
         m = cfg.momentum
         before = w.clone() if self.delta is not None else None
@@ -295,6 +313,8 @@ class DelayedOptimizer:
             state.update(second=self.second, updates=self.updates)
         if self.muon is not None:
             state.update(muon=self.muon.state_dict())
+        if self.last_update is not None:
+            state.update(last_update=self.last_update)
         if self.gap_avg is not None:
             state.update(gap_avg=self.gap_avg, gap_updates=self.gap_updates, max_lr=self.max_lr)
         if self.rules.pipemare_lr:
@@ -316,6 +336,8 @@ class DelayedOptimizer:
             self.updates = int(state["updates"])
         if self.muon is not None:
             self.muon.load_state_dict(state["muon"])
+        if self.last_update is not None:
+            self.last_update.copy_(state["last_update"])
         if self.gap_avg is not None:
             self.gap_avg.copy_(state["gap_avg"])
             self.gap_updates, self.max_lr = int(state["gap_updates"]), float(state["max_lr"])

@@ -187,7 +187,8 @@ class DelayedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{_SOURCE}: a param group's 'muon' is read only by rules "
                                  f"{', '.join(MUON_NAMES)}, not {name!r}")
             return None
-        matrices = [tuple(p.shape) if p.ndim == 2 and f else None for g, f in zip(groups, flags) for p in g["params"]]
+        matrices = [tuple(p.shape) if p.ndim == 2 and f else None
+                    for g, f in zip(groups, flags) for p in g["params"]]
         if all(m is None for m in matrices):
             raise ValueError(f"{_SOURCE}: rule {name!r} found no 2-D parameter for Muon (groups with "
                              "'muon': False go to AdamW)")
