@@ -109,6 +109,15 @@ class OptimCfg(_Locked):
     adl_steps: int = Field(4, ge=1)  # adl, ab_adl: gradients accumulated into one update
     betas: list[float] = [0.9, 0.999]  # adam family: the moments' decay rates
     eps: float = Field(1e-8, gt=0.0)  # adam family: added to the root of the second moment
+    # muon, ab_muon (abexp/sim/muon.py): which tensors get Muon — hidden: the 2-D weights except
+    # embeddings and the output layer (the usual recipe); all_2d: every 2-D weight. The rest: AdamW
+    muon_params: Literal["hidden", "all_2d"] = "hidden"
+    muon_momentum: float = Field(0.95, ge=0.0, lt=1.0)  # Muon's momentum (torch.optim.Muon's default)
+    muon_nesterov: bool = True
+    muon_ns_steps: int = Field(5, ge=0, lt=100)  # Newton–Schulz iterations
+    # Muon's lr per matrix A x B: lr * sqrt(max(1, A/B)) (original) or lr * 0.2 sqrt(max(A, B))
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = "original"
+    muon_lr_scale: float = Field(1.0, gt=0.0)  # Muon's lr = lr * this (AdamW's: lr)
 
     @field_validator("betas")
     @classmethod
@@ -231,6 +240,9 @@ ADDED_KEYS: dict[str, Any] = {"data.crop_pad": None, "data.flip": None, "data.va
                               "optim.tau_c": None, "optim.gap_gamma": 0.999, "optim.gap_eps": 1e-8,
                               "optim.pipemare_anneal_steps": 1000, "optim.adl_steps": 4,
                               "optim.pipemare_gamma": 0.9, "optim.drop_above": None,
+                              "optim.muon_params": "hidden", "optim.muon_momentum": 0.95,
+                              "optim.muon_nesterov": True, "optim.muon_ns_steps": 5,
+                              "optim.muon_adjust_lr": "original", "optim.muon_lr_scale": 1.0,
                               # every stored run trained on the CPU, where this changes nothing
                               "train.deterministic": True}
 
@@ -414,6 +426,11 @@ def _check_combinations(cfg: RunConfig, source: str, check_names: bool = True) -
                           "server runs no forward pass, so it has no running BN statistics)")
     if "adam" in rule.flags and cfg.optim.nesterov:
         raise ConfigError(source, "optim.nesterov", f"not defined for {cfg.optim.name}")
+    if "muon" in rule.flags and cfg.optim.nesterov:
+        raise ConfigError(source, "optim.nesterov", f"not read by {cfg.optim.name} (Muon's is optim.muon_nesterov)")
+    if "lwp" in rule.flags and ("adam" in rule.flags or "muon" in rule.flags) and cfg.optim.lwp_lookahead != "linear":
+        raise ConfigError(source, "optim.lwp_lookahead", f"{cfg.optim.name} predicts along the last applied "
+                          "update, H = the horizon steps (linear only)")
     if "discrepancy" in rule.flags and (cfg.delay.kind != "pipeline" or cfg.delay.stashing):
         raise ConfigError(source, "optim.name", "pipemare's discrepancy correction acts on an unstashed "
                           "pipeline's backward weights: it needs delay.kind: pipeline and delay.stashing: "

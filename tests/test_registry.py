@@ -57,8 +57,27 @@ def step_all(model, opt, data):
         opt.step()
 
 
+class Both:
+    """Two torch optimizers over disjoint parameters, stepped as one (Muon's recipe)."""
+
+    def __init__(self, *opts):
+        self.opts = opts
+
+    def zero_grad(self):
+        for opt in self.opts:
+            opt.zero_grad()
+
+    def step(self):
+        for opt in self.opts:
+            opt.step()
+
+
 def reference(name: str, params, lr: float):
     flags = mitigations(name)
+    if flags.muon:  # abexp.DelayedOptimizer: Muon on every 2-D parameter, AdamW on the rest
+        params = list(params)
+        return Both(torch.optim.Muon([p for p in params if p.ndim == 2], lr=lr, weight_decay=1e-4),
+                    torch.optim.AdamW([p for p in params if p.ndim != 2], lr=lr, weight_decay=1e-4))
     if flags.adam:
         cls = torch.optim.AdamW if flags.decoupled_wd else torch.optim.Adam
         return cls(params, lr=lr, weight_decay=1e-4)

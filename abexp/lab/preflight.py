@@ -86,9 +86,33 @@ def check_data(configs: Iterable[RunConfig], source: str, seen: set | None = Non
                 raise DataError(f"{source}: {err}") from None
 
 
+def check_muon(configs: Iterable[RunConfig], source: str) -> None:
+    """Rules muon and ab_muon need a matrix for Muon: a model without one under
+    optim.muon_params (a ResNet under hidden) is one line naming the key, not a traceback."""
+    import torch
+
+    from abexp.sim.muon import muon_matrices
+    from abexp.sim.optim import mitigations
+    from abexp.train.catalog import CIFAR_RESNETS, IMAGENET_RESNETS
+    from abexp.train.models import build_model
+
+    for cfg in configs:
+        # a built-in ResNet is built here without its data; any other model finds out when built
+        if not mitigations(cfg.optim.name).muon or cfg.model.name not in CIFAR_RESNETS + IMAGENET_RESNETS:
+            continue
+        with torch.device("meta"):
+            matrices = muon_matrices(build_model(cfg.model.name), cfg.optim.muon_params)
+        if all(m is None for m in matrices):
+            raise ConfigError(source, "optim.muon_params", f"{cfg.optim.muon_params}: {cfg.model.name} has no "
+                              f"such 2-D weight for {cfg.optim.name}'s Muon (its hidden layers are "
+                              "convolutions; all_2d puts Muon on the output layer)")
+
+
 def check_runs(configs: list[RunConfig], source: str) -> None:
-    """What a run config alone cannot say is wrong: its pipeline cut and its dataset."""
+    """What a run config alone cannot say is wrong: its pipeline cut, its Muon matrices and its
+    dataset."""
     check_pipelines(configs, source)
+    check_muon(configs, source)
     check_data(configs, source)
 
 

@@ -28,9 +28,11 @@ class DelayedSGD:
     """Current weights ``w``, the forward-weight history, the delay draws and the update rule."""
 
     def __init__(self, w0: torch.Tensor, segment_sizes: list[int], optim: OptimCfg,
-                 delay: DelayCfg, seed: int, stages: list[tuple[int, int]] | None = None):
+                 delay: DelayCfg, seed: int, stages: list[tuple[int, int]] | None = None,
+                 matrices: list[tuple[int, int] | None] | None = None):
         """``stages``: element ranges of the pipeline stages (delay.kind pipeline); by default
-        the parameter tensors cut by parameter count (abexp.sim.pipeline)."""
+        the parameter tensors cut by parameter count (abexp.sim.pipeline). ``matrices``: the
+        muon rules' (rows, cols) per parameter tensor, None where AdamW updates it."""
         self.w = w0.detach().clone()
         numel = self.w.numel()
         self.backward_delays, self.w_bwd = None, None
@@ -60,7 +62,7 @@ class DelayedSGD:
                   0 if self.sampler is None else self.sampler.max)
         self.history = WeightHistory(buffer, numel, self.w.device, self.w.dtype)
         self.optimizer = DelayedOptimizer(optim, segment_sizes, horizons, self.w.device,
-                                          self.w.dtype, ranges=self.ranges)
+                                          self.w.dtype, ranges=self.ranges, matrices=matrices)
         self.t = 0
 
     def delays(self, t: int) -> list[int]:

@@ -32,7 +32,13 @@ only the rules that depend on the staleness loop over the stages (one range with
 
 tau is a stage's actual staleness, min(D, t) while the pipeline fills. The Adam family follows
 torch.optim.Adam / AdamW exactly; with AB the gradient is scaled by 1 - rho cos(g, m), m Adam's
-first moment, before it enters both moments.
+first moment, before it enters both moments. Muon (``muon``, ``ab_muon``: abexp/sim/muon.py)
+follows torch.optim.Muon on the hidden matrices and AdamW on the rest; with AB the gradient is
+scaled by 1 - rho cos(g, B), B Muon's momentum buffer (AdamW's m elsewhere), before it enters
+the momentum, so before the orthogonalisation. Weight prediction for these rules (``lwp_adam``,
+``lwp_adamw``, ``lwp_muon``) cannot use lr * v, which is not their step: it stores
+w - H * delta, delta = w_prev - w the last applied update (0 before the first), H the horizon;
+DC-ASGD (``dcasgd_adam``, ``dcasgd_adamw``, ``dcasgd_muon``) corrects g as for SGDM.
 """
 from __future__ import annotations
 
@@ -64,6 +70,7 @@ class Mitigations:
     drop_stale: bool = False  # discard gradients staler than a threshold (Koloskova et al. 2022)
     adam: bool = False
     decoupled_wd: bool = False  # AdamW
+    muon: bool = False  # Muon on the hidden matrices, AdamW on the rest (abexp/sim/muon.py)
 
 
 def mitigations(name: str) -> Mitigations:
@@ -106,7 +113,8 @@ class DelayedOptimizer:
     """
 
     def __init__(self, cfg: OptimCfg, segment_sizes: list[int], horizons: list[float], device,
-                 dtype=torch.float32, ranges: list[tuple[int, int]] | None = None):
+                 dtype=torch.float32, ranges: list[tuple[int, int]] | None = None,
+                 matrices: list[tuple[int, int] | None] | None = None):
         self.cfg, self.rules = cfg, mitigations(cfg.name)
         # a plugin rule's own step on the delayed gradient (abexp.register_rule), and its state
         self.transform = RULES.get(cfg.name).grad_transform
@@ -115,6 +123,15 @@ class DelayedOptimizer:
         self.ranges = ranges or [(0, numel)]
         self.v = torch.zeros(numel, device=device, dtype=dtype)  # velocity; Adam: first moment
         self.second = torch.zeros(numel, device=device, dtype=dtype) if self.rules.adam else None
+        self.muon = None  # muon rules: per segment its (rows, cols) if Muon updates it (``matrices``)
+        if self.rules.muon:
+            from abexp.sim.muon import MuonUpdate
+            if matrices is None:
+                raise ValueError(f"rule {cfg.name} needs the parameters' shapes (abexp.sim.muon.muon_matrices)")
+            self.muon = MuonUpdate(cfg, segment_sizes, matrices, device, dtype)
+        # weight prediction for Adam and Muon: the last applied update, w_prev - w
+        self.last_update = (torch.zeros(numel, device=device, dtype=dtype)
+                            if self.rules.lwp and (self.rules.adam or self.rules.muon) else None)
         self.updates = 0  # Adam's bias-correction step count
         self.horizons = [h if cfg.lwp_horizon is None else cfg.lwp_horizon for h in horizons]
         # LWP's multiple of lr·v per stage: the horizon D (linear), or the distance momentum alone
@@ -172,7 +189,9 @@ class DelayedOptimizer:
             out.copy_(w)
             return
         for (a, b), horizon, ahead in zip(self.ranges, self.horizons, self.lookahead):
-            if horizon > 0:
+            if horizon > 0 and self.last_update is not None:  # Adam, Muon: along the last update
+                torch.add(w[a:b], self.last_update[a:b], alpha=-horizon, out=out[a:b])
+            elif horizon > 0:
                 torch.add(w[a:b], self.v[a:b], alpha=-lr * ahead, out=out[a:b])
             else:
                 out[a:b].copy_(w[a:b])
@@ -230,8 +249,14 @@ class DelayedOptimizer:
             self._brake(g, v)
         if self.transform is not None:
             self.transform(g, w, w_fwd, taus, lr, self.transform_state)
-        if rules.adam:
-            self._adam(w, g, lr)
+        if self.muon is not None or rules.adam:
+            before = w.clone() if self.last_update is not None else None
+            if self.muon is not None:
+                self.muon.step(w, g, v, lr)
+            else:
+                self._adam(w, g, lr)
+            if before is not None:
+                torch.sub(before, w, out=self.last_update)
             return
         m = cfg.momentum
         before = w.clone() if self.delta is not None else None
@@ -271,6 +296,10 @@ class DelayedOptimizer:
         state = {"v": self.v}
         if self.second is not None:
             state.update(second=self.second, updates=self.updates)
+        if self.muon is not None:
+            state.update(muon=self.muon.state_dict())
+        if self.last_update is not None:
+            state.update(last_update=self.last_update)
         if self.gap_avg is not None:
             state.update(gap_avg=self.gap_avg, gap_updates=self.gap_updates, max_lr=self.max_lr)
         if self.rules.pipemare_lr:
@@ -292,6 +321,10 @@ class DelayedOptimizer:
         if self.second is not None:
             self.second.copy_(state["second"])
             self.updates = int(state["updates"])
+        if self.muon is not None:
+            self.muon.load_state_dict(state["muon"])
+        if self.last_update is not None:
+            self.last_update.copy_(state["last_update"])
         if self.gap_avg is not None:
             self.gap_avg.copy_(state["gap_avg"])
             self.gap_updates, self.max_lr = int(state["gap_updates"]), float(state["max_lr"])

@@ -40,3 +40,16 @@ _rule("pipemare", ("pipemare_lr", "discrepancy"), "PipeMare", "#0b5e47",
 _rule("drop_stale", ("drop_stale",), "drop stale", "#b15928", {"drop_above": None})
 _rule("adl", ("accumulate",), "ADL", "#7570b3", {"adl_steps": 4})
 _rule("ab_adl", ("ab", "accumulate"), "AB + ADL", "#d95f02", {**_AB, "adl_steps": 4})
+# Muon on the hidden matrices, AdamW on the rest (abexp/sim/muon.py); weight prediction along
+# the last applied update and DC-ASGD for the Adam family and Muon
+_MUON = {"muon_params": "hidden", "muon_momentum": 0.95, "muon_nesterov": True, "muon_ns_steps": 5,
+         "muon_adjust_lr": "original", "muon_lr_scale": 1.0, **_ADAM}
+_DC = {"dc_lambda": 0.04, "dc_adaptive": False}
+_rule("muon", ("muon", "decoupled_wd"), "Muon", "#e6ab02", _MUON)
+_rule("ab_muon", ("ab", "muon", "decoupled_wd"), "AB-Muon", "#a50f15", {**_AB, **_MUON})
+_rule("lwp_adam", ("lwp", "adam"), "LWP-Adam", "#c5b0d5", {**_LWP, **_ADAM})
+_rule("lwp_adamw", ("lwp", "adam", "decoupled_wd"), "LWP-AdamW", "#9edae5", {**_LWP, **_ADAM})
+_rule("lwp_muon", ("lwp", "muon", "decoupled_wd"), "LWP-Muon", "#dbdb8d", {**_LWP, **_MUON})
+_rule("dcasgd_adam", ("dc", "adam"), "DC-Adam", "#c49c94", {**_DC, **_ADAM})
+_rule("dcasgd_adamw", ("dc", "adam", "decoupled_wd"), "DC-AdamW", "#f7b6d2", {**_DC, **_ADAM})
+_rule("dcasgd_muon", ("dc", "muon", "decoupled_wd"), "DC-Muon", "#ffbb78", {**_DC, **_MUON})

@@ -23,6 +23,7 @@ from abexp.train.distributed import Dist, init_from_env
 from abexp.data.images import Batches
 from abexp.data.load import load_image_data
 from abexp.sim.engine import DelayedSGD, FlatParams
+from abexp.sim.optim import mitigations
 from abexp.train import catalog
 from abexp.train.backward_weights import backward_weights
 from abexp.sim.schedule import lr_at
@@ -193,7 +194,12 @@ class Run:
         # the compiled module reads the same parameter views, so weight swaps stay plain copies
         self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
         ranges, self.stage_map = catalog.stages(cfg, self.model, self.flat.sizes, self.batches.input_shape)
-        self.engine = DelayedSGD(self.flat.data, self.flat.sizes, cfg.optim, cfg.delay, cfg.seed, ranges)
+        matrices = None  # the muon rules: which tensors Muon updates, as matrices (abexp.sim.muon)
+        if mitigations(cfg.optim.name).muon:
+            from abexp.sim.muon import muon_matrices
+            matrices = muon_matrices(self.model, cfg.optim.muon_params)
+        self.engine = DelayedSGD(self.flat.data, self.flat.sizes, cfg.optim, cfg.delay, cfg.seed, ranges,
+                                 matrices)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.replay = replayed_batches(cfg, self.total_steps, self.batches)

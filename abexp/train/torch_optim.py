@@ -14,6 +14,9 @@ holds the weights the *next* gradient is taken at; ``current_weights()`` swaps t
 The lr is each step's ``param_groups[*]['lr']`` when ``step()`` is called (schedulers set it);
 the other hyperparameters live in the groups too, one value for all groups (the engine updates
 one flat vector); only ``delay`` may differ per group, each group then being a pipeline stage.
+Rules ``muon`` and ``ab_muon`` update every 2-D parameter with Muon and the rest with AdamW, as
+torch.optim.Muon's own recipe; a group with ``"muon": False`` (embeddings, the output layer)
+goes to AdamW. That split is read at construction.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ _FIXED = frozenset({"lwp_horizon", "lwp_lookahead", "tau_c", "drop_above", "ab_c
 
 def rule_options(name: str) -> tuple[str, ...]:
     """The keyword options (besides lr and delay) that rule ``name`` reads."""
-    keys = ["betas", "eps"] if mitigations(name).adam else ["momentum", "nesterov"]
+    rules = mitigations(name)
+    keys = ["betas", "eps"] if rules.adam or rules.muon else ["momentum", "nesterov"]
     keys += _ALWAYS
     keys += [k for k in RULES.get(name).keys if k not in keys]  # the rule's record
     return tuple(keys)
@@ -100,6 +104,9 @@ class DelayedOptimizer(torch.optim.Optimizer):
         if not (math.isfinite(lr) and lr >= 0.0):
             raise ValueError(f"{_SOURCE}: lr must be a finite number >= 0, got {lr}")
         keys = rule_options(name)
+        if mitigations(name).muon and "muon_params" in options:
+            raise ValueError(f"{_SOURCE}: muon_params needs the model (abexp run); here Muon updates the "
+                             "2-D parameters of every param group without 'muon': False")
         stray = [k for k in options if k not in keys]
         if stray:
             raise ValueError(f"{_SOURCE}: option {stray[0]!r} is not read by rule {name!r} (its options: "
@@ -132,7 +139,8 @@ class DelayedOptimizer(torch.optim.Optimizer):
         self._scratch = torch.empty_like(self._flat.grad)  # the gradient the rule consumes
         self._ptrs = [p.data_ptr() for p in params]
         ranges = self._stage_ranges(groups)
-        self.engine = DelayedSGD(self._flat.data, self._flat.sizes, self.rule, self.delay_cfg, 0, ranges)
+        self.engine = DelayedSGD(self._flat.data, self._flat.sizes, self.rule, self.delay_cfg, 0, ranges,
+                                 self._muon_matrices(name, groups))
         self._backward_seen = False
         self._begin(lr)
 
@@ -158,6 +166,26 @@ class DelayedOptimizer(torch.optim.Optimizer):
             ranges.append((start, start + n))
             start += n
         return ranges
+
+    @staticmethod
+    def _muon_matrices(name: str, groups: list[dict]) -> list[tuple[int, int] | None] | None:
+        """The muon rules: each parameter's shape where Muon updates it (2-D, its group without
+        'muon': False), None where AdamW does."""
+        flags = [g.get("muon", True) for g in groups]
+        if any(not isinstance(f, bool) for f in flags):
+            raise ValueError(f"{_SOURCE}: a param group's 'muon' must be True or False, got {flags}")
+        if not mitigations(name).muon:
+            if any("muon" in g for g in groups):
+                muon_rules = [n for n, r in RULES.items() if "muon" in r.flags]
+                raise ValueError(f"{_SOURCE}: a param group's 'muon' is read only by rules "
+                                 f"{', '.join(muon_rules)}, not {name!r}")
+            return None
+        matrices = [tuple(p.shape) if p.ndim == 2 and f else None
+                    for g, f in zip(groups, flags) for p in g["params"]]
+        if all(m is None for m in matrices):
+            raise ValueError(f"{_SOURCE}: rule {name!r} found no 2-D parameter for Muon (groups with "
+                             "'muon': False go to AdamW)")
+        return matrices
 
     def add_param_group(self, param_group: dict) -> None:
         """Only while constructing: the parameters are one flat buffer, fixed afterwards."""
