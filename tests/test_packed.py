@@ -90,6 +90,8 @@ def test_pack_key_groups_compatible_runs_only(tmp_path):
     assert pack_key(a) == pack_key(b) == pack_key(c)
     assert pack_key(load_config(None, BASE + ["train.batch_size=16"])) != pack_key(a)
     assert pack_key(load_config(None, BASE + ["train.micro_batches=2"])) is None
+    # Muon's engine needs each tensor's shape, which a pack's run-major vector does not carry
+    assert pack_key(load_config(None, BASE + ["optim.name=muon", "optim.muon_params=all_2d"])) is None
     # a trace of delays packs; an async run's trace (each update's batch) is a replay: Run's alone
     (tmp_path / "delays.txt").write_text("0\n1\n")
     (tmp_path / "trace.txt").write_text("0 1\n1 0\n")

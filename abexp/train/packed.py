@@ -30,6 +30,7 @@ from abexp.train.trace_origin import replay_origin
 from abexp.data.load import load_image_data
 from abexp.sim.batched import BatchedSGD, covers, group_key
 from abexp.sim.engine import DelayedSGD, FlatParams
+from abexp.sim.optim import mitigations
 from abexp.train.models import CIFAR_DEPTHS, PackedCifarResNet, build_model
 from abexp.sim.pipeline import run_stages
 from abexp.sim.schedule import lr_at
@@ -46,6 +47,7 @@ def pack_key(cfg: RunConfig) -> str | None:
     if (cfg.model.name not in CIFAR_DEPTHS or cfg.data.name == "imagenet" or cfg.train.micro_batches != 1
             or cfg.train.channels_last or cfg.train.compile or not cfg.delay.stashing
             or cfg.data.val_split  # a pack evaluates the test set only
+            or mitigations(cfg.optim.name).muon  # Muon's engine needs each tensor's shape
             or replay_origin(cfg) is not None):  # a replay's batch order is Run's (replayed_batches)
         return None
     dump = cfg.model_dump()
