@@ -321,3 +321,16 @@ def test_the_readme_example_runs_as_written():
     scope: dict = {}
     exec(compile(code, str(README), "exec"), scope)
     assert scope["opt"].engine.t > 0
+
+
+def test_a_state_dict_from_before_the_rule_records_still_loads():
+    """lwp_lookahead and dc_adaptive became options (the rules' records); a state dict saved
+    without them held their defaults, so it loads where they are default and nowhere else."""
+    opt = abexp.DelayedOptimizer(mlp().parameters(), "lwp", lr=0.1, delay=2)
+    state = opt.state_dict()
+    for key in ("lwp_lookahead", "dc_adaptive"):
+        del state["abexp"]["rule"][key]
+    abexp.DelayedOptimizer(mlp().parameters(), "lwp", lr=0.1, delay=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="the state is of rule"):
+        abexp.DelayedOptimizer(mlp().parameters(), "lwp", lr=0.1, delay=2,
+                               lwp_lookahead="momentum").load_state_dict(state)

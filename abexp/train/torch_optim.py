@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from abexp.config import ConfigError, validate
+from abexp.config import ConfigError, OptimCfg, validate
 from abexp.registry import RULES
 from abexp.sim.engine import DelayedSGD, FlatParams
 from abexp.sim.optim import mitigations
@@ -323,7 +323,9 @@ class DelayedOptimizer(torch.optim.Optimizer):
         extra = state_dict.get("abexp")
         if extra is None:
             raise ValueError(f"{_SOURCE}: not a DelayedOptimizer state dict (no 'abexp' entry)")
-        if extra["rule"] != self._identity() or extra["delay"] != self.delay_cfg.model_dump():
+        # a key absent from an older state dict had its default then (lwp_lookahead, dc_adaptive)
+        saved_rule = {**{k: getattr(OptimCfg(), k) for k in _FIXED}, **extra["rule"]}
+        if saved_rule != self._identity() or extra["delay"] != self.delay_cfg.model_dump():
             raise ValueError(f"{_SOURCE}: the state is of rule {extra['rule']} with delay {extra['delay']}, "
                              f"this optimizer is {self._identity()} with {self.delay_cfg.model_dump()}")
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "abexp"})
