@@ -5,7 +5,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 # the public Python API, imported on first use so that `import abexp` (and the CLI) stays light
-_LAZY = ("DelayedOptimizer", "TensorData", "register_model", "register_dataset", "register_rule")
+_LAZY = ("DelayedOptimizer", "TensorData", "register_model", "register_dataset", "register_rule",
+         "register_backend")
 
 
 def __getattr__(name: str) -> Any:
@@ -15,6 +16,9 @@ def __getattr__(name: str) -> Any:
     if name == "TensorData":
         from abexp.data.common import TensorData
         return TensorData
+    if name == "register_backend":
+        from abexp.lab.backends import register_backend
+        return register_backend
     if name in ("register_model", "register_dataset", "register_rule"):
         from abexp import plugins
         return getattr(plugins, name)

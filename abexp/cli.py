@@ -385,7 +385,7 @@ def build_parser() -> Parser:
                    help="GPUs per run (data parallel through torchrun), e.g. 8 for ImageNet")
     p.add_argument("--pack", type=int, default=1,
                    help="train up to K compatible runs together in one process (grouped convolutions)")
-    p.add_argument("--backend", choices=list(BACKENDS), default="local",
+    p.add_argument("--backend", default="local", metavar="|".join(BACKENDS),
                    help="where the workers start (abexp.lab.backends); slurm: an sbatch job array of "
                         "workers (see the options below)")
     g = p.add_argument_group("slurm", "checked against sinfo before submitting")

@@ -12,7 +12,7 @@ ALLOWED = {"sim": set(), "data": set(), "train": {"sim", "data"}, "lab": {"sim",
            "tools": {"sim", "data", "train", "lab"}, "figures": {"sim", "lab"}, "top": set(),
            "cli": {"sim", "data", "train", "lab", "tools", "figures"}}
 # the package root's public Python API, each imported lazily on first use (abexp/__init__.py)
-PUBLIC_API = {"abexp.train.torch_optim", "abexp.data.common"}
+PUBLIC_API = {"abexp.train.torch_optim", "abexp.data.common", "abexp.lab.backends"}
 
 
 def module_name(path: Path) -> str:

@@ -243,3 +243,28 @@ def test_ranks_and_async_workers_load_the_plugin(tmp_path, kind):
     assert result["status"] == "completed" and result["processes"] == (2 if kind == "torchrun" else 3)
     assert result["test_acc"] > 0.8
     assert json.loads((tmp_path / "run" / "plugins.json").read_text()) == {PLUGIN: "0.1.0"}
+
+
+def test_a_plugin_launch_backend_is_found_by_abexp_run(tmp_path):
+    """A plugin registers a launch backend with abexp.register_backend; `abexp run --backend
+    NAME` loads the plugins, checks and launches through it (nothing of the local backend's)."""
+    (tmp_path / "echo_backend.py").write_text(
+        "import abexp\n"
+        "class Echo:\n"
+        "    name = 'echo'\n"
+        "    def check(self, launch):\n"
+        "        print('checked', len(launch.plan))\n"
+        "    def launch(self, launch):\n"
+        "        print('launched', sorted(run.run_id for run in launch.plan)[0])\n"
+        "        return 0\n"
+        "abexp.register_backend('echo', Echo)\n")
+    argv = ["--plugin", PLUGIN, "--plugin", "echo_backend", "run", str(SPEC), "--results", "r",
+            "--backend", "echo"]
+    proc = abexp_cli(argv, tmp_path, pythonpath=[EXAMPLE, tmp_path])
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.splitlines()
+    assert any(line.startswith("checked ") and int(line.split()[1]) > 0 for line in out)
+    assert not (tmp_path / "r").exists()  # the local backend would have made the results folder
+    unknown = abexp_cli(["--plugin", PLUGIN, "run", str(SPEC), "--results", "r", "--backend", "nowhere"], tmp_path,
+                        pythonpath=[EXAMPLE])
+    assert unknown.returncode == 2 and "no such launch backend" in unknown.stderr and "--plugin" in unknown.stderr

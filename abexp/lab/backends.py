@@ -6,8 +6,10 @@ raises ``ConfigError`` naming the flag (one line, exit 2). ``launch(launch)`` th
 workers and returns the command's exit code. Every backend's workers run the same worker loop
 (``python -m abexp.lab.runner``), so runs are claimed exactly once whichever started them.
 
-Backends are looked up by name in ``BACKENDS``; ``register_backend`` adds one. An entry names
-its factory as ``"module:attribute"``, imported on first use, so ``abexp --help`` stays fast.
+Backends are looked up by name in ``BACKENDS``; ``register_backend`` (``abexp.register_backend``
+in a plugin) adds one. An entry names its factory as ``"module:attribute"``, imported on first
+use, so ``abexp --help`` stays fast; a name not built in loads the plugins (abexp.registry) and
+looks again, so a plugin's backend is found by ``abexp run --backend NAME`` like a built-in one.
 """
 
 from __future__ import annotations
@@ -67,7 +69,12 @@ def register_backend(name: str, factory: str | Callable[[], LaunchBackend]) -> N
 def get_backend(name: str) -> LaunchBackend:
     """The backend registered as ``name``; an unknown one is one line naming the flag."""
     if name not in BACKENDS:
-        raise ConfigError("--backend", "", f"{name!r}: no such launch backend (registered: {', '.join(BACKENDS)})")
+        from abexp.registry import load_plugins
+        load_plugins()  # a plugin's backend registers itself on import
+    if name not in BACKENDS:
+        from abexp.registry import HOW_TO_LOAD
+        raise ConfigError("--backend", "", f"{name!r}: no such launch backend (registered: {', '.join(BACKENDS)}; "
+                          f"{HOW_TO_LOAD})")
     factory = BACKENDS[name]
     if isinstance(factory, str):
         import importlib
