@@ -38,6 +38,16 @@ for _name in IMAGENET_RESNETS:
     MODELS.add(_name, ModelRecord(_resnet(_name), inputs=("image_folder",)))
 
 
+def _gpt(cfg, info: DataInfo):
+    from abexp.train.gpt import build_for_run
+    return build_for_run(cfg, info)
+
+
+# a character-level GPT on token windows (abexp/train/gpt.py, docs/language_model.md); its
+# parameters() are in forward order (embeddings, blocks, final LayerNorm; the head is tied)
+MODELS.add("gpt", ModelRecord(_gpt, inputs=("tokens",), batch_norm=False))
+
+
 def build(cfg, num_classes: int, input_shape: tuple[int, ...], channels: int):
     """The model a run config names, from its record (built-in or a plugin's)."""
     import torch.nn as nn

@@ -154,3 +154,19 @@ def muon_split(model: GPT) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[s
     for name, p in model.named_parameters():
         (hidden if name.startswith("blocks.") and p.ndim == 2 else other).append((name, p))
     return hidden, other
+
+
+class GPTLM(GPT):
+    """The GPT as abexp's runs call a model: logits [B, vocab, T], class dimension second, so
+    the run's ``F.cross_entropy(logits, y)`` with y [B, T] is the mean loss per character and
+    ``logits.argmax(1) == y`` counts correctly predicted characters, as for any classifier."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return super().forward(idx).transpose(1, 2)
+
+
+def build_for_run(cfg, info) -> GPTLM:
+    """The model of a run config (abexp.train.catalog): vocab = the dataset's classes, context
+    = one window's length, layers/width/heads from model.*."""
+    return GPTLM(GPTConfig(vocab=info.num_classes, context=info.input_shape[-1], layers=cfg.model.layers,
+                           heads=cfg.model.heads, width=cfg.model.width))

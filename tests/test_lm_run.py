@@ -1,0 +1,100 @@
+"""The char-GPT on Shakespeare as abexp runs it: registered model and dataset, no special case
+(issue 40 items 1-3). Whole tiny runs through the CLI and train_run: the losses they report are
+recomputed from the saved weights by the plain model, Muon and AdamW both train, a run stopped
+and resumed under delay is bitwise the uninterrupted one, and missing data is one line, exit 2."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from abexp import io
+from abexp.cli import main
+from abexp.config import load_config
+from abexp.train.run import RESULT
+from abexp.train.start import train_run
+
+REAL = Path(__file__).resolve().parents[1] / "data" / "shakespeare"
+pytestmark = pytest.mark.skipif(not (REAL / "texts").is_dir(), reason="data/shakespeare absent: make setup")
+
+# ~0.03M parameters: 2 blocks x 32 wide, 32-character windows, 8 steps per epoch
+TINY = ["model.name=gpt", "model.layers=2", "model.width=32", "model.heads=2", "data.name=shakespeare",
+        f"data.root={REAL}", "data.context=32", "data.subset=64", "train.batch_size=8",
+        "schedule.name=constant", "train.epochs=2"]
+
+
+def reference_loss(weights: dict, tokens: torch.Tensor, context: int) -> float:
+    """Mean cross-entropy in nats per character of the plain GPT (not the run's wrapper) over
+    consecutive windows of ``tokens``: the independent recomputation of a run's loss."""
+    from abexp.train.gpt import GPT, GPTConfig, loss_nats
+    from abexp.data.shakespeare import eval_windows
+    vocab = weights["tok.weight"].shape[0]
+    model = GPT(GPTConfig(vocab=vocab, context=context, layers=2, heads=2, width=32))
+    model.load_state_dict(weights)
+    x, y = eval_windows(tokens, context)
+    with torch.no_grad():
+        total = sum(loss_nats(model(xb), yb).double() * yb.numel() for xb, yb in zip(x.split(512), y.split(512)))
+    return float(total / y.numel())
+
+
+@pytest.mark.parametrize("rule,lr", [("adamw", 3e-3), ("muon", 2e-2)])
+def test_a_tiny_gpt_trains_and_reports_losses_per_character(tmp_path, rule, lr):
+    out = tmp_path / "run"
+    args = ["train", "-", "--out", str(out), "--device", "cpu"]
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("{}\n")
+    args[1] = str(cfg_file)
+    for o in TINY + [f"optim.name={rule}", f"optim.lr={lr}"]:
+        args += ["--set", o]
+    assert main(args) == 0
+    result = json.loads((out / RESULT).read_text())
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert result["status"] == "completed" and result["steps"] == 2 * (64 // 8)
+    for r in rows:  # the validation works are evaluated without data.val_split
+        assert {"train_loss", "val_loss", "test_loss", "val_acc", "test_acc"} <= set(r)
+    from abexp.data.shakespeare import load
+    data = load(REAL)
+    weights = io.load_torch(out / "model.pt")
+    assert result["test_loss"] == pytest.approx(reference_loss(weights, data.test, 32), rel=1e-5)
+    assert result["val_loss"] == pytest.approx(reference_loss(weights, data.val, 32), rel=1e-5)
+    assert result["test_bpc"] == pytest.approx(result["test_loss"] / math.log(2))
+    assert result["best_val_loss"] == min(r["val_loss"] for r in rows)
+    # 16 steps move it below guessing uniformly among the characters
+    assert result["test_loss"] < math.log(data.vocab_size) - 0.3
+    assert result["config"]["model"]["name"] == "gpt"
+
+
+@pytest.mark.parametrize("rule", ["adamw", "ab_muon"])
+def test_a_gpt_run_resumes_bitwise_under_delay(tmp_path, rule):
+    cfg = load_config(None, TINY + [f"optim.name={rule}", "optim.lr=0.003", "delay.steps=3", "data.test_subset=32"])
+    full, part = tmp_path / "full", tmp_path / "part"
+    train_run(cfg, full, device="cpu", log=lambda s: None)
+    assert train_run(cfg, part, device="cpu", stop_after_epochs=1, log=lambda s: None) is None
+    train_run(cfg, part, device="cpu", log=lambda s: None)
+    a, b = io.load_torch(full / "model.pt"), io.load_torch(part / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = lambda d: [{k: v for k, v in json.loads(l).items() if k not in ("wall_s", "elapsed_s")}
+                      for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rows(full) == rows(part)
+
+
+def test_missing_texts_are_one_line_and_exit_2(tmp_path, capsys):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("{}\n")
+    args = ["train", str(cfg_file), "--out", str(tmp_path / "run"), "--device", "cpu"]
+    for o in TINY[:-1] + [f"data.root={tmp_path / 'nowhere'}"]:
+        args += ["--set", o]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nowhere" in err[0] and "make setup" in err[0]
+    assert not (tmp_path / "run" / RESULT).exists()
+
+
+def test_val_split_on_a_dataset_with_its_own_validation_is_refused(tmp_path):
+    from abexp.data.common import DataError
+    from abexp.data.load import load_image_data
+    cfg = load_config(None, TINY + ["data.val_split=0.1"])
+    with pytest.raises(DataError, match="data.val_split"):
+        load_image_data(cfg, "cpu")
