@@ -44,8 +44,13 @@ def _gpt(cfg, info: DataInfo):
 
 
 # a character-level GPT on token windows (abexp/train/gpt.py, docs/language_model.md); its
-# parameters() are in forward order (embeddings, blocks, final LayerNorm; the head is tied)
-MODELS.add("gpt", ModelRecord(_gpt, inputs=("tokens",), batch_norm=False))
+# pipeline stages are whole blocks (embeddings first, final LayerNorm last: gpt.run_stages)
+def _gpt_stages(cfg, model, sizes, input_shape):
+    from abexp.train.gpt import run_stages
+    return run_stages(cfg, model, sizes, input_shape)
+
+
+MODELS.add("gpt", ModelRecord(_gpt, inputs=("tokens",), stages=_gpt_stages, batch_norm=False))
 
 
 def build(cfg, num_classes: int, input_shape: tuple[int, ...], channels: int):
