@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -17,7 +18,7 @@ from abexp.train.run import RESULT
 from abexp.train.start import train_run
 
 REAL = Path(__file__).resolve().parents[1] / "data" / "shakespeare"
-pytestmark = pytest.mark.skipif(not (REAL / "texts").is_dir(), reason="data/shakespeare absent: make setup")
+needs_data = pytest.mark.skipif(not (REAL / "texts").is_dir(), reason="data/shakespeare absent: make setup")
 
 # ~0.03M parameters: 2 blocks x 32 wide, 32-character windows, 8 steps per epoch
 TINY = ["model.name=gpt", "model.layers=2", "model.width=32", "model.heads=2", "data.name=shakespeare",
@@ -39,6 +40,7 @@ def reference_loss(weights: dict, tokens: torch.Tensor, context: int) -> float:
     return float(total / y.numel())
 
 
+@needs_data
 @pytest.mark.parametrize("rule,lr", [("adamw", 3e-3), ("muon", 2e-2)])
 def test_a_tiny_gpt_trains_and_reports_losses_per_character(tmp_path, rule, lr):
     out = tmp_path / "run"
@@ -66,6 +68,7 @@ def test_a_tiny_gpt_trains_and_reports_losses_per_character(tmp_path, rule, lr):
     assert result["config"]["model"]["name"] == "gpt"
 
 
+@needs_data
 @pytest.mark.parametrize("rule", ["adamw", "ab_muon"])
 def test_a_gpt_run_resumes_bitwise_under_delay(tmp_path, rule):
     cfg = load_config(None, TINY + [f"optim.name={rule}", "optim.lr=0.003", "delay.steps=3", "data.test_subset=32"])
@@ -80,6 +83,7 @@ def test_a_gpt_run_resumes_bitwise_under_delay(tmp_path, rule):
     assert rows(full) == rows(part)
 
 
+@needs_data
 def test_missing_texts_are_one_line_and_exit_2(tmp_path, capsys):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("{}\n")
@@ -92,9 +96,42 @@ def test_missing_texts_are_one_line_and_exit_2(tmp_path, capsys):
     assert not (tmp_path / "run" / RESULT).exists()
 
 
+@needs_data
 def test_val_split_on_a_dataset_with_its_own_validation_is_refused(tmp_path):
     from abexp.data.common import DataError
     from abexp.data.load import load_image_data
     cfg = load_config(None, TINY + ["data.val_split=0.1"])
     with pytest.raises(DataError, match="data.val_split"):
         load_image_data(cfg, "cpu")
+
+
+def test_figures_select_the_lowest_validation_loss_of_a_language_model(tmp_path):
+    """A hand-made table of shakespeare runs: tuned_lr picks per optimizer and delay the lr of
+    the lowest mean validation loss (a diverged seed counts as infinite loss), reports test loss
+    at it; the tables say loss."""
+    from abexp.figures import tables, tuned_lr
+    losses = {  # (optimizer, delay, lr): per seed (val loss, test loss), None = diverged
+        ("adamw", 0, 1e-3): [(1.60, 1.70), (1.62, 1.72)], ("adamw", 0, 3e-3): [(1.50, 1.75), (1.52, 1.77)],
+        ("adamw", 0, 1e-2): [(1.20, 1.30), None],
+        ("muon", 4, 1e-2): [(1.90, 1.80), (1.92, 1.82)], ("muon", 4, 3e-2): [(1.95, 1.40), (1.97, 1.42)],
+    }
+    rows = [{"run_id": f"r{i}_{s}", "experiment": "e", "status": "diverged" if v is None else "completed",
+             "val_loss": None if v is None else v[0], "test_loss": None if v is None else v[1],
+             "val_acc": 0.3, "test_acc": 0.3, "optim.name": o, "delay.steps": d, "optim.lr": lr, "seed": s,
+             "delay.kind": "constant", "data.name": "shakespeare"}
+            for i, ((o, d, lr), vals) in enumerate(losses.items()) for s, v in enumerate(vals)]
+    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
+    tuned_lr.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "figs")])
+    tuned = pd.read_csv(tmp_path / "figs" / "tuned_lr.csv").set_index(["series", "delay"])
+    names = list(tuned.index.get_level_values(0))
+    adamw = next(n for n in names if "adam" in n.lower())
+    muon = next(n for n in names if "muon" in n.lower())
+    # 1e-2 has the lowest validation loss on one seed but a diverged other: it loses to 3e-3
+    assert tuned.loc[(adamw, 0), "lr"] == 3e-3 and tuned.loc[(adamw, 0), "mean"] == pytest.approx(1.76)
+    # selected on validation (1.91 < 1.96), although 3e-2's test loss is lower
+    assert tuned.loc[(muon, 4), "lr"] == 1e-2 and tuned.loc[(muon, 4), "mean"] == pytest.approx(1.81)
+    assert (tuned["selected_on"] == "val_loss").all()
+    text = (tmp_path / "figs" / "tuned_lr.md").read_text()
+    assert text.startswith("Final test loss (nats/char)") and "validation loss" in text
+    tables.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "tab")])
+    assert "Final test loss (nats/char)" in (tmp_path / "tab" / "accuracy_table.md").read_text()
