@@ -123,6 +123,9 @@ class ModelRecord:
     inputs: tuple[str, ...] = ("image",)
     stages: Optional[Callable[..., Any]] = None
     batch_norm: bool = True
+    # ``max_stages(cfg)``: how many stages ``stages`` can cut, known from the config alone, so a
+    # plan refuses more before any worker starts (None: the run finds out)
+    max_stages: Optional[Callable[..., int]] = None
 
 
 # task -> the metric its runs are judged by: classification by accuracy (test_acc, val_acc;

@@ -65,3 +65,14 @@ def test_more_stages_than_groups_is_refused():
     cfg = load_config(None, ["model.name=gpt", "data.name=shakespeare", "delay.kind=pipeline", "delay.stages=5"])
     with pytest.raises(ValueError, match="4 groups"):
         catalog.stages(cfg, m, [p.numel() for p in m.parameters()], (64,))
+
+
+def test_a_run_asking_more_stages_than_groups_is_one_line_exit_2_before_training(tmp_path, capsys):
+    from abexp.cli import main
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("model: {name: gpt, layers: 2}\ndata: {name: shakespeare}\n"
+                        "delay: {kind: pipeline, stages: 5}\n")
+    assert main(["train", str(cfg_file), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "delay.stages" in err[0] and "gpt has 4" in err[0]
+    assert not (tmp_path / "run").exists()

@@ -50,7 +50,8 @@ def _gpt_stages(cfg, model, sizes, input_shape):
     return run_stages(cfg, model, sizes, input_shape)
 
 
-MODELS.add("gpt", ModelRecord(_gpt, inputs=("tokens",), stages=_gpt_stages, batch_norm=False))
+MODELS.add("gpt", ModelRecord(_gpt, inputs=("tokens",), stages=_gpt_stages, batch_norm=False,
+                              max_stages=lambda cfg: cfg.model.layers + 2))  # embed, blocks, head
 
 
 def build(cfg, num_classes: int, input_shape: tuple[int, ...], channels: int):
