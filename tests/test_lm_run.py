@@ -135,3 +135,16 @@ def test_figures_select_the_lowest_validation_loss_of_a_language_model(tmp_path)
     assert text.startswith("Final test loss (nats/char)") and "validation loss" in text
     tables.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "tab")])
     assert "Final test loss (nats/char)" in (tmp_path / "tab" / "accuracy_table.md").read_text()
+
+
+@needs_data
+def test_an_async_gpt_run_trains_and_counts_characters(tmp_path):
+    """delay.kind async: the workers receive token windows and per-position targets, and the
+    server's running loss and accuracy are per character (accuracy within [0, 1])."""
+    cfg = load_config(None, TINY + ["optim.name=adamw", "optim.lr=0.003", "delay.kind=async",
+                                    "delay.workers=2", "data.test_subset=16"])
+    result = train_run(cfg, tmp_path / "run", device="cpu", log=lambda s: None)
+    assert result["status"] == "completed" and result["steps"] == 16
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert 0.0 <= r["train_acc"] <= 1.0 and math.isfinite(r["train_loss"]) and r["train_loss"] < 5.0
