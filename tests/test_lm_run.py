@@ -114,6 +114,7 @@ def test_figures_select_the_lowest_validation_loss_of_a_language_model(tmp_path)
         ("adamw", 0, 1e-3): [(1.60, 1.70), (1.62, 1.72)], ("adamw", 0, 3e-3): [(1.50, 1.75), (1.52, 1.77)],
         ("adamw", 0, 1e-2): [(1.20, 1.30), None],
         ("muon", 4, 1e-2): [(1.90, 1.80), (1.92, 1.82)], ("muon", 4, 3e-2): [(1.95, 1.40), (1.97, 1.42)],
+        ("muon", 0, 1e-2): [(1.40, 1.50), (1.42, 1.56)],
     }
     rows = [{"run_id": f"r{i}_{s}", "experiment": "e", "status": "diverged" if v is None else "completed",
              "val_loss": None if v is None else v[0], "test_loss": None if v is None else v[1],
@@ -135,6 +136,15 @@ def test_figures_select_the_lowest_validation_loss_of_a_language_model(tmp_path)
     assert text.startswith("Final test loss (nats/char)") and "validation loss" in text
     tables.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "tab")])
     assert "Final test loss (nats/char)" in (tmp_path / "tab" / "accuracy_table.md").read_text()
+    # paired with AdamW at D = 0, each at its selected lr: Muon's test loss minus AdamW's, per seed
+    from abexp.figures import paired
+    paired.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "pair"), "--baseline", "adamw"])
+    pairs = pd.read_csv(tmp_path / "pair" / "paired.csv")
+    assert len(pairs) == 1 and pairs.loc[0, "delay"] == 0 and pairs.loc[0, "lr"] == 1e-2
+    assert pairs.loc[0, "baseline_lr"] == 3e-3
+    assert pairs.loc[0, "mean_diff"] == pytest.approx(((1.50 - 1.75) + (1.56 - 1.77)) / 2)
+    assert pairs.loc[0, "selected_on"] == "val_loss"
+    assert "final test loss (nats/char)" in (tmp_path / "pair" / "paired.md").read_text()
 
 
 @needs_data

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = int(cells["seeds"].max())
     note = f" ({common.bn_note(table)})" if common.bn_note(table) else ""
     what = metric.name
-    chosen = (f"mean validation {what} (a validation set held out of training), test reported"
+    chosen = (f"mean validation {what} (a validation set, not trained on), test reported"
               if on_val else f"mean test {what}, the same test set that is reported (no validation set)")
     lines = [f"Final test {what}{note}, mean ± sd over {seeds} seed{'s' * (seeds > 1)} at each "
              f"optimizer's best lr per delay from {grid_text(cells)} (chosen on the "
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
               for name in series if any((name, d) in text for d in delays)]
     if any((name, d) not in text for name in series for d in delays):
         lines += ["", "–: not run (a spec's `exclude`, e.g. rules that are SGDM bitwise without delay)."]
-    lines += ["", "Every lr (test: mean ± sd over seeds" + ("; val: the mean validation accuracy that selects"
+    lines += ["", "Every lr (test: mean ± sd over seeds" + (f"; val: the mean validation {what} that selects"
               if on_val else "") + "; the tuned table picks one per cell):", "",
               "| optimizer | lr | " + " | ".join(f"D={d}" for d in delays) + " |", "|---|---|" + "---|" * len(delays)]
     every = {(r["series"], r["lr"], r["delay"]): r for r in cells.to_dict("records")}
