@@ -158,3 +158,17 @@ def test_an_async_gpt_run_trains_and_counts_characters(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
         assert 0.0 <= r["train_acc"] <= 1.0 and math.isfinite(r["train_loss"]) and r["train_loss"] < 5.0
+
+
+def test_a_sweep_on_a_language_model_minimises_validation_loss_by_default(tmp_path):
+    from abexp.lab.sweep_file import load_sweep
+    sweep_file = tmp_path / "w.yaml"
+    sweep_file.write_text("name: w\nbase:\n  model: {name: gpt}\n  data: {name: shakespeare}\n"
+                          "space:\n  optim.lr: {type: float, low: 0.001, high: 0.03, log: true}\n")
+    sweep = load_sweep(sweep_file)
+    assert (sweep.metric, sweep.direction) == ("val_loss", "minimize")
+    # a classifier without a validation set keeps its default
+    sweep_file.write_text("name: w\nbase:\n  model: {name: resnet8}\n  data: {name: digits}\n"
+                          "space:\n  optim.lr: {type: float, low: 0.001, high: 0.03, log: true}\n")
+    sweep = load_sweep(sweep_file)
+    assert (sweep.metric, sweep.direction) == ("test_acc", "maximize")
