@@ -36,6 +36,11 @@ class _Locked(BaseModel):
 class ModelCfg(_Locked):
     name: str = "resnet20"  # a registered model (abexp.registry.MODELS), checked by validate()
     zero_init_residual: bool = False  # zero-init the last BN of each block (torchvision models)
+    # gpt (abexp/train/gpt.py): transformer blocks, residual width (a multiple of heads), heads;
+    # its context is data.context. Other models ignore them.
+    layers: int = Field(4, ge=1)
+    width: int = Field(128, ge=1)
+    heads: int = Field(4, ge=1)
 
 
 class DataCfg(_Locked):
@@ -56,6 +61,7 @@ class DataCfg(_Locked):
     # examples and trains on the rest. None or 0: no validation set (the behaviour before it existed)
     val_split: Optional[float] = Field(None, ge=0.0, lt=1.0)
     synthetic_size: int = Field(50000, ge=1)  # synthetic: training examples (test: a fifth)
+    context: int = Field(128, ge=1)  # token data (shakespeare): characters per window
     workers: int = Field(8, ge=0)  # imagenet DataLoader workers
     image_size: int = Field(224, ge=8)  # imagenet crop size
 
@@ -243,6 +249,8 @@ ADDED_KEYS: dict[str, Any] = {"data.crop_pad": None, "data.flip": None, "data.va
                               "optim.muon_params": "hidden", "optim.muon_momentum": 0.95,
                               "optim.muon_nesterov": True, "optim.muon_ns_steps": 5,
                               "optim.muon_adjust_lr": "original", "optim.muon_lr_scale": 1.0,
+                              "model.layers": 4, "model.width": 128, "model.heads": 4,
+                              "data.context": 128,  # read by token models and data alone
                               # every stored run trained on the CPU, where this changes nothing
                               "train.deterministic": True}
 

@@ -123,9 +123,16 @@ class ModelRecord:
     inputs: tuple[str, ...] = ("image",)
     stages: Optional[Callable[..., Any]] = None
     batch_norm: bool = True
+    # ``max_stages(cfg)``: how many stages ``stages`` can cut, known from the config alone, so a
+    # plan refuses more before any worker starts (None: the run finds out)
+    max_stages: Optional[Callable[..., int]] = None
 
 
-TASKS = {"classification": "accuracy"}  # task -> the metric runs report (test_acc, val_acc)
+# task -> the metric its runs are judged by: classification by accuracy (test_acc, val_acc;
+# higher is better), a language model by loss in nats per character (test_loss, val_loss;
+# lower is better)
+TASKS = {"classification": "accuracy", "language_model": "loss"}
+LOWER_IS_BETTER = {"loss"}
 
 
 @dataclass(frozen=True)
@@ -142,10 +149,15 @@ class DatasetRecord:
     task: str = "classification"
     default_root: Optional[str] = None
     input_kind: str = "image"
+    validation: bool = False  # its loader returns its own validation split (val_x, val_y)
 
     @property
     def metric(self) -> str:
         return TASKS[self.task]
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric in LOWER_IS_BETTER
 
     @property
     def chance(self) -> Optional[float]:

@@ -4,6 +4,9 @@ Tiny settings (a step or two per figure); the speeds themselves are not asserted
 """
 
 import json
+from pathlib import Path
+
+import pytest
 
 from abexp.tools import bench
 
@@ -75,7 +78,7 @@ def test_a_failing_section_leaves_the_others_on_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "path_vs_naive", broken)
     monkeypatch.setattr(bench.io, "write_json", lambda path, obj: (saved.append(json.loads(json.dumps(obj))),
                                                                    real_write(path, obj)))
-    code = bench.main(["--skip", "compile", "async", "ab_apply", "packed_ops", "cli_help", "--steps", "1", "--rounds", "1", "--packs", "1",
+    code = bench.main(["--skip", "compile", "async", "ab_apply", "packed_ops", "cli_help", "lm", "--steps", "1", "--rounds", "1", "--packs", "1",
                        "--procs", "--out", str(tmp_path)])
     assert code == 1
     report = json.loads((tmp_path / "bench.json").read_text())
@@ -114,3 +117,16 @@ def test_packed_ops_figure_counts_the_update_once_for_any_number_of_runs():
     md = bench.to_markdown({"machine": "m", "torch": "t", "device": "cpu", "date": "d", "packed_ops": o})
     assert (f"| 4 | {four['aten_ops']} | {four['engine_ops']} | {four['loop_aten_ops']} | "
             f"{four['loop_engine_ops']} ({four['loop_engine_ops_per_run']}) |") in md
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "data/shakespeare/texts").is_dir(),
+                    reason="data/shakespeare absent: make setup")
+def test_the_lm_section_reports_characters_per_second_from_its_step_times(tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # data.root: the default data/shakespeare
+    assert bench.main(["--only-lm", "--steps", "1", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    lm = json.loads((tmp_path / "bench.json").read_text())["lm"]
+    assert lm["batch_chars"] == 16 * 64 and lm["params"] == 81_056  # 85-character vocabulary
+    for d in (0, 16):  # chars/s is the batch's characters over the step time, by hand
+        assert lm[f"chars_per_s_delay{d}"] == pytest.approx(1024 / (lm[f"step_ms_delay{d}"] / 1e3), rel=1e-3)
+    assert lm["ratio_muon_over_adamw_update"] == pytest.approx(lm["update_ms_muon"] / lm["update_ms_adamw"], rel=1e-2)
+    assert "Char-GPT on Shakespeare" in (tmp_path / "bench.md").read_text()

@@ -70,3 +70,22 @@ DATASETS.add("imagenet", DatasetRecord(_imagenet, 1000, 1_281_167, _imagenet_pre
 # the IDX reader picks its own default folder (the Debian package's, else data/<name>)
 DATASETS.add("fashion_mnist", DatasetRecord(_idx, 10, 60_000, _idx_preflight))
 DATASETS.add("mnist", DatasetRecord(_idx, 10, 60_000, _idx_preflight))
+
+
+def _shakespeare(cfg):
+    from abexp.data.shakespeare import as_tensor_data
+    return as_tensor_data(cfg)
+
+
+def _shakespeare_preflight(cfg) -> None:
+    from abexp.data.common import data_root
+    from abexp.data.shakespeare import read_works
+    read_works(data_root(cfg))
+
+
+# characters of the works, split by whole works (docs/language_model.md); classes: the
+# vocabulary, known once read; its own validation works, so no data.val_split
+DATASETS.add("shakespeare", DatasetRecord(_shakespeare, None, lambda cfg: 4_346_140 // cfg.data.context,
+                                          _shakespeare_preflight, task="language_model",
+                                          default_root="data/shakespeare", input_kind="tokens",
+                                          validation=True))

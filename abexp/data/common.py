@@ -94,9 +94,10 @@ class TensorData:
             x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
             if not (torch.is_tensor(x) and torch.is_tensor(y)):
                 raise DataError(f"data.name={name}: {split}_x and {split}_y must be torch tensors")
-            if y.dim() != 1 or y.dtype != torch.int64 or len(x) != len(y) or not len(y):
-                raise DataError(f"data.name={name}: {split}_y must be a non-empty 1-D int64 tensor of "
-                                f"len({split}_x) = {len(x)} labels (got {tuple(y.shape)}, {y.dtype})")
+            # 1-D: a label per example; [N, T]: a label per token (a language model's targets)
+            if y.dim() not in (1, 2) or y.dtype != torch.int64 or len(x) != len(y) or not len(y):
+                raise DataError(f"data.name={name}: {split}_y must be a non-empty 1-D (or [N, T]) int64 tensor "
+                                f"of len({split}_x) = {len(x)} labels (got {tuple(y.shape)}, {y.dtype})")
         if self.num_classes is not None and int(max(self.train_y.max(), self.test_y.max())) >= self.num_classes:
             raise DataError(f"data.name={name}: a label is >= classes = {self.num_classes}")
         return self
@@ -121,6 +122,9 @@ def hold_out(data, fraction: float | None, split_seed: int):
     channel computed over the whole training split, not refitted per held-out part."""
     if not fraction:
         return data
+    if getattr(data, "val_x", None) is not None:
+        raise DataError(f"data.val_split: {fraction}, but this dataset brings its own validation split "
+                        "(leave data.val_split unset)")
     kept, held = validation_indices(len(data.train_y), fraction, split_seed)
     return replace(data, train_x=data.train_x[kept], train_y=data.train_y[kept],
                    val_x=data.train_x[held], val_y=data.train_y[held])
@@ -131,3 +135,20 @@ def data_root(cfg) -> str | None:
     from abexp.registry import DATASETS
 
     return cfg.data.root or DATASETS.get(cfg.data.name).default_root
+
+
+def has_validation(cfg) -> bool:
+    """Whether a run evaluates a validation set: data.val_split holds one out, or its dataset
+    brings its own (shakespeare's validation works)."""
+    from abexp.registry import DATASETS
+
+    record = DATASETS.find(cfg.data.name)
+    return bool(cfg.data.val_split) or bool(record is not None and record.validation)
+
+
+def lower_is_better(cfg) -> bool:
+    """Whether a run's dataset is judged by a loss (a language model), not by accuracy."""
+    from abexp.registry import DATASETS
+
+    record = DATASETS.find(cfg.data.name)
+    return bool(record is not None and record.lower_is_better)

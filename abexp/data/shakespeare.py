@@ -199,3 +199,16 @@ def eval_windows(tokens: torch.Tensor, context: int, max_windows: int | None = N
     x = tokens[:n * context].view(n, context).long()
     y = tokens[1:n * context + 1].view(n, context).long()
     return x, y
+
+
+def as_tensor_data(cfg):
+    """The corpus as a run reads it (abexp.TensorData): each split cut into consecutive
+    non-overlapping windows of data.context characters, x the window, y the next characters
+    ([N, T] int64 each); the vocabulary is the classes. A run's Batches draws the training
+    windows in an order seeded by the run seed and the epoch, so a resumed run is bitwise."""
+    from abexp.data.common import TensorData, data_root
+
+    data = load(data_root(cfg))
+    t = cfg.data.context
+    (tx, ty), (vx, vy), (sx, sy) = (eval_windows(s, t) for s in (data.train, data.val, data.test))
+    return TensorData(tx, ty, sx, sy, num_classes=data.vocab_size, val_x=vx, val_y=vy)

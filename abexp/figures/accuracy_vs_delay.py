@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> None:
         common.skip("accuracy_vs_delay", "no finished runs with one delay for the whole network")
     common.skip_sweeps("accuracy_vs_delay", table)
     table["diverged"] = table["status"] == "diverged"
-    table["acc"] = table["test_acc"].where(~table["diverged"])
+    metric = common.Metric(table)  # test accuracy, or a language model's test loss
+    table["acc"] = table[metric.test].where(~table["diverged"])
     series = common.add_series(table)
     summary = (table.groupby(["series", "optim.name", "delay.steps"])
                .agg(mean=("acc", "mean"), std=("acc", "std"), seeds=("acc", "count"),
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
                        clip_on=False, label=f"{name} diverged")
     common.undelayed_references(ax, table, series)
     common.log2_delay_axis(ax, summary["delay.steps"])
-    ax.set_ylabel("final test accuracy")
+    ax.set_ylabel(f"final test {metric.name}")
     ax.set_title(f"Accuracy vs gradient delay\n({common.bn_prefix(table)}line = mean, dots = seeds;\n{common.ERRORBARS})",
                  fontsize=10)
     ax.grid(alpha=0.3)

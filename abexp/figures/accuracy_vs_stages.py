@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> None:
     table = table[table["delay.kind"] == "pipeline"].copy()
     table["stages"] = table["delay.stages"].astype(int)
     table["diverged"] = table["status"] == "diverged"
-    table["acc"] = table["test_acc"].where(~table["diverged"])
+    metric = common.Metric(table)  # test accuracy, or a language model's test loss
+    table["acc"] = table[metric.test].where(~table["diverged"])
     series = common.add_series(table, axes=("delay.stages",))
     summary = (table.groupby(["series", "optim.name", "stages"])
                .agg(mean=("acc", "mean"), std=("acc", "std"), seeds=("acc", "count"),
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.set_xlabel("pipeline stages S (first stage's delay 2(S-1))")
-    ax.set_ylabel("final test accuracy")
+    ax.set_ylabel(f"final test {metric.name}")
     ax.set_title(f"Accuracy vs pipeline depth\n({common.bn_prefix(table)}line = mean, dots = seeds;\n{common.ERRORBARS})", fontsize=10)
     ax.grid(alpha=0.3)
     common.legend(ax)

@@ -96,13 +96,37 @@ def chance(table: pd.DataFrame) -> float | None:
     return min(levels, default=0.1)
 
 
+class Metric:
+    """What a table's runs are judged by: test accuracy (higher is better; a diverged run counts
+    as 0) or, for a language model's dataset (abexp.registry.DATASETS task language_model), test
+    loss in nats per character (lower is better; a diverged run counts as infinite loss)."""
+
+    def __init__(self, table: pd.DataFrame):
+        from abexp.registry import DATASETS
+
+        names = set(table.get("data.name", pd.Series(dtype=str)).dropna())
+        records = [DATASETS.find(n) for n in names]
+        self.lower = bool(records) and all(r is not None and r.lower_is_better for r in records)
+        self.test, self.val = ("test_loss", "val_loss") if self.lower else ("test_acc", "val_acc")
+        self.name = "loss (nats/char)" if self.lower else "accuracy"
+        self.diverged = float("inf") if self.lower else 0.0
+
+    def better(self, values: pd.Series):
+        """The index of the best value (ties: the first)."""
+        return values.idxmin() if self.lower else values.idxmax()
+
+
 def accuracy_axis(ax, values, table: pd.DataFrame) -> tuple[float, float]:
     """Fit the y-range to the accuracies shown (and the chance level, marked as a dotted line,
     where the dataset has one); returns (bottom, top). Diverged runs are drawn at the bottom."""
     level = chance(table)
-    shown = [float(v) for v in values if v == v] + ([level] if level is not None else [])
+    shown = [float(v) for v in values if v == v and v != float("inf")] + ([level] if level is not None else [])
     low, high = min(shown), max(shown)
     pad = max(0.02, 0.08 * (high - low))
+    if Metric(table).lower:  # a loss: the axis inverted, so better is up and diverged at the bottom
+        bottom, top = high + pad, max(0.0, low - pad)
+        ax.set_ylim(bottom, top)
+        return bottom, top
     bottom, top = max(-0.02, low - pad), min(1.0, high + pad)
     ax.set_ylim(bottom, top)
     if level is None:

@@ -5,6 +5,8 @@ so a seed's luck cancels); reported as mean ± sd over seeds, next to both accur
 accuracy with BN running statistics at D_max where the runs recorded it (eval.bn: recalibrate
 runs report test_acc_running_bn at their last epoch), to show what recalibration recovered.
 A diverged run counts as accuracy 0 (it has none), so its drop is the whole D = 0 accuracy.
+A language model's runs (common.Metric) are judged by test loss instead: drop = loss(D_max) -
+loss(D = 0), the loss the delay added (a diverged run: infinite loss).
 """
 
 import pandas as pd
@@ -23,7 +25,9 @@ def main(argv: list[str] | None = None) -> None:
         common.skip("delay_drop", "no finished runs")
     common.skip_sweeps("delay_drop", table)
     d_max = args.delay if args.delay is not None else int(table["delay.steps"].max())
-    table["acc"] = table["test_acc"].where(table["status"] == "completed", 0.0)
+    metric = common.Metric(table)
+    table["acc"] = table[metric.test].where(table["status"] == "completed", metric.diverged)
+    harm = -1.0 if metric.lower else 1.0  # a drop is positive when the delay made it worse
     series = common.add_series(table)
     rows = []
     for name in series:
@@ -32,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         seeds = sorted(set(at[0].index) & set(at[d_max].index))
         if not seeds:
             continue
-        drop = pd.Series([at[0].loc[s, "acc"] - at[d_max].loc[s, "acc"] for s in seeds])
+        drop = pd.Series([harm * (at[0].loc[s, "acc"] - at[d_max].loc[s, "acc"]) for s in seeds])
         row = {"series": name, "seeds": len(seeds), "D": d_max,
                "acc_D0": at[0].loc[seeds, "acc"].mean(), "acc_Dmax": at[d_max].loc[seeds, "acc"].mean(),
                "drop_mean": drop.mean(), "drop_sd": drop.std(ddof=1) if len(seeds) > 1 else float("nan")}
@@ -43,7 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     if out.empty:
         common.skip("delay_drop", f"no series has the same seed at D = 0 and D = {d_max}")
     seeds = int(out["seeds"].max())
-    lines = [f"| optimizer | acc D=0 | acc D={d_max} | drop (mean ± sd, {seeds} seed{'s' if seeds > 1 else ''}) |",
+    word = "loss" if metric.lower else "acc"
+    what = "rise" if metric.lower else "drop"
+    lines = [f"| optimizer | {word} D=0 | {word} D={d_max} | {what} (mean ± sd, {seeds} seed{'s' if seeds > 1 else ''}) |",
              "|---|---|---|---|"]
     sd = lambda v: f" ± {v:.4f}" if v == v else " (one seed)"  # noqa: E731
     lines += [f"| {r.series} | {r.acc_D0:.4f} | {r.acc_Dmax:.4f} | {r.drop_mean:.4f}{sd(r.drop_sd)} |"

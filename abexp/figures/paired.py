@@ -9,7 +9,9 @@ differences, their mean, the two-sided 95% Student-t interval of the mean (mean 
 paired seeds a two-sided paired t-test at alpha 0.05 needs to detect a true difference of the
 observed mean size with 80% power when the differences spread as observed (exact noncentral-t
 power, abexp.figures.stats). With 2 seeds that sd, and so that count, is itself very uncertain.
-Writes paired.md and paired.csv.
+A language model's runs (common.Metric) are compared on test loss in nats per character
+(lr selected on validation loss, a diverged run counting infinite loss): a negative difference is
+the better rule. Writes paired.md and paired.csv.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from abexp.figures import common, stats, tuned_lr
 LEVEL, POWER, ALPHA = 0.95, 0.8, 0.05
 
 
-def selected(table: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
-    """One row per (series, delay): the selected lr and its per-seed accuracies (tuned_lr.best),
-    and whether validation selected it."""
-    on_val = tuned_lr.selects_on_validation(table)
+def selected(table: pd.DataFrame, metric: common.Metric | None = None) -> tuple[pd.DataFrame, bool]:
+    """One row per (series, delay): the selected lr and its per-seed accuracies (or losses;
+    tuned_lr.best), and whether validation selected it."""
+    metric = metric or common.Metric(table)
+    on_val = tuned_lr.selects_on_validation(table, metric.val)
     if on_val:
-        table["sel"] = table["val_acc"].where(table["status"] == "completed", 0.0)
-    return tuned_lr.best(tuned_lr.per_lr(table)), on_val
+        table["sel"] = table[metric.val].where(table["status"] == "completed", metric.diverged)
+    return tuned_lr.best(tuned_lr.per_lr(table), metric), on_val
 
 
 def by_seed(row) -> dict[int, float]:
@@ -64,10 +67,11 @@ def compare(tuned: pd.DataFrame, baseline: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def markdown(out: pd.DataFrame, baseline: str, on_val: bool) -> list[str]:
+def markdown(out: pd.DataFrame, baseline: str, on_val: bool, metric: common.Metric | None = None) -> list[str]:
     chosen = "validation" if on_val else "test (no validation set)"
-    lines = [f"Paired differences in final test accuracy against {baseline} (rule − {baseline}, same seed, same "
-             f"delay; each at its own lr selected on {chosen}; a diverged run counts 0). Interval: two-sided "
+    what, diverged = (metric.name, f"{metric.diverged:g}") if metric else ("accuracy", "0")
+    lines = [f"Paired differences in final test {what} against {baseline} (rule − {baseline}, same seed, same "
+             f"delay; each at its own lr selected on {chosen}; a diverged run counts {diverged}). Interval: two-sided "
              f"{LEVEL:.0%} Student-t interval of the mean difference over the paired seeds (mean ± "
              "t(0.975, n−1)·sd/√n). 'seeds for 80% power': paired seeds a two-sided paired t-test at alpha "
              f"{ALPHA} needs to detect a true difference of the observed mean with the observed sd (exact "
@@ -95,23 +99,24 @@ def main(argv: list[str] | None = None) -> None:
     common.skip_sweeps("paired", table)
     if table["seed"].nunique() < 2:
         common.skip("paired", "one seed: nothing to pair an interval on")
-    table["acc"] = table["test_acc"].where(table["status"] == "completed", 0.0)
+    metric = common.Metric(table)  # accuracy, or a language model's loss (lower is better)
+    table["acc"] = table[metric.test].where(table["status"] == "completed", metric.diverged)
     series = common.add_series(table, axes=("delay.steps", "optim.lr"))
     bases = [name for name, optim in series.items() if optim == args.baseline]
     if len(bases) != 1:
         common.skip("paired", f"baseline {args.baseline}: {len(bases)} series in this study (need exactly one)")
-    tuned, on_val = selected(table)
+    tuned, on_val = selected(table, metric)
     out = compare(tuned, bases[0])
     if out.empty:
         common.skip("paired", f"no optimizer shares a seed and a delay with {bases[0]}")
     rank = {name: i for i, name in enumerate(series)}  # the fixed optimizer order of every figure
     out = out.sort_values(["delay", "series"], key=lambda c: c.map(rank) if c.name == "series" else c,
                           ignore_index=True)
-    lines = markdown(out, bases[0], on_val)
+    lines = markdown(out, bases[0], on_val, metric)
     print("\n".join(lines))
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
-    out.assign(selected_on="val_acc" if on_val else "test_acc").to_csv(folder / "paired.csv", index=False)
+    out.assign(selected_on=metric.val if on_val else metric.test).to_csv(folder / "paired.csv", index=False)
     (folder / "paired.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {folder / 'paired'}.csv/.md")
 

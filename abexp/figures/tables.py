@@ -1,4 +1,5 @@
-"""Markdown and LaTeX tables of final test accuracy vs delay per optimizer (mean ± std, n)."""
+"""Markdown and LaTeX tables of final test accuracy (a language model: test loss in nats per
+character, lower is better) vs delay per optimizer (mean ± std, n)."""
 
 from pathlib import Path
 
@@ -20,7 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     if table.empty:
         common.skip("tables", "no finished runs")
     common.skip_sweeps("tables", table)
-    table["acc"] = table["test_acc"].where(table["status"] == "completed")
+    metric = common.Metric(table)
+    table["acc"] = table[metric.test].where(table["status"] == "completed")
     table["div"] = table["status"] == "diverged"
     series = common.add_series(table)
     summary = (table.groupby(["series", "delay.steps"])
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bn = f" ({common.bn_note(table)})" if common.bn_note(table) else ""
-    note = f"Final test accuracy{bn}; mean ± std over seeds.\n\n"
+    note = f"Final test {metric.name}{bn}; mean ± std over seeds.\n\n"
     (out / "accuracy_table.md").write_text(note + "\n".join(md) + "\n")
     (out / "accuracy_table.tex").write_text("\n".join(tex) + "\n")
     summary.to_csv(out / "accuracy_table.csv", index=False)

@@ -19,8 +19,9 @@ def main(argv: list[str] | None = None) -> None:
         delays = [delays[0], delays[len(delays) // 3], delays[2 * len(delays) // 3], delays[-1]]
     curves = curves[curves["delay.steps"].isin(delays)].copy()
     series = common.add_series(curves, axes=("delay.steps", "epoch"))
+    metric = common.Metric(curves)  # test accuracy, or a language model's test loss
     mean = (curves.groupby(["series", "delay.steps", "epoch"])
-            .agg(test_acc=("test_acc", "mean"), train_loss=("train_loss", "mean"),
+            .agg(test_acc=(metric.test, "mean"), train_loss=("train_loss", "mean"),
                  seeds=("run_id", "nunique")).reset_index())
     fig, axes = plt.subplots(2, len(delays), figsize=(3.2 * len(delays), 5.6), squeeze=False,
                              sharex=True, sharey="row", constrained_layout=True)
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     level = common.chance(curves)
     for ax in axes[0, 1:] if level is not None else []:
         ax.axhline(level, color="0.5", ls=":", lw=1, zorder=1)
-    axes[0, 0].set_ylabel("test accuracy")
+    axes[0, 0].set_ylabel(f"test {metric.name}")
     axes[1, 0].set_ylabel("train loss")
     handles, labels = axes[0, 0].get_legend_handles_labels()  # below the panels, not over them
     fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncol=2 if len(labels) > 3 else len(labels))

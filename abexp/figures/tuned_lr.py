@@ -20,10 +20,10 @@ import pandas as pd
 from abexp.figures import common
 
 
-def selects_on_validation(table: pd.DataFrame) -> bool:
-    """Whether every finished run has a validation accuracy (then it, not test, selects the lr)."""
+def selects_on_validation(table: pd.DataFrame, column: str = "val_acc") -> bool:
+    """Whether every finished run has a validation metric (then it, not test, selects the lr)."""
     done = table[table["status"] == "completed"]
-    return "val_acc" in table and len(done) > 0 and bool(done["val_acc"].notna().all())
+    return column in table and len(done) > 0 and bool(done[column].notna().all())
 
 
 def per_lr(table: pd.DataFrame) -> pd.DataFrame:
@@ -44,7 +44,7 @@ def per_lr(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def best(cells: pd.DataFrame) -> pd.DataFrame:
+def best(cells: pd.DataFrame, metric: common.Metric | None = None) -> pd.DataFrame:
     """One row per (series, delay): the lr with the highest mean validation accuracy
     (``val_mean``; the test ``mean`` when the cells have none) among those run with the most
     seeds (ties: the smaller lr), whether it is a grid edge, how many lrs competed, and how many
@@ -54,7 +54,7 @@ def best(cells: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (name, delay), lrs in cells.groupby(["series", "delay"], sort=False):
         full = lrs[lrs["seeds"] == lrs["seeds"].max()].sort_values("lr")
-        top = full.loc[full[key].idxmax()]
+        top = full.loc[metric.better(full[key]) if metric else full[key].idxmax()]
         # an edge of the lrs that competed: those did not bracket the optimum
         edge = "" if len(full) < 2 else "low" if top["lr"] == full["lr"].min() else "high" if top["lr"] == full["lr"].max() else ""
         rows.append({**top.to_dict(), "lrs_compared": len(full), "lrs_in_grid": int(grid_at[delay]), "edge": edge})
@@ -89,10 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     if table.empty or "optim.lr" not in table:
         common.skip("tuned_lr", "no finished runs")
     common.skip_sweeps("tuned_lr", table)
-    table["acc"] = table["test_acc"].where(table["status"] == "completed", 0.0)
-    on_val = selects_on_validation(table)
+    metric = common.Metric(table)  # accuracy, or a language model's loss (lower is better)
+    table["acc"] = table[metric.test].where(table["status"] == "completed", metric.diverged)
+    on_val = selects_on_validation(table, metric.val)
     if on_val:
-        table["sel"] = table["val_acc"].where(table["status"] == "completed", 0.0)
+        table["sel"] = table[metric.val].where(table["status"] == "completed", metric.diverged)
     series = common.add_series(table, axes=("delay.steps", "optim.lr"))
     cells = per_lr(table)
     if cells.groupby(["series", "delay"])["lr"].nunique().max() < 2:
@@ -100,23 +101,24 @@ def main(argv: list[str] | None = None) -> None:
     grid = sorted(cells["lr"].unique())
     rank = {name: i for i, name in enumerate(series)}
     cells = cells.sort_values(["delay", "lr"]).sort_values("series", key=lambda s: s.map(rank), kind="stable")
-    tuned = best(cells)
+    tuned = best(cells, metric)
     delays = sorted(tuned["delay"].unique())
     text = {(r["series"], r["delay"]): cell_text(r) for r in tuned.to_dict("records")}
     seeds = int(cells["seeds"].max())
     note = f" ({common.bn_note(table)})" if common.bn_note(table) else ""
-    chosen = ("mean validation accuracy (data.val_split: examples held out of training), test reported"
-              if on_val else "mean test accuracy, the same test set that is reported (no validation set)")
-    lines = [f"Final test accuracy{note}, mean ± sd over {seeds} seed{'s' * (seeds > 1)} at each "
+    what = metric.name
+    chosen = (f"mean validation {what} (a validation set, not trained on), test reported"
+              if on_val else f"mean test {what}, the same test set that is reported (no validation set)")
+    lines = [f"Final test {what}{note}, mean ± sd over {seeds} seed{'s' * (seeds > 1)} at each "
              f"optimizer's best lr per delay from {grid_text(cells)} (chosen on the "
              f"{chosen}, among the lrs with the most seeds; ↑/↓: the best is the top/bottom of the lrs compared). "
-             "A diverged run counts as 0.", "",
+             f"A diverged run counts as {metric.diverged:g}.", "",
              "| optimizer | " + " | ".join(f"D={d}" for d in delays) + " |", "|---|" + "---|" * len(delays)]
     lines += [f"| {name} | " + " | ".join(text.get((name, d), "–") for d in delays) + " |"
               for name in series if any((name, d) in text for d in delays)]
     if any((name, d) not in text for name in series for d in delays):
         lines += ["", "–: not run (a spec's `exclude`, e.g. rules that are SGDM bitwise without delay)."]
-    lines += ["", "Every lr (test: mean ± sd over seeds" + ("; val: the mean validation accuracy that selects"
+    lines += ["", "Every lr (test: mean ± sd over seeds" + (f"; val: the mean validation {what} that selects"
               if on_val else "") + "; the tuned table picks one per cell):", "",
               "| optimizer | lr | " + " | ".join(f"D={d}" for d in delays) + " |", "|---|---|" + "---|" * len(delays)]
     every = {(r["series"], r["lr"], r["delay"]): r for r in cells.to_dict("records")}
@@ -133,11 +135,12 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "tuned_lr.md").write_text("\n".join(lines) + "\n")
     cells.to_csv(out / "tuned_lr_every_lr.csv", index=False)
-    tuned["selected_on"] = "val_acc" if on_val else "test_acc"  # tuned_lr.csv says what chose the lr
-    draw(tuned, table, series, delays, args.out)
+    tuned["selected_on"] = metric.val if on_val else metric.test  # tuned_lr.csv says what chose the lr
+    draw(tuned, table, series, delays, args.out, metric)
 
 
-def draw(tuned: pd.DataFrame, table: pd.DataFrame, series: dict[str, str], delays: list[int], out: str) -> None:
+def draw(tuned: pd.DataFrame, table: pd.DataFrame, series: dict[str, str], delays: list[int], out: str,
+         metric: common.Metric | None = None) -> None:
     """One panel per delay: each optimizer's per-seed accuracies (dots) and mean (bar) at its
     tuned lr, optimizers top to bottom in the fixed order, the tuned undelayed SGDM as a line."""
     names = [n for n in series if n in set(tuned["series"])]
@@ -152,7 +155,7 @@ def draw(tuned: pd.DataFrame, table: pd.DataFrame, series: dict[str, str], delay
             if name not in rows.index:
                 continue
             row = rows.loc[name]
-            accs = [float(a) for a in str(row["accs"]).split()]
+            accs = [float(a) for a in str(row["accs"]).split() if float(a) != float("inf")]
             ax.scatter([row["mean"]], [y], color=styles[name]["color"], marker="|", s=220, linewidths=2.2, zorder=3)
             ax.scatter(accs, [y] * len(accs), color=styles[name]["color"], s=14, alpha=0.6, zorder=4)
             shown += accs
@@ -160,19 +163,20 @@ def draw(tuned: pd.DataFrame, table: pd.DataFrame, series: dict[str, str], delay
             ax.axvline(ref["mean"], color="k", ls="--", lw=0.9, label=f"SGDM, no delay ({ref['mean']:.3f})")
         ax.set_title(f"D = {delay}", fontsize=10)
         ax.grid(axis="x", color="0.9", lw=0.6)
-        ax.set_xlabel("test accuracy at the tuned lr")  # reported on test whichever split selected
+        ax.set_xlabel(f"test {metric.name if metric else 'accuracy'} at the tuned lr")  # reported on test whichever split selected
     # the tuned cells' own range (not down to chance): tuned rules often differ by a point or two
     spread = max(shown) - min(shown)
     low = max(0.0, min(shown) - max(0.02, 0.1 * spread))
+    high = max(shown) + max(0.02, 0.1 * spread)
     for ax in axes[0]:
-        ax.set_xlim(low, min(1.0, max(shown) + max(0.02, 0.1 * spread)))
+        ax.set_xlim(low, high if metric and metric.lower else min(1.0, high))
     axes[0][0].set_yticks(range(len(names)), names)
     axes[0][0].set_ylim(len(names) - 0.5, -0.5)  # the first optimizer on top
     if len(reference):
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles[:1], labels[:1], fontsize=7, loc="outside lower center")
     note = f"{common.bn_note(table)}; " if common.bn_note(table) else ""
-    chosen = "lr selected on validation, test shown" if tuned["selected_on"].eq("val_acc").all() else \
+    chosen = "lr selected on validation, test shown" if tuned["selected_on"].str.startswith("val_").all() else \
         "lr selected on test"
     fig.suptitle(f"Each optimizer at its best lr per delay ({note}{chosen}; | = mean, dots = seeds, no error bars)", fontsize=10)
     common.save(fig, tuned, out, "tuned_lr")

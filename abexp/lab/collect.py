@@ -13,7 +13,9 @@ from abexp.lab.runner import run_state, runs_dir
 from abexp.train.folder import RunFolder
 
 SUMMARY = ["run_id", "experiment", "variant", "status", "val_acc", "val_loss", "best_val_acc", "test_acc", "test_acc_running_bn", "best_test_acc",
-           "epochs_completed", "steps", "wall_s", "eval_bn", "device"]
+           "epochs_completed", "steps", "wall_s", "eval_bn", "device",
+           # a language model's (lower is better): losses in nats, and bits, per character
+           "test_loss", "best_val_loss", "best_test_loss", "val_bpc", "test_bpc"]
 
 
 def _read_result(path: Path) -> dict:

@@ -50,6 +50,7 @@ def check_pipelines(configs: Iterable[RunConfig], source: str) -> None:
     pass cannot run at older weights than its forward pass: one line naming the key, before any
     worker starts (it used to be a traceback inside the worker)."""
     from abexp.sim.pipeline import backward_delays, stage_delays
+    from abexp.registry import MODELS
     from abexp.train.models import parameter_tensors
 
     for cfg in configs:
@@ -62,10 +63,13 @@ def check_pipelines(configs: Iterable[RunConfig], source: str) -> None:
                               f"runs after its forward pass); got {backward}")
         stages = cfg.delay.stages if cfg.delay.stage_delays is None else len(cfg.delay.stage_delays)
         tensors = parameter_tensors(cfg.model.name)
+        record = MODELS.find(cfg.model.name)
+        if tensors is None and record is not None and record.max_stages is not None:
+            tensors = record.max_stages(cfg)  # a model cut by its own units (the GPT: its blocks)
         if tensors is not None and stages > tensors:
             key = "delay.stages" if cfg.delay.stage_delays is None else "delay.stage_delays"
             raise ConfigError(source, key, f"{stages} stages, but {cfg.model.name} has {tensors} parameter "
-                                           f"tensors to cut into stages (at most {tensors} stages)")
+                                           f"tensors (or groups) to cut into stages (at most {tensors} stages)")
 
 
 def check_data(configs: Iterable[RunConfig], source: str, seen: set | None = None) -> None:

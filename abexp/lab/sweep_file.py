@@ -253,7 +253,11 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         key, value = parse_override(item, f"{source} (--set)")
         set_dotted(base, key, value, f"{source} (--set)")
         name += f"__{key}={value}"
-    has_val = bool(validate(base, source).data.val_split)
+    base_cfg = validate(base, source)
+    from abexp.data.common import has_validation
+    from abexp.registry import DATASETS
+    has_val = has_validation(base_cfg)
+    judged_by = "loss" if DATASETS.get(base_cfg.data.name).lower_is_better else "acc"
     space = doc.space
     if not space:
         raise ConfigError(source, "space", "expected a mapping of dotted key -> parameter")
@@ -262,7 +266,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     objective = doc.objective
     # selecting on the test set and reporting it is optimistic: a validation set, when the base
     # holds one out, is what a sweep optimises unless the file says otherwise
-    metric = objective.metric or ("val_acc" if has_val else "test_acc")
+    metric = objective.metric or (f"val_{judged_by}" if has_val else f"test_{judged_by}")
     if metric.startswith("val_") and not has_val:
         raise ConfigError(source, "objective.metric", f"{metric} needs a validation set: set data.val_split "
                                                       "in the base or under fixed")

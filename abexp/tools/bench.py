@@ -19,7 +19,9 @@ e. the parameter server of ``delay.kind: async`` (``abexp.tools.bench_async``): 
 f. AB's update against SGDM's on a ResNet-50-sized flat vector (one thread, interleaved rounds):
    the per-tensor cosines should cost about one more pass over memory (target <= 2.5x);
 g. ATen operations of one packed training step for K = 1, 8, 32 runs (torch.profiler on the CPU,
-   a proxy for a GPU's kernel launches): in all, and inside the K delay engines.
+   a proxy for a GPU's kernel launches): in all, and inside the K delay engines;
+h. (``lm``, ``abexp.tools.bench_lm``) the study's char-GPT on Shakespeare, one CPU thread:
+   characters per second at D = 0 and D = 16 (target <= 1.05), Muon's update against AdamW's.
 Writes ``bench.json`` and ``bench.md`` under ``--out``, after every section. Each section runs
 on its own (``abexp.tools.sections``): one that raises, or runs past ``--limit-s``, is listed as
 failed with its error line and the others are still measured; the exit status is then 1.
@@ -41,7 +43,7 @@ import torch
 from abexp import io
 from abexp.process_env import init_process_env
 from abexp.config import load_config
-from abexp.tools import bench_async
+from abexp.tools import bench_async, bench_lm
 from abexp.train.run import Run
 
 
@@ -418,13 +420,15 @@ def to_markdown(report: dict) -> str:
                   f"{a['tensors']} tensors, one thread)", "",
                   "| SGDM ms | AB ms | ratio (target ≤ 2.5) |", "|---|---|---|",
                   f"| {a['sgdm_ms']} | {a['ab_ms']} | {a['ratio_ab_over_sgdm']} |", ""]
+    if "lm" in report:
+        lines += bench_lm.markdown(report["lm"])
     for name, line in report.get("failed", {}).items():
         lines.append(f"- {name} FAILED: {line}")
     return "\n".join(lines)
 
 
 SECTIONS = ("delay_overhead", "path_vs_naive", "compile", "grid_throughput", "async", "ab_apply", "packed_ops",
-            "cli_help")
+            "cli_help", "lm")
 
 
 def cli_help(rounds: int = 5) -> dict:
@@ -476,7 +480,8 @@ def run_bench(device: torch.device, steps: int, rounds: int, packs: list[int], p
              "async": lambda: bench_async.report(max(20, steps), async_workers),
              "ab_apply": lambda: ab_apply_ratio(max(3, rounds), device=str(device)),
              "packed_ops": lambda: packed_op_counts([1, 8, 32]),
-             "cli_help": lambda: cli_help(max(3, rounds))}
+             "cli_help": lambda: cli_help(max(3, rounds)),
+             "lm": lambda: bench_lm.report(max(5, steps), max(3, rounds))}  # the CPU, one thread
     limits = limits or {}
 
     def save(rep: dict) -> None:
@@ -504,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only-help", action="store_true", help="just abexp --help's time (plugins lazy)")
     parser.add_argument("--only-ops", action="store_true",
                         help="just figure g (ATen operations of one packed step, K = 1, 8, 32)")
+    parser.add_argument("--only-lm", action="store_true",
+                        help="just the char-GPT: chars/s at D = 0 and 16, Muon's update vs AdamW's")
     parser.add_argument("--skip", nargs="+", default=[], choices=SECTIONS, help="sections not to run")
     parser.add_argument("--limit-s", type=float, default=None,
                         help="wall-clock limit of each section: one past it is reported as failed")
@@ -513,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     only = {"delay_overhead": args.only_delay, "async": args.only_async, "ab_apply": args.only_ab,
-            "packed_ops": args.only_ops, "cli_help": args.only_help}
+            "packed_ops": args.only_ops, "cli_help": args.only_help, "lm": args.only_lm}
     sections = tuple(s for s, on in only.items() if on) or SECTIONS
     sections = tuple(s for s in sections if s not in args.skip)
     limits = dict.fromkeys(sections, args.limit_s) if args.limit_s else None

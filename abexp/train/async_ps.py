@@ -368,7 +368,7 @@ class AsyncRun(Run):
         for loss in info["losses"]:
             self.loss_sum += loss
         self.correct += info["correct"]
-        self.seen += self.cfg.train.batch_size
+        self.seen += info.get("seen", self.cfg.train.batch_size)  # examples, or characters
         del self.outstanding[j]
         if v not in self.outstanding.values() and v != self.engine.t:
             self.versions.pop(v, None)
@@ -510,8 +510,11 @@ def serve(rank: int, cfg: RunConfig, store, model: "WorkerModel", server_gone: C
     slowdown = (cfg.delay.slowdown or [1.0] * cfg.delay.workers)[rank - 1]
     pauses = random.Random(cfg.seed * 1_000_003 + rank)
     w = torch.empty_like(model.flat.data)
-    x = torch.empty((cfg.train.batch_size, *model.input_shape))
-    y = torch.empty(cfg.train.batch_size, dtype=torch.long)
+    from abexp.registry import DATASETS
+    tokens = DATASETS.get(cfg.data.name).input_kind == "tokens"  # ids in, a target per position out
+    x = torch.empty((cfg.train.batch_size, *model.input_shape), dtype=torch.long if tokens else torch.float32)
+    y = torch.empty((cfg.train.batch_size, *model.input_shape) if tokens else (cfg.train.batch_size,),
+                    dtype=torch.long)
     n = 0
     while True:
         item = json.loads(_wait_key(store, f"item/{rank}/{n}", rank, server_gone))
@@ -533,7 +536,8 @@ def serve(rank: int, cfg: RunConfig, store, model: "WorkerModel", server_gone: C
             time.sleep(pauses.expovariate(1.0) * cfg.delay.pause_s)
         k = store.add("arrivals", 1) - 1
         store.set(f"arrival/{k}", json.dumps({"worker": rank, "j": item["j"], "v": item["v"],
-                                              "losses": losses, "correct": correct}))
+                                              "losses": losses, "correct": correct,
+                                              "seen": y.numel()}))
         try:
             dist.send(model.flat.grad, dst=0)
         except RuntimeError as err:

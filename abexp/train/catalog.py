@@ -38,6 +38,22 @@ for _name in IMAGENET_RESNETS:
     MODELS.add(_name, ModelRecord(_resnet(_name), inputs=("image_folder",)))
 
 
+def _gpt(cfg, info: DataInfo):
+    from abexp.train.gpt import build_for_run
+    return build_for_run(cfg, info)
+
+
+# a character-level GPT on token windows (abexp/train/gpt.py, docs/language_model.md); its
+# pipeline stages are whole blocks (embeddings first, final LayerNorm last: gpt.run_stages)
+def _gpt_stages(cfg, model, sizes, input_shape):
+    from abexp.train.gpt import run_stages
+    return run_stages(cfg, model, sizes, input_shape)
+
+
+MODELS.add("gpt", ModelRecord(_gpt, inputs=("tokens",), stages=_gpt_stages, batch_norm=False,
+                              max_stages=lambda cfg: cfg.model.layers + 2))  # embed, blocks, head
+
+
 def build(cfg, num_classes: int, input_shape: tuple[int, ...], channels: int):
     """The model a run config names, from its record (built-in or a plugin's)."""
     import torch.nn as nn

@@ -154,3 +154,65 @@ def muon_split(model: GPT) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[s
     for name, p in model.named_parameters():
         (hidden if name.startswith("blocks.") and p.ndim == 2 else other).append((name, p))
     return hidden, other
+
+
+class GPTLM(GPT):
+    """The GPT as abexp's runs call a model: logits [B, vocab, T], class dimension second, so
+    the run's ``F.cross_entropy(logits, y)`` with y [B, T] is the mean loss per character and
+    ``logits.argmax(1) == y`` counts correctly predicted characters, as for any classifier."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return super().forward(idx).transpose(1, 2)
+
+
+def build_for_run(cfg, info) -> GPTLM:
+    """The model of a run config (abexp.train.catalog): vocab = the dataset's classes, context
+    = one window's length, layers/width/heads from model.*."""
+    return GPTLM(GPTConfig(vocab=info.num_classes, context=info.input_shape[-1], layers=cfg.model.layers,
+                           heads=cfg.model.heads, width=cfg.model.width))
+
+
+def group_costs(model: GPT, balance: str) -> list[float]:
+    """Cost of each ``blocks`` group for a balanced pipeline cut: its parameters ("params"), or
+    its forward multiply-accumulates per character ("flops"), charged where they are computed:
+    a block 12d² (qkv, attention output, MLP) + T·d (causal attention scores and mix: on
+    average T/2 keys, twice); the embeddings d (the add: a lookup costs no MACs); the head
+    V·d (the tied output projection runs in the last stage, though its weight is the first's)
+    + d (final LayerNorm)."""
+    groups = blocks(model)
+    if balance == "params":
+        return [float(sum(p.numel() for _, p in params)) for _, params in groups]
+    c, d = model.cfg, model.cfg.width
+    return [float(d)] + [float(12 * d * d + c.context * d)] * c.layers + [float(c.vocab * d + d)]
+
+
+def run_stages(cfg, model: GPT, sizes: list[int], input_shape: tuple[int, ...]):
+    """(element ranges, stage map) of a pipeline run of the GPT (its ModelRecord's ``stages``):
+    stages are contiguous runs of ``blocks`` groups, never a cut inside a block; the embeddings
+    (and with them the tied head weight) are in the first, stalest stage, the final LayerNorm
+    in the last; the groups are balanced by delay.stage_balance (params or flops) with the same
+    min-max partition as a ResNet's tensors (abexp.sim.pipeline.balanced_cuts)."""
+    from abexp.sim.pipeline import _element_ranges, balanced_cuts, stage_delays
+
+    if cfg.delay.kind != "pipeline":
+        return None, None
+    groups = blocks(model)
+    order = [p for _, params in groups for _, p in params]
+    if [id(p) for p in order] != [id(p) for p in model.parameters()] or len(order) != len(sizes):
+        raise ValueError("gpt: parameters() are not in the order of its blocks")  # the flat vector's
+    delays = stage_delays(cfg.delay)
+    if len(delays) > len(groups):
+        raise ValueError(f"delay.stages: {len(delays)} stages, but a {model.cfg.layers}-layer GPT has "
+                         f"{len(groups)} groups to cut (embeddings, {model.cfg.layers} blocks, head)")
+    costs = group_costs(model, cfg.delay.stage_balance)
+    cuts = [0] + balanced_cuts(costs, len(delays)) + [len(groups)]
+    first = [0]  # tensor index where each group begins
+    for _, params in groups:
+        first.append(first[-1] + len(params))
+    bounds = [first[g] for g in cuts]
+    total = sum(costs) or 1.0
+    stage_map = [{"stage": s, "groups": [name for name, _ in groups[a:b]], "tensors": [first[a], first[b]],
+                  "params": sum(sizes[first[a]:first[b]]), "cost_share": round(sum(costs[a:b]) / total, 4),
+                  "delay": d}
+                 for s, ((a, b), d) in enumerate(zip(zip(cuts[:-1], cuts[1:]), delays))]
+    return _element_ranges(sizes, bounds), stage_map

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, cast
 
+from abexp.data.common import has_validation, lower_is_better
 from abexp import io
 from abexp.config import RunConfig, dump_yaml, load_config, run_id
 from abexp.registry import plugin_versions
@@ -200,7 +201,7 @@ def fit(trainer: Trainer, stop_after_epochs: int | None = None, on_epoch: OnEpoc
         live = [m.status == "running" and not d for m, d in zip(members, diverged)]
         evals = trainer.evaluate() if any(live) else [(math.nan, None)] * len(members)
         # the validation set, evaluated as the test set is (same BN handling); packs never have one
-        has_val = bool(members[0].cfg.data.val_split)
+        has_val = has_validation(members[0].cfg)
         vals = (cast(ValidatingTrainer, trainer).evaluate(split="val") if has_val and any(live)
                 else [(math.nan, None)] * len(members))
         trainer.epoch += 1
@@ -223,9 +224,11 @@ def fit(trainer: Trainer, stop_after_epochs: int | None = None, on_epoch: OnEpoc
                 row["test_acc_running_bn"] = running_bn[i][1]
             m.history.append(row)
             if share == 1:
-                shown = f"val_acc {val_acc if val_acc is None else round(val_acc, 4)} " if has_val else ""
-                log(f"[{m.run_id}] epoch {trainer.epoch}/{epochs} loss {row['train_loss']:.4f} {shown}test_acc "
-                    f"{test_acc if test_acc is None else round(test_acc, 4)} lr {row['lr']:.4g} {epoch_s:.1f}s")
+                judged = "loss" if lower_is_better(m.cfg) else "acc"  # a language model: nats/char
+                val_v, test_v = (val_loss, test_loss) if judged == "loss" else (val_acc, test_acc)
+                shown = f"val_{judged} {val_v if val_v is None else round(val_v, 4)} " if has_val else ""
+                log(f"[{m.run_id}] epoch {trainer.epoch}/{epochs} loss {row['train_loss']:.4f} {shown}test_{judged} "
+                    f"{test_v if test_v is None else round(test_v, 4)} lr {row['lr']:.4g} {epoch_s:.1f}s")
             if diverged[i]:
                 m.status = "diverged"
                 if main:

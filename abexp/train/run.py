@@ -21,6 +21,7 @@ from abexp.config import RunConfig, check_processes, run_id
 from abexp.process_env import init_process_env
 from abexp.train.distributed import Dist, init_from_env
 from abexp.data.images import Batches
+from abexp.data.common import has_validation
 from abexp.data.load import load_image_data
 from abexp.sim.engine import DelayedSGD, FlatParams
 from abexp.sim.optim import mitigations
@@ -109,7 +110,8 @@ def batch_gradient(trainer, chunks: list[tuple[torch.Tensor, torch.Tensor]], w_f
             logits = trainer.train_model(xm)
             loss = F.cross_entropy(logits.float(), ym, label_smoothing=cfg.train.label_smoothing)
         (loss / micro if micro > 1 else loss).backward()
-        sums.append((loss.detach().double() * len(ym), (logits.argmax(1) == ym).sum()))
+        # numel: a label per example, or per token (a language model's [B, T] targets)
+        sums.append((loss.detach().double() * ym.numel(), (logits.argmax(1) == ym).sum()))
     return sums
 
 
@@ -127,7 +129,7 @@ def evaluate(model: nn.Module, test_batches: Iterator, device: torch.device, pre
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
         correct += (logits.argmax(1) == y).sum()
-        n += len(y)
+        n += y.numel()  # examples, or tokens for a language model
     model.train()
     return torch.stack([loss_sum, correct.double(), torch.full((), float(n), device=device, dtype=torch.float64)])
 
@@ -276,7 +278,7 @@ class Run:
             share = len(y) // ddp.world
             x, y = x[ddp.rank * share:(ddp.rank + 1) * share], y[ddp.rank * share:(ddp.rank + 1) * share]
         chunks = list(zip(x.chunk(cfg.train.micro_batches), y.chunk(cfg.train.micro_batches)))
-        self.seen += len(y)
+        self.seen += y.numel()  # examples, or tokens: the running loss is per character
 
         def grad_fn(w_fwd: torch.Tensor) -> torch.Tensor:
             with self.origin.gradient_threads() if self.origin else contextlib.nullcontext():
@@ -439,7 +441,7 @@ def result_record(cfg: RunConfig, status: str, history: list[dict], steps: int, 
     accs = [r["test_acc"] for r in history if r["test_acc"] is not None]
     last = history[-1] if history else {}
     val = {}
-    if cfg.data.val_split:  # only then: a result.json without a validation set is as before
+    if has_validation(cfg):  # only then: a result.json without a validation set is as before
         val_accs = [r["val_acc"] for r in history if r.get("val_acc") is not None]
         val = {"val_acc": last.get("val_acc"), "val_loss": last.get("val_loss"),
                "best_val_acc": max(val_accs) if val_accs else None}
@@ -449,7 +451,28 @@ def result_record(cfg: RunConfig, status: str, history: list[dict], steps: int, 
             "test_acc_running_bn": last.get("test_acc_running_bn"),
             "train_loss": last.get("train_loss"), "train_acc": last.get("train_acc"),
             "epochs_completed": len(history), "steps": steps, "wall_s": round(wall_s, 3),
-            "eval_bn": cfg.eval.bn, "device": str(device), **extra, "config": cfg.model_dump()}
+            "eval_bn": cfg.eval.bn, "device": str(device), **lm_metrics(cfg, history), **extra,
+            "config": cfg.model_dump()}
+
+
+def lm_metrics(cfg: RunConfig, history: list[dict]) -> dict:
+    """A language model's result (task language_model: lower loss is better): the losses are in
+    nats per character; the same in bits per character (÷ ln 2) and the best (lowest)
+    validation and test loss. Nothing for a classifier, whose result.json stays as it was."""
+    from abexp.registry import DATASETS
+    record = DATASETS.find(cfg.data.name)
+    if record is None or not record.lower_is_better:
+        return {}
+    last = history[-1] if history else {}
+    out: dict = {}
+    for split in ("train", "val", "test"):
+        loss = last.get(f"{split}_loss")
+        out[f"{split}_bpc"] = None if loss is None else float(loss) / math.log(2)
+    for split in ("val", "test"):
+        losses = [r[f"{split}_loss"] for r in history
+                  if r.get(f"{split}_loss") is not None and math.isfinite(r[f"{split}_loss"])]
+        out[f"best_{split}_loss"] = min(losses) if losses else None
+    return out
 
 
 def cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
