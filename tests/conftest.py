@@ -100,3 +100,38 @@ def runs_table(cells: dict, path) -> None:
              "delay.kind": "constant"}
             for i, ((o, d, lr), pairs) in enumerate(cells.items()) for s, (v, t) in enumerate(pairs)]
     pd.DataFrame(rows).to_csv(path, index=False)
+
+
+@pytest.fixture(autouse=True)
+def plugins_isolated():
+    """Each test starts and ends with the same plugins loaded: a plugin one test loads into
+    this process (abexp.registry) must not reach the next test's subprocesses through
+    ABEXP_PLUGINS, nor its entries the next test's registries. The built-in entries are
+    loaded first (their modules register once per process), then restored with the rest."""
+    import sys
+
+    from abexp import registry
+    from abexp.lab import backends
+
+    env = os.environ.pop(registry.ENV, None)
+    registry.load_plugins()  # the built-ins (and any plugin already loaded in this process)
+    if env is not None:
+        os.environ[registry.ENV] = env
+    tables = (registry.RULES, registry.MODELS, registry.DATASETS, registry.FIGURES)
+    saved = [(table, dict(table._records)) for table in tables]
+    loaded, saved_backends = dict(registry._loaded), dict(backends.BACKENDS)
+    yield
+    new_tops = {m.split(".")[0] for m in registry._loaded if m not in loaded}
+    for table, records in saved:
+        table._records.clear()
+        table._records.update(records)
+    registry._loaded.clear()
+    registry._loaded.update(loaded)
+    backends.BACKENDS.clear()
+    backends.BACKENDS.update(saved_backends)
+    if env is None:
+        os.environ.pop(registry.ENV, None)
+    else:
+        os.environ[registry.ENV] = env
+    for name in [m for m in sys.modules if m.split(".")[0] in new_tops]:
+        del sys.modules[name]  # a later test's load imports it afresh, and it registers again
