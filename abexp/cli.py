@@ -125,9 +125,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"stopped after epoch {args.stop_after}; run again to resume: {out}")
         return 0
     keys = ("run_id", "status", "test_acc", "best_test_acc", "test_loss", "test_bpc", "epochs_completed",
-            "steps", "wall_s")  # test_loss, test_bpc: a language model's (nats, bits per character)
-    print(json.dumps({k: result[k] for k in keys if k in result and (k in ("test_acc", "best_test_acc") or
-                                                                     "test_bpc" in result)}))
+            "steps", "wall_s")
+    lm_only = ("test_loss", "test_bpc")  # a language model's (nats, bits per character)
+    print(json.dumps({k: result[k] for k in keys
+                      if k in result and (k not in lm_only or "test_bpc" in result)}))
     return 0
 
 

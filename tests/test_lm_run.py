@@ -42,7 +42,7 @@ def reference_loss(weights: dict, tokens: torch.Tensor, context: int) -> float:
 
 @needs_data
 @pytest.mark.parametrize("rule,lr", [("adamw", 3e-3), ("muon", 2e-2)])
-def test_a_tiny_gpt_trains_and_reports_losses_per_character(tmp_path, rule, lr):
+def test_a_tiny_gpt_trains_and_reports_losses_per_character(tmp_path, rule, lr, capsys):
     out = tmp_path / "run"
     args = ["train", "-", "--out", str(out), "--device", "cpu"]
     cfg_file = tmp_path / "c.yaml"
@@ -52,6 +52,8 @@ def test_a_tiny_gpt_trains_and_reports_losses_per_character(tmp_path, rule, lr):
         args += ["--set", o]
     assert main(args) == 0
     result = json.loads((out / RESULT).read_text())
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the summary line
+    assert printed["test_loss"] == result["test_loss"] and printed["test_bpc"] == result["test_bpc"]
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert result["status"] == "completed" and result["steps"] == 2 * (64 // 8)
     for r in rows:  # the validation works are evaluated without data.val_split

@@ -18,7 +18,7 @@ def weights(folder):
     return io.load_torch(folder / "model.pt")
 
 
-def test_cli_train_writes_config_metrics_and_result(tmp_path, tiny_overrides):
+def test_cli_train_writes_config_metrics_and_result(tmp_path, tiny_overrides, capsys):
     out = tmp_path / "run"
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("optim: {name: ab, rho: 1.0}\ndelay: {steps: 4}\n")
@@ -27,6 +27,9 @@ def test_cli_train_writes_config_metrics_and_result(tmp_path, tiny_overrides):
         args += ["--set", o]
     assert main(args) == 0
     result = json.loads((out / RESULT).read_text())
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the summary line
+    assert printed == {k: result[k] for k in ("run_id", "status", "test_acc", "best_test_acc",
+                                              "epochs_completed", "steps", "wall_s")}
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     for r in rows:
