@@ -8,6 +8,8 @@ finished runs are appended with the code commit and CPU kind that made them:
 
     python analysis/study_rows.py --results /work/study/evidence --code c444401 \
         -o results/fashion_mnist_evidence_runs.csv
+
+A language model's runs (experiments/shakespeare_gpt.yaml) get LM_COLUMNS: losses, not accuracies.
 """
 
 from __future__ import annotations
@@ -22,10 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from check_readme import cpu_kind  # noqa: E402  (the CPU kind, as the demo check names it)
 
 from abexp import io  # noqa: E402
+from abexp.figures.common import Metric  # noqa: E402
 from abexp.lab.collect import collect  # noqa: E402
 
 COLUMNS = ["run_id", "experiment", "seed", "optim.name", "optim.lr", "delay.steps", "data.val_split",
            "steps", "val_acc", "test_acc", "wall_s"]
+# a language model (abexp.figures.common.Metric): losses in nats per character, and the pipeline
+# variant's stages beside the constant delay
+LM_COLUMNS = ["run_id", "experiment", "variant", "seed", "optim.name", "optim.lr", "delay.kind",
+              "delay.stages", "delay.steps", "steps", "val_loss", "test_loss", "wall_s"]
 
 
 def new_rows(results: str, known: set[str], code: str, cpu: str) -> pd.DataFrame:
@@ -33,8 +40,9 @@ def new_rows(results: str, known: set[str], code: str, cpu: str) -> pd.DataFrame
     table = collect(results)
     if table.empty:
         return pd.DataFrame(columns=COLUMNS + ["code", "cpu"])
+    columns = LM_COLUMNS if Metric(table).lower else COLUMNS
     done = table[(table["status"] == "completed") & ~table["run_id"].isin(known)]
-    rows = done.reindex(columns=COLUMNS).copy()
+    rows = done.reindex(columns=columns).copy()
     rows["steps"] = rows["steps"].astype("Int64")
     rows["code"], rows["cpu"] = code, cpu
     return rows
@@ -52,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     model, isa = cpu_kind()
     rows = new_rows(args.results, known, args.code, f"{model} ({isa})")
     table = rows if old is None else pd.concat([old, rows], ignore_index=True)
-    table = table.sort_values(["delay.steps", "optim.name", "optim.lr", "seed"], kind="stable")
+    order = [c for c in ("variant", "delay.stages", "delay.steps", "optim.name", "optim.lr", "seed") if c in table]
+    table = table.sort_values(order, kind="stable")
     io.write_text(out, table.to_csv(index=False))
     print(f"{out}: {len(rows)} new, {len(table)} rows")
     return 0

@@ -174,3 +174,46 @@ def test_a_sweep_on_a_language_model_minimises_validation_loss_by_default(tmp_pa
                           "space:\n  optim.lr: {type: float, low: 0.001, high: 0.03, log: true}\n")
     sweep = load_sweep(sweep_file)
     assert (sweep.metric, sweep.direction) == ("test_acc", "maximize")
+
+
+def _lm_table(path, rows):
+    """A hand-made runs table of shakespeare runs (status from a None loss: diverged)."""
+    base = {"experiment": "e", "delay.kind": "constant", "data.name": "shakespeare", "val_acc": 0.3,
+            "test_acc": 0.3, "optim.momentum": 0.9, "optim.rho": 1.0, "train.epochs": 2, "steps": 2000}
+    table = [{**base, "run_id": f"r{i}", **row, "status": "diverged" if row["test_loss"] is None else "completed"}
+             for i, row in enumerate(rows)]
+    pd.DataFrame(table).to_csv(path, index=False)
+    return str(path)
+
+
+def test_heatmaps_rho_and_length_figures_read_a_language_models_loss(tmp_path):
+    """heatmaps, rho_sensitivity and drop_vs_length judge a language model by test loss (lower is
+    better), a diverged run as infinite loss — not by next-character accuracy."""
+    from abexp.figures import drop_vs_length, heatmaps, rho_sensitivity
+    cells = {(1e-3, 0.8): [1.9, 1.7], (1e-3, 0.9): [1.6, 1.8], (1e-2, 0.8): [1.5, 1.5], (1e-2, 0.9): [None, 1.4]}
+    rows = [{"optim.name": "adamw", "optim.lr": lr, "optim.momentum": m, "delay.steps": 0, "seed": s, "test_loss": v}
+            for (lr, m), vals in cells.items() for s, v in enumerate(vals)]
+    heatmaps.main(["--table", _lm_table(tmp_path / "h.csv", rows), "--out", str(tmp_path / "h")])
+    grid = pd.read_csv(tmp_path / "h" / "heatmap_adamw.csv").set_index(["optim.lr", "optim.momentum"])["acc"]
+    assert grid[(1e-3, 0.8)] == pytest.approx(1.8) and grid[(1e-2, 0.8)] == pytest.approx(1.5)
+    assert grid[(1e-2, 0.9)] == float("inf")  # a diverged seed: the cell is infinite, not 1.4 or 0.7
+
+    losses = {("ab_adamw", 1.0): [2.0, 2.2], ("ab_adamw", 2.0): [1.8, 1.9], ("ab_muon", 1.0): [1.7, None],
+              ("adamw", 1.0): [1.0, 1.0]}  # adamw reads no rho: not in the figure
+    rows = [{"optim.name": o, "optim.rho": rho, "optim.lr": 1e-2, "delay.steps": 4, "seed": s, "test_loss": v}
+            for (o, rho), vals in losses.items() for s, v in enumerate(vals)]
+    rho_sensitivity.main(["--table", _lm_table(tmp_path / "r.csv", rows), "--out", str(tmp_path / "r")])
+    summary = pd.read_csv(tmp_path / "r" / "rho_sensitivity.csv")
+    assert len(summary) == 3 and summary["count"].sum() == 6  # both AB rules, no adamw
+    means = dict(zip(summary["optim.rho"].astype(str) + summary["series"], summary["mean"]))
+    assert sorted(v for v in means.values() if v != float("inf")) == pytest.approx([1.85, 2.1])
+    assert float("inf") in means.values()  # AB-Muon's diverged seed
+
+    loss = {(1, 0): [1.50, 1.52], (1, 16): [1.60, 1.58], (4, 0): [1.30, 1.31], (4, 16): [1.32, 1.35]}
+    rows = [{"optim.name": "adamw", "optim.lr": 1e-2, "train.epochs": e, "steps": 1000 * e, "delay.steps": d,
+             "seed": s, "test_loss": v} for (e, d), vals in loss.items() for s, v in enumerate(vals)]
+    drop_vs_length.main(["--table", _lm_table(tmp_path / "l.csv", rows), "--out", str(tmp_path / "l")])
+    per_seed = pd.read_csv(tmp_path / "l" / "drop_vs_length.csv").set_index(["epochs", "seed"])["drop"]
+    expected = {(e, s): loss[(e, 16)][s] - loss[(e, 0)][s] for e in (1, 4) for s in (0, 1)}  # the loss added
+    assert per_seed.to_dict() == pytest.approx(expected)
+    assert "loss D = 0 → D = 16 (rise)" in (tmp_path / "l" / "drop_vs_length.md").read_text()

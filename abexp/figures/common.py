@@ -115,6 +115,21 @@ class Metric:
         """The index of the best value (ties: the first)."""
         return values.idxmin() if self.lower else values.idxmax()
 
+    def scores(self, table: pd.DataFrame, column: str | None = None) -> pd.Series:
+        """Each run's value of ``column`` (default: the test metric), a diverged or unfinished
+        run counted as the worst (accuracy 0, loss infinite), so it ranks last, never absent."""
+        return table[column or self.test].where(table["status"] == "completed", self.diverged)
+
+    @property
+    def harm(self) -> float:
+        """The sign that makes ``harm * (at D = 0 - at D_max)`` positive when the delay hurt."""
+        return -1.0 if self.lower else 1.0
+
+    @property
+    def axis_label(self) -> str:
+        return ("final test loss, nats/char (diverged = inf)" if self.lower
+                else "final test accuracy (diverged = 0)")
+
 
 def accuracy_axis(ax, values, table: pd.DataFrame) -> tuple[float, float]:
     """Fit the y-range to the accuracies shown (and the chance level, marked as a dotted line,

@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     common.skip_sweeps("delay_drop", table)
     d_max = args.delay if args.delay is not None else int(table["delay.steps"].max())
     metric = common.Metric(table)
-    table["acc"] = table[metric.test].where(table["status"] == "completed", metric.diverged)
-    harm = -1.0 if metric.lower else 1.0  # a drop is positive when the delay made it worse
+    table["acc"] = metric.scores(table)
+    harm = metric.harm  # a drop is positive when the delay made it worse
     series = common.add_series(table)
     rows = []
     for name in series:

@@ -31,7 +31,7 @@ def selected(table: pd.DataFrame, metric: common.Metric | None = None) -> tuple[
     metric = metric or common.Metric(table)
     on_val = tuned_lr.selects_on_validation(table, metric.val)
     if on_val:
-        table["sel"] = table[metric.val].where(table["status"] == "completed", metric.diverged)
+        table["sel"] = metric.scores(table, metric.val)
     return tuned_lr.best(tuned_lr.per_lr(table), metric), on_val
 
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     if table["seed"].nunique() < 2:
         common.skip("paired", "one seed: nothing to pair an interval on")
     metric = common.Metric(table)  # accuracy, or a language model's loss (lower is better)
-    table["acc"] = table[metric.test].where(table["status"] == "completed", metric.diverged)
+    table["acc"] = metric.scores(table)
     series = common.add_series(table, axes=("delay.steps", "optim.lr"))
     bases = [name for name, optim in series.items() if optim == args.baseline]
     if len(bases) != 1:

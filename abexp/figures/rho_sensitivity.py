@@ -1,4 +1,6 @@
-"""AB's braking strength: final test accuracy vs rho, one line per delay (rho = 0 is SGDM)."""
+"""AB's braking strength: the final test metric vs rho, one line per delay (rho = 0 is the rule
+without its brake). Every rule that reads optim.rho (abexp.registry.RULES: ab, ab_lwp, ab_adamw,
+ab_muon, ...); a language model's test loss where the dataset's task says so (common.Metric)."""
 
 import matplotlib.pyplot as plt
 
@@ -8,11 +10,15 @@ from abexp.figures import common
 def main(argv: list[str] | None = None) -> None:
     args = common.parser(__doc__).parse_args(argv)
     table = common.finished(common.load(args.table, args.experiment))
-    table = table[table["optim.name"].isin(["ab", "ab_lwp"])] if not table.empty else table
+    if not table.empty:
+        from abexp.registry import RULES
+        braked = [n for n in table["optim.name"].unique() if (r := RULES.find(n)) is not None and "rho" in r.keys]
+        table = table[table["optim.name"].isin(braked)]
     if table.empty or table["optim.rho"].nunique() < 2:
         common.skip("rho_sensitivity", "needs AB runs at 2 or more values of optim.rho")
     common.skip_sweeps("rho_sensitivity", table)
-    table["acc"] = table["test_acc"].where(table["status"] == "completed", 0.0)
+    metric = common.Metric(table)
+    table["acc"] = metric.scores(table)
     series = common.add_series(table, axes=("delay.steps", "optim.rho"))
     summary = (table.groupby(["series", "delay.steps", "optim.rho"])["acc"]
                .agg(["mean", "std", "count"]).reset_index())
@@ -26,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
                         ls=common.LINESTYLES[n % len(common.LINESTYLES)], color=cmap(i / max(1, len(delays) - 1)),
                         label=f"D = {d}" if len(series) == 1 else f"{name}, D = {d}")
     ax.set_xlabel("AB braking strength rho")
-    ax.set_ylabel("final test accuracy (diverged = 0)")
+    ax.set_ylabel(metric.axis_label)
     common.accuracy_axis(ax, list(summary["mean"] + summary["std"].fillna(0)) + list(summary["mean"]), table)
     ax.set_title(f"Adaptive Braking: sensitivity to rho\n({common.bn_prefix(table)}mean;\n{common.ERRORBARS})", fontsize=10)
     ax.grid(alpha=0.3)

@@ -90,10 +90,10 @@ def main(argv: list[str] | None = None) -> None:
         common.skip("tuned_lr", "no finished runs")
     common.skip_sweeps("tuned_lr", table)
     metric = common.Metric(table)  # accuracy, or a language model's loss (lower is better)
-    table["acc"] = table[metric.test].where(table["status"] == "completed", metric.diverged)
+    table["acc"] = metric.scores(table)
     on_val = selects_on_validation(table, metric.val)
     if on_val:
-        table["sel"] = table[metric.val].where(table["status"] == "completed", metric.diverged)
+        table["sel"] = metric.scores(table, metric.val)
     series = common.add_series(table, axes=("delay.steps", "optim.lr"))
     cells = per_lr(table)
     if cells.groupby(["series", "delay"])["lr"].nunique().max() < 2:
