@@ -10,7 +10,12 @@ compared tensor by tensor). Series are matched to N as: async ``delay.workers``;
 geometric ``delay.mean + 1``; a replay takes the N and series of the run whose trace it reads.
 
 Writes async_vs_model.png/.pdf/.csv, async_vs_model_table.md (accuracy, mean ± std over seeds,
-n seeds), async_staleness_table.md and async_replay_check.md.
+n seeds), async_staleness_table.md and async_replay_check.md; and async_equivalence.md/.csv, the
+equivalence test of the constant model (``--margin``, default 0.05 = 5 accuracy points): per
+optimizer, real series and N, the per-seed paired difference real − constant (a seed fixes the
+initial weights and the batches), its mean with the 90% t-interval — two one-sided t-tests at 5%
+each, equivalent when it lies inside ±margin — and the 95% interval (different when it excludes
+0), and the seeds a margin of that size needs at the observed spread (stats.seeds_for_equivalence).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from abexp.config import read_trace_columns
-from abexp.figures import common
+from abexp.figures import common, stats
 from abexp.figures.staleness import in_words
 
 SERIES = {"async": "real async, N workers",
@@ -141,8 +146,60 @@ def tables(data: pd.DataFrame, out: Path) -> None:
         (out / "async_replay_check.md").write_text("\n".join(lines) + "\n")
 
 
+def verdict(low90: float, high90: float, low95: float, high95: float, margin: float) -> str:
+    """The claim the intervals allow: equivalent (the 90% interval inside ±margin, TOST),
+    different (the 95% interval excludes 0), both, or not resolved."""
+    inside = -margin < low90 and high90 < margin
+    apart = low95 > 0 or high95 < 0
+    if inside:
+        return f"equivalent within ±{margin:g}" + (" (and different from 0)" if apart else "")
+    return "different" if apart else "not resolved"
+
+
+def equivalence(data: pd.DataFrame, margin: float) -> pd.DataFrame:
+    """Per optimizer, real series and N: the paired per-seed test of real − constant D = N − 1."""
+    out = []
+    constant = data[data["series"] == "constant"]
+    for (optim, series, n), real in data[data["series"].isin(["async", "async_slow"])].groupby(["optim", "series", "N"]):
+        model = constant[(constant["optim"] == optim) & (constant["N"] == n)].set_index("seed")["test_acc"]
+        real = real.set_index("seed")["test_acc"]
+        seeds = sorted(set(real.index) & set(model.index))
+        if len(seeds) < 2:
+            continue
+        diffs = [float(real[s] - model[s]) for s in seeds]
+        mean, sd, low90, high90 = stats.t_interval(diffs, 0.90)
+        _, _, low95, high95 = stats.t_interval(diffs, 0.95)
+        out.append({"optim": optim, "series": series, "N": int(n), "seeds": len(seeds),
+                    "real": float(real[seeds].mean()), "constant": float(model[seeds].mean()),
+                    "mean_diff": mean, "sd_diff": sd, "low90": low90, "high90": high90, "low95": low95,
+                    "high95": high95, "margin": margin, "verdict": verdict(low90, high90, low95, high95, margin),
+                    "seeds_needed": stats.seeds_for_equivalence(margin, sd)})
+    return pd.DataFrame(out)
+
+
+def equivalence_table(table: pd.DataFrame, labels: dict[str, str], out: Path) -> None:
+    margin = float(table["margin"].iloc[0])
+    lines = [f"Is the constant delay D = N − 1 equivalent to real asynchronous training within ±{margin:g} "
+             "test accuracy? Per seed: real − constant at the same seed; mean, 90% t-interval (two one-sided "
+             "t-tests at 5%: equivalent when inside the margin) and 95% t-interval (different when it "
+             "excludes 0); the last column: paired seeds for 80% power to show equivalence at this "
+             "spread if the true difference is 0.", "",
+             "| optimizer | real series | N | seeds | real | constant | real − constant | 90% interval | "
+             "95% interval | verdict | seeds needed |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in table.to_dict("records"):
+        need = "" if r["seeds_needed"] is None or r["seeds_needed"] != r["seeds_needed"] else int(r["seeds_needed"])
+        lines.append(f"| {common.label(r['optim'])} | {labels[r['series']]} | {r['N']} | {r['seeds']} | "
+                     f"{r['real']:.3f} | {r['constant']:.3f} | {r['mean_diff']:+.3f} | "
+                     f"[{r['low90']:+.3f}, {r['high90']:+.3f}] | [{r['low95']:+.3f}, {r['high95']:+.3f}] | "
+                     f"{r['verdict']} | {need} |")
+    (out / "async_equivalence.md").write_text("\n".join(lines) + "\n")
+    table.to_csv(out / "async_equivalence.csv", index=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = common.parser(__doc__)
+    p.add_argument("--margin", type=float, default=0.05,
+                   help="equivalence margin in test accuracy (default 0.05: 5 points)")
     args = p.parse_args(argv)
     table = common.finished(common.load(args.table, args.experiment))
     if table.empty or "delay.kind" not in table or not (table["delay.kind"] == "async").any():
@@ -151,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tables(data, out)
+    tested = equivalence(data, args.margin)
+    if not tested.empty:
+        equivalence_table(tested, names(data), out)
     optims = common.ordered(data["optim"].unique())
     fig, axes = plt.subplots(1, len(optims), figsize=(5.2 * len(optims), 3.8), squeeze=False, sharey=True)
     for ax, optim in zip(axes[0], optims):

@@ -6,7 +6,9 @@ table (abexp/figures/paired.py) needs.
   finite sums in θ = atan(t/√ν)); ``t_quantile`` inverts it by bisection.
 * ``paired_power`` is the power of the two-sided paired t-test, from the noncentral t written as
   an integral over the chi distribution of the sd estimate (Simpson's rule, good to 1e-6); ``seeds_for_power`` is the smallest n that reaches it.
-tests/test_paired.py checks both against published table values.
+* ``equivalence_power`` / ``seeds_for_equivalence``: the same for an equivalence claim, two
+  one-sided paired t-tests (TOST) against a margin, when the true difference is 0.
+tests/test_paired.py checks them against published table values and a simulation.
 """
 
 from __future__ import annotations
@@ -119,6 +121,55 @@ def seeds_for_power(diff: float, sd: float, power: float = 0.8, alpha: float = 0
     while n > 2 and paired_power(effect, n - 1, alpha) >= power:
         n -= 1
     while paired_power(effect, n, alpha) < power:
+        n += 1
+        if n > most:
+            return None
+    return n
+
+
+def _over_chi(nu: int, inner) -> float:
+    """E[inner(S)] for S = √V, V ~ χ²(ν): Simpson over S's bulk, as in ``paired_power``."""
+    hi = math.sqrt(nu) + 10.0
+    steps = 4000
+    h = hi / steps
+    total = 0.0
+    for i in range(steps + 1):
+        s = i * h
+        weight = 1 if i in (0, steps) else 4 if i % 2 else 2
+        total += weight * inner(s) * _chi_pdf(s, nu)
+    return total * h / 3.0
+
+
+def equivalence_power(margin: float, n: int, alpha: float = 0.05) -> float:
+    """Power of two one-sided paired t-tests at ``alpha`` each (TOST; equivalently, the
+    (1 − 2α) t-interval inside ±margin) at n pairs when the true mean difference is 0 and
+    ``margin`` is in standard deviations of the differences: P(|d̄| < margin − t·S/√n) with
+    d̄ ~ N(0, 1/n), S = √(V/ν), V ~ χ²(ν), ν = n − 1."""
+    if n < 2:
+        return math.nan
+    nu = n - 1
+    crit = t_quantile(1.0 - alpha, nu)
+    root = math.sqrt(n)
+    return min(1.0, _over_chi(nu, lambda s: max(0.0, 2.0 * _NORMAL.cdf(margin * root - crit * s / math.sqrt(nu)) - 1.0)))
+
+
+def seeds_for_equivalence(margin: float, sd: float, power: float = 0.8, alpha: float = 0.05,
+                          most: int = 10_000) -> int | None:
+    """The fewest paired seeds for which TOST at ``alpha`` shows equivalence within ±``margin``
+    with this ``power`` when the true difference is 0 and the per-seed differences have sd
+    ``sd``; None without a spread estimate or beyond ``most``."""
+    if not (sd == sd and margin > 0):
+        return None
+    if sd == 0:
+        return 2
+    effect = margin / sd
+    z = _NORMAL.inv_cdf(1 - alpha) + _NORMAL.inv_cdf(1 - (1 - power) / 2)
+    n = max(2, math.ceil((z / effect) ** 2))
+    if n > most:
+        return None
+    while n > 2 and equivalence_power(effect, n - 1, alpha) >= power:
+        n -= 1
+    while equivalence_power(effect, n, alpha) < power:
         n += 1
         if n > most:
             return None
