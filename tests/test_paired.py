@@ -166,3 +166,33 @@ def test_the_async_equivalence_table_is_the_paired_difference_per_seed(tmp_path)
     async_vs_model.equivalence_table(table.reset_index(), async_vs_model.names(pd.DataFrame(rows)), tmp_path)
     text = (tmp_path / "async_equivalence.md").read_text()
     assert "| SGDM | real async, N workers | 4 | 4 |" in text and "not resolved" in text
+
+
+def test_pipeline_runs_get_tables_of_their_own_against_the_stage_count(tmp_path):
+    """A study with a pipeline variant (S) and a constant one (D): tuned_lr and paired write the
+    constant tables as before and the pipeline's per stage count S (files *_stages), the stage
+    count never a series key; each number a naive recomputation of the hand-made table."""
+    from abexp.figures import tuned_lr
+    cells = {("sgdm", 1, 0.1): [(0.90, 0.89), (0.91, 0.90)], ("sgdm", 1, 0.05): [(0.88, 0.88), (0.89, 0.87)],
+             ("sgdm", 8, 0.1): [(0.70, 0.71), (0.74, 0.72)], ("sgdm", 8, 0.05): [(0.80, 0.79), (0.82, 0.83)],
+             ("ab", 1, 0.1): [(0.90, 0.91), (0.90, 0.88)], ("ab", 8, 0.1): [(0.86, 0.85), (0.84, 0.86)]}
+    rows = [{"run_id": f"p{i}_{s}", "experiment": "e", "status": "completed", "val_acc": v, "test_acc": t,
+             "optim.name": o, "delay.stages": stages, "delay.steps": 0, "optim.lr": lr, "seed": s,
+             "delay.kind": "pipeline"}
+            for i, ((o, stages, lr), pairs) in enumerate(cells.items()) for s, (v, t) in enumerate(pairs)]
+    rows += [{**r, "run_id": "c" + r["run_id"], "delay.kind": "constant", "delay.steps": 2 * (r["delay.stages"] - 1),
+              "delay.stages": 4} for r in rows]  # the same numbers as constant runs at D = 2(S - 1)
+    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
+    tuned_lr.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path)])
+    paired.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path)])
+    stages = pd.read_csv(tmp_path / "paired_stages.csv").set_index("delay")
+    constant = pd.read_csv(tmp_path / "paired.csv").set_index("delay")
+    assert list(stages.index) == [1, 8] and list(constant.index) == [0, 14]
+    # at S = 8 SGDM's validation picks 0.05 (0.81 > 0.72); AB - SGDM per seed: 0.85 - 0.79, 0.86 - 0.83
+    assert stages.loc[8, "baseline_lr"] == 0.05
+    assert stages.loc[8, "mean_diff"] == pytest.approx(((0.85 - 0.79) + (0.86 - 0.83)) / 2)
+    assert constant.loc[14, "mean_diff"] == pytest.approx(stages.loc[8, "mean_diff"])
+    text = (tmp_path / "tuned_lr_stages.md").read_text()
+    assert "| S=1 | S=8 |" in text and "D=" not in text.split("\n\n")[1]
+    assert "| D=0 | D=14 |" in (tmp_path / "tuned_lr.md").read_text()
+    assert (tmp_path / "tuned_lr_stages.png").exists()

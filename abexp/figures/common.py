@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
 import pandas as pd  # noqa: E402
 
 from abexp.config import NON_IDENTITY_KEYS  # noqa: E402
@@ -129,6 +131,40 @@ class Metric:
     def axis_label(self) -> str:
         return ("final test loss, nats/char (diverged = inf)" if self.lower
                 else "final test accuracy (diverged = 0)")
+
+
+@dataclass(frozen=True)
+class DelayAxis:
+    """What the per-delay tables (tuned_lr, paired) put a study's runs side by side on: one
+    delay D for the whole network (delay.steps), or a pipeline's stage count S (delay.stages,
+    each stage delayed 2(S−1−s); S = 1 is undelayed). ``suffix`` names the second kind's files."""
+
+    letter: str
+    key: str
+    undelayed: int
+    suffix: str
+
+
+CONSTANT_AXIS = DelayAxis("D", "delay.steps", 0, "")
+STAGES_AXIS = DelayAxis("S", "delay.stages", 1, "_stages")
+
+
+def delay_views(table: pd.DataFrame) -> list[tuple[DelayAxis, pd.DataFrame]]:
+    """The table split by how its runs are delayed: runs with one delay for the whole network on
+    D; pipeline runs on S, their stage count copied into ``delay.steps`` (and ``delay.stages``
+    dropped, so it is the axis, not a series key) so per-delay code reads one column. Async and
+    replayed runs are in neither (async_vs_model reads them)."""
+    if "delay.kind" not in table:
+        return [(CONSTANT_AXIS, table)] if not table.empty else []
+    views = []
+    whole = table[~table["delay.kind"].isin(["pipeline", "async", "trace"])].copy()
+    if not whole.empty:
+        views.append((CONSTANT_AXIS, whole))
+    pipeline = table[table["delay.kind"] == "pipeline"].copy()
+    if not pipeline.empty and "delay.stages" in pipeline:
+        pipeline["delay.steps"] = pipeline["delay.stages"].astype(int)
+        views.append((STAGES_AXIS, pipeline.drop(columns=["delay.stages"])))
+    return views
 
 
 def accuracy_axis(ax, values, table: pd.DataFrame) -> tuple[float, float]:

@@ -67,16 +67,17 @@ def compare(tuned: pd.DataFrame, baseline: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def markdown(out: pd.DataFrame, baseline: str, on_val: bool, metric: common.Metric | None = None) -> list[str]:
+def markdown(out: pd.DataFrame, baseline: str, on_val: bool, metric: common.Metric | None = None,
+             letter: str = "D") -> list[str]:
     chosen = "validation" if on_val else "test (no validation set)"
     what, diverged = (metric.name, f"{metric.diverged:g}") if metric else ("accuracy", "0")
     lines = [f"Paired differences in final test {what} against {baseline} (rule − {baseline}, same seed, same "
-             f"delay; each at its own lr selected on {chosen}; a diverged run counts {diverged}). Interval: two-sided "
+             f"{'stage count' if letter == 'S' else 'delay'}; each at its own lr selected on {chosen}; a diverged run counts {diverged}). Interval: two-sided "
              f"{LEVEL:.0%} Student-t interval of the mean difference over the paired seeds (mean ± "
              "t(0.975, n−1)·sd/√n). 'seeds for 80% power': paired seeds a two-sided paired t-test at alpha "
              f"{ALPHA} needs to detect a true difference of the observed mean with the observed sd (exact "
              "noncentral t); with few seeds that sd is itself uncertain.", "",
-             f"| D | optimizer | lr | {baseline} lr | per-seed differences | mean | 95% t-interval | seeds | seeds for 80% power |",
+             f"| {letter} | optimizer | lr | {baseline} lr | per-seed differences | mean | 95% t-interval | seeds | seeds for 80% power |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in out.to_dict("records"):
         interval = "– (one seed)" if r["seeds"] < 2 else f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
@@ -92,33 +93,46 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baseline", default="sgdm", help="the optimizer (optim.name) every other is paired with")
     args = p.parse_args(argv)
     table = common.finished(common.load(args.table, args.experiment))
-    if "delay.kind" in table:
-        table = table[~table["delay.kind"].isin(["pipeline", "async", "trace"])]
-    if table.empty or "seed" not in table or "optim.lr" not in table:
+    views = common.delay_views(table)
+    if not views or "seed" not in table or "optim.lr" not in table:
         common.skip("paired", "no finished runs")
     common.skip_sweeps("paired", table)
+    written = 0
+    for axis, view in views:
+        try:
+            report(view, axis, args.baseline, args.out)
+            written += 1
+        except common.Skipped:
+            continue
+    if not written:
+        raise common.Skipped(0)
+
+
+def report(table: pd.DataFrame, axis: common.DelayAxis, baseline: str, out_dir: str) -> None:
+    """The paired table of one delay axis (D, or S for pipelines)."""
+    stem = f"paired{axis.suffix}"
     if table["seed"].nunique() < 2:
-        common.skip("paired", "one seed: nothing to pair an interval on")
+        common.skip(stem, "one seed: nothing to pair an interval on")
     metric = common.Metric(table)  # accuracy, or a language model's loss (lower is better)
     table["acc"] = metric.scores(table)
     series = common.add_series(table, axes=("delay.steps", "optim.lr"))
-    bases = [name for name, optim in series.items() if optim == args.baseline]
+    bases = [s for s, optim in series.items() if optim == baseline]
     if len(bases) != 1:
-        common.skip("paired", f"baseline {args.baseline}: {len(bases)} series in this study (need exactly one)")
+        common.skip(stem, f"baseline {baseline}: {len(bases)} series in this study (need exactly one)")
     tuned, on_val = selected(table, metric)
     out = compare(tuned, bases[0])
     if out.empty:
-        common.skip("paired", f"no optimizer shares a seed and a delay with {bases[0]}")
-    rank = {name: i for i, name in enumerate(series)}  # the fixed optimizer order of every figure
+        common.skip(stem, f"no optimizer shares a seed and a {axis.letter} with {bases[0]}")
+    rank = {s: i for i, s in enumerate(series)}  # the fixed optimizer order of every figure
     out = out.sort_values(["delay", "series"], key=lambda c: c.map(rank) if c.name == "series" else c,
                           ignore_index=True)
-    lines = markdown(out, bases[0], on_val, metric)
+    lines = markdown(out, bases[0], on_val, metric, axis.letter)
     print("\n".join(lines))
-    folder = Path(args.out)
+    folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    out.assign(selected_on=metric.val if on_val else metric.test).to_csv(folder / "paired.csv", index=False)
-    (folder / "paired.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {folder / 'paired'}.csv/.md")
+    out.assign(selected_on=metric.val if on_val else metric.test).to_csv(folder / f"{stem}.csv", index=False)
+    (folder / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {folder / stem}.csv/.md")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ and the cell reports *test* accuracy at it; otherwise the same test set selects 
 it (an optimistic bias, the same for every optimizer), and the table says which. The per-lr table
 below the tuned one shows every cell, so nothing rests on the selection alone. Only lrs run with
 the cell's largest number of seeds compete (a half-finished lr waits); their count shows when short.
+Pipeline runs (delay.kind pipeline) get tables of their own against the stage count S
+(tuned_lr_stages.md/.csv/.png; common.delay_views), next to the constant delays' D.
 """
 
 from pathlib import Path
@@ -61,7 +63,7 @@ def best(cells: pd.DataFrame, metric: common.Metric | None = None) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-def grid_text(cells: pd.DataFrame) -> str:
+def grid_text(cells: pd.DataFrame, letter: str = "D") -> str:
     """The lr grid in words: one set, or one per group of delays that shared a grid."""
     def braces(lrs) -> str:
         return "{" + ", ".join(f"{g:g}" for g in lrs) + "}"
@@ -71,7 +73,7 @@ def grid_text(cells: pd.DataFrame) -> str:
     by_grid: dict[tuple, list[int]] = {}
     for delay, lrs in grids.items():
         by_grid.setdefault(lrs, []).append(delay)
-    return "the grid " + " and ".join(f"{braces(lrs)} at D = {', '.join(map(str, ds))}" for lrs, ds in by_grid.items())
+    return "the grid " + " and ".join(f"{braces(lrs)} at {letter} = {', '.join(map(str, ds))}" for lrs, ds in by_grid.items())
 
 
 def cell_text(row) -> str:
@@ -84,11 +86,25 @@ def cell_text(row) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = common.parser(__doc__).parse_args(argv)
     table = common.finished(common.load(args.table, args.experiment))
-    if "delay.kind" in table:
-        table = table[~table["delay.kind"].isin(["pipeline", "async", "trace"])]  # one delay for the whole network only
-    if table.empty or "optim.lr" not in table:
+    views = common.delay_views(table)
+    if not views or "optim.lr" not in table:
         common.skip("tuned_lr", "no finished runs")
     common.skip_sweeps("tuned_lr", table)
+    written = 0
+    for axis, view in views:
+        try:
+            report(view, axis, args.out)
+            written += 1
+        except common.Skipped:
+            continue
+    if not written:
+        raise common.Skipped(0)
+
+
+def report(table: pd.DataFrame, axis: common.DelayAxis, out_dir: str) -> None:
+    """The tuned table, every-lr table and figure of one delay axis (D, or S for pipelines)."""
+    stem = f"tuned_lr{axis.suffix}"
+    D = axis.letter
     metric = common.Metric(table)  # accuracy, or a language model's loss (lower is better)
     table["acc"] = metric.scores(table)
     on_val = selects_on_validation(table, metric.val)
@@ -97,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     series = common.add_series(table, axes=("delay.steps", "optim.lr"))
     cells = per_lr(table)
     if cells.groupby(["series", "delay"])["lr"].nunique().max() < 2:
-        common.skip("tuned_lr", "no optimizer was run at 2 or more learning rates at one delay")
+        common.skip(stem, "no optimizer was run at 2 or more learning rates at one delay")
     grid = sorted(cells["lr"].unique())
     rank = {name: i for i, name in enumerate(series)}
     cells = cells.sort_values(["delay", "lr"]).sort_values("series", key=lambda s: s.map(rank), kind="stable")
@@ -110,17 +126,17 @@ def main(argv: list[str] | None = None) -> None:
     chosen = (f"mean validation {what} (a validation set, not trained on), test reported"
               if on_val else f"mean test {what}, the same test set that is reported (no validation set)")
     lines = [f"Final test {what}{note}, mean ± sd over {seeds} seed{'s' * (seeds > 1)} at each "
-             f"optimizer's best lr per delay from {grid_text(cells)} (chosen on the "
+             f"optimizer's best lr per {'stage count' if D == 'S' else 'delay'} from {grid_text(cells, D)} (chosen on the "
              f"{chosen}, among the lrs with the most seeds; ↑/↓: the best is the top/bottom of the lrs compared). "
              f"A diverged run counts as {metric.diverged:g}.", "",
-             "| optimizer | " + " | ".join(f"D={d}" for d in delays) + " |", "|---|" + "---|" * len(delays)]
+             "| optimizer | " + " | ".join(f"{D}={d}" for d in delays) + " |", "|---|" + "---|" * len(delays)]
     lines += [f"| {name} | " + " | ".join(text.get((name, d), "–") for d in delays) + " |"
               for name in series if any((name, d) in text for d in delays)]
     if any((name, d) not in text for name in series for d in delays):
         lines += ["", "–: not run (a spec's `exclude`, e.g. rules that are SGDM bitwise without delay)."]
     lines += ["", "Every lr (test: mean ± sd over seeds" + (f"; val: the mean validation {what} that selects"
               if on_val else "") + "; the tuned table picks one per cell):", "",
-              "| optimizer | lr | " + " | ".join(f"D={d}" for d in delays) + " |", "|---|---|" + "---|" * len(delays)]
+              "| optimizer | lr | " + " | ".join(f"{D}={d}" for d in delays) + " |", "|---|---|" + "---|" * len(delays)]
     every = {(r["series"], r["lr"], r["delay"]): r for r in cells.to_dict("records")}
     for name in series:
         for lr in grid:
@@ -131,23 +147,24 @@ def main(argv: list[str] | None = None) -> None:
                     + (f" (val {r['val_mean']:.3f})" if on_val else "")
                     for r in shown) + " |")
     print("\n".join(lines))
-    out = Path(args.out)
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tuned_lr.md").write_text("\n".join(lines) + "\n")
-    cells.to_csv(out / "tuned_lr_every_lr.csv", index=False)
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    cells.to_csv(out / f"{stem}_every_lr.csv", index=False)
     tuned["selected_on"] = metric.val if on_val else metric.test  # tuned_lr.csv says what chose the lr
-    draw(tuned, table, series, delays, args.out, metric)
+    draw(tuned, table, series, delays, out_dir, metric, axis)
 
 
 def draw(tuned: pd.DataFrame, table: pd.DataFrame, series: dict[str, str], delays: list[int], out: str,
-         metric: common.Metric | None = None) -> None:
+         metric: common.Metric | None = None, axis: common.DelayAxis = common.CONSTANT_AXIS) -> None:
     """One panel per delay: each optimizer's per-seed accuracies (dots) and mean (bar) at its
     tuned lr, optimizers top to bottom in the fixed order, the tuned undelayed SGDM as a line."""
     names = [n for n in series if n in set(tuned["series"])]
     fig, axes = plt.subplots(1, len(delays), figsize=(3.2 * len(delays) + 1.6, 0.32 * len(names) + 1.6),
                              sharey=True, squeeze=False, layout="constrained")
     styles = common.styles(series)
-    reference = tuned[(tuned["delay"] == 0) & (tuned["series"].map(series) == "sgdm")]
+    first = common.ordered(set(series.values()))[0]  # the reference line: the first optimizer (SGDM, AdamW), undelayed
+    reference = tuned[(tuned["delay"] == axis.undelayed) & (tuned["series"].map(series) == first)]
     shown = []
     for ax, delay in zip(axes[0], delays):
         rows = tuned[tuned["delay"] == delay].set_index("series")
@@ -160,8 +177,9 @@ def draw(tuned: pd.DataFrame, table: pd.DataFrame, series: dict[str, str], delay
             ax.scatter(accs, [y] * len(accs), color=styles[name]["color"], s=14, alpha=0.6, zorder=4)
             shown += accs
         for _, ref in reference.iterrows():
-            ax.axvline(ref["mean"], color="k", ls="--", lw=0.9, label=f"SGDM, no delay ({ref['mean']:.3f})")
-        ax.set_title(f"D = {delay}", fontsize=10)
+            ax.axvline(ref["mean"], color="k", ls="--", lw=0.9,
+                       label=f"{common.label(first)}, no delay ({ref['mean']:.3f})")
+        ax.set_title(f"{axis.letter} = {delay}", fontsize=10)
         ax.grid(axis="x", color="0.9", lw=0.6)
         ax.set_xlabel(f"test {metric.name if metric else 'accuracy'} at the tuned lr")  # reported on test whichever split selected
     # the tuned cells' own range (not down to chance): tuned rules often differ by a point or two
@@ -179,7 +197,7 @@ def draw(tuned: pd.DataFrame, table: pd.DataFrame, series: dict[str, str], delay
     chosen = "lr selected on validation, test shown" if tuned["selected_on"].str.startswith("val_").all() else \
         "lr selected on test"
     fig.suptitle(f"Each optimizer at its best lr per delay ({note}{chosen}; | = mean, dots = seeds, no error bars)", fontsize=10)
-    common.save(fig, tuned, out, "tuned_lr")
+    common.save(fig, tuned, out, f"tuned_lr{axis.suffix}")
 
 
 if __name__ == "__main__":
