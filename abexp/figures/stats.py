@@ -90,17 +90,8 @@ def paired_power(effect: float, n: int, alpha: float = 0.05) -> float:
     nu = n - 1
     crit = t_quantile(1.0 - alpha / 2.0, nu)
     shift = abs(effect) * math.sqrt(n)
-    hi = math.sqrt(nu) + 10.0  # S has mean ≈ √ν and sd < 0.71: beyond 10 is below 1e-20
-    steps = 4000
-    h = hi / steps
-    total = 0.0
-    for i in range(steps + 1):
-        s = i * h
-        scale = crit * s / math.sqrt(nu)
-        inner = _NORMAL.cdf(shift - scale) + _NORMAL.cdf(-shift - scale)
-        weight = 1 if i in (0, steps) else 4 if i % 2 else 2
-        total += weight * inner * _chi_pdf(s, nu)
-    return min(1.0, total * h / 3.0)
+    root = math.sqrt(nu)
+    return min(1.0, _over_chi(nu, lambda s: _NORMAL.cdf(shift - crit * s / root) + _NORMAL.cdf(-shift - crit * s / root)))
 
 
 def seeds_for_power(diff: float, sd: float, power: float = 0.8, alpha: float = 0.05,
@@ -113,14 +104,19 @@ def seeds_for_power(diff: float, sd: float, power: float = 0.8, alpha: float = 0
     if sd == 0:
         return 2  # no spread: any two seeds show it
     effect = abs(diff) / sd
-    # start near the normal-approximation answer, then walk to the exact smallest n
     z = _NORMAL.inv_cdf(1 - alpha / 2) + _NORMAL.inv_cdf(power)
-    n = max(2, math.ceil((z / effect) ** 2))
+    return _fewest(lambda n: paired_power(effect, n, alpha), math.ceil((z / effect) ** 2), power, most)
+
+
+def _fewest(power_at, guess: int, power: float, most: int) -> int | None:
+    """The smallest n >= 2 with power_at(n) >= power: start at the normal approximation's
+    ``guess``, then walk to the exact answer (power grows with n); None beyond ``most``."""
+    n = max(2, guess)
     if n > most:
         return None
-    while n > 2 and paired_power(effect, n - 1, alpha) >= power:
+    while n > 2 and power_at(n - 1) >= power:
         n -= 1
-    while paired_power(effect, n, alpha) < power:
+    while power_at(n) < power:
         n += 1
         if n > most:
             return None
@@ -128,8 +124,8 @@ def seeds_for_power(diff: float, sd: float, power: float = 0.8, alpha: float = 0
 
 
 def _over_chi(nu: int, inner) -> float:
-    """E[inner(S)] for S = √V, V ~ χ²(ν): Simpson over S's bulk, as in ``paired_power``."""
-    hi = math.sqrt(nu) + 10.0
+    """E[inner(S)] for S = √V, V ~ χ²(ν): Simpson's rule, 4,000 intervals over S's bulk."""
+    hi = math.sqrt(nu) + 10.0  # S has mean ≈ √ν and sd < 0.71: beyond 10 is below 1e-20
     steps = 4000
     h = hi / steps
     total = 0.0
@@ -164,13 +160,4 @@ def seeds_for_equivalence(margin: float, sd: float, power: float = 0.8, alpha: f
         return 2
     effect = margin / sd
     z = _NORMAL.inv_cdf(1 - alpha) + _NORMAL.inv_cdf(1 - (1 - power) / 2)
-    n = max(2, math.ceil((z / effect) ** 2))
-    if n > most:
-        return None
-    while n > 2 and equivalence_power(effect, n - 1, alpha) >= power:
-        n -= 1
-    while equivalence_power(effect, n, alpha) < power:
-        n += 1
-        if n > most:
-            return None
-    return n
+    return _fewest(lambda n: equivalence_power(effect, n, alpha), math.ceil((z / effect) ** 2), power, most)
