@@ -181,7 +181,8 @@ def draw(tuned: pd.DataFrame, table: pd.DataFrame, series: dict[str, str], delay
                        label=f"{common.label(first)}, no delay ({ref['mean']:.3f})")
         ax.set_title(f"{axis.letter} = {delay}", fontsize=10)
         ax.grid(axis="x", color="0.9", lw=0.6)
-        ax.set_xlabel(f"test {metric.name if metric else 'accuracy'} at the tuned lr")  # reported on test whichever split selected
+        ax.set_xlabel(f"test {metric.name if metric else 'accuracy'} at the tuned lr"
+                      + (" (lower is better)" if metric and metric.lower else ""))  # reported on test whichever split selected
     # the tuned cells' own range (not down to chance): tuned rules often differ by a point or two
     spread = max(shown) - min(shown)
     low = max(0.0, min(shown) - max(0.02, 0.1 * spread))
@@ -196,7 +197,8 @@ def draw(tuned: pd.DataFrame, table: pd.DataFrame, series: dict[str, str], delay
     note = f"{common.bn_note(table)}; " if common.bn_note(table) else ""
     chosen = "lr selected on validation, test shown" if tuned["selected_on"].str.startswith("val_").all() else \
         "lr selected on test"
-    fig.suptitle(f"Each optimizer at its best lr per delay ({note}{chosen}; | = mean, dots = seeds, no error bars)", fontsize=10)
+    per = "stage count" if axis is common.STAGES_AXIS else "delay"
+    fig.suptitle(f"Each optimizer at its best lr per {per} ({note}{chosen}; | = mean, dots = seeds, no error bars)", fontsize=10)
     common.save(fig, tuned, out, f"tuned_lr{axis.suffix}")
 
 
