@@ -26,6 +26,18 @@ TINY = ["model.name=gpt", "model.layers=2", "model.width=32", "model.heads=2", "
         "schedule.name=constant", "train.epochs=2"]
 
 
+def same_weights(a: Path, b: Path) -> bool:
+    """Two run folders' model.pt equal tensor by tensor, bitwise."""
+    wa, wb = io.load_torch(a / "model.pt"), io.load_torch(b / "model.pt")
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def metrics_rows(folder: Path) -> list[dict]:
+    """metrics.jsonl without its timings: what two equal runs must share line for line."""
+    return [{k: v for k, v in json.loads(line).items() if k not in ("wall_s", "elapsed_s")}
+            for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
 def reference_loss(weights: dict, tokens: torch.Tensor, context: int) -> float:
     """Mean cross-entropy in nats per character of the plain GPT (not the run's wrapper) over
     consecutive windows of ``tokens``: the independent recomputation of a run's loss."""
@@ -78,11 +90,22 @@ def test_a_gpt_run_resumes_bitwise_under_delay(tmp_path, rule):
     train_run(cfg, full, device="cpu", log=lambda s: None)
     assert train_run(cfg, part, device="cpu", stop_after_epochs=1, log=lambda s: None) is None
     train_run(cfg, part, device="cpu", log=lambda s: None)
-    a, b = io.load_torch(full / "model.pt"), io.load_torch(part / "model.pt")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    rows = lambda d: [{k: v for k, v in json.loads(l).items() if k not in ("wall_s", "elapsed_s")}
-                      for l in (d / "metrics.jsonl").read_text().splitlines()]
-    assert rows(full) == rows(part)
+    assert same_weights(full, part)
+    assert metrics_rows(full) == metrics_rows(part)
+
+
+@needs_data
+@pytest.mark.parametrize("rule", ["adamw", "ab_muon"])
+def test_a_one_stage_pipeline_is_the_undelayed_run_bitwise(tmp_path, rule):
+    """experiments/shakespeare_gpt.yaml runs no constant D = 0: its undelayed reference is the
+    pipeline variant's S = 1, the same computation (weights and every metrics line equal)."""
+    base = TINY + [f"optim.name={rule}", "optim.lr=0.003", "data.test_subset=32"]
+    one = load_config(None, base + ["delay.kind=pipeline", "delay.stages=1", "delay.stage_balance=flops"])
+    none = load_config(None, base + ["delay.kind=constant", "delay.steps=0"])
+    for cfg, folder in ((one, tmp_path / "one"), (none, tmp_path / "none")):
+        train_run(cfg, folder, device="cpu", log=lambda s: None)
+    assert same_weights(tmp_path / "one", tmp_path / "none")
+    assert metrics_rows(tmp_path / "one") == metrics_rows(tmp_path / "none")
 
 
 @needs_data
