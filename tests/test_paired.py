@@ -196,3 +196,24 @@ def test_pipeline_runs_get_tables_of_their_own_against_the_stage_count(tmp_path)
     assert "| S=1 | S=8 |" in text and "D=" not in text.split("\n\n")[1]
     assert "| D=0 | D=14 |" in (tmp_path / "tuned_lr.md").read_text()
     assert (tmp_path / "tuned_lr_stages.png").exists()
+
+
+def test_a_pipelines_one_stage_runs_stand_in_for_a_missing_constant_d0(tmp_path):
+    """experiments/shakespeare_gpt.yaml runs its undelayed reference once, as S = 1 (bitwise
+    D = 0): the constant delays' tables and delay_drop then read those runs as D = 0."""
+    from abexp.figures import delay_drop, tuned_lr
+    loss = {("adamw", "pipeline", 1): [(2.00, 2.05), (2.02, 2.06)], ("adamw", "constant", 16): [(2.40, 2.45), (2.30, 2.36)],
+            ("muon", "pipeline", 1): [(1.70, 1.75), (1.72, 1.78)], ("muon", "constant", 16): [(1.90, 1.92), (1.94, 1.99)]}
+    rows = [{"run_id": f"r{i}_{s}", "experiment": "e", "status": "completed", "val_loss": v, "test_loss": t,
+             "optim.name": o, "delay.kind": kind, "delay.stages": d if kind == "pipeline" else 4,
+             "delay.steps": d if kind == "constant" else 0, "optim.lr": 0.01, "seed": s, "data.name": "shakespeare"}
+            for i, ((o, kind, d), vals) in enumerate(loss.items()) for s, (v, t) in enumerate(vals)]
+    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
+    delay_drop.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path)])
+    drop = pd.read_csv(tmp_path / "delay_drop.csv").set_index("series")
+    assert drop.loc["AdamW", "drop_mean"] == pytest.approx(((2.45 - 2.05) + (2.36 - 2.06)) / 2)
+    assert drop.loc["Muon", "acc_D0"] == pytest.approx((1.75 + 1.78) / 2) and drop.loc["Muon", "seeds"] == 2
+    paired.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path), "--baseline", "adamw"])
+    pairs = pd.read_csv(tmp_path / "paired.csv").set_index("delay")
+    assert list(pairs.index) == [0, 16]  # D = 0 from the pipeline's S = 1
+    assert pairs.loc[0, "mean_diff"] == pytest.approx(((1.75 - 2.05) + (1.78 - 2.06)) / 2)

@@ -149,18 +149,40 @@ CONSTANT_AXIS = DelayAxis("D", "delay.steps", 0, "")
 STAGES_AXIS = DelayAxis("S", "delay.stages", 1, "_stages")
 
 
+def undelayed_from_pipeline(pipeline: pd.DataFrame, whole: pd.DataFrame) -> pd.DataFrame:
+    """A study that runs its undelayed reference once, as the pipeline's S = 1 (bitwise the
+    constant D = 0 run: tests/test_lm_run.py), lends those runs to its constant delays as D = 0:
+    each S = 1 run with its delay keys set to those of the same optimizer's constant runs."""
+    one = pipeline[pipeline["delay.stages"].astype(int) == 1].copy()
+    delay_keys = [c for c in whole.columns if c.startswith("delay.") and c in one.columns]
+    rows = []
+    for optim, runs in one.groupby("optim.name"):
+        like = whole[whole["optim.name"] == optim]
+        if like.empty:
+            continue
+        runs = runs.copy()
+        for key in delay_keys:
+            runs[key] = like[key].iloc[0]
+        runs["delay.steps"] = 0
+        rows.append(runs)
+    return pd.concat(rows, ignore_index=True) if rows else one.iloc[0:0]
+
+
 def delay_views(table: pd.DataFrame) -> list[tuple[DelayAxis, pd.DataFrame]]:
     """The table split by how its runs are delayed: runs with one delay for the whole network on
     D; pipeline runs on S, their stage count copied into ``delay.steps`` (and ``delay.stages``
     dropped, so it is the axis, not a series key) so per-delay code reads one column. Async and
-    replayed runs are in neither (async_vs_model reads them)."""
+    replayed runs are in neither (async_vs_model reads them). Where the constant delays have no
+    D = 0, the pipeline's S = 1 runs stand in for it (``undelayed_from_pipeline``)."""
     if "delay.kind" not in table:
         return [(CONSTANT_AXIS, table)] if not table.empty else []
     views = []
     whole = table[~table["delay.kind"].isin(["pipeline", "async", "trace"])].copy()
+    pipeline = table[table["delay.kind"] == "pipeline"].copy()
+    if not whole.empty and "delay.stages" in pipeline and not (whole["delay.steps"] == 0).any():
+        whole = pd.concat([whole, undelayed_from_pipeline(pipeline, whole)], ignore_index=True)
     if not whole.empty:
         views.append((CONSTANT_AXIS, whole))
-    pipeline = table[table["delay.kind"] == "pipeline"].copy()
     if not pipeline.empty and "delay.stages" in pipeline:
         pipeline["delay.steps"] = pipeline["delay.stages"].astype(int)
         views.append((STAGES_AXIS, pipeline.drop(columns=["delay.stages"])))

@@ -19,8 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--delay", type=int, help="the large delay (default: the largest in the table)")
     args = p.parse_args(argv)
     table = common.finished(common.load(args.table, args.experiment))
-    if "delay.kind" in table:
-        table = table[~table["delay.kind"].isin(["pipeline", "async", "trace"])]  # one delay for the whole network only
+    # one delay for the whole network only (a pipeline's S = 1 stands in for a missing D = 0)
+    table = next((view for axis, view in common.delay_views(table) if axis is common.CONSTANT_AXIS), table.iloc[0:0])
     if table.empty:
         common.skip("delay_drop", "no finished runs")
     common.skip_sweeps("delay_drop", table)
