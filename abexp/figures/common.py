@@ -18,7 +18,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
 import pandas as pd  # noqa: E402
 
 from abexp.config import NON_IDENTITY_KEYS  # noqa: E402
@@ -140,19 +139,19 @@ class DelayAxis:
     each stage delayed 2(S−1−s); S = 1 is undelayed). ``suffix`` names the second kind's files."""
 
     letter: str
-    key: str
     undelayed: int
     suffix: str
 
 
-CONSTANT_AXIS = DelayAxis("D", "delay.steps", 0, "")
-STAGES_AXIS = DelayAxis("S", "delay.stages", 1, "_stages")
+CONSTANT_AXIS = DelayAxis("D", 0, "")
+STAGES_AXIS = DelayAxis("S", 1, "_stages")
 
 
 def undelayed_from_pipeline(pipeline: pd.DataFrame, whole: pd.DataFrame) -> pd.DataFrame:
     """A study that runs its undelayed reference once, as the pipeline's S = 1 (bitwise the
     constant D = 0 run: tests/test_lm_run.py), lends those runs to its constant delays as D = 0:
-    each S = 1 run with its delay keys set to those of the same optimizer's constant runs."""
+    each S = 1 run with its delay keys set to those of the same optimizer's constant runs (one
+    run per config and seed, should several pipeline profiles have run S = 1)."""
     one = pipeline[pipeline["delay.stages"].astype(int) == 1].copy()
     delay_keys = [c for c in whole.columns if c.startswith("delay.") and c in one.columns]
     rows = []
@@ -165,7 +164,10 @@ def undelayed_from_pipeline(pipeline: pd.DataFrame, whole: pd.DataFrame) -> pd.D
             runs[key] = like[key].iloc[0]
         runs["delay.steps"] = 0
         rows.append(runs)
-    return pd.concat(rows, ignore_index=True) if rows else one.iloc[0:0]
+    if not rows:
+        return one.iloc[0:0]
+    lent = pd.concat(rows, ignore_index=True)
+    return lent.drop_duplicates(subset=[c for c in lent.columns if "." in c or c == "seed"])
 
 
 def delay_views(table: pd.DataFrame) -> list[tuple[DelayAxis, pd.DataFrame]]:
