@@ -119,8 +119,10 @@ def test_a_slurm_worker_passes_the_stop_on_to_its_runs_ranks(tmp_path, monkeypat
     from abexp.lab.runner import runs_dir, worker_loop
     from abexp.lab.spec import load_spec
     spec = tmp_path / "s.yaml"
+    # 256 steps per epoch: the stop must land in epoch 2, whose length is the margin the
+    # signal has to cross worker -> launcher -> ranks (64 steps were sometimes too few: CI)
     spec.write_text("name: chain\nbase:\n  model: {name: resnet8}\n"
-                    "  data: {name: digits, subset: 512, test_subset: 64}\n"
+                    "  data: {name: digits, subset: 2048, test_subset: 64}\n"
                     "  train: {epochs: 2, batch_size: 8, divergence_check_every: 2}\n"
                     "  tracking: {wandb: {mode: disabled}}\n")
     monkeypatch.setenv("ABEXP_NPROC", "2")
@@ -139,7 +141,7 @@ def test_a_slurm_worker_passes_the_stop_on_to_its_runs_ranks(tmp_path, monkeypat
     threading.Thread(target=signal_after_epoch_1, daemon=True).start()
     assert worker_loop(str(spec), str(tmp_path / "r"), "one") == {"preempted": 1}
     state = io.load_torch(folder / "checkpoint.pt")
-    assert state["epoch"] == 1 and 0 < state["step_in_epoch"] < 64 and not (folder / RESULT).exists()
+    assert state["epoch"] == 1 and 0 < state["step_in_epoch"] < 256 and not (folder / RESULT).exists()
     preempt.reset()
     assert worker_loop(str(spec), str(tmp_path / "r"), "two") == {"completed": 1}
     assert json.loads((folder / RESULT).read_text())["epochs_completed"] == 2
