@@ -139,12 +139,30 @@ class DelayAxis:
     each stage delayed 2(S−1−s); S = 1 is undelayed). ``suffix`` names the second kind's files."""
 
     letter: str
+    word: str
     undelayed: int
     suffix: str
 
 
-CONSTANT_AXIS = DelayAxis("D", 0, "")
-STAGES_AXIS = DelayAxis("S", 1, "_stages")
+CONSTANT_AXIS = DelayAxis("D", "delay", 0, "")
+STAGES_AXIS = DelayAxis("S", "stage count", 1, "_stages")
+
+
+def per_view(name: str, table: pd.DataFrame, report) -> None:
+    """``report(view, axis)`` for each of ``delay_views(table)``; a view with nothing to show
+    skips alone (its line printed), the script ``name`` only when every view skipped."""
+    views = delay_views(table)
+    if not views:
+        skip(name, "no finished runs")
+    written = 0
+    for axis, view in views:
+        try:
+            report(view, axis)
+            written += 1
+        except Skipped:
+            continue
+    if not written:
+        raise Skipped(0)
 
 
 def undelayed_from_pipeline(pipeline: pd.DataFrame, whole: pd.DataFrame) -> pd.DataFrame:

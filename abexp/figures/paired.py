@@ -68,16 +68,16 @@ def compare(tuned: pd.DataFrame, baseline: str) -> pd.DataFrame:
 
 
 def markdown(out: pd.DataFrame, baseline: str, on_val: bool, metric: common.Metric | None = None,
-             letter: str = "D") -> list[str]:
+             axis: common.DelayAxis = common.CONSTANT_AXIS) -> list[str]:
     chosen = "validation" if on_val else "test (no validation set)"
     what, diverged = (metric.name, f"{metric.diverged:g}") if metric else ("accuracy", "0")
     lines = [f"Paired differences in final test {what} against {baseline} (rule − {baseline}, same seed, same "
-             f"{'stage count' if letter == 'S' else 'delay'}; each at its own lr selected on {chosen}; a diverged run counts {diverged}). Interval: two-sided "
+             f"{axis.word}; each at its own lr selected on {chosen}; a diverged run counts {diverged}). Interval: two-sided "
              f"{LEVEL:.0%} Student-t interval of the mean difference over the paired seeds (mean ± "
              "t(0.975, n−1)·sd/√n). 'seeds for 80% power': paired seeds a two-sided paired t-test at alpha "
              f"{ALPHA} needs to detect a true difference of the observed mean with the observed sd (exact "
              "noncentral t); with few seeds that sd is itself uncertain.", "",
-             f"| {letter} | optimizer | lr | {baseline} lr | per-seed differences | mean | 95% t-interval | seeds | seeds for 80% power |",
+             f"| {axis.letter} | optimizer | lr | {baseline} lr | per-seed differences | mean | 95% t-interval | seeds | seeds for 80% power |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in out.to_dict("records"):
         interval = "– (one seed)" if r["seeds"] < 2 else f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
@@ -93,19 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baseline", default="sgdm", help="the optimizer (optim.name) every other is paired with")
     args = p.parse_args(argv)
     table = common.finished(common.load(args.table, args.experiment))
-    views = common.delay_views(table)
-    if not views or "seed" not in table or "optim.lr" not in table:
+    if table.empty or "seed" not in table or "optim.lr" not in table:
         common.skip("paired", "no finished runs")
     common.skip_sweeps("paired", table)
-    written = 0
-    for axis, view in views:
-        try:
-            report(view, axis, args.baseline, args.out)
-            written += 1
-        except common.Skipped:
-            continue
-    if not written:
-        raise common.Skipped(0)
+    common.per_view("paired", table, lambda view, axis: report(view, axis, args.baseline, args.out))
 
 
 def report(table: pd.DataFrame, axis: common.DelayAxis, baseline: str, out_dir: str) -> None:
@@ -126,7 +117,7 @@ def report(table: pd.DataFrame, axis: common.DelayAxis, baseline: str, out_dir: 
     rank = {s: i for i, s in enumerate(series)}  # the fixed optimizer order of every figure
     out = out.sort_values(["delay", "series"], key=lambda c: c.map(rank) if c.name == "series" else c,
                           ignore_index=True)
-    lines = markdown(out, bases[0], on_val, metric, axis.letter)
+    lines = markdown(out, bases[0], on_val, metric, axis)
     print("\n".join(lines))
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -86,19 +86,10 @@ def cell_text(row) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = common.parser(__doc__).parse_args(argv)
     table = common.finished(common.load(args.table, args.experiment))
-    views = common.delay_views(table)
-    if not views or "optim.lr" not in table:
+    if table.empty or "optim.lr" not in table:
         common.skip("tuned_lr", "no finished runs")
     common.skip_sweeps("tuned_lr", table)
-    written = 0
-    for axis, view in views:
-        try:
-            report(view, axis, args.out)
-            written += 1
-        except common.Skipped:
-            continue
-    if not written:
-        raise common.Skipped(0)
+    common.per_view("tuned_lr", table, lambda view, axis: report(view, axis, args.out))
 
 
 def report(table: pd.DataFrame, axis: common.DelayAxis, out_dir: str) -> None:
@@ -126,7 +117,7 @@ def report(table: pd.DataFrame, axis: common.DelayAxis, out_dir: str) -> None:
     chosen = (f"mean validation {what} (a validation set, not trained on), test reported"
               if on_val else f"mean test {what}, the same test set that is reported (no validation set)")
     lines = [f"Final test {what}{note}, mean ± sd over {seeds} seed{'s' * (seeds > 1)} at each "
-             f"optimizer's best lr per {'stage count' if D == 'S' else 'delay'} from {grid_text(cells, D)} (chosen on the "
+             f"optimizer's best lr per {axis.word} from {grid_text(cells, D)} (chosen on the "
              f"{chosen}, among the lrs with the most seeds; ↑/↓: the best is the top/bottom of the lrs compared). "
              f"A diverged run counts as {metric.diverged:g}.", "",
              "| optimizer | " + " | ".join(f"{D}={d}" for d in delays) + " |", "|---|" + "---|" * len(delays)]
@@ -197,8 +188,7 @@ def draw(tuned: pd.DataFrame, table: pd.DataFrame, series: dict[str, str], delay
     note = f"{common.bn_note(table)}; " if common.bn_note(table) else ""
     chosen = "lr selected on validation, test shown" if tuned["selected_on"].str.startswith("val_").all() else \
         "lr selected on test"
-    per = "stage count" if axis is common.STAGES_AXIS else "delay"
-    fig.suptitle(f"Each optimizer at its best lr per {per} ({note}{chosen}; | = mean, dots = seeds, no error bars)", fontsize=10)
+    fig.suptitle(f"Each optimizer at its best lr per {axis.word} ({note}{chosen}; | = mean, dots = seeds, no error bars)", fontsize=10)
     common.save(fig, tuned, out, f"tuned_lr{axis.suffix}")
 
 
