@@ -291,6 +291,15 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 1 if damaged else 0
 
 
+def cmd_confirm(args: argparse.Namespace) -> int:
+    from abexp.figures.confirm import write_confirm_spec
+
+    preflight.check_results_dir(args.results)
+    ids = write_confirm_spec(args.spec, args.results, args.seeds, args.output, args.allow_partial)
+    print(f"wrote {args.output}: {len(ids)} runs (abexp plan {args.output} lists them)")
+    return 0
+
+
 def cmd_figures(args: argparse.Namespace) -> int:
     from abexp.figures.make import main as figures_main
 
@@ -429,6 +438,14 @@ def build_parser() -> Parser:
     p.add_argument("-o", "--output", help="FILE.csv or FILE.parquet (default: print)")
     p.add_argument("--curves", help="also write per-epoch metrics of every run to FILE.csv|.parquet")
     p.set_defaults(func=cmd_collect)
+    p = sub.add_parser("confirm", help="write a spec that runs more seeds at each optimizer's selected lr")
+    p.add_argument("spec", help="the study's spec (its finished runs select the lrs)")
+    p.add_argument("--results", default="results", help="results folder (default results/)")
+    p.add_argument("--seeds", type=int, nargs="+", required=True, help="the seeds to run at the selected lrs")
+    p.add_argument("-o", "--output", required=True, help="the spec to write (experiments/NAME_confirm.yaml)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="select although runs of SPEC at the selecting seeds have not finished")
+    p.set_defaults(func=cmd_confirm)
     p = sub.add_parser("figures", help="every figure from a results folder (no training)")
     p.add_argument("--results", default="results", help="results folder (default results/)")
     p.add_argument("--experiment", action="append", default=[],

@@ -1,0 +1,107 @@
+"""abexp confirm: the written spec runs the new seeds at exactly the lrs validation selected,
+with the run ids the study's own spec gives those runs (checked against a hand-written spec),
+and refuses to select from a grid whose selecting seed has not finished."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from abexp.config import ConfigError, flatten
+from abexp.lab import collect as collect_module
+from abexp.figures.confirm import write_confirm_spec
+from abexp.lab.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+STUDY = """name: lm_study
+base:
+  model: {name: gpt, layers: 1, width: 8, heads: 2}
+  data: {name: shakespeare, context: 8, subset: 64}
+  train: {epochs: 1, batch_size: 4}
+variants:
+  pipeline: {delay.kind: pipeline, grid: {delay.stages: [1, 4]}}
+  constant: {delay.kind: constant, grid: {delay.steps: [4]}}
+grid:
+  seed: SEEDS
+  optim.name: [adamw, muon]
+  optim.lr: [0.001, 0.01, 0.1]
+exclude:
+  - {optim.lr: 0.1, optim.name: adamw}
+"""
+
+# the lr validation should pick per (variant, stage count or delay, optimizer): validation loss 1.0
+# there, 2.0 elsewhere, and test loss that prefers another lr (so a test-selected table would differ)
+CHOSEN = {("pipeline", 1, "adamw"): 0.01, ("pipeline", 1, "muon"): 0.1,
+          ("pipeline", 4, "adamw"): 0.001, ("pipeline", 4, "muon"): 0.01,
+          ("constant", 4, "adamw"): 0.001, ("constant", 4, "muon"): 0.001}
+
+
+def cell(run) -> tuple:
+    level = run.config.delay.stages if run.config.delay.kind == "pipeline" else run.config.delay.steps
+    return (run.config.variant, level, run.config.optim.name)
+
+
+def finished_table(plan, unfinished: int = 0) -> pd.DataFrame:
+    rows = []
+    for run in plan[unfinished:]:
+        picked = CHOSEN[cell(run)] == run.config.optim.lr
+        config = {k: json.dumps(v) if isinstance(v, list) else v  # as abexp.lab.collect writes them
+                  for k, v in flatten(run.config.model_dump()).items()}
+        rows.append({"run_id": run.run_id, "status": "completed", **config,
+                     "val_loss": 1.0 if picked else 2.0, "test_loss": 3.0 if picked else 2.5})
+    return pd.DataFrame(rows)
+
+
+def study(tmp_path, seeds: str) -> Path:
+    path = tmp_path / "experiments" / f"study_{seeds.strip('[]').replace(', ', '_')}.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(STUDY.replace("SEEDS", seeds))
+    return path
+
+
+def test_the_written_spec_runs_new_seeds_at_the_validation_selected_lrs(tmp_path, monkeypatch):
+    spec = study(tmp_path, "[0]")
+    plan = load_spec(spec).expand()
+    monkeypatch.setattr(collect_module, "collect", lambda results: finished_table(plan))
+    out = tmp_path / "experiments" / "lm_study_confirm.yaml"
+    ids = write_confirm_spec(spec, "unused", [1, 2], out)
+
+    # the reference: the study's own spec at seeds 1 and 2, kept where the hand-chosen lr is
+    wide = load_spec(study(tmp_path, "[1, 2]")).expand()
+    meant = sorted(r.run_id for r in wide if CHOSEN[cell(r)] == r.config.optim.lr)
+    assert sorted(ids) == meant and len(meant) == 2 * 6
+    written = load_spec(out)
+    assert sorted(r.run_id for r in written.expand()) == meant
+    assert written.name == "lm_study" and written.grid == {"seed": [1, 2]}
+    # the selection is recorded, validation named as what chose it
+    assert "S = 4: Muon at lr 0.01, mean val_loss 1.0000 over seeds 0" in written.description
+    assert "D = 4: AdamW at lr 0.001" in written.description
+    # the undelayed runs are chosen once, though the constant delays borrow them as D = 0
+    assert len([r for r in written.expand() if r.config.delay.kind == "pipeline"
+                and r.config.delay.stages == 1]) == 2 * 2
+
+
+def test_selecting_before_the_grid_has_finished_is_refused(tmp_path, monkeypatch):
+    spec = study(tmp_path, "[0]")
+    plan = load_spec(spec).expand()
+    monkeypatch.setattr(collect_module, "collect", lambda results: finished_table(plan, unfinished=1))
+    out = tmp_path / "confirm.yaml"
+    with pytest.raises(ConfigError, match="1 planned runs at the selecting seeds"):
+        write_confirm_spec(spec, "unused", [1, 2], out)
+    assert not out.exists()  # nothing half-written
+    assert write_confirm_spec(spec, "unused", [1], out, allow_partial=True)  # asked for: allowed
+
+
+def test_the_cli_says_one_line_and_exits_2_without_runs(tmp_path):
+    spec = study(tmp_path, "[0]")
+    (tmp_path / "results" / "runs").mkdir(parents=True)
+    out = tmp_path / "confirm.yaml"
+    proc = subprocess.run([sys.executable, "-m", "abexp.cli", "confirm", str(spec), "--results",
+                           str(tmp_path / "results"), "--seeds", "1", "-o", str(out)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and not out.exists()
+    assert proc.stderr.count("\n") == 1 and "no runs of" in proc.stderr
