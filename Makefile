@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export WANDB_SILENT := true
 
-.PHONY: setup fashion-mnist shakespeare test bench demo demo-check figures reproduce resilience clean gpu-check gpu-wheels
+.PHONY: setup fashion-mnist shakespeare test bench demo demo-check figures study-tables reproduce resilience clean gpu-check gpu-wheels
 
 setup: $(STAMP) fashion-mnist shakespeare
 
@@ -93,6 +93,10 @@ INSTALLED_ABEXP = $(if $(wildcard $(BIN)/abexp),,$(shell abexp figures --help >/
 STABILITY_IF_MISSING = $(if $(and $(wildcard $(RESULTS)/stability.csv),$(wildcard $(RESULTS)/pipeline_stability.csv)),,--stability)
 figures: $(if $(INSTALLED_ABEXP),,$(STAMP))
 	$(or $(INSTALLED_ABEXP),$(BIN)/abexp) figures --results $(RESULTS) $(STABILITY_IF_MISSING)
+
+# The long studies' committed tables (README, docs/studies.md), redrawn from their committed rows
+study-tables: $(STAMP)
+	$(BIN)/python analysis/study_tables.py
 
 # Paper scale: CIFAR-10 ResNet-20 accuracy vs delay, 4 optimizers x 8 delays x 3 seeds on the
 # GPUs present (resumable), ImageNet when IMAGENET_DIR is set, then the figures.

@@ -2,7 +2,8 @@
 
 A study such as experiments/fashion_mnist_evidence.yaml takes many sessions on a 2-core machine,
 and a machine may not survive to the next one: its results folder is not committed, so each
-finished run's row is (this file's output, under results/). Rows already in the output file are
+finished run's row is (this file's output, under results/), with what the tables need to be
+redrawn from the rows alone (analysis/study_tables.py). Rows already in the output file are
 kept as they are (a run is never re-summarised on another machine or with other code), new
 finished runs are appended with the code commit and CPU kind that made them:
 
@@ -27,12 +28,13 @@ from abexp import io  # noqa: E402
 from abexp.figures.common import Metric  # noqa: E402
 from abexp.lab.collect import collect  # noqa: E402
 
-COLUMNS = ["run_id", "experiment", "seed", "optim.name", "optim.lr", "delay.steps", "data.val_split",
+COLUMNS = ["run_id", "experiment", "status", "seed", "optim.name", "optim.lr", "delay.steps", "data.val_split",
            "steps", "val_acc", "test_acc", "wall_s"]
 # a language model (abexp.figures.common.Metric): losses in nats per character, and the pipeline
-# variant's stages beside the constant delay
-LM_COLUMNS = ["run_id", "experiment", "variant", "seed", "optim.name", "optim.lr", "delay.kind",
-              "delay.stages", "delay.steps", "steps", "val_loss", "test_loss", "wall_s"]
+# variant's stages beside the constant delay; data.name tells the figures that lower is better
+LM_COLUMNS = ["run_id", "experiment", "variant", "status", "data.name", "seed", "optim.name", "optim.lr",
+              "delay.kind", "delay.stages", "delay.steps", "steps", "val_loss", "test_loss", "wall_s"]
+FINISHED = ("completed", "diverged")  # a diverged run is a result (it counts as the worst), not a gap
 
 
 def new_rows(results: str, known: set[str], code: str, cpu: str) -> pd.DataFrame:
@@ -41,11 +43,23 @@ def new_rows(results: str, known: set[str], code: str, cpu: str) -> pd.DataFrame
     if table.empty:
         return pd.DataFrame(columns=COLUMNS + ["code", "cpu"])
     columns = LM_COLUMNS if Metric(table).lower else COLUMNS
-    done = table[(table["status"] == "completed") & ~table["run_id"].isin(known)]
+    done = table[table["status"].isin(FINISHED) & ~table["run_id"].isin(known)]
     rows = done.reindex(columns=columns).copy()
     rows["steps"] = rows["steps"].astype("Int64")
     rows["code"], rows["cpu"] = code, cpu
     return rows
+
+
+def backfill(old: pd.DataFrame, results: str) -> pd.DataFrame:
+    """Rows written before the status and data.name columns existed: every such row was a
+    completed run (only those were written then), and its dataset is its run's."""
+    old = old.copy()
+    if "status" not in old:
+        old["status"] = "completed"
+    if "test_loss" in old and "test_acc" not in old and "data.name" not in old:  # a language model's rows
+        names = collect(results).set_index("run_id")["data.name"]
+        old["data.name"] = old["run_id"].map(names)
+    return old
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     known = set(old["run_id"]) if old is not None else set()
     model, isa = cpu_kind()
     rows = new_rows(args.results, known, args.code, f"{model} ({isa})")
+    if old is not None:
+        old = backfill(old, args.results)
     table = rows if old is None else pd.concat([old, rows], ignore_index=True)
+    columns = LM_COLUMNS if "test_acc" not in table else COLUMNS
+    known_order = [c for c in columns + ["code", "cpu"] if c in table]
+    table = table[list(dict.fromkeys(known_order + list(table.columns)))]  # backfilled columns in place
     order = [c for c in ("variant", "delay.stages", "delay.steps", "optim.name", "optim.lr", "seed") if c in table]
     table = table.sort_values(order, kind="stable")
     io.write_text(out, table.to_csv(index=False))

@@ -53,3 +53,72 @@ def test_a_classifiers_rows_carry_accuracies(tmp_path, monkeypatch):
     assert rows.main(["--results", "unused", "--code", "abc1234", "-o", str(out)]) == 0
     table = pd.read_csv(out)
     assert list(table.columns) == rows.COLUMNS + ["code", "cpu"] and table.loc[0, "test_acc"] == 0.87
+
+
+def test_diverged_runs_get_rows_and_old_rows_gain_status_and_dataset(tmp_path, monkeypatch):
+    rows = load_module()
+    base = {"experiment": "e", "variant": "constant", "seed": 0, "optim.name": "muon", "optim.lr": 0.1,
+            "delay.kind": "constant", "delay.stages": None, "delay.steps": 16, "steps": 2000,
+            "data.name": "shakespeare", "wall_s": 50.0}
+    runs = [{**base, "run_id": "a", "status": "completed", "val_loss": 2.0, "test_loss": 2.1},
+            {**base, "run_id": "d", "status": "diverged", "optim.lr": 0.3, "val_loss": None, "test_loss": None}]
+    monkeypatch.setattr(rows, "collect", lambda results: pd.DataFrame(runs))
+    monkeypatch.setattr(rows, "cpu_kind", lambda: ("Test CPU", "AVX"))
+    out = tmp_path / "rows.csv"  # written before status and data.name were columns
+    out.write_text("run_id,experiment,variant,seed,optim.name,optim.lr,delay.kind,delay.stages,delay.steps,steps,"
+                   "val_loss,test_loss,wall_s,code,cpu\n"
+                   "a,e,constant,0,muon,0.1,constant,,16,2000,2.0,2.1,50.0,old1234,Other CPU\n")
+    assert rows.main(["--results", "unused", "--code", "abc1234", "-o", str(out)]) == 0
+    table = pd.read_csv(out).set_index("run_id")
+    assert table.loc["a", "status"] == "completed" and table.loc["a", "data.name"] == "shakespeare"
+    assert table.loc["a", "code"] == "old1234"  # still the row it was
+    assert table.loc["d", "status"] == "diverged"  # a result (the worst), not a gap
+    assert list(table.reset_index().columns) == rows.LM_COLUMNS + ["code", "cpu"]
+
+
+def test_the_tables_redrawn_from_the_rows_equal_those_from_the_results_table(tmp_path, monkeypatch):
+    """The committed rows carry everything the study's tables read: tuned_lr and paired drawn
+    from them (analysis/study_tables.py) equal the same modules drawn from the full results table
+    (every config column, as abexp collect writes it)."""
+    import json
+
+    from abexp.config import flatten
+    from abexp.figures import paired, tuned_lr
+    from abexp.lab.spec import load_spec
+
+    spec = tmp_path / "study.yaml"
+    spec.write_text("""name: lm_rows
+base:
+  model: {name: gpt, layers: 2, width: 8, heads: 2}
+  data: {name: shakespeare, context: 8, subset: 64}
+variants:
+  pipeline: {delay.kind: pipeline, grid: {delay.stages: [1, 2]}}
+  constant: {delay.kind: constant, grid: {delay.steps: [4]}}
+grid:
+  seed: [0, 1, 2]
+  optim.name: [adamw, muon]
+  optim.lr: [0.001, 0.01]
+""")
+    full = []
+    for i, run in enumerate(load_spec(spec).expand()):
+        config = {k: json.dumps(v) if isinstance(v, list) else v for k, v in flatten(run.config.model_dump()).items()}
+        loss = 2.0 + ((i * 37) % 11) / 20  # arbitrary but fixed losses
+        full.append({"run_id": run.run_id, "status": "diverged" if i == 5 else "completed", "experiment": "lm_rows",
+                     "variant": run.config.variant, **config, "steps": 100, "wall_s": 1.0,
+                     "val_loss": None if i == 5 else loss, "test_loss": None if i == 5 else loss + 0.03})
+    pd.DataFrame(full).to_csv(tmp_path / "runs.csv", index=False)
+    rows = load_module()
+    monkeypatch.setattr(rows, "collect", lambda results: pd.DataFrame(full))
+    monkeypatch.setattr(rows, "cpu_kind", lambda: ("Test CPU", "AVX"))
+    assert rows.main(["--results", "unused", "--code", "abc1234", "-o", str(tmp_path / "rows.csv")]) == 0
+
+    sys.path.insert(0, str(ROOT / "analysis"))
+    import study_tables
+    drawn = study_tables.draw("lm_rows", study_tables.Study(str(tmp_path / "rows.csv"), "adamw"), tmp_path / "out")
+    reference = tmp_path / "reference"
+    tuned_lr.main(["--table", str(tmp_path / "runs.csv"), "--out", str(reference)])
+    paired.main(["--table", str(tmp_path / "runs.csv"), "--out", str(reference), "--baseline", "adamw"])
+    tables = sorted(p.name for p in drawn if p.suffix == ".md")
+    assert tables == ["lm_rows_paired.md", "lm_rows_paired_stages.md", "lm_rows_tuned_lr.md", "lm_rows_tuned_lr_stages.md"]
+    for name in tables:
+        assert (tmp_path / "out" / name).read_text() == (reference / name.removeprefix("lm_rows_")).read_text()

@@ -1,0 +1,71 @@
+"""The committed tables of the long studies, redrawn from their committed rows alone.
+
+A long study's results folder is not committed; its rows are (analysis/study_rows.py: one row per
+finished run, with the status and dataset the tables need). README and docs/studies.md quote
+tables drawn from those rows by the same figure modules `abexp figures` runs, so a clean clone
+redraws them digit for digit:
+
+    make study-tables        # = python analysis/study_tables.py
+
+Each study's tables land in results/ as <study>_<table>.md (and the tuned-lr figure as .png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from abexp import io
+from abexp.figures import common, paired, tuned_lr
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Study:
+    rows: str  # the committed rows, relative to the repository root
+    baseline: str  # the optimizer paired.md compares every other with
+    copied: tuple[str, ...] = ("tuned_lr.md", "tuned_lr_stages.md", "tuned_lr_stages.png",
+                               "paired.md", "paired_stages.md")
+
+
+STUDIES = {"shakespeare_gpt": Study("results/shakespeare_gpt_runs.csv", baseline="adamw")}
+
+
+def draw(name: str, study: Study, out: Path) -> list[Path]:
+    """The study's tables from its rows, copied to ``out`` as <name>_<table>; returns them."""
+    written = []
+    with tempfile.TemporaryDirectory() as tmp:
+        table = ["--table", str(ROOT / study.rows), "--out", tmp]
+        for figure, extra in ((tuned_lr, []), (paired, ["--baseline", study.baseline])):
+            try:
+                figure.main(table + extra)
+            except common.Skipped:  # e.g. one seed: nothing to pair yet
+                pass
+        for file in study.copied:
+            made = Path(tmp) / file
+            if made.exists():
+                target = out / f"{name}_{file}"
+                io.write_bytes(target, made.read_bytes())
+                written.append(target)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", action="append", choices=sorted(STUDIES), help="only this study (repeatable)")
+    parser.add_argument("--out", default=str(ROOT / "results"), help="where the tables go (default results/)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.study or sorted(STUDIES):
+        for path in draw(name, STUDIES[name], out):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
