@@ -28,11 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 class Study:
     rows: str  # the committed rows, relative to the repository root
     baseline: str  # the optimizer paired.md compares every other with
+    also_paired_with: tuple[str, ...] = ()  # more baselines: paired_vs_<name>.md each
     copied: tuple[str, ...] = ("tuned_lr.md", "tuned_lr_stages.md", "tuned_lr_stages.png",
                                "paired.md", "paired_stages.md")
 
 
-STUDIES = {"shakespeare_gpt": Study("results/shakespeare_gpt_runs.csv", baseline="adamw")}
+# weight prediction (lwp_muon) is read against the rule it predicts for, Muon
+STUDIES = {"shakespeare_gpt": Study("results/shakespeare_gpt_runs.csv", baseline="adamw", also_paired_with=("muon",))}
 
 
 def draw(name: str, study: Study, out: Path) -> list[Path]:
@@ -45,10 +47,19 @@ def draw(name: str, study: Study, out: Path) -> list[Path]:
                 figure.main(table + extra)
             except common.Skipped:  # e.g. one seed: nothing to pair yet
                 pass
-        for file in study.copied:
+        copies = {file: f"{name}_{file}" for file in study.copied}
+        for other in study.also_paired_with:
+            folder = Path(tmp) / f"vs_{other}"
+            try:
+                paired.main(["--table", str(ROOT / study.rows), "--out", str(folder), "--baseline", other])
+            except common.Skipped:
+                pass
+            for stem in ("paired", "paired_stages"):
+                copies[f"vs_{other}/{stem}.md"] = f"{name}_{stem.replace('paired', f'paired_vs_{other}')}.md"
+        for file, copy in copies.items():
             made = Path(tmp) / file
             if made.exists():
-                target = out / f"{name}_{file}"
+                target = out / copy
                 io.write_bytes(target, made.read_bytes())
                 written.append(target)
     return written

@@ -114,11 +114,14 @@ grid:
 
     sys.path.insert(0, str(ROOT / "analysis"))
     import study_tables
-    drawn = study_tables.draw("lm_rows", study_tables.Study(str(tmp_path / "rows.csv"), "adamw"), tmp_path / "out")
+    drawn = study_tables.draw("lm_rows", study_tables.Study(str(tmp_path / "rows.csv"), "adamw", ("muon",)), tmp_path / "out")
     reference = tmp_path / "reference"
     tuned_lr.main(["--table", str(tmp_path / "runs.csv"), "--out", str(reference)])
     paired.main(["--table", str(tmp_path / "runs.csv"), "--out", str(reference), "--baseline", "adamw"])
+    paired.main(["--table", str(tmp_path / "runs.csv"), "--out", str(reference / "vs_muon"), "--baseline", "muon"])
     tables = sorted(p.name for p in drawn if p.suffix == ".md")
-    assert tables == ["lm_rows_paired.md", "lm_rows_paired_stages.md", "lm_rows_tuned_lr.md", "lm_rows_tuned_lr_stages.md"]
+    assert tables == ["lm_rows_paired.md", "lm_rows_paired_stages.md", "lm_rows_paired_vs_muon.md",
+                      "lm_rows_paired_vs_muon_stages.md", "lm_rows_tuned_lr.md", "lm_rows_tuned_lr_stages.md"]
     for name in tables:
-        assert (tmp_path / "out" / name).read_text() == (reference / name.removeprefix("lm_rows_")).read_text()
+        theirs = name.removeprefix("lm_rows_").replace("paired_vs_muon", "vs_muon/paired")
+        assert (tmp_path / "out" / name).read_text() == (reference / theirs).read_text()
