@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 class Study:
     rows: str  # the committed rows, relative to the repository root
     baseline: str  # the optimizer paired.md compares every other with
-    also_paired_with: tuple[str, ...] = ()  # more baselines: paired_vs_<name>.md each
+    also_paired_with: tuple[str, ...] = ()  # more baselines: <table>_vs_<name>.md each
     copied: tuple[str, ...] = ("tuned_lr.md", "tuned_lr_stages.md", "tuned_lr_stages.png",
-                               "paired.md", "paired_stages.md")
+                               "paired.md", "paired_stages.md", "paired_cost.md", "paired_cost_stages.md")
 
 
 # weight prediction (lwp_muon) is read against the rule it predicts for, Muon
@@ -54,8 +54,8 @@ def draw(name: str, study: Study, out: Path) -> list[Path]:
                 paired.main(["--table", str(ROOT / study.rows), "--out", str(folder), "--baseline", other])
             except common.Skipped:
                 pass
-            for stem in ("paired", "paired_stages"):
-                copies[f"vs_{other}/{stem}.md"] = f"{name}_{stem.replace('paired', f'paired_vs_{other}')}.md"
+            for stem in ("paired", "paired_stages", "paired_cost", "paired_cost_stages"):
+                copies[f"vs_{other}/{stem}.md"] = f"{name}_{stem}_vs_{other}.md"
         for file, copy in copies.items():
             made = Path(tmp) / file
             if made.exists():

@@ -217,3 +217,26 @@ def test_a_pipelines_one_stage_runs_stand_in_for_a_missing_constant_d0(tmp_path)
     pairs = pd.read_csv(tmp_path / "paired.csv").set_index("delay")
     assert list(pairs.index) == [0, 16]  # D = 0 from the pipeline's S = 1
     assert pairs.loc[0, "mean_diff"] == pytest.approx(((1.75 - 2.05) + (1.78 - 2.06)) / 2)
+
+
+def test_the_cost_table_pairs_what_the_delay_cost_each_rule(tmp_path):
+    # (optimizer, delay, lr): per seed (val_acc, test_acc)
+    cells = {
+        ("sgdm", 0, 0.05): [(0.90, 0.90), (0.90, 0.92), (0.90, 0.91)],
+        ("sgdm", 8, 0.05): [(0.80, 0.80), (0.80, 0.85), (0.80, 0.83)],
+        ("ab", 0, 0.05): [(0.90, 0.89), (0.90, 0.90), (0.90, 0.91)],
+        ("ab", 8, 0.05): [(0.85, 0.86), (0.85, 0.88), (0.85, 0.87)],
+        ("ab", 8, 0.1): [(0.50, 0.99), (0.50, 0.99), (0.50, 0.99)],  # test likes it; validation does not
+    }
+    runs_table(cells, tmp_path / "runs.csv")
+    paired.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "figs")])
+    cost = pd.read_csv(tmp_path / "figs" / "paired_cost.csv")
+    assert len(cost) == 1 and cost.loc[0, "delay"] == 8 and cost.loc[0, "lr"] == 0.05
+    # naive: each seed's accuracy lost from D = 0 to D = 8, AB's minus SGDM's
+    sgdm = [0.90 - 0.80, 0.92 - 0.85, 0.91 - 0.83]
+    ab = [0.89 - 0.86, 0.90 - 0.88, 0.91 - 0.87]
+    diffs = [a - b for a, b in zip(ab, sgdm)]
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    assert cost.loc[0, "mean_diff"] == pytest.approx(mean) and cost.loc[0, "sd_diff"] == pytest.approx(sd)
+    assert cost.loc[0, "ci_high"] == pytest.approx(mean + T_975[2] * sd / math.sqrt(3), abs=1e-3)
+    assert "less robust" in (tmp_path / "figs" / "paired_cost.md").read_text()

@@ -120,8 +120,10 @@ grid:
     paired.main(["--table", str(tmp_path / "runs.csv"), "--out", str(reference), "--baseline", "adamw"])
     paired.main(["--table", str(tmp_path / "runs.csv"), "--out", str(reference / "vs_muon"), "--baseline", "muon"])
     tables = sorted(p.name for p in drawn if p.suffix == ".md")
-    assert tables == ["lm_rows_paired.md", "lm_rows_paired_stages.md", "lm_rows_paired_vs_muon.md",
-                      "lm_rows_paired_vs_muon_stages.md", "lm_rows_tuned_lr.md", "lm_rows_tuned_lr_stages.md"]
+    assert tables == sorted(f"lm_rows_{t}.md" for t in (
+        "tuned_lr", "tuned_lr_stages", "paired", "paired_stages", "paired_cost", "paired_cost_stages",
+        "paired_vs_muon", "paired_stages_vs_muon", "paired_cost_vs_muon", "paired_cost_stages_vs_muon"))
     for name in tables:
-        theirs = name.removeprefix("lm_rows_").replace("paired_vs_muon", "vs_muon/paired")
+        theirs = name.removeprefix("lm_rows_")
+        theirs = f"vs_muon/{theirs.replace('_vs_muon', '')}" if "vs_muon" in theirs else theirs
         assert (tmp_path / "out" / name).read_text() == (reference / theirs).read_text()

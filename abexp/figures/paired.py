@@ -11,7 +11,9 @@ observed mean size with 80% power when the differences spread as observed (exact
 power, abexp.figures.stats). With 2 seeds that sd, and so that count, is itself very uncertain.
 A language model's runs (common.Metric) are compared on test loss in nats per character
 (lr selected on validation loss, a diverged run counting infinite loss): a negative difference is
-the better rule. Writes paired.md and paired.csv.
+the better rule. Writes paired.md and paired.csv; and paired_cost.md/.csv, the same pairing of
+what the delay cost each rule (its value at the delay against its own undelayed run, seed by
+seed): whether a rule is more robust to delay than the baseline, not only better under it.
 """
 
 from __future__ import annotations
@@ -67,10 +69,43 @@ def compare(tuned: pd.DataFrame, baseline: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def rises(tuned: pd.DataFrame, undelayed: int, harm: float) -> pd.DataFrame:
+    """``tuned`` with each delayed cell's per-seed values replaced by what the delay cost that
+    seed: harm · (value undelayed − value delayed), each at its own selected lr, on the seeds
+    both have (positive: the delay hurt). compare() on it pairs the costs, not the values."""
+    rows = []
+    for name, cells in tuned.groupby("series", sort=False):
+        cells = cells.set_index("delay")
+        if undelayed not in cells.index:
+            continue
+        start = by_seed(cells.loc[undelayed])
+        for delay, cell in cells.iterrows():
+            if delay == undelayed:
+                continue
+            mine = by_seed(cell)
+            seeds = sorted(set(mine) & set(start))
+            costs = [harm * (start[s] - mine[s]) for s in seeds]
+            rows.append({**cell.to_dict(), "series": name, "delay": delay, "seed_list": " ".join(map(str, seeds)),
+                         "accs": " ".join(f"{c!r}" for c in costs)})
+    return pd.DataFrame(rows)
+
+
 def markdown(out: pd.DataFrame, baseline: str, on_val: bool, metric: common.Metric | None = None,
-             axis: common.DelayAxis = common.CONSTANT_AXIS) -> list[str]:
+             axis: common.DelayAxis = common.CONSTANT_AXIS, cost: bool = False) -> list[str]:
     chosen = "validation" if on_val else "test (no validation set)"
     what, diverged = (metric.name, f"{metric.diverged:g}") if metric else ("accuracy", "0")
+    if cost:  # the difference in what the delay cost, not in the values
+        change = "added to" if metric and metric.lower else "took from"
+        lines = [f"Paired differences in what the {axis.word} cost, against {baseline}: for each rule and seed, the "
+                 f"test {what} the {axis.word} {change} its own undelayed run ({axis.letter} = {axis.undelayed}; each "
+                 f"at its own lr selected on {chosen}; a diverged run counts {diverged}), rule's cost − {baseline}'s "
+                 f"cost, same seed. Positive: the {axis.word} cost the rule more than {baseline} (less robust); "
+                 "negative: less (more robust). Interval: two-sided "
+                 f"{LEVEL:.0%} Student-t interval of the mean difference over the paired seeds (mean ± "
+                 "t(0.975, n−1)·sd/√n). 'seeds for 80% power': as in the paired table.", "",
+                 f"| {axis.letter} | optimizer | lr | {baseline} lr | per-seed differences | mean | 95% t-interval | seeds | seeds for 80% power |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        return lines + rows_markdown(out)
     lines = [f"Paired differences in final test {what} against {baseline} (rule − {baseline}, same seed, same "
              f"{axis.word}; each at its own lr selected on {chosen}; a diverged run counts {diverged}). Interval: two-sided "
              f"{LEVEL:.0%} Student-t interval of the mean difference over the paired seeds (mean ± "
@@ -79,6 +114,11 @@ def markdown(out: pd.DataFrame, baseline: str, on_val: bool, metric: common.Metr
              "noncentral t); with few seeds that sd is itself uncertain.", "",
              f"| {axis.letter} | optimizer | lr | {baseline} lr | per-seed differences | mean | 95% t-interval | seeds | seeds for 80% power |",
              "|---|---|---|---|---|---|---|---|---|"]
+    return lines + rows_markdown(out)
+
+
+def rows_markdown(out: pd.DataFrame) -> list[str]:
+    lines = []
     for r in out.to_dict("records"):
         interval = "– (one seed)" if r["seeds"] < 2 else f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
         need = r["seeds_for_80pct_power"]
@@ -117,11 +157,21 @@ def report(table: pd.DataFrame, axis: common.DelayAxis, baseline: str, out_dir: 
     rank = {s: i for i, s in enumerate(series)}  # the fixed optimizer order of every figure
     out = out.sort_values(["delay", "series"], key=lambda c: c.map(rank) if c.name == "series" else c,
                           ignore_index=True)
-    lines = markdown(out, bases[0], on_val, metric, axis)
+    write(out, markdown(out, bases[0], on_val, metric, axis), stem, out_dir, metric.val if on_val else metric.test)
+    costs = rises(tuned, axis.undelayed, metric.harm)
+    cost = compare(costs, bases[0]) if not costs.empty else costs
+    if not cost.empty:  # the same rules, judged by what the delay cost each (robustness)
+        cost = cost.sort_values(["delay", "series"], key=lambda c: c.map(rank) if c.name == "series" else c,
+                                ignore_index=True)
+        write(cost, markdown(cost, bases[0], on_val, metric, axis, cost=True), f"paired_cost{axis.suffix}",
+              out_dir, metric.val if on_val else metric.test)
+
+
+def write(out: pd.DataFrame, lines: list[str], stem: str, out_dir: str, selected_on: str) -> None:
     print("\n".join(lines))
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    out.assign(selected_on=metric.val if on_val else metric.test).to_csv(folder / f"{stem}.csv", index=False)
+    out.assign(selected_on=selected_on).to_csv(folder / f"{stem}.csv", index=False)
     (folder / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {folder / stem}.csv/.md")
 
