@@ -33,8 +33,8 @@ class Study:
                                "paired.md", "paired_stages.md", "paired_cost.md", "paired_cost_stages.md")
 
 
-# weight prediction (lwp_muon) is read against the rule it predicts for, Muon
-STUDIES = {"shakespeare_gpt": Study("results/shakespeare_gpt_runs.csv", baseline="adamw", also_paired_with=("muon",))}
+# weight prediction (lwp_muon) is read against the rule it predicts for, Muon, and against AB-Muon
+STUDIES = {"shakespeare_gpt": Study("results/shakespeare_gpt_runs.csv", baseline="adamw", also_paired_with=("muon", "ab_muon"))}
 
 
 def draw(name: str, study: Study, out: Path) -> list[Path]:
