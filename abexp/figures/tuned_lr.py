@@ -31,7 +31,7 @@ def selects_on_validation(table: pd.DataFrame, column: str = "val_acc") -> bool:
 def per_lr(table: pd.DataFrame) -> pd.DataFrame:
     """Mean, sd and seed count of every (series, delay, lr) cell, with the per-seed accuracies
     (``acc``: test, reported) and, where the table has it, the mean of ``sel`` (validation
-    accuracy, what selects the lr) as ``val_mean``."""
+    accuracy, what selects the lr) as ``val_mean`` and its sd over seeds as ``val_sd``."""
     rows = []
     for (name, delay, lr), runs in table.groupby(["series", "delay.steps", "optim.lr"]):
         runs = runs.sort_values("seed")
@@ -42,6 +42,7 @@ def per_lr(table: pd.DataFrame) -> pd.DataFrame:
                "seed_list": " ".join(str(int(s)) for s in runs["seed"])}
         if "sel" in runs:
             row["val_mean"] = runs["sel"].mean()
+            row["val_sd"] = runs["sel"].std(ddof=1) if len(runs) > 1 else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -125,7 +126,7 @@ def report(table: pd.DataFrame, axis: common.DelayAxis, out_dir: str) -> None:
               for name in series if any((name, d) in text for d in delays)]
     if any((name, d) not in text for name in series for d in delays):
         lines += ["", "–: not run (a spec's `exclude`, e.g. rules that are SGDM bitwise without delay)."]
-    lines += ["", "Every lr (test: mean ± sd over seeds" + (f"; val: the mean validation {what} that selects"
+    lines += ["", "Every lr (test: mean ± sd over seeds" + (f"; val: the mean (± sd) validation {what}, what selects"
               if on_val else "") + "; the tuned table picks one per cell):", "",
               "| optimizer | lr | " + " | ".join(f"{D}={d}" for d in delays) + " |", "|---|---|" + "---|" * len(delays)]
     every = {(r["series"], r["lr"], r["delay"]): r for r in cells.to_dict("records")}
@@ -135,7 +136,8 @@ def report(table: pd.DataFrame, axis: common.DelayAxis, out_dir: str) -> None:
             if any(shown):
                 lines.append(f"| {name} | {lr:g} | " + " | ".join(
                     "–" if r is None else f"{r['mean']:.3f}" + (f" ± {r['sd']:.3f}" if r["seeds"] > 1 else "")
-                    + (f" (val {r['val_mean']:.3f})" if on_val else "")
+                    + (f" (val {r['val_mean']:.3f}" + (f" ± {r['val_sd']:.3f}" if r["seeds"] > 1 else "") + ")"
+                       if on_val else "")
                     for r in shown) + " |")
     print("\n".join(lines))
     out = Path(out_dir)
