@@ -57,8 +57,12 @@ def backfill(old: pd.DataFrame, results: str) -> pd.DataFrame:
     if "status" not in old:
         old["status"] = "completed"
     if "test_loss" in old and "test_acc" not in old and "data.name" not in old:  # a language model's rows
-        names = collect(results).set_index("run_id")["data.name"]
-        old["data.name"] = old["run_id"].map(names)
+        runs = collect(results)
+        if "run_id" not in runs or "data.name" not in runs:
+            sys.exit(f"{results}: no runs to take the old rows' data.name from (the study's results folder?)")
+        old["data.name"] = old["run_id"].map(runs.set_index("run_id")["data.name"])
+        if old["data.name"].isna().any():
+            sys.exit(f"{results}: {int(old['data.name'].isna().sum())} old rows' runs are not here to take their data.name from")
     return old
 
 
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = new_rows(args.results, known, args.code, f"{model} ({isa})")
     if old is not None:
         old = backfill(old, args.results)
-    table = rows if old is None else pd.concat([old, rows], ignore_index=True)
+    table = rows if old is None else old if rows.empty else pd.concat([old, rows], ignore_index=True)
     columns = LM_COLUMNS if "test_acc" not in table else COLUMNS
     known_order = [c for c in columns + ["code", "cpu"] if c in table]
     table = table[list(dict.fromkeys(known_order + list(table.columns)))]  # backfilled columns in place

@@ -91,6 +91,14 @@ def tiny_overrides() -> list[str]:
     return list(TINY)
 
 
+def collected_columns(config) -> dict:
+    """A run config's columns as abexp.lab.collect writes them (dotted keys, lists as JSON)."""
+    import json
+
+    from abexp.config import flatten
+    return {k: json.dumps(v) if isinstance(v, list) else v for k, v in flatten(config.model_dump()).items()}
+
+
 def runs_table(cells: dict, path) -> None:
     """A hand-made results table at ``path`` (CSV): ``cells`` maps (optimizer, delay, lr) to
     per-seed (val_acc, test_acc) pairs, a None pair being a diverged seed."""

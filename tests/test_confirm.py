@@ -2,7 +2,6 @@
 with the run ids the study's own spec gives those runs (checked against a hand-written spec),
 and refuses to select from a grid whose selecting seed has not finished."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from abexp.config import ConfigError, flatten
+from abexp.config import ConfigError
 from abexp.lab import collect as collect_module
 from abexp.figures.confirm import write_confirm_spec
 from abexp.lab.spec import load_spec
+from conftest import collected_columns
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,9 +49,7 @@ def finished_table(plan, unfinished: int = 0) -> pd.DataFrame:
     rows = []
     for run in plan[unfinished:]:
         picked = CHOSEN[cell(run)] == run.config.optim.lr
-        config = {k: json.dumps(v) if isinstance(v, list) else v  # as abexp.lab.collect writes them
-                  for k, v in flatten(run.config.model_dump()).items()}
-        rows.append({"run_id": run.run_id, "status": "completed", **config,
+        rows.append({"run_id": run.run_id, "status": "completed", **collected_columns(run.config),
                      "val_loss": 1.0 if picked else 2.0, "test_loss": 3.0 if picked else 2.5})
     return pd.DataFrame(rows)
 
@@ -64,9 +62,10 @@ def study(tmp_path, seeds: str) -> Path:
 
 
 def test_the_written_spec_runs_new_seeds_at_the_validation_selected_lrs(tmp_path, monkeypatch):
-    spec = study(tmp_path, "[0]")
+    spec = study(tmp_path, "[0, 1, 2]")  # the study plans 3 seeds; only seed 0 has run: it selects
     plan = load_spec(spec).expand()
-    monkeypatch.setattr(collect_module, "collect", lambda results: finished_table(plan))
+    monkeypatch.setattr(collect_module, "collect",
+                        lambda results: finished_table([r for r in plan if r.config.seed == 0]))
     out = tmp_path / "experiments" / "lm_study_confirm.yaml"
     ids = write_confirm_spec(spec, "unused", [1, 2], out)
 
@@ -105,3 +104,37 @@ def test_the_cli_says_one_line_and_exits_2_without_runs(tmp_path):
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and not out.exists()
     assert proc.stderr.count("\n") == 1 and "no runs of" in proc.stderr
+
+
+def test_a_study_without_variants_keeps_its_exclusions_and_its_own_spec(tmp_path, monkeypatch):
+    spec = tmp_path / "flat.yaml"
+    spec.write_text("""name: flat
+base:
+  model: {name: gpt, layers: 1, width: 8, heads: 2}
+  data: {name: shakespeare, context: 8, subset: 64}
+grid:
+  seed: [0]
+  optim.name: [adamw, muon]
+  delay.steps: [0, 4]
+  optim.lr: [0.001, 0.01]
+exclude:
+  - {optim.name: muon, delay.steps: 4, seed: 2}
+""")
+    plan = load_spec(spec).expand()
+    chosen = {("adamw", 0): 0.01, ("adamw", 4): 0.001, ("muon", 0): 0.001, ("muon", 4): 0.01}
+    rows = []
+    for run in plan:
+        picked = chosen[(run.config.optim.name, run.config.delay.steps)] == run.config.optim.lr
+        rows.append({"run_id": run.run_id, "status": "completed", **collected_columns(run.config),
+                     "val_loss": 1.0 if picked else 2.0, "test_loss": 1.5})
+    monkeypatch.setattr(collect_module, "collect", lambda results: pd.DataFrame(rows))
+    with pytest.raises(ConfigError, match="the study's own spec"):
+        write_confirm_spec(spec, "unused", [1, 2], spec)  # would overwrite what it extends
+    out = tmp_path / "flat_confirm.yaml"
+    ids = write_confirm_spec(spec, "unused", [1, 2], out)
+    written = load_spec(out).expand()
+    got = sorted((r.config.optim.name, r.config.delay.steps, r.config.optim.lr, r.config.seed) for r in written)
+    # the exclusion holds for the new seeds: Muon at D = 4 runs seed 1 only
+    assert got == sorted([(o, d, lr, s) for (o, d), lr in chosen.items() for s in (1, 2)
+                          if (o, d, s) != ("muon", 4, 2)])
+    assert sorted(ids) == sorted(r.run_id for r in written)

@@ -240,3 +240,23 @@ def test_the_cost_table_pairs_what_the_delay_cost_each_rule(tmp_path):
     assert cost.loc[0, "mean_diff"] == pytest.approx(mean) and cost.loc[0, "sd_diff"] == pytest.approx(sd)
     assert cost.loc[0, "ci_high"] == pytest.approx(mean + T_975[2] * sd / math.sqrt(3), abs=1e-3)
     assert "less robust" in (tmp_path / "figs" / "paired_cost.md").read_text()
+
+
+def test_a_losss_cost_is_what_the_delay_added_and_a_diverged_start_has_none(tmp_path):
+    """Lower is better for a language model: the cost is loss(delayed) − loss(undelayed); a seed
+    whose undelayed run diverged has no cost and is left out of the pairing."""
+    losses = {  # (optimizer, delay): per seed test loss; None = diverged (validation = test here)
+        ("adamw", 0): [2.0, 2.1, None], ("adamw", 4): [2.5, 2.7, 2.6],
+        ("muon", 0): [1.8, 1.9, 1.7], ("muon", 4): [2.2, 2.4, 2.3],
+    }
+    rows = [{"run_id": f"{o}{d}{s}", "experiment": "e", "status": "diverged" if v is None else "completed",
+             "data.name": "shakespeare", "optim.name": o, "optim.lr": 0.01, "delay.kind": "constant",
+             "delay.steps": d, "seed": s, "val_loss": v, "test_loss": v}
+            for (o, d), vs in losses.items() for s, v in enumerate(vs)]
+    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
+    paired.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "figs"), "--baseline", "adamw"])
+    cost = pd.read_csv(tmp_path / "figs" / "paired_cost.csv").iloc[0]
+    # naive: Muon's added loss − AdamW's, seeds 0 and 1 (AdamW's undelayed seed 2 diverged)
+    diffs = [(2.2 - 1.8) - (2.5 - 2.0), (2.4 - 1.9) - (2.7 - 2.1)]
+    assert cost["seed_list"] == "0 1" and cost["mean_diff"] == pytest.approx(statistics.mean(diffs))
+    assert cost["mean_diff"] < 0  # Muon lost less to the delay: more robust, negative

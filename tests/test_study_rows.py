@@ -80,11 +80,9 @@ def test_the_tables_redrawn_from_the_rows_equal_those_from_the_results_table(tmp
     """The committed rows carry everything the study's tables read: tuned_lr and paired drawn
     from them (analysis/study_tables.py) equal the same modules drawn from the full results table
     (every config column, as abexp collect writes it)."""
-    import json
-
-    from abexp.config import flatten
     from abexp.figures import paired, tuned_lr
     from abexp.lab.spec import load_spec
+    from conftest import collected_columns
 
     spec = tmp_path / "study.yaml"
     spec.write_text("""name: lm_rows
@@ -101,10 +99,9 @@ grid:
 """)
     full = []
     for i, run in enumerate(load_spec(spec).expand()):
-        config = {k: json.dumps(v) if isinstance(v, list) else v for k, v in flatten(run.config.model_dump()).items()}
         loss = 2.0 + ((i * 37) % 11) / 20  # arbitrary but fixed losses
         full.append({"run_id": run.run_id, "status": "diverged" if i == 5 else "completed", "experiment": "lm_rows",
-                     "variant": run.config.variant, **config, "steps": 100, "wall_s": 1.0,
+                     "variant": run.config.variant, **collected_columns(run.config), "steps": 100, "wall_s": 1.0,
                      "val_loss": None if i == 5 else loss, "test_loss": None if i == 5 else loss + 0.03})
     pd.DataFrame(full).to_csv(tmp_path / "runs.csv", index=False)
     rows = load_module()

@@ -30,7 +30,11 @@ KEEP_OUT = ("seed", "variant")  # never zipped: the seed is the new grid, the va
 
 
 class _Dumper(yaml.SafeDumper):
-    """Safe YAML whose multi-line strings (the description's list of selections) stay readable."""
+    """Safe YAML whose multi-line strings (the description's list of selections) stay readable,
+    with no anchors and aliases for values that happen to be shared."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 _Dumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
@@ -97,6 +101,8 @@ def confirm_doc(spec: Spec, out: Path, overrides: list[dict[str, Any]], seeds: l
         if group:
             doc["zip"] = [group]
     doc["grid"] = {"seed": list(seeds)}
+    if spec.exclude:  # the study's exclusions hold for the new seeds too
+        doc["exclude"] = [dict(rule) for rule in spec.exclude]
     return doc
 
 
@@ -105,7 +111,9 @@ def write_confirm_spec(spec_path: str | Path, results: str | Path, seeds: list[i
     """Select, write the confirmation spec to ``out`` (atomically) and return its run ids."""
     from abexp.lab.collect import collect
 
-    spec = load_spec(spec_path)
+    spec, out = load_spec(spec_path), Path(out)
+    if out.resolve() == spec.path.resolve():
+        raise ConfigError(str(out), "output", "is the study's own spec, which the written one extends")
     plan = spec.expand(warn=lambda msg: None)
     by_id = {r.run_id: r for r in plan}
     table = collect(results)
@@ -120,7 +128,13 @@ def write_confirm_spec(spec_path: str | Path, results: str | Path, seeds: list[i
                           f"{sorted(set(int(s) for s in table['seed']))} have not finished (e.g. {missing[0]}): "
                           "selecting now would pick from part of the grid (--allow-partial to do it anyway)")
     cells, lines = selected_runs(spec, table)
-    chosen_ids = [rid for cell in cells for rid in cell["run_ids"]]
+    chosen_ids = {rid for cell in cells for rid in cell["run_ids"]}
+    if not chosen_ids:
+        raise ConfigError(str(spec_path), "optim.lr", "nothing to select: no optimizer was run at a delay "
+                          "(constant or pipeline) with a finished run")
+    elsewhere = sorted(set(table.get("delay.kind", pd.Series(dtype=str)).dropna()) - {"constant", "pipeline"})
+    if elsewhere:  # asynchronous and replayed runs have no tuned-lr table to select on
+        lines.append(f"(runs with delay.kind {', '.join(elsewhere)} are not part of this stage)")
     base_overrides: dict[tuple, dict[str, Any]] = {}
     for r in plan:  # plan order: the written spec runs the cells in the order SPEC would
         if r.run_id in chosen_ids:
@@ -130,12 +144,11 @@ def write_confirm_spec(spec_path: str | Path, results: str | Path, seeds: list[i
 
     # the runs meant: SPEC's own expansion at the new seeds, restricted to the selected cells
     wide = Spec(spec.path, spec.name, spec.description, spec.base, {**spec.grid, "seed": list(seeds)},
-                spec.variants, spec.zips, [], spec.set_keys)
+                spec.variants, spec.zips, spec.exclude, spec.set_keys)
     keys = set(base_overrides)
     meant = [r.run_id for r in expand(wide, warn=lambda msg: None)
              if tuple(sorted((k, str(v)) for k, v in r.overrides.items() if k != "seed")) in keys]
 
-    out = Path(out)
     description = (f"Confirmation stage of {spec.path.name}, written by `abexp confirm` on {date.today()} from "
                    f"{len(table)} finished runs in {results}: seeds {list(seeds)} at each optimizer's lr "
                    "selected per delay as abexp figures' tuned-lr table selects it (same name and variant "

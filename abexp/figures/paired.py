@@ -69,10 +69,12 @@ def compare(tuned: pd.DataFrame, baseline: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def rises(tuned: pd.DataFrame, undelayed: int, harm: float) -> pd.DataFrame:
+def rises(tuned: pd.DataFrame, undelayed: int, harm: float, diverged: float) -> pd.DataFrame:
     """``tuned`` with each delayed cell's per-seed values replaced by what the delay cost that
     seed: harm · (value undelayed − value delayed), each at its own selected lr, on the seeds
-    both have (positive: the delay hurt). compare() on it pairs the costs, not the values."""
+    both have (positive: the delay hurt). compare() on it pairs the costs, not the values.
+    A seed whose undelayed run diverged (value ``diverged``) has no cost to measure and is left
+    out; a delayed run that diverged costs the most there is (infinite loss, all the accuracy)."""
     rows = []
     for name, cells in tuned.groupby("series", sort=False):
         cells = cells.set_index("delay")
@@ -83,7 +85,7 @@ def rises(tuned: pd.DataFrame, undelayed: int, harm: float) -> pd.DataFrame:
             if delay == undelayed:
                 continue
             mine = by_seed(cell)
-            seeds = sorted(set(mine) & set(start))
+            seeds = sorted(s for s in set(mine) & set(start) if start[s] != diverged)
             costs = [harm * (start[s] - mine[s]) for s in seeds]
             rows.append({**cell.to_dict(), "series": name, "delay": delay, "seed_list": " ".join(map(str, seeds)),
                          "accs": " ".join(f"{c!r}" for c in costs)})
@@ -158,7 +160,7 @@ def report(table: pd.DataFrame, axis: common.DelayAxis, baseline: str, out_dir: 
     out = out.sort_values(["delay", "series"], key=lambda c: c.map(rank) if c.name == "series" else c,
                           ignore_index=True)
     write(out, markdown(out, bases[0], on_val, metric, axis), stem, out_dir, metric.val if on_val else metric.test)
-    costs = rises(tuned, axis.undelayed, metric.harm)
+    costs = rises(tuned, axis.undelayed, metric.harm, metric.diverged)
     cost = compare(costs, bases[0]) if not costs.empty else costs
     if not cost.empty:  # the same rules, judged by what the delay cost each (robustness)
         cost = cost.sort_values(["delay", "series"], key=lambda c: c.map(rank) if c.name == "series" else c,
