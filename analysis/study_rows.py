@@ -28,8 +28,8 @@ from abexp import io  # noqa: E402
 from abexp.figures.common import Metric  # noqa: E402
 from abexp.lab.collect import collect  # noqa: E402
 
-COLUMNS = ["run_id", "experiment", "status", "seed", "optim.name", "optim.lr", "delay.steps", "data.val_split",
-           "steps", "val_acc", "test_acc", "wall_s"]
+COLUMNS = ["run_id", "experiment", "status", "seed", "optim.name", "optim.lr", "delay.kind", "delay.stages",
+           "delay.steps", "data.val_split", "steps", "val_acc", "test_acc", "wall_s"]
 # a language model (abexp.figures.common.Metric): losses in nats per character, and the pipeline
 # variant's stages beside the constant delay; data.name tells the figures that lower is better
 LM_COLUMNS = ["run_id", "experiment", "variant", "status", "data.name", "seed", "optim.name", "optim.lr",
@@ -51,18 +51,23 @@ def new_rows(results: str, known: set[str], code: str, cpu: str) -> pd.DataFrame
 
 
 def backfill(old: pd.DataFrame, results: str) -> pd.DataFrame:
-    """Rows written before the status and data.name columns existed: every such row was a
-    completed run (only those were written then), and its dataset is its run's."""
+    """Rows written before some of today's columns existed (status, data.name, delay.kind,
+    delay.stages) gain them: status "completed" (only completed runs were written then), the
+    others from the rows' own runs in ``results``, which must all be there."""
     old = old.copy()
     if "status" not in old:
         old["status"] = "completed"
-    if "test_loss" in old and "test_acc" not in old and "data.name" not in old:  # a language model's rows
+    columns = LM_COLUMNS if "test_loss" in old and "test_acc" not in old else COLUMNS
+    missing = [c for c in columns if c not in old]
+    if missing:
         runs = collect(results)
-        if "run_id" not in runs or "data.name" not in runs:
-            sys.exit(f"{results}: no runs to take the old rows' data.name from (the study's results folder?)")
-        old["data.name"] = old["run_id"].map(runs.set_index("run_id")["data.name"])
-        if old["data.name"].isna().any():
-            sys.exit(f"{results}: {int(old['data.name'].isna().sum())} old rows' runs are not here to take their data.name from")
+        absent = set(old["run_id"]) - set(runs.get("run_id", ()))
+        if absent:
+            sys.exit(f"{results}: {len(absent)} of the old rows' runs are not here to fill in their "
+                     f"{', '.join(missing)} from (the study's results folder?)")
+        runs = runs.set_index("run_id")
+        for column in missing:  # a column no run has (val_acc without a validation set) stays empty
+            old[column] = old["run_id"].map(runs[column]) if column in runs else float("nan")
     return old
 
 

@@ -7,7 +7,8 @@ redraws them digit for digit:
 
     make study-tables        # = python analysis/study_tables.py
 
-Each study's tables land in results/ as <study>_<table>.md (and the tuned-lr figure as .png).
+Each study's tables land in results/ as <study>_<table>.md (and the tuned-lr figure as .png):
+issue 40's shakespeare_gpt and issue 39's per-stage digits_pipeline_seeds.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from abexp import io
-from abexp.figures import common, paired, tuned_lr
+from abexp.figures import accuracy_vs_stages, common, paired, tuned_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,10 +32,15 @@ class Study:
     also_paired_with: tuple[str, ...] = ()  # more baselines: <table>_vs_<name>.md each
     copied: tuple[str, ...] = ("tuned_lr.md", "tuned_lr_stages.md", "tuned_lr_stages.png",
                                "paired.md", "paired_stages.md", "paired_cost.md", "paired_cost_stages.md")
+    per_stage_means: bool = False  # also accuracy_vs_stages' means, as <study>_accuracy.csv
 
 
-# weight prediction (lwp_muon) is read against the rule it predicts for, Muon, and against AB-Muon
-STUDIES = {"shakespeare_gpt": Study("results/shakespeare_gpt_runs.csv", baseline="adamw", also_paired_with=("muon", "ab_muon"))}
+STUDIES = {
+    # weight prediction (lwp_muon) is read against the rule it predicts for, Muon, and against AB-Muon
+    "shakespeare_gpt": Study("results/shakespeare_gpt_runs.csv", baseline="adamw", also_paired_with=("muon", "ab_muon")),
+    # one lr for every rule (no tuned-lr table): the per-stage pairing with SGDM and the means
+    "digits_pipeline_seeds": Study("results/digits_pipeline_seeds_runs.csv", baseline="sgdm", per_stage_means=True),
+}
 
 
 def draw(name: str, study: Study, out: Path) -> list[Path]:
@@ -48,6 +54,9 @@ def draw(name: str, study: Study, out: Path) -> list[Path]:
             except common.Skipped:  # e.g. one seed: nothing to pair yet
                 pass
         copies = {file: f"{name}_{file}" for file in study.copied}
+        if study.per_stage_means:
+            accuracy_vs_stages.main(table)
+            copies["accuracy_vs_stages.csv"] = f"{name}_accuracy.csv"
         for other in study.also_paired_with:
             folder = Path(tmp) / f"vs_{other}"
             try:

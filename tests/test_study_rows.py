@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,3 +125,25 @@ grid:
         theirs = name.removeprefix("lm_rows_")
         theirs = f"vs_muon/{theirs.replace('_vs_muon', '')}" if "vs_muon" in theirs else theirs
         assert (tmp_path / "out" / name).read_text() == (reference / theirs).read_text()
+
+
+def test_a_classifiers_old_rows_gain_their_runs_delay_kind_and_stages(tmp_path, monkeypatch):
+    rows = load_module()
+    run = {"run_id": "p", "status": "completed", "experiment": "d", "seed": 0, "optim.name": "lwp", "optim.lr": 0.01,
+           "delay.kind": "pipeline", "delay.stages": 8, "delay.steps": 0, "steps": 712, "test_acc": 0.9,
+           "wall_s": 30.0, "data.name": "digits"}
+    monkeypatch.setattr(rows, "collect", lambda results: pd.DataFrame([run]))
+    monkeypatch.setattr(rows, "cpu_kind", lambda: ("Test CPU", "AVX"))
+    out = tmp_path / "rows.csv"  # written before delay.kind and delay.stages were columns
+    out.write_text("run_id,experiment,seed,optim.name,optim.lr,delay.steps,steps,test_acc,wall_s,code,cpu\n"
+                   "p,d,0,lwp,0.01,0,712,0.9,30.0,old1234,Other CPU\n")
+    assert rows.main(["--results", "unused", "--code", "abc1234", "-o", str(out)]) == 0
+    table = pd.read_csv(out)
+    assert table.loc[0, "delay.kind"] == "pipeline" and table.loc[0, "delay.stages"] == 8
+    assert table.loc[0, "status"] == "completed" and table.loc[0, "code"] == "old1234" and len(table) == 1
+    monkeypatch.setattr(rows, "collect", lambda results: pd.DataFrame(columns=["run_id"]))
+    out.write_text("run_id,experiment,seed,optim.name,optim.lr,delay.steps,steps,test_acc,wall_s,code,cpu\n"
+                   "p,d,0,lwp,0.01,0,712,0.9,30.0,old1234,Other CPU\n")
+    with pytest.raises(SystemExit, match="not"):  # its run is not in this results folder: refused
+        rows.main(["--results", "elsewhere", "--code", "abc1234", "-o", str(out)])
+    assert "delay.kind" not in out.read_text()  # nothing half-written
