@@ -8,7 +8,7 @@ redraws them digit for digit:
     make study-tables        # = python analysis/study_tables.py
 
 Each study's tables land in results/ as <study>_<table>.md (and the tuned-lr figure as .png):
-issue 40's shakespeare_gpt and issue 39's per-stage digits_pipeline_seeds.
+issue 40's shakespeare_gpt and issue 39's fashion_mnist_evidence and per-stage digits_pipeline_seeds.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ class Study:
 STUDIES = {
     # weight prediction (lwp_muon) is read against the rule it predicts for, Muon, and against AB-Muon
     "shakespeare_gpt": Study("results/shakespeare_gpt_runs.csv", baseline="adamw", also_paired_with=("muon", "ab_muon")),
+    # issue 39's lr selection on validation (stage 1, 2 seeds) and, once stage 2 has run, 8 paired seeds
+    "fashion_mnist_evidence": Study("results/fashion_mnist_evidence_runs.csv", baseline="sgdm"),
     # one lr for every rule (no tuned-lr table): the per-stage pairing with SGDM and the means
     "digits_pipeline_seeds": Study("results/digits_pipeline_seeds_runs.csv", baseline="sgdm", per_stage_means=True),
 }

@@ -360,7 +360,7 @@ def test_tuned_lr_picks_each_optimizers_best_lr_per_delay_by_hand(tmp_path):
     assert "from the grid {0.1, 0.2, 0.4} at D = 0 and {0.05, 0.1, 0.2, 0.4} at D = 8 (" in text
     assert "| SGDM | 0.940 ± 0.014 @ 0.2 | 0.820 ± 0.028 @ 0.1↓, 2 of 4 lrs |" in text
     assert "| AB | – | 0.880 ± 0.014 @ 0.4↑, 3 of 4 lrs |" in text
-    assert "–: not run" in text  # AB has no D = 0 cell
+    assert "–: no finished run" in text  # AB has no D = 0 cell
     assert "| AB | 0.1 | – | 0.700 ± 0.000 |" in text
     assert (tmp_path / "figs" / "tuned_lr.png").exists()
     # one delay, one grid: said once

@@ -125,7 +125,7 @@ def report(table: pd.DataFrame, axis: common.DelayAxis, out_dir: str) -> None:
     lines += [f"| {name} | " + " | ".join(text.get((name, d), "–") for d in delays) + " |"
               for name in series if any((name, d) in text for d in delays)]
     if any((name, d) not in text for name in series for d in delays):
-        lines += ["", "–: not run (a spec's `exclude`, e.g. rules that are SGDM bitwise without delay)."]
+        lines += ["", "–: no finished run: excluded by the spec (e.g. rules that are SGDM bitwise without delay) or not finished yet."]
     lines += ["", "Every lr (test: mean ± sd over seeds" + (f"; val: the mean (± sd) validation {what}, what selects"
               if on_val else "") + "; the tuned table picks one per cell):", "",
               "| optimizer | lr | " + " | ".join(f"{D}={d}" for d in delays) + " |", "|---|---|" + "---|" * len(delays)]
