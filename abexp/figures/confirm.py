@@ -46,12 +46,9 @@ def selected_runs(spec: Spec, table: pd.DataFrame) -> tuple[list[dict[str, Any]]
     means, seeds, run ids) and the lines that describe them."""
     cells, lines = [], []
     for axis, view in common.delay_views(table):
-        metric = common.Metric(view)
-        view["acc"] = metric.scores(view)
-        common.add_series(view, axes=("delay.steps", "optim.lr"))
-        tuned, on_val = paired.selected(view, metric)
-        chosen = metric.val if on_val else metric.test
-        for row in tuned.sort_values(["delay", "series"]).to_dict("records"):
+        selection = paired.selected(view)
+        chosen = selection.metric.val if selection.on_val else selection.metric.test
+        for row in selection.tuned.sort_values(["delay", "series"]).to_dict("records"):
             runs = view[(view["series"] == row["series"]) & (view["delay.steps"] == row["delay"])
                         & (view["optim.lr"] == row["lr"])]
             score = row.get("val_mean", row["mean"])

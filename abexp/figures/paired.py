@@ -18,6 +18,7 @@ seed): whether a rule is more robust to delay than the baseline, not only better
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -27,45 +28,61 @@ from abexp.figures import common, stats, tuned_lr
 LEVEL, POWER, ALPHA = 0.95, 0.8, 0.05
 
 
-def selected(table: pd.DataFrame, metric: common.Metric | None = None) -> tuple[pd.DataFrame, bool]:
-    """One row per (series, delay): the selected lr and its per-seed accuracies (or losses;
-    tuned_lr.best), and whether validation selected it."""
-    metric = metric or common.Metric(table)
+@dataclass
+class Selection:
+    tuned: pd.DataFrame  # one row per (series, delay): the selected lr and its per-seed values
+    on_val: bool  # whether validation (not test) selected the lrs
+    metric: common.Metric
+    series: dict[str, str]  # series name -> optimizer, in the fixed order of every figure
+
+
+def selected(table: pd.DataFrame) -> Selection:
+    """Each optimizer's selected lr per delay (tuned_lr.best) with its per-seed accuracies (or
+    losses), as the tuned-lr table selects it. Adds ``acc`` (the reported metric, a diverged run
+    scored), ``sel`` (the selecting one, when validation selects) and ``series`` to ``table``."""
+    metric = common.Metric(table)  # accuracy, or a language model's loss (lower is better)
+    table["acc"] = metric.scores(table)
     on_val = tuned_lr.selects_on_validation(table, metric.val)
     if on_val:
         table["sel"] = metric.scores(table, metric.val)
-    return tuned_lr.best(tuned_lr.per_lr(table), metric), on_val
+    series = common.add_series(table, axes=("delay.steps", "optim.lr"))
+    return Selection(tuned_lr.best(tuned_lr.per_lr(table), metric), on_val, metric, series)
 
 
 def by_seed(row) -> dict[int, float]:
     return dict(zip((int(s) for s in str(row["seed_list"]).split()), (float(a) for a in str(row["accs"]).split())))
 
 
+def against_reference(tuned: pd.DataFrame, group: str, member: str, reference, sort: bool):
+    """For each ``group`` of ``tuned`` that has the ``reference`` ``member``: every other member's
+    row with its per-seed values and the reference's, (group, member, row, reference row, mine, theirs)."""
+    for key, cells in tuned.groupby(group, sort=sort):
+        cells = cells.set_index(member)
+        if reference not in cells.index:
+            continue
+        theirs = by_seed(cells.loc[reference])
+        for name, cell in cells.iterrows():
+            if name != reference:
+                yield key, name, cell, cells.loc[reference], by_seed(cell), theirs
+
+
 def compare(tuned: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """Per delay and non-baseline series: the paired differences with ``baseline`` (a series
     name) on the seeds both have, their t-interval and the seeds 80% power needs."""
     rows = []
-    for delay, cells in tuned.groupby("delay", sort=True):
-        cells = cells.set_index("series")
-        if baseline not in cells.index:
+    for delay, name, cell, base_cell, mine, base in against_reference(tuned, "delay", "series", baseline, sort=True):
+        seeds = sorted(set(mine) & set(base))
+        if not seeds:
             continue
-        base = by_seed(cells.loc[baseline])
-        for name, cell in cells.iterrows():
-            if name == baseline:
-                continue
-            mine = by_seed(cell)
-            seeds = sorted(set(mine) & set(base))
-            if not seeds:
-                continue
-            diffs = [mine[s] - base[s] for s in seeds]
-            mean, sd, low, high = stats.t_interval(diffs, LEVEL)
-            need = stats.seeds_for_power(mean, sd, POWER, ALPHA) if len(seeds) > 1 else None
-            rows.append({"delay": int(delay), "series": name, "baseline": baseline, "lr": cell["lr"],
-                         "baseline_lr": cells.loc[baseline, "lr"], "seeds": len(seeds),
-                         "seed_list": " ".join(map(str, seeds)),
-                         "diffs": " ".join(f"{d:+.4f}" for d in diffs), "mean_diff": mean, "sd_diff": sd,
-                         "ci_low": low, "ci_high": high, "interval": f"t, {LEVEL:.0%}, two-sided",
-                         "seeds_for_80pct_power": need})
+        diffs = [mine[s] - base[s] for s in seeds]
+        mean, sd, low, high = stats.t_interval(diffs, LEVEL)
+        need = stats.seeds_for_power(mean, sd, POWER, ALPHA) if len(seeds) > 1 else None
+        rows.append({"delay": int(delay), "series": name, "baseline": baseline, "lr": cell["lr"],
+                     "baseline_lr": base_cell["lr"], "seeds": len(seeds),
+                     "seed_list": " ".join(map(str, seeds)),
+                     "diffs": " ".join(f"{d:+.4f}" for d in diffs), "mean_diff": mean, "sd_diff": sd,
+                     "ci_low": low, "ci_high": high, "interval": f"t, {LEVEL:.0%}, two-sided",
+                     "seeds_for_80pct_power": need})
     return pd.DataFrame(rows)
 
 
@@ -76,19 +93,11 @@ def rises(tuned: pd.DataFrame, undelayed: int, harm: float, diverged: float) -> 
     A seed whose undelayed run diverged (value ``diverged``) has no cost to measure and is left
     out; a delayed run that diverged costs the most there is (infinite loss, all the accuracy)."""
     rows = []
-    for name, cells in tuned.groupby("series", sort=False):
-        cells = cells.set_index("delay")
-        if undelayed not in cells.index:
-            continue
-        start = by_seed(cells.loc[undelayed])
-        for delay, cell in cells.iterrows():
-            if delay == undelayed:
-                continue
-            mine = by_seed(cell)
-            seeds = sorted(s for s in set(mine) & set(start) if start[s] != diverged)
-            costs = [harm * (start[s] - mine[s]) for s in seeds]
-            rows.append({**cell.to_dict(), "series": name, "delay": delay, "seed_list": " ".join(map(str, seeds)),
-                         "accs": " ".join(f"{c!r}" for c in costs)})
+    for name, delay, cell, _, mine, start in against_reference(tuned, "series", "delay", undelayed, sort=False):
+        seeds = sorted(s for s in set(mine) & set(start) if start[s] != diverged)
+        costs = [harm * (start[s] - mine[s]) for s in seeds]
+        rows.append({**cell.to_dict(), "series": name, "delay": delay, "seed_list": " ".join(map(str, seeds)),
+                     "accs": " ".join(f"{c!r}" for c in costs)})
     return pd.DataFrame(rows)
 
 
@@ -146,13 +155,11 @@ def report(table: pd.DataFrame, axis: common.DelayAxis, baseline: str, out_dir: 
     stem = f"paired{axis.suffix}"
     if table["seed"].nunique() < 2:
         common.skip(stem, "one seed: nothing to pair an interval on")
-    metric = common.Metric(table)  # accuracy, or a language model's loss (lower is better)
-    table["acc"] = metric.scores(table)
-    series = common.add_series(table, axes=("delay.steps", "optim.lr"))
+    chosen = selected(table)
+    tuned, on_val, metric, series = chosen.tuned, chosen.on_val, chosen.metric, chosen.series
     bases = [s for s, optim in series.items() if optim == baseline]
     if len(bases) != 1:
         common.skip(stem, f"baseline {baseline}: {len(bases)} series in this study (need exactly one)")
-    tuned, on_val = selected(table, metric)
     out = compare(tuned, bases[0])
     if out.empty:
         common.skip(stem, f"no optimizer shares a seed and a {axis.letter} with {bases[0]}")
