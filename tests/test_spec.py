@@ -140,6 +140,26 @@ def test_shipped_specs_expand_and_validate():
     assert {r.config.train.epochs for r in short} == {16} and short[0].config.model.name == "resnet50"
 
 
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_spec_expands_to_distinct_valid_runs(path):
+    plan = load_spec(path).expand()
+    assert plan and len({r.run_id for r in plan}) == len(plan)
+
+
+def test_the_paper_length_evidence_runs_are_cells_of_the_stage_1_grid_at_34_epochs():
+    """Each (rule, delay, lr) the 34-epoch spec trains was run by stage 1 (its lr was selected
+    from that grid), on the same validation split, with 3 seeds each."""
+    stage1 = {(r.config.optim.name, r.config.delay.steps, r.config.optim.lr)
+              for r in load_spec(EXPERIMENTS / "fashion_mnist_evidence.yaml").expand()}
+    long = load_spec(EXPERIMENTS / "fashion_mnist_evidence_34ep.yaml").expand()
+    cells = {}
+    for run in long:
+        c = run.config
+        assert c.train.epochs == 34 and c.data.val_split == 0.1 and (c.optim.name, c.delay.steps, c.optim.lr) in stage1
+        cells.setdefault((c.optim.name, c.delay.steps), set()).add(c.seed)
+    assert cells == {(o, d): {0, 1, 2} for o in ("sgdm", "ab") for d in (0, 32)}
+
+
 def test_a_variant_with_its_own_grid_and_zip_varies_them_within_that_variant_only(tmp_path):
     spec = write(tmp_path / "s.yaml", """
         name: t
