@@ -160,6 +160,22 @@ def test_the_paper_length_evidence_runs_are_cells_of_the_stage_1_grid_at_34_epoc
     assert cells == {(o, d): {0, 1, 2} for o in ("sgdm", "ab") for d in (0, 32)}
 
 
+def test_the_paper_length_lrs_are_what_validation_selects_from_the_committed_stage_1_rows():
+    """The 34-epoch spec's lrs were typed in by hand: they must be the lrs the tuned-lr table
+    (paired.selected, on validation) picks from the committed rows of stage 1's seeds 0 and 1."""
+    from abexp.figures import common, paired
+
+    rows = common.finished(common.load(str(EXPERIMENTS.parent / "results" / "fashion_mnist_evidence_runs.csv")))
+    rows = rows[rows["optim.name"].isin(["sgdm", "ab"]) & rows["delay.steps"].isin([0, 32])].copy()
+    choice = paired.selected(rows)
+    assert choice.on_val
+    picked = {(choice.series[r["series"]], int(r["delay"])): float(r["lr"]) for r in choice.tuned.to_dict("records")}
+    assert all(n == 2 for n in choice.tuned["seeds"])  # both selection seeds at the picked lr
+    typed = {(r.config.optim.name, r.config.delay.steps, r.config.optim.lr)
+             for r in load_spec(EXPERIMENTS / "fashion_mnist_evidence_34ep.yaml").expand()}
+    assert typed == {(name, delay, lr) for (name, delay), lr in picked.items()}
+
+
 def test_a_variant_with_its_own_grid_and_zip_varies_them_within_that_variant_only(tmp_path):
     spec = write(tmp_path / "s.yaml", """
         name: t
