@@ -78,6 +78,7 @@ def run_script(name, *args):
     ("heatmaps", "runs.csv", ["heatmap_sgdm"]),
     ("rho_sensitivity", "runs.csv", ["rho_sensitivity"]),
     ("training_curves", "epochs.csv", ["training_curves"]),
+    ("brake", "epochs.csv", ["brake"]),
     ("stability", "stability.csv", ["stability"]),
     ("accuracy_vs_stages", "runs.csv", ["accuracy_vs_stages"]),
     ("pipeline_stability", "pipeline_stability.csv", ["pipeline_stability"]),
@@ -111,6 +112,35 @@ def test_table_numbers_match_the_collected_results(results, tmp_path):
     assert "\\begin{tabular}" in (tmp_path / "accuracy_table.tex").read_text()
 
 
+def test_brake_table_is_the_seed_mean_of_what_each_ab_run_logged(results, tmp_path):
+    """Recomputed from the runs' own metrics.jsonl: per AB cell, the first/last/all-epoch mean
+    of brake_mean and brake_sd over the seeds; SGDM runs (no brake) are not in it."""
+    run_script("brake", "--table", str(results / "epochs.csv"), "--experiment", "fig", "--out", str(tmp_path))
+    shown = pd.read_csv(tmp_path / "brake_table.csv")
+    logged = {}
+    for folder in (results / "runs").glob("*"):
+        result = json.loads((folder / "result.json").read_text())
+        config = result["config"]
+        if result["experiment"] != "fig" or config["optim"]["name"] != "ab" or config["optim"].get("rho") != 1.0:
+            continue
+        lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        epochs = [line for line in lines if "brake_mean" in line]
+        logged.setdefault(config["delay"]["steps"], []).append(epochs)
+    assert set(logged) == {0, 2} and all(len(runs) == 2 for runs in logged.values())
+    assert set(shown["series"]) == {"AB, ρ 0.5", "AB, ρ 1", "AB, ρ 2"}  # "fig" also varies AB's ρ; no SGDM
+    shown = shown[shown["series"] == "AB, ρ 1"]
+    assert sorted(shown["delay"]) == [0, 2]
+    for delay, runs in logged.items():
+        row = shown[shown["delay"] == delay].iloc[0]
+        first = sum(r[0]["brake_mean"] for r in runs) / 2
+        last_sd = sum(r[-1]["brake_sd"] for r in runs) / 2
+        every = sum(sum(e["brake_mean"] for e in r) / len(r) for r in runs) / 2
+        assert row["seeds"] == 2 and row["epochs"] == 2
+        assert row["first_mean"] == pytest.approx(first) and row["last_sd"] == pytest.approx(last_sd)
+        assert row["all_mean"] == pytest.approx(every)
+    assert f"| AB, ρ 1 | 2 | {shown['lr'].iloc[0]:g} | 2 | " in (tmp_path / "brake.md").read_text()
+
+
 def test_accuracy_vs_delay_marks_diverged_runs(results, tmp_path):
     run_script("accuracy_vs_delay", "--table", str(results / "runs.csv"), "--out", str(tmp_path))
     shown = pd.read_csv(tmp_path / "accuracy_vs_delay.csv")
@@ -123,7 +153,7 @@ def test_make_figures_regenerates_everything_from_results_alone(results):
     assert proc.returncode == 0, proc.stderr
     figs = results / "figures" / "fig"
     for name in ("accuracy_vs_delay.png", "heatmap_sgdm.png", "rho_sensitivity.png",
-                 "training_curves.png", "accuracy_table.md"):
+                 "training_curves.png", "accuracy_table.md", "brake.png", "brake.md"):
         assert (figs / name).exists(), name
     assert (results / "figures" / "stability.png").exists()
     assert (results / "figures" / "pipeline_stability.png").exists()

@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for name in run_scripts():
             ok &= script(name, "--table", str(runs), "--experiment", exp, "--out", out, *extra_args(name, args))
-        ok &= script("training_curves", "--table", str(epochs), "--experiment", exp, "--out", out)
+        for per_epoch in ("training_curves", "brake"):  # figures of the per-epoch table
+            ok &= script(per_epoch, "--table", str(epochs), "--experiment", exp, "--out", out)
     if damaged:
         print(f"abexp figures: {len(damaged)} damaged run folder(s) skipped; the figures omit them", file=sys.stderr)
     return 0 if ok and not damaged else 1
