@@ -96,9 +96,24 @@ def test_the_baseline_is_named(tmp_path):
     assert "no validation set" in (tmp_path / "f" / "paired.md").read_text()
 
 
+def test_an_ablation_pairs_against_one_series_of_an_optimizer_by_its_label(tmp_path):
+    """Two AB series (ρ 1 and ρ 2): the optimizer name is ambiguous, the label is not."""
+    rows = [{"run_id": f"r{rho}{s}", "experiment": "e", "status": "completed", "test_acc": a,
+             "optim.name": "ab", "optim.rho": rho, "delay.steps": 4, "optim.lr": 0.1, "seed": s,
+             "delay.kind": "constant"}
+            for rho, accs in {1.0: [0.70, 0.72], 2.0: [0.74, 0.73]}.items() for s, a in enumerate(accs)]
+    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
+    with pytest.raises(SystemExit):  # "ab" names two series: skipped, said in a line
+        paired.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "f"), "--baseline", "ab"])
+    paired.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "f"), "--baseline", "AB, ρ 1"])
+    out = pd.read_csv(tmp_path / "f" / "paired.csv")
+    assert list(out["series"]) == ["AB, ρ 2"] and set(out["baseline"]) == {"AB, ρ 1"}
+    assert out["diffs"].iloc[0] == "+0.0400 +0.0100" and out["mean_diff"].iloc[0] == pytest.approx(0.025)
+
+
 def test_every_figure_that_draws_error_bars_says_what_they_are():
     """An error bar without a caption reads as a confidence interval: each module that draws one
-    puts common.ERRORBARS (±1 sd over seeds) into its title."""
+    puts common.ERRORBARS (±1 sd over seeds) into its title, or its own BAND caption."""
     import ast
     from pathlib import Path
 
@@ -111,7 +126,8 @@ def test_every_figure_that_draws_error_bars_says_what_they_are():
         calls = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
         if calls & {"errorbar", "fill_between"}:
             drawing.append(module.stem)
-            assert "common.ERRORBARS" in module.read_text(), module.name
+            text = module.read_text()  # or a band of another quantity, captioned as such (brake.BAND)
+            assert "common.ERRORBARS" in text or ("BAND = " in text and "not an interval" in text), module.name
     assert {"accuracy_vs_delay", "accuracy_vs_stages", "rho_sensitivity", "async_vs_model"} <= set(drawing)
 
 

@@ -25,6 +25,10 @@ import pandas as pd
 from abexp.figures import common
 
 
+# the band is the factor's own spread within an epoch, not seeds' sd (common.ERRORBARS) nor an interval
+BAND = "band: ± its spread within the epoch, not an interval"
+
+
 def summary(curves: pd.DataFrame) -> pd.DataFrame:
     """One row per (series, delay, lr, epoch): the mean over seeds of brake_mean and brake_sd."""
     return (curves.groupby(["series", "delay.steps", "optim.lr", "epoch"])
@@ -115,8 +119,7 @@ def draw(per_epoch: pd.DataFrame, series: dict[str, str], axis: common.DelayAxis
             handles.setdefault(l, h)
     ordered = sorted(handles, key=lambda l: float(l.split()[1]))
     fig.legend([handles[l] for l in ordered], ordered, fontsize=8, loc="outside lower center", ncol=min(6, len(ordered)))
-    fig.suptitle("AB's brake factor per epoch (mean over seeds; band: ± its spread within the epoch, not an interval)",
-                 fontsize=10)
+    fig.suptitle(f"AB's brake factor per epoch (mean over seeds; {BAND})", fontsize=10)
     common.save(fig, per_epoch, out, stem)
 
 

@@ -141,7 +141,8 @@ def rows_markdown(out: pd.DataFrame) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     p = common.parser(__doc__)
-    p.add_argument("--baseline", default="sgdm", help="the optimizer (optim.name) every other is paired with")
+    p.add_argument("--baseline", default="sgdm", help="the optimizer (optim.name) every other is paired with, or one series by its label "
+                        "when the optimizer has several (an ablation: 'AB, ρ 1')")
     args = p.parse_args(argv)
     table = common.finished(common.load(args.table, args.experiment))
     if table.empty or "seed" not in table or "optim.lr" not in table:
@@ -157,7 +158,7 @@ def report(table: pd.DataFrame, axis: common.DelayAxis, baseline: str, out_dir: 
         common.skip(stem, "one seed: nothing to pair an interval on")
     chosen = selected(table)
     tuned, on_val, metric, series = chosen.tuned, chosen.on_val, chosen.metric, chosen.series
-    bases = [s for s, optim in series.items() if optim == baseline]
+    bases = [baseline] if baseline in series else [s for s, optim in series.items() if optim == baseline]
     if len(bases) != 1:
         common.skip(stem, f"baseline {baseline}: {len(bases)} series in this study (need exactly one)")
     out = compare(tuned, bases[0])
