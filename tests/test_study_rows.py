@@ -125,6 +125,10 @@ grid:
         theirs = name.removeprefix("lm_rows_")
         theirs = f"vs_muon/{theirs.replace('_vs_muon', '')}" if "vs_muon" in theirs else theirs
         assert (tmp_path / "out" / name).read_text() == (reference / theirs).read_text()
+    # a study listed before its first row is committed draws nothing, and says so
+    out = tmp_path / "none"
+    assert study_tables.draw("later", study_tables.Study(str(tmp_path / "absent.csv"), "sgdm"), out) == []
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_a_classifiers_old_rows_gain_their_runs_delay_kind_and_stages(tmp_path, monkeypatch):
