@@ -51,12 +51,12 @@ def selected_runs(spec: Spec, table: pd.DataFrame) -> tuple[list[dict[str, Any]]
         for row in selection.tuned.sort_values(["delay", "series"]).to_dict("records"):
             runs = view[(view["series"] == row["series"]) & (view["delay.steps"] == row["delay"])
                         & (view["optim.lr"] == row["lr"])]
-            score = row.get("val_mean", row["mean"])
+            score = row["selection_score"]
             cells.append({"axis": axis.letter, "series": row["series"], "delay": int(row["delay"]),
                           "lr": float(row["lr"]), "run_ids": sorted(set(runs["run_id"]))})
             edge = f" (the {row['edge']} edge of {row['lrs_compared']} lrs)" if row["edge"] else ""
             lines.append(f"{axis.letter} = {row['delay']}: {row['series']} at lr {row['lr']:g}{edge}, "
-                         f"mean {chosen} {score:.4f} over seeds {row['seed_list']}")
+                         f"mean {chosen} {score:.4f} over seeds {row['selection_seeds']}")
     return cells, lines
 
 

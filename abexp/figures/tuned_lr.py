@@ -8,8 +8,10 @@ sd over seeds at it, the lr, and a mark when the best lr sits on the edge of the
 held out a validation set (data.val_split), the lr is selected on the mean *validation* accuracy
 and the cell reports *test* accuracy at it; otherwise the same test set selects the lr and reports
 it (an optimistic bias, the same for every optimizer), and the table says which. The per-lr table
-below the tuned one shows every cell, so nothing rests on the selection alone. Only lrs run with
-the cell's largest number of seeds compete (a half-finished lr waits); their count shows when short.
+below the tuned one shows every cell, so nothing rests on the selection alone. The lrs compete on
+the seeds most of the cell's lrs were run with (``selection_seeds``): a half-finished lr waits, and
+in a two-stage study (abexp confirm) the first stage's seeds select and the selected lr's cell
+reports all its seeds; the count of lrs compared shows when short.
 Pipeline runs (delay.kind pipeline) get tables of their own against the stage count S
 (tuned_lr_stages.md/.csv/.png; common.delay_views), next to the constant delays' D.
 """
@@ -43,24 +45,44 @@ def per_lr(table: pd.DataFrame) -> pd.DataFrame:
         if "sel" in runs:
             row["val_mean"] = runs["sel"].mean()
             row["val_sd"] = runs["sel"].std(ddof=1) if len(runs) > 1 else float("nan")
+            row["vals"] = " ".join(repr(float(v)) for v in runs["sel"])
         rows.append(row)
     return pd.DataFrame(rows)
 
 
+def selection_seeds(lrs: pd.DataFrame) -> frozenset[int]:
+    """The seeds a cell's lrs compete on: the seed set most of its lrs were run with (ties: the
+    larger set). In a study run in two stages — every lr on a few seeds, then more seeds at the
+    lr those selected (abexp confirm) — that is the first stage's seeds, so the lr is chosen as
+    the first stage chose it and reported over all its seeds; an lr still missing one of those
+    seeds (half-finished) waits."""
+    sets = [frozenset(int(s) for s in str(seeds).split()) for seeds in lrs["seed_list"]]
+    return max(set(sets), key=lambda seeds: (sets.count(seeds), len(seeds), sorted(seeds)))
+
+
 def best(cells: pd.DataFrame, metric: common.Metric | None = None) -> pd.DataFrame:
-    """One row per (series, delay): the lr with the highest mean validation accuracy
-    (``val_mean``; the test ``mean`` when the cells have none) among those run with the most
-    seeds (ties: the smaller lr), whether it is a grid edge, how many lrs competed, and how many
-    the delay's grid has (every lr any optimizer was run at at that delay)."""
+    """One row per (series, delay): the lr with the best mean validation accuracy (the test
+    accuracy when the cells have no validation; a loss: the lowest) over the cell's selection
+    seeds (``selection_seeds``; ties: the smaller lr), among the lrs run on all of them, with
+    its mean over all its seeds; whether it is an edge of the lrs compared, how many competed,
+    and how many the delay's grid has (every lr any optimizer was run at at that delay)."""
     grid_at = cells.groupby("delay")["lr"].nunique()
-    key = "val_mean" if "val_mean" in cells else "mean"
+    column = "vals" if "vals" in cells else "accs"
     rows = []
     for (name, delay), lrs in cells.groupby(["series", "delay"], sort=False):
-        full = lrs[lrs["seeds"] == lrs["seeds"].max()].sort_values("lr")
-        top = full.loc[metric.better(full[key]) if metric else full[key].idxmax()]
+        chosen_seeds = selection_seeds(lrs)
+        scores = []
+        for lr in lrs.to_dict("records"):
+            per_seed = dict(zip((int(s) for s in str(lr["seed_list"]).split()),
+                                (float(v) for v in str(lr[column]).split())))
+            scores.append(sum(per_seed[s] for s in chosen_seeds) / len(chosen_seeds)
+                          if chosen_seeds <= set(per_seed) else float("nan"))
+        full = lrs.assign(selection_score=scores).dropna(subset=["selection_score"]).sort_values("lr")
+        top = full.loc[metric.better(full["selection_score"]) if metric else full["selection_score"].idxmax()]
         # an edge of the lrs that competed: those did not bracket the optimum
         edge = "" if len(full) < 2 else "low" if top["lr"] == full["lr"].min() else "high" if top["lr"] == full["lr"].max() else ""
-        rows.append({**top.to_dict(), "lrs_compared": len(full), "lrs_in_grid": int(grid_at[delay]), "edge": edge})
+        rows.append({**top.to_dict(), "selection_seeds": " ".join(map(str, sorted(chosen_seeds))),
+                     "lrs_compared": len(full), "lrs_in_grid": int(grid_at[delay]), "edge": edge})
     return pd.DataFrame(rows)
 
 
@@ -119,7 +141,8 @@ def report(table: pd.DataFrame, axis: common.DelayAxis, out_dir: str) -> None:
               if on_val else f"mean test {what}, the same test set that is reported (no validation set)")
     lines = [f"Final test {what}{note}, mean ± sd over {seeds} seed{'s' * (seeds > 1)} at each "
              f"optimizer's best lr per {axis.word} from {grid_text(cells, D)} (chosen on the "
-             f"{chosen}, among the lrs with the most seeds; ↑/↓: the best is the top/bottom of the lrs compared). "
+             f"{chosen}, over the seeds most of the cell's lrs were run with, among the lrs run on all of them; "
+             f"↑/↓: the best is the top/bottom of the lrs compared). "
              f"A diverged run counts as {metric.diverged:g}.", "",
              "| optimizer | " + " | ".join(f"{D}={d}" for d in delays) + " |", "|---|" + "---|" * len(delays)]
     lines += [f"| {name} | " + " | ".join(text.get((name, d), "–") for d in delays) + " |"
