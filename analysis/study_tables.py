@@ -20,8 +20,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from abexp import io
 from abexp.figures import accuracy_vs_stages, common, paired, tuned_lr
+from abexp.lab.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,18 +37,32 @@ class Study:
     copied: tuple[str, ...] = ("tuned_lr.md", "tuned_lr_stages.md", "tuned_lr_stages.png",
                                "paired.md", "paired_stages.md", "paired_cost.md", "paired_cost_stages.md")
     per_stage_means: bool = False  # also accuracy_vs_stages' means, as <study>_accuracy.csv
+    specs: tuple[str, ...] = ()  # only the rows of these specs' runs (by run id), when rows hold several studies
 
 
 STUDIES = {
     # weight prediction (lwp_muon) is read against the rule it predicts for, Muon, and against AB-Muon
     "shakespeare_gpt": Study("results/shakespeare_gpt_runs.csv", baseline="adamw", also_paired_with=("muon", "ab_muon")),
     # issue 39's lr selection on validation (stage 1, 2 seeds) and, once stage 2 has run, 8 paired seeds
-    "fashion_mnist_evidence": Study("results/fashion_mnist_evidence_runs.csv", baseline="sgdm"),
+    "fashion_mnist_evidence": Study("results/fashion_mnist_evidence_runs.csv", baseline="sgdm",
+                                    specs=("experiments/fashion_mnist_evidence.yaml",)),  # + its confirm spec, once written
+    # its ablations share the rows (and the unablated arm's runs); paired against that arm
+    "fashion_mnist_evidence_ablations": Study("results/fashion_mnist_evidence_runs.csv",
+                                              baseline="AB, ρ 1, ab cosine tensor",
+                                              specs=("experiments/fashion_mnist_evidence_ablations.yaml",)),
     # the paper-length runs at the lrs stage 1 selected: one lr per cell, so paired and paired_cost only
     "fashion_mnist_evidence_34ep": Study("results/fashion_mnist_evidence_34ep_runs.csv", baseline="sgdm"),
     # one lr for every rule (no tuned-lr table): the per-stage pairing with SGDM and the means
     "digits_pipeline_seeds": Study("results/digits_pipeline_seeds_runs.csv", baseline="sgdm", per_stage_means=True),
 }
+
+
+def spec_rows(study: Study) -> pd.DataFrame:
+    """The study's rows whose run ids its specs expand to (run ids ignore the experiment label,
+    so a run shared by two specs belongs to both)."""
+    ids = {run.run_id for spec in study.specs for run in load_spec(ROOT / spec).expand(warn=lambda m: None)}
+    rows = pd.read_csv(ROOT / study.rows)
+    return rows[rows["run_id"].isin(ids)]
 
 
 def draw(name: str, study: Study, out: Path) -> list[Path]:
@@ -55,7 +72,11 @@ def draw(name: str, study: Study, out: Path) -> list[Path]:
         print(f"skipped {name}: no {study.rows} yet", file=sys.stderr)
         return written
     with tempfile.TemporaryDirectory() as tmp:
-        table = ["--table", str(ROOT / study.rows), "--out", tmp]
+        rows = str(ROOT / study.rows)
+        if study.specs:  # this study's runs only
+            rows = str(Path(tmp) / "rows.csv")
+            io.write_text(rows, spec_rows(study).to_csv(index=False))
+        table = ["--table", rows, "--out", tmp]
         for figure, extra in ((tuned_lr, []), (paired, ["--baseline", study.baseline])):
             try:
                 figure.main(table + extra)
@@ -68,7 +89,7 @@ def draw(name: str, study: Study, out: Path) -> list[Path]:
         for other in study.also_paired_with:
             folder = Path(tmp) / f"vs_{other}"
             try:
-                paired.main(["--table", str(ROOT / study.rows), "--out", str(folder), "--baseline", other])
+                paired.main(["--table", rows, "--out", str(folder), "--baseline", other])
             except common.Skipped:
                 pass
             for stem in ("paired", "paired_stages", "paired_cost", "paired_cost_stages"):

@@ -160,20 +160,35 @@ def test_the_paper_length_evidence_runs_are_cells_of_the_stage_1_grid_at_34_epoc
     assert cells == {(o, d): {0, 1, 2} for o in ("sgdm", "ab") for d in (0, 32)}
 
 
-def test_the_paper_length_lrs_are_what_validation_selects_from_the_committed_stage_1_rows():
-    """The 34-epoch spec's lrs were typed in by hand: they must be the lrs the tuned-lr table
-    (paired.selected, on validation) picks from the committed rows of stage 1's seeds 0 and 1."""
+def validation_selected_lrs(rules, delays) -> dict[tuple[str, int], float]:
+    """{(optimizer, delay): lr} as the tuned-lr table (paired.selected, on validation) picks it
+    from the committed rows of fashion_mnist_evidence's selection seeds; each cell complete."""
     from abexp.figures import common, paired
 
     rows = common.finished(common.load(str(EXPERIMENTS.parent / "results" / "fashion_mnist_evidence_runs.csv")))
-    rows = rows[rows["optim.name"].isin(["sgdm", "ab"]) & rows["delay.steps"].isin([0, 32])].copy()
+    rows = rows[rows["optim.name"].isin(rules) & rows["delay.steps"].isin(delays)].copy()
     choice = paired.selected(rows)
-    assert choice.on_val
-    picked = {(choice.series[r["series"]], int(r["delay"])): float(r["lr"]) for r in choice.tuned.to_dict("records")}
-    assert all(n == 2 for n in choice.tuned["seeds"])  # both selection seeds at the picked lr
+    assert choice.on_val and all(n == 2 for n in choice.tuned["seeds"])  # both selection seeds at the picked lr
+    return {(choice.series[r["series"]], int(r["delay"])): float(r["lr"]) for r in choice.tuned.to_dict("records")}
+
+
+def test_the_paper_length_lrs_are_what_validation_selects_from_the_committed_stage_1_rows():
+    """The 34-epoch spec's lrs were typed in by hand: they must be the lrs the tuned-lr table
+    picks from stage 1's committed rows."""
+    picked = validation_selected_lrs(["sgdm", "ab"], [0, 32])
     typed = {(r.config.optim.name, r.config.delay.steps, r.config.optim.lr)
              for r in load_spec(EXPERIMENTS / "fashion_mnist_evidence_34ep.yaml").expand()}
     assert typed == {(name, delay, lr) for (name, delay), lr in picked.items()}
+
+
+def test_the_ablations_run_at_the_validation_selected_lr_with_eight_seeds_per_arm():
+    picked = validation_selected_lrs(["ab"], [32])
+    arms: dict[tuple, set[int]] = {}
+    for run in load_spec(EXPERIMENTS / "fashion_mnist_evidence_ablations.yaml").expand():
+        c = run.config
+        assert c.optim.lr == picked[(c.optim.name, c.delay.steps)] and c.data.val_split == 0.1 and c.train.epochs == 3
+        arms.setdefault((c.optim.rho, c.optim.ab_cosine), set()).add(c.seed)
+    assert arms == {arm: set(range(8)) for arm in [(1.0, "tensor"), (2.0, "tensor"), (1.0, "global")]}
 
 
 def test_a_variant_with_its_own_grid_and_zip_varies_them_within_that_variant_only(tmp_path):

@@ -151,3 +151,35 @@ def test_a_classifiers_old_rows_gain_their_runs_delay_kind_and_stages(tmp_path, 
     with pytest.raises(SystemExit, match="not"):  # its run is not in this results folder: refused
         rows.main(["--results", "elsewhere", "--code", "abc1234", "-o", str(out)])
     assert "delay.kind" not in out.read_text()  # nothing half-written
+
+
+def test_a_study_drawn_from_shared_rows_reads_only_its_specs_runs(tmp_path):
+    """Two specs' runs in one rows file (an ablation beside its study): a study limited to one
+    spec draws exactly what that spec's rows alone give."""
+    from abexp.figures import paired
+    from abexp.lab.spec import load_spec
+
+    sys.path.insert(0, str(ROOT / "analysis"))
+    import study_tables
+
+    base = "base: {model: {name: resnet8}, data: {name: digits}}\n"
+    main = tmp_path / "main.yaml"
+    main.write_text("name: main\n" + base + "grid: {seed: [0, 1, 2], optim.name: [sgdm, ab], delay.steps: [8]}\n")
+    ablation = tmp_path / "ablation.yaml"
+    ablation.write_text("name: ablation\n" + base + "grid: {seed: [0, 1, 2], optim.name: [ab], optim.rho: [2.0], delay.steps: [8]}\n")
+    rows = []
+    for spec in (main, ablation):
+        for i, run in enumerate(load_spec(spec).expand()):
+            c = run.config
+            rows.append({"run_id": run.run_id, "experiment": c.experiment, "status": "completed", "seed": c.seed,
+                         "optim.name": c.optim.name, "optim.lr": c.optim.lr, "optim.rho": c.optim.rho,
+                         "delay.kind": "constant", "delay.steps": c.delay.steps,
+                         "test_acc": 0.5 + 0.1 * (c.optim.name == "ab") + 0.05 * (c.optim.rho == 2.0) + 0.01 * i})
+    pd.DataFrame(rows).to_csv(tmp_path / "rows.csv", index=False)
+    drawn = study_tables.draw("main", study_tables.Study(str(tmp_path / "rows.csv"), "sgdm", specs=(str(main),)),
+                              tmp_path / "out")
+    assert [p.name for p in drawn] == ["main_paired.md"]
+    pd.DataFrame([r for r in rows if r["experiment"] == "main"]).drop(columns="optim.rho").to_csv(tmp_path / "main.csv", index=False)
+    paired.main(["--table", str(tmp_path / "main.csv"), "--out", str(tmp_path / "reference")])
+    assert drawn[0].read_text() == (tmp_path / "reference" / "paired.md").read_text()
+    assert "| 8 | AB |" in drawn[0].read_text() and "ρ" not in drawn[0].read_text()
