@@ -25,11 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from check_readme import cpu_kind  # noqa: E402  (the CPU kind, as the demo check names it)
 
 from abexp import io  # noqa: E402
+from abexp.config import ADDED_KEYS  # noqa: E402
 from abexp.figures.common import Metric  # noqa: E402
-from abexp.lab.collect import collect  # noqa: E402
+from abexp.lab.collect import collect, collect_epochs  # noqa: E402
 
 COLUMNS = ["run_id", "experiment", "status", "seed", "optim.name", "optim.lr", "delay.kind", "delay.stages",
-           "delay.steps", "data.val_split", "steps", "val_acc", "test_acc", "wall_s"]
+           "delay.steps", "data.val_split", "steps", "val_acc", "test_acc", "wall_s",
+           # the keys an ablation varies (fashion_mnist_evidence_ablations.yaml): its arms are separate series
+           "optim.rho", "optim.ab_cosine", "optim.lwp_lookahead"]
+# per epoch, for the brake table (abexp.figures.brake): joined with the run rows by run_id to draw
+EPOCH_COLUMNS = ["run_id", "epoch", "brake_mean", "brake_sd"]
 # a language model (abexp.figures.common.Metric): losses in nats per character, and the pipeline
 # variant's stages beside the constant delay; data.name tells the figures that lower is better
 LM_COLUMNS = ["run_id", "experiment", "variant", "status", "data.name", "seed", "optim.name", "optim.lr",
@@ -48,6 +53,17 @@ def new_rows(results: str, known: set[str], code: str, cpu: str) -> pd.DataFrame
     rows["steps"] = rows["steps"].astype("Int64")
     rows["code"], rows["cpu"] = code, cpu
     return rows
+
+
+def new_epochs(results: str, run_ids: set[str]) -> pd.DataFrame:
+    """The per-epoch brake of the runs ``run_ids`` that logged one (AB rules), EPOCH_COLUMNS."""
+    table = collect(results)
+    if table.empty:
+        return pd.DataFrame(columns=EPOCH_COLUMNS)
+    epochs = collect_epochs(results, table[table["run_id"].isin(run_ids)])
+    if "brake_mean" not in epochs:
+        return pd.DataFrame(columns=EPOCH_COLUMNS)
+    return epochs[epochs["brake_mean"].notna()].reindex(columns=EPOCH_COLUMNS)
 
 
 def backfill(old: pd.DataFrame, results: str) -> pd.DataFrame:
@@ -76,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", required=True, help="the study's results folder")
     parser.add_argument("--code", required=True, help="the commit whose code trained the new runs")
     parser.add_argument("-o", "--output", required=True, help="the CSV to extend")
+    parser.add_argument("--epochs", help="also extend this CSV with the new runs' per-epoch brake (EPOCH_COLUMNS); "
+                                         "a run whose rows are already there is not added again")
     args = parser.parse_args(argv)
     out = Path(args.output)
     old = pd.read_csv(out, dtype={"run_id": str}) if out.exists() else None
@@ -85,11 +103,23 @@ def main(argv: list[str] | None = None) -> int:
     if old is not None:
         old = backfill(old, args.results)
     table = rows if old is None else old if rows.empty else pd.concat([old, rows], ignore_index=True)
+    for key, neutral in ADDED_KEYS.items():  # a run from before the key existed ran at its neutral value
+        if key in table and neutral is not None:
+            table[key] = table[key].fillna(neutral)
     columns = LM_COLUMNS if "test_acc" not in table else COLUMNS
     known_order = [c for c in columns + ["code", "cpu"] if c in table]
     table = table[list(dict.fromkeys(known_order + list(table.columns)))]  # backfilled columns in place
     order = [c for c in ("variant", "delay.stages", "delay.steps", "optim.name", "optim.lr", "seed") if c in table]
     table = table.sort_values(order, kind="stable")
+    if args.epochs:  # before the rows: a run in the rows file has its epochs written
+        epochs_out = Path(args.epochs)
+        old_epochs = pd.read_csv(epochs_out, dtype={"run_id": str}) if epochs_out.exists() else None
+        have = set(old_epochs["run_id"]) if old_epochs is not None else set()
+        added = new_epochs(args.results, set(table["run_id"]) - have)
+        epochs = added if old_epochs is None else pd.concat([old_epochs, added], ignore_index=True)
+        epochs = epochs.sort_values(["run_id", "epoch"], kind="stable")
+        io.write_text(epochs_out, epochs.to_csv(index=False))
+        print(f"{epochs_out}: {len(added)} new, {len(epochs)} rows")
     io.write_text(out, table.to_csv(index=False))
     print(f"{out}: {len(rows)} new, {len(table)} rows")
     return 0

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from abexp import io
-from abexp.figures import accuracy_vs_stages, common, paired, tuned_lr
+from abexp.figures import accuracy_vs_stages, brake, common, paired, tuned_lr
 from abexp.lab.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +38,7 @@ class Study:
                                "paired.md", "paired_stages.md", "paired_cost.md", "paired_cost_stages.md")
     per_stage_means: bool = False  # also accuracy_vs_stages' means, as <study>_accuracy.csv
     specs: tuple[str, ...] = ()  # only the rows of these specs' runs (by run id), when rows hold several studies
+    epochs: str | None = None  # per-epoch brake rows (study_rows --epochs): <study>_brake.md
 
 
 STUDIES = {
@@ -45,7 +46,8 @@ STUDIES = {
     "shakespeare_gpt": Study("results/shakespeare_gpt_runs.csv", baseline="adamw", also_paired_with=("muon", "ab_muon")),
     # issue 39's lr selection on validation (stage 1, 2 seeds) and, once stage 2 has run, 8 paired seeds
     "fashion_mnist_evidence": Study("results/fashion_mnist_evidence_runs.csv", baseline="sgdm",
-                                    specs=("experiments/fashion_mnist_evidence.yaml",)),  # + its confirm spec, once written
+                                    specs=("experiments/fashion_mnist_evidence.yaml",),  # + its confirm spec, once written
+                                    epochs="results/fashion_mnist_evidence_epochs.csv"),
     # its ablations share the rows (and the unablated arm's runs); paired against that arm
     "fashion_mnist_evidence_ablations": Study("results/fashion_mnist_evidence_runs.csv",
                                               baseline="AB, ρ 1, ab cosine tensor",
@@ -77,12 +79,19 @@ def draw(name: str, study: Study, out: Path) -> list[Path]:
             rows = str(Path(tmp) / "rows.csv")
             io.write_text(rows, spec_rows(study).to_csv(index=False))
         table = ["--table", rows, "--out", tmp]
+        if study.epochs and (ROOT / study.epochs).exists():  # the brake each AB run applied, per epoch
+            per_epoch = pd.read_csv(rows).merge(pd.read_csv(ROOT / study.epochs), on="run_id")
+            io.write_text(Path(tmp) / "epochs.csv", per_epoch.to_csv(index=False))
+            try:
+                brake.main(["--table", str(Path(tmp) / "epochs.csv"), "--out", tmp])
+            except common.Skipped:
+                pass
         for figure, extra in ((tuned_lr, []), (paired, ["--baseline", study.baseline])):
             try:
                 figure.main(table + extra)
             except common.Skipped:  # e.g. one seed: nothing to pair yet
                 pass
-        copies = {file: f"{name}_{file}" for file in study.copied}
+        copies = {file: f"{name}_{file}" for file in study.copied + ("brake.md", "brake_stages.md")}
         if study.per_stage_means:
             accuracy_vs_stages.main(table)
             copies["accuracy_vs_stages.csv"] = f"{name}_accuracy.csv"

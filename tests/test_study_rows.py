@@ -183,3 +183,31 @@ def test_a_study_drawn_from_shared_rows_reads_only_its_specs_runs(tmp_path):
     paired.main(["--table", str(tmp_path / "main.csv"), "--out", str(tmp_path / "reference")])
     assert drawn[0].read_text() == (tmp_path / "reference" / "paired.md").read_text()
     assert "| 8 | AB |" in drawn[0].read_text() and "ρ" not in drawn[0].read_text()
+
+
+def test_ab_runs_per_epoch_brake_rows_are_written_once_and_old_configs_get_the_neutral_value(tmp_path, monkeypatch):
+    """--epochs: the brake each AB run logged, per epoch, for the brake table; SGDM (no brake) has
+    none; a second pass adds nothing. A run whose config predates optim.lwp_lookahead ran linear."""
+    rows = load_module()
+    base = {"status": "completed", "experiment": "f", "seed": 0, "optim.lr": 0.025, "delay.steps": 32,
+            "data.val_split": 0.1, "steps": 5061, "val_acc": 0.8, "test_acc": 0.79, "wall_s": 300.0,
+            "data.name": "fashion_mnist", "optim.rho": 1.0, "optim.ab_cosine": "tensor"}
+    runs = pd.DataFrame([{**base, "run_id": "ab1", "optim.name": "ab", "optim.lwp_lookahead": "linear"},
+                         {**base, "run_id": "sg1", "optim.name": "sgdm"}])  # sg1: from before the key
+    logged = {"ab1": [{"epoch": 1, "train_loss": 0.9, "brake_mean": 0.37, "brake_sd": 0.22},
+                      {"epoch": 2, "train_loss": 0.5, "brake_mean": 0.92, "brake_sd": 0.27}],
+              "sg1": [{"epoch": 1, "train_loss": 0.9}, {"epoch": 2, "train_loss": 0.6}]}
+
+    def epochs_of(results, table):
+        return pd.DataFrame([{**e, "run_id": r} for r in table["run_id"] for e in logged[r]])
+    monkeypatch.setattr(rows, "collect", lambda results: runs)
+    monkeypatch.setattr(rows, "collect_epochs", epochs_of)
+    monkeypatch.setattr(rows, "cpu_kind", lambda: ("Test CPU", "AVX"))
+    out, per_epoch = tmp_path / "rows.csv", tmp_path / "epochs.csv"
+    for _ in range(2):
+        assert rows.main(["--results", "unused", "--code", "abc1234", "-o", str(out), "--epochs", str(per_epoch)]) == 0
+    epochs = pd.read_csv(per_epoch)
+    assert list(epochs.columns) == rows.EPOCH_COLUMNS and list(epochs["run_id"]) == ["ab1", "ab1"]
+    assert list(epochs["brake_mean"]) == [0.37, 0.92] and list(epochs["brake_sd"]) == [0.22, 0.27]
+    table = pd.read_csv(out).set_index("run_id")
+    assert table.loc["sg1", "optim.lwp_lookahead"] == "linear" and len(table) == 2
