@@ -62,9 +62,12 @@ STUDIES = {
 def spec_rows(study: Study) -> pd.DataFrame:
     """The study's rows whose run ids its specs expand to (run ids ignore the experiment label,
     so a run shared by two specs belongs to both)."""
-    ids = {run.run_id for spec in study.specs for run in load_spec(ROOT / spec).expand(warn=lambda m: None)}
+    specs = [load_spec(ROOT / spec) for spec in study.specs]
+    ids = {run.run_id for spec in specs for run in spec.expand(warn=lambda m: None)}
     rows = pd.read_csv(ROOT / study.rows)
-    return rows[rows["run_id"].isin(ids)]
+    rows = rows[rows["run_id"].isin(ids)].copy()
+    rows["experiment"] = specs[0].name  # one study: a shared run's label must not split it
+    return rows
 
 
 def draw(name: str, study: Study, out: Path) -> list[Path]:

@@ -449,3 +449,37 @@ def test_an_experiment_name_holding_a_path_draws_inside_the_figures_folder(tmp_p
     assert {p for p in tmp_path.rglob("*") if not p.is_relative_to(res)} == before  # nothing outside
     drawn = res / "figures" / "%2E.%2F..%2Fescaped"
     assert (drawn / "sweep_history.png").stat().st_size > 0
+
+
+def test_test_selection_compares_full_precision_means(tmp_path):
+    """Without validation the test values select: 0.2's mean beats 0.1's by 1.5e-5, below the
+    4 decimals a table prints, and still wins."""
+    from abexp.figures import tuned_lr
+    acc = {0.1: [0.90615, 0.90616], 0.2: [0.906175, 0.906165], 0.05: [0.5, 0.5]}
+    rows = [{"run_id": f"r{lr}_{s}", "experiment": "e", "status": "completed", "test_acc": a, "optim.name": "sgdm",
+             "delay.steps": 8, "optim.lr": lr, "seed": s, "delay.kind": "constant"}
+            for lr, accs in acc.items() for s, a in enumerate(accs)]
+    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
+    tuned_lr.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "figs")])
+    assert pd.read_csv(tmp_path / "figs" / "tuned_lr.csv").iloc[0]["lr"] == 0.2
+
+
+def test_the_brake_of_one_stage_pipeline_runs_lent_to_d0_keeps_every_epoch(tmp_path):
+    """A study whose constant delays have no D = 0 borrows the pipeline's S = 1 runs for it
+    (common.undelayed_from_pipeline); a per-epoch table must keep each of their epochs."""
+    from abexp.figures import brake
+    rows = []
+    for kind, stages, steps in (("pipeline", 1, 0), ("pipeline", 2, 0), ("constant", None, 4)):
+        for seed in (0, 1):
+            for epoch, factor in ((1, 0.5), (2, 0.9)):
+                rows.append({"run_id": f"{kind}{stages}{seed}", "experiment": "e", "status": "completed",
+                             "optim.name": "ab", "optim.lr": 0.1, "seed": seed, "delay.kind": kind,
+                             "delay.stages": stages, "delay.steps": steps, "epoch": epoch,
+                             "brake_mean": factor + 0.01 * seed, "brake_sd": 0.2})
+    pd.DataFrame(rows).to_csv(tmp_path / "epochs.csv", index=False)
+    brake.main(["--table", str(tmp_path / "epochs.csv"), "--out", str(tmp_path / "figs")])
+    table = pd.read_csv(tmp_path / "figs" / "brake_table.csv").set_index("delay")
+    assert table.loc[0, "epochs"] == 2 and table.loc[0, "first_mean"] == pytest.approx(0.505)
+    assert table.loc[0, "last_mean"] == pytest.approx(0.905) and table.loc[4, "last_mean"] == pytest.approx(0.905)
+    stages = pd.read_csv(tmp_path / "figs" / "brake_stages_table.csv").set_index("delay")
+    assert sorted(stages.index) == [1, 2] and stages.loc[1, "all_mean"] == pytest.approx(0.705)

@@ -166,7 +166,9 @@ def validation_selected_lrs(rules, delays) -> dict[tuple[str, int], float]:
     from abexp.figures import common, paired
 
     rows = common.finished(common.load(str(EXPERIMENTS.parent / "results" / "fashion_mnist_evidence_runs.csv")))
-    rows = rows[rows["optim.name"].isin(rules) & rows["delay.steps"].isin(delays)].copy()
+    stage_1 = {run.run_id for run in load_spec(EXPERIMENTS / "fashion_mnist_evidence.yaml").expand()}
+    rows = rows[rows["run_id"].isin(stage_1) & rows["seed"].isin([0, 1])  # not later stages or ablations
+                & rows["optim.name"].isin(rules) & rows["delay.steps"].isin(delays)].copy()
     choice = paired.selected(rows)
     assert choice.on_val and all(n == 2 for n in choice.tuned["seeds"])  # both selection seeds at the picked lr
     return {(choice.series[r["series"]], int(r["delay"])): float(r["lr"]) for r in choice.tuned.to_dict("records")}

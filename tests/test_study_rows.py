@@ -166,11 +166,14 @@ def test_a_study_drawn_from_shared_rows_reads_only_its_specs_runs(tmp_path):
     main = tmp_path / "main.yaml"
     main.write_text("name: main\n" + base + "grid: {seed: [0, 1, 2], optim.name: [sgdm, ab], delay.steps: [8]}\n")
     ablation = tmp_path / "ablation.yaml"
-    ablation.write_text("name: ablation\n" + base + "grid: {seed: [0, 1, 2], optim.name: [ab], optim.rho: [2.0], delay.steps: [8]}\n")
-    rows = []
+    ablation.write_text("name: ablation\n" + base + "grid: {seed: [0, 1, 2], optim.name: [ab], optim.rho: [1.0, 2.0], delay.steps: [8]}\n")
+    rows, seen = [], set()
     for spec in (main, ablation):
         for i, run in enumerate(load_spec(spec).expand()):
             c = run.config
+            if run.run_id in seen:  # the ablation's ρ 1 arm is the main spec's AB: one run, labelled by the first
+                continue
+            seen.add(run.run_id)
             rows.append({"run_id": run.run_id, "experiment": c.experiment, "status": "completed", "seed": c.seed,
                          "optim.name": c.optim.name, "optim.lr": c.optim.lr, "optim.rho": c.optim.rho,
                          "delay.kind": "constant", "delay.steps": c.delay.steps,
@@ -183,6 +186,12 @@ def test_a_study_drawn_from_shared_rows_reads_only_its_specs_runs(tmp_path):
     paired.main(["--table", str(tmp_path / "main.csv"), "--out", str(tmp_path / "reference")])
     assert drawn[0].read_text() == (tmp_path / "reference" / "paired.md").read_text()
     assert "| 8 | AB |" in drawn[0].read_text() and "ρ" not in drawn[0].read_text()
+    # the ablation, paired against its ρ 1 arm, which the main spec trained (another experiment label)
+    drawn = study_tables.draw("ablation", study_tables.Study(str(tmp_path / "rows.csv"), "AB, ρ 1",
+                                                             specs=(str(ablation),)), tmp_path / "out2")
+    text = drawn[0].read_text()
+    assert [p.name for p in drawn] == ["ablation_paired.md"] and "| 8 | AB, ρ 2 |" in text and "main" not in text
+    assert "+0.0500 +0.0500 +0.0500" in text  # ρ 2 − ρ 1 per seed, as the made-up accuracies say
 
 
 def test_ab_runs_per_epoch_brake_rows_are_written_once_and_old_configs_get_the_neutral_value(tmp_path, monkeypatch):

@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     if curves.empty or "brake_mean" not in curves or curves["brake_mean"].isna().all():
         common.skip("brake", "no run logged a brake (no AB rule, or runs from before it was logged)")
     common.skip_sweeps("brake", curves)
+    if "status" in curves:  # finished runs only, as every other table (a running run's epochs would move)
+        curves = common.finished(curves)
     curves = curves[curves["brake_mean"].notna()].copy()
     common.per_view("brake", curves, lambda view, axis: report(view, axis, args.out))
 

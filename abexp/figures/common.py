@@ -185,7 +185,7 @@ def undelayed_from_pipeline(pipeline: pd.DataFrame, whole: pd.DataFrame) -> pd.D
     if not rows:
         return one.iloc[0:0]
     lent = pd.concat(rows, ignore_index=True)
-    return lent.drop_duplicates(subset=[c for c in lent.columns if "." in c or c == "seed"])
+    return lent.drop_duplicates(subset=[c for c in lent.columns if "." in c or c in ("seed", "epoch")])  # a per-epoch table keeps its epochs
 
 
 def delay_views(table: pd.DataFrame) -> list[tuple[DelayAxis, pd.DataFrame]]:

@@ -6,7 +6,8 @@ exactly as the tuned-lr figure does (abexp.figures.paired.selected: the mean val
 when every run has one, else test), and writes a spec that runs the requested seeds at those
 lrs only. The written spec extends SPEC's base and keeps SPEC's name and variant names, so its
 runs have the run ids SPEC would give them: a run finished by either is finished for both, and
-``abexp figures`` reads them as one study (the lr with the most seeds is the one shown). The
+``abexp figures`` reads them as one study (the first stage's seeds select the lr again, and the
+selected lr's cell reports every seed: tuned_lr.selection_seeds). The
 selection is mechanical and recorded in the spec's description, never edited by hand; the
 written spec is checked to expand to exactly the runs meant before it is written.
 """

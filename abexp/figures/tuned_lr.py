@@ -40,7 +40,8 @@ def per_lr(table: pd.DataFrame) -> pd.DataFrame:
         accs = runs["acc"]
         row = {"series": name, "delay": int(delay), "lr": float(lr), "seeds": len(accs),
                "mean": accs.mean(), "sd": accs.std(ddof=1) if len(accs) > 1 else float("nan"),
-               "accs": " ".join(f"{a:.4f}" for a in accs),
+               "accs": " ".join(f"{a:.4f}" for a in accs),  # as printed; paired pairs these
+               "accs_full": " ".join(repr(float(a)) for a in accs),  # what selects when there is no validation
                "seed_list": " ".join(str(int(s)) for s in runs["seed"])}
         if "sel" in runs:
             row["val_mean"] = runs["sel"].mean()
@@ -67,7 +68,7 @@ def best(cells: pd.DataFrame, metric: common.Metric | None = None) -> pd.DataFra
     its mean over all its seeds; whether it is an edge of the lrs compared, how many competed,
     and how many the delay's grid has (every lr any optimizer was run at at that delay)."""
     grid_at = cells.groupby("delay")["lr"].nunique()
-    column = "vals" if "vals" in cells else "accs"
+    column = "vals" if "vals" in cells else "accs_full"
     rows = []
     for (name, delay), lrs in cells.groupby(["series", "delay"], sort=False):
         chosen_seeds = selection_seeds(lrs)
@@ -75,9 +76,13 @@ def best(cells: pd.DataFrame, metric: common.Metric | None = None) -> pd.DataFra
         for lr in lrs.to_dict("records"):
             per_seed = dict(zip((int(s) for s in str(lr["seed_list"]).split()),
                                 (float(v) for v in str(lr[column]).split())))
-            scores.append(sum(per_seed[s] for s in chosen_seeds) / len(chosen_seeds)
-                          if chosen_seeds <= set(per_seed) else float("nan"))
-        full = lrs.assign(selection_score=scores).dropna(subset=["selection_score"]).sort_values("lr")
+            worst = metric.diverged if metric else 0.0  # a missing value counts as a diverged run
+            scores.append(sum(worst if per_seed[s] != per_seed[s] else per_seed[s] for s in chosen_seeds)
+                          / len(chosen_seeds) if chosen_seeds <= set(per_seed) else None)
+        full = lrs.assign(selection_score=scores)
+        full = full[full["selection_score"].notna()].sort_values("lr")
+        if full.empty:
+            continue
         top = full.loc[metric.better(full["selection_score"]) if metric else full["selection_score"].idxmax()]
         # an edge of the lrs that competed: those did not bracket the optimum
         edge = "" if len(full) < 2 else "low" if top["lr"] == full["lr"].min() else "high" if top["lr"] == full["lr"].max() else ""
