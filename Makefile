@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export WANDB_SILENT := true
 
-.PHONY: setup fashion-mnist shakespeare test bench demo demo-check figures study-tables reproduce resilience clean gpu-check gpu-wheels
+.PHONY: setup fashion-mnist shakespeare test bench demo demo-check figures study-tables reproduce evidence resilience clean gpu-check gpu-wheels
 
 setup: $(STAMP) fashion-mnist shakespeare
 
@@ -106,6 +106,26 @@ reproduce: $(STAMP)
 	$(if $(IMAGENET_DIR),$(BIN)/abexp run experiments/imagenet_resnet50_delay.yaml \
 		--results $(RESULTS) --set data.root=$(IMAGENET_DIR) --gpus-per-run $(GPUS_PER_IMAGENET_RUN))
 	$(BIN)/abexp figures --results $(RESULTS) $(STABILITY_IF_MISSING)
+
+# Issue 39's re-run of the headline claims, in order; each step resumes where it stopped (run ids,
+# claims), so the target can be run again after an interruption (docs/studies.md). Stage 1 selects
+# each rule's lr on validation; `abexp confirm` then writes stage 2's spec from it (once: the
+# selection is recorded in that file, which is committed); the ablations and the 34-epoch runs use
+# the lrs stage 1 selected. The 34-epoch runs get a folder of their own (their rows file is).
+EVIDENCE_RESULTS ?= $(RESULTS)/evidence
+EVIDENCE_34EP_RESULTS ?= $(RESULTS)/evidence_34ep
+EVIDENCE_RUN = ABEXP_THREADS=1 $(BIN)/abexp run --workers $(WORKERS) --no-progress
+EVIDENCE_CONFIRM = experiments/fashion_mnist_evidence_confirm.yaml
+evidence: $(STAMP) fashion-mnist
+	$(EVIDENCE_RUN) experiments/fashion_mnist_evidence.yaml --results $(EVIDENCE_RESULTS)
+	test -f $(EVIDENCE_CONFIRM) || $(BIN)/abexp confirm experiments/fashion_mnist_evidence.yaml \
+		--results $(EVIDENCE_RESULTS) --seeds 2 3 4 5 6 7 -o $(EVIDENCE_CONFIRM)
+	$(EVIDENCE_RUN) $(EVIDENCE_CONFIRM) --results $(EVIDENCE_RESULTS)
+	$(EVIDENCE_RUN) experiments/fashion_mnist_evidence_ablations.yaml --results $(EVIDENCE_RESULTS)
+	$(EVIDENCE_RUN) experiments/fashion_mnist_evidence_34ep.yaml --results $(EVIDENCE_34EP_RESULTS)
+	$(BIN)/abexp figures --results $(EVIDENCE_RESULTS) --experiment fashion_mnist_evidence \
+		--spec experiments/fashion_mnist_evidence_ablations.yaml
+	$(BIN)/abexp figures --results $(EVIDENCE_34EP_RESULTS) --spec experiments/fashion_mnist_evidence_34ep.yaml
 
 # SIGKILL the runner three times during a 16-run spec; audit completed/duplicate/lost runs.
 resilience: $(STAMP)
