@@ -276,3 +276,15 @@ def test_a_losss_cost_is_what_the_delay_added_and_a_diverged_start_has_none(tmp_
     diffs = [(2.2 - 1.8) - (2.5 - 2.0), (2.4 - 1.9) - (2.7 - 2.1)]
     assert cost["seed_list"] == "0 1" and cost["mean_diff"] == pytest.approx(statistics.mean(diffs))
     assert cost["mean_diff"] < 0  # Muon lost less to the delay: more robust, negative
+
+
+def test_pairs_are_differences_of_full_precision_values(tmp_path):
+    """A loss or a small test set's accuracy is not a 4-decimal number: the paired mean is
+    taken before the table rounds it (0.00004 would round to 0.0000)."""
+    rows = [{"run_id": f"r{o}{s}", "experiment": "e", "status": "completed", "test_acc": a, "optim.name": o,
+             "delay.steps": 4, "optim.lr": 0.1, "seed": s, "delay.kind": "constant"}
+            for o, accs in {"sgdm": [0.9, 0.9], "ab": [0.90004, 0.90004]}.items() for s, a in enumerate(accs)]
+    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
+    paired.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "f")])
+    out = pd.read_csv(tmp_path / "f" / "paired.csv")
+    assert out["mean_diff"].iloc[0] == pytest.approx(0.00004, abs=1e-12)

@@ -40,8 +40,7 @@ def per_lr(table: pd.DataFrame) -> pd.DataFrame:
         accs = runs["acc"]
         row = {"series": name, "delay": int(delay), "lr": float(lr), "seeds": len(accs),
                "mean": accs.mean(), "sd": accs.std(ddof=1) if len(accs) > 1 else float("nan"),
-               "accs": " ".join(f"{a:.4f}" for a in accs),  # as printed; paired pairs these
-               "accs_full": " ".join(repr(float(a)) for a in accs),  # what selects when there is no validation
+               "accs": " ".join(repr(float(a)) for a in accs),  # full precision: selection and pairing read it
                "seed_list": " ".join(str(int(s)) for s in runs["seed"])}
         if "sel" in runs:
             row["val_mean"] = runs["sel"].mean()
@@ -68,7 +67,7 @@ def best(cells: pd.DataFrame, metric: common.Metric | None = None) -> pd.DataFra
     its mean over all its seeds; whether it is an edge of the lrs compared, how many competed,
     and how many the delay's grid has (every lr any optimizer was run at at that delay)."""
     grid_at = cells.groupby("delay")["lr"].nunique()
-    column = "vals" if "vals" in cells else "accs_full"
+    column = "vals" if "vals" in cells else "accs"
     rows = []
     for (name, delay), lrs in cells.groupby(["series", "delay"], sort=False):
         chosen_seeds = selection_seeds(lrs)
