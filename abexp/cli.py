@@ -294,7 +294,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def cmd_confirm(args: argparse.Namespace) -> int:
     from abexp.figures.confirm import write_confirm_spec
 
-    preflight.check_results_dir(args.results)
+    if not args.results.endswith(".csv"):  # a rows file is read as it is
+        preflight.check_results_dir(args.results)
     ids = write_confirm_spec(args.spec, args.results, args.seeds, args.output, args.allow_partial)
     print(f"wrote {args.output}: {len(ids)} runs (abexp plan {args.output} lists them)")
     return 0
@@ -440,7 +441,8 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_collect)
     p = sub.add_parser("confirm", help="write a spec that runs more seeds at each optimizer's selected lr")
     p.add_argument("spec", help="the study's spec (its finished runs select the lrs)")
-    p.add_argument("--results", default="results", help="results folder (default results/)")
+    p.add_argument("--results", default="results",
+                   help="results folder (default results/), or a study's rows file (ROWS.csv, analysis/study_rows.py)")
     p.add_argument("--seeds", type=int, nargs="+", required=True, help="the seeds to run at the selected lrs")
     p.add_argument("-o", "--output", required=True, help="the spec to write (experiments/NAME_confirm.yaml)")
     p.add_argument("--allow-partial", action="store_true",

@@ -84,6 +84,25 @@ def test_the_written_spec_runs_new_seeds_at_the_validation_selected_lrs(tmp_path
                 and r.config.delay.stages == 1]) == 2 * 2
 
 
+def test_a_studys_committed_rows_select_as_its_results_folder_does(tmp_path, monkeypatch):
+    """On a machine without the results folder, the rows file (analysis/study_rows.py) selects:
+    the same spec, but for the line that says where the runs were read."""
+    spec = study(tmp_path, "[0, 1]")
+    plan = [r for r in load_spec(spec).expand() if r.config.seed == 0]
+    monkeypatch.setattr(collect_module, "collect", lambda results: finished_table(plan))
+    from_folder = write_confirm_spec(spec, "unused", [1], tmp_path / "a.yaml")
+    rows = tmp_path / "rows.csv"
+    finished_table(plan).to_csv(rows, index=False)
+    monkeypatch.setattr(collect_module, "collect", lambda results: pytest.fail("the rows file alone must do"))
+    from_rows = write_confirm_spec(spec, str(rows), [1], tmp_path / "b.yaml")
+    assert from_rows == from_folder and len(from_rows) == 6
+    text_a, text_b = ((tmp_path / n).read_text().replace("unused", str(rows)) for n in ("a.yaml", "b.yaml"))
+    assert text_a == text_b
+    with pytest.raises(ConfigError, match="no such rows file"):
+        write_confirm_spec(spec, str(tmp_path / "absent.csv"), [1], tmp_path / "c.yaml")
+    assert not (tmp_path / "c.yaml").exists()
+
+
 def test_selecting_before_the_grid_has_finished_is_refused(tmp_path, monkeypatch):
     spec = study(tmp_path, "[0]")
     plan = load_spec(spec).expand()

@@ -114,7 +114,10 @@ def write_confirm_spec(spec_path: str | Path, results: str | Path, seeds: list[i
         raise ConfigError(str(out), "output", "is the study's own spec, which the written one extends")
     plan = spec.expand(warn=lambda msg: None)
     by_id = {r.run_id: r for r in plan}
-    table = collect(results)
+    # a folder of runs, or a study's committed rows (analysis/study_rows.py): a new machine selects from those
+    if Path(results).suffix == ".csv" and not Path(results).is_file():
+        raise ConfigError(str(results), "rows", "no such rows file")
+    table = pd.read_csv(results, dtype={"run_id": str}) if Path(results).suffix == ".csv" else collect(results)
     if table.empty or "run_id" not in table:
         raise ConfigError(str(results), "runs", f"no runs of {spec_path} here")
     table = table[table["run_id"].isin(by_id) & table["status"].isin(["completed", "diverged"])].copy()
