@@ -123,9 +123,24 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.study or sorted(STUDIES):
-        for path in draw(name, STUDIES[name], out):
+        written = draw(name, STUDIES[name], out)
+        for path in written:
             print(f"wrote {path}", file=sys.stderr)
+        for path in stale(name, written, out):
+            print(f"stale: {path} was not drawn from the rows this time (delete it if the study no longer has it)",
+                  file=sys.stderr)
     return 0
+
+
+def stale(name: str, written: list[Path], out: Path) -> list[Path]:
+    """The study's tables in ``out`` that this drawing did not write (another study's whose name
+    extends this one's, fashion_mnist_evidence_34ep for fashion_mnist_evidence, are not its)."""
+    if not (ROOT / STUDIES[name].rows).exists():
+        return []
+    longer = [other for other in STUDIES if other != name and other.startswith(name + "_")]
+    mine = [p for p in sorted(out.glob(f"{name}_*")) if p.suffix in (".md", ".png")
+            and not any(p.name.startswith(other + "_") for other in longer)]
+    return [p for p in mine if p not in written]
 
 
 if __name__ == "__main__":

@@ -220,3 +220,18 @@ def test_ab_runs_per_epoch_brake_rows_are_written_once_and_old_configs_get_the_n
     assert list(epochs["brake_mean"]) == [0.37, 0.92] and list(epochs["brake_sd"]) == [0.22, 0.27]
     table = pd.read_csv(out).set_index("run_id")
     assert table.loc["sg1", "optim.lwp_lookahead"] == "linear" and len(table) == 2
+
+
+def test_a_committed_table_the_rows_no_longer_give_is_called_stale(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "analysis"))
+    import study_tables
+
+    rows = tmp_path / "rows.csv"
+    rows.write_text("run_id\n")
+    monkeypatch.setattr(study_tables, "STUDIES", {"s": study_tables.Study(str(rows), "sgdm"),
+                                                  "s_long": study_tables.Study(str(rows), "sgdm")})
+    for name in ("s_paired.md", "s_tuned_lr.md", "s_long_paired.md", "s_runs.csv", "other_paired.md"):
+        (tmp_path / name).write_text("x")
+    written = [tmp_path / "s_paired.md"]
+    assert study_tables.stale("s", written, tmp_path) == [tmp_path / "s_tuned_lr.md"]
+    assert study_tables.stale("s_long", [], tmp_path) == [tmp_path / "s_long_paired.md"]
