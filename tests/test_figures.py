@@ -403,30 +403,29 @@ def test_a_confirmation_stages_extra_seeds_report_but_do_not_select(tmp_path):
     """Two stages: every lr on seeds 0, 1, then seeds 2, 3 at one lr. The lrs compete on seeds
     0 and 1 alone (validation), all three of them; the winner's cell reports all its seeds."""
     from abexp.figures import tuned_lr
+
+    def tuned(val, test, name):
+        rows = [{"run_id": f"r{lr}_{s}", "experiment": "e", "status": "completed", "val_acc": v,
+                 "test_acc": test[lr][s], "optim.name": "sgdm", "delay.steps": 8, "optim.lr": lr, "seed": s,
+                 "delay.kind": "constant"} for lr, vals in val.items() for s, v in enumerate(vals)]
+        pd.DataFrame(rows).to_csv(tmp_path / f"{name}.csv", index=False)
+        tuned_lr.main(["--table", str(tmp_path / f"{name}.csv"), "--out", str(tmp_path / name)])
+        return pd.read_csv(tmp_path / name / "tuned_lr.csv").iloc[0]
+
     val = {0.05: [0.80, 0.80, 0.99, 0.99], 0.1: [0.85, 0.83], 0.2: [0.70, 0.72]}  # per seed 0, 1, (2, 3)
     test = {0.05: [0.81, 0.79, 0.95, 0.97], 0.1: [0.84, 0.86], 0.2: [0.71, 0.69]}
-    rows = [{"run_id": f"r{lr}_{s}", "experiment": "e", "status": "completed", "val_acc": v, "test_acc": test[lr][s],
-             "optim.name": "sgdm", "delay.steps": 8, "optim.lr": lr, "seed": s, "delay.kind": "constant"}
-            for lr, vals in val.items() for s, v in enumerate(vals)]
-    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
-    tuned_lr.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "figs")])
-    tuned = pd.read_csv(tmp_path / "figs" / "tuned_lr.csv").iloc[0]
+    cell = tuned(val, test, "first")
     # on seeds 0, 1: 0.05 scores 0.80, 0.1 0.84, 0.2 0.71; 0.05's later seeds (0.99) do not count
-    assert tuned["lr"] == 0.1 and tuned["selection_seeds"] == "0 1"
-    assert tuned["selection_score"] == pytest.approx(0.84) and tuned["lrs_compared"] == 3 and pd.isna(tuned["edge"])  # inside: no edge mark
-    assert tuned["mean"] == pytest.approx(0.85) and tuned["seeds"] == 2
+    assert cell["lr"] == 0.1 and cell["selection_seeds"] == "0 1"
+    assert cell["selection_score"] == pytest.approx(0.84) and cell["lrs_compared"] == 3
+    assert pd.isna(cell["edge"]) and cell["mean"] == pytest.approx(0.85) and cell["seeds"] == 2  # inside the grid
     # had 0.1 been the confirmed lr, its cell would report its 4 seeds, still selected on 0 and 1
     val[0.1] += [0.50, 0.50]
     test[0.1] += [0.90, 0.92]
     del val[0.05][2:], test[0.05][2:]
-    rows = [{"run_id": f"r{lr}_{s}", "experiment": "e", "status": "completed", "val_acc": v, "test_acc": test[lr][s],
-             "optim.name": "sgdm", "delay.steps": 8, "optim.lr": lr, "seed": s, "delay.kind": "constant"}
-            for lr, vals in val.items() for s, v in enumerate(vals)]
-    pd.DataFrame(rows).to_csv(tmp_path / "runs2.csv", index=False)
-    tuned_lr.main(["--table", str(tmp_path / "runs2.csv"), "--out", str(tmp_path / "figs2")])
-    tuned = pd.read_csv(tmp_path / "figs2" / "tuned_lr.csv").iloc[0]
-    assert tuned["lr"] == 0.1 and tuned["seeds"] == 4 and tuned["mean"] == pytest.approx((0.84 + 0.86 + 0.90 + 0.92) / 4)
-    assert "| SGDM | 0.880 ± 0.037 @ 0.1 |" in (tmp_path / "figs2" / "tuned_lr.md").read_text()
+    cell = tuned(val, test, "confirmed")
+    assert cell["lr"] == 0.1 and cell["seeds"] == 4 and cell["mean"] == pytest.approx((0.84 + 0.86 + 0.90 + 0.92) / 4)
+    assert "| SGDM | 0.880 ± 0.037 @ 0.1 |" in (tmp_path / "confirmed" / "tuned_lr.md").read_text()
 
 
 def test_an_experiment_name_holding_a_path_draws_inside_the_figures_folder(tmp_path):
