@@ -38,7 +38,7 @@ class Study:
                                "paired.md", "paired_stages.md", "paired_cost.md", "paired_cost_stages.md")
     per_stage_means: bool = False  # also accuracy_vs_stages' means, as <study>_accuracy.csv
     specs: tuple[str, ...] = ()  # only the rows of these specs' runs (by run id), when rows hold several studies
-    epochs: str | None = None  # per-epoch brake rows (study_rows --epochs): <study>_brake.md
+    epochs: str | None = None  # per-epoch brake rows (study_rows --epochs): <study>_brake.md, when the file exists
 
 
 STUDIES = {
@@ -46,14 +46,16 @@ STUDIES = {
     "shakespeare_gpt": Study("results/shakespeare_gpt_runs.csv", baseline="adamw", also_paired_with=("muon", "ab_muon")),
     # issue 39's lr selection on validation (stage 1, 2 seeds) and, once stage 2 has run, 8 paired seeds
     "fashion_mnist_evidence": Study("results/fashion_mnist_evidence_runs.csv", baseline="sgdm",
-                                    specs=("experiments/fashion_mnist_evidence.yaml",),  # + its confirm spec, once written
+                                    specs=("experiments/fashion_mnist_evidence.yaml",
+                                           "experiments/fashion_mnist_evidence_confirm.yaml"),  # stage 2, once written
                                     epochs="results/fashion_mnist_evidence_epochs.csv"),
     # its ablations share the rows (and the unablated arm's runs); paired against that arm
     "fashion_mnist_evidence_ablations": Study("results/fashion_mnist_evidence_runs.csv",
                                               baseline="AB, ρ 1, ab cosine tensor",
                                               specs=("experiments/fashion_mnist_evidence_ablations.yaml",)),
     # the paper-length runs at the lrs stage 1 selected: one lr per cell, so paired and paired_cost only
-    "fashion_mnist_evidence_34ep": Study("results/fashion_mnist_evidence_34ep_runs.csv", baseline="sgdm"),
+    "fashion_mnist_evidence_34ep": Study("results/fashion_mnist_evidence_34ep_runs.csv", baseline="sgdm",
+                                         epochs="results/fashion_mnist_evidence_34ep_epochs.csv"),
     # one lr for every rule (no tuned-lr table): the per-stage pairing with SGDM and the means
     "digits_pipeline_seeds": Study("results/digits_pipeline_seeds_runs.csv", baseline="sgdm", per_stage_means=True),
 }
@@ -62,7 +64,8 @@ STUDIES = {
 def spec_rows(study: Study) -> pd.DataFrame:
     """The study's rows whose run ids its specs expand to (run ids ignore the experiment label,
     so a run shared by two specs belongs to both)."""
-    specs = [load_spec(ROOT / spec) for spec in study.specs]
+    # a later stage's spec (abexp confirm) is listed before it is written: absent, it has no runs yet
+    specs = [load_spec(ROOT / spec) for spec in study.specs if (ROOT / spec).exists()]
     ids = {run.run_id for spec in specs for run in spec.expand(warn=lambda m: None)}
     rows = pd.read_csv(ROOT / study.rows)
     rows = rows[rows["run_id"].isin(ids)].copy()

@@ -179,7 +179,8 @@ def test_a_study_drawn_from_shared_rows_reads_only_its_specs_runs(tmp_path):
                          "delay.kind": "constant", "delay.steps": c.delay.steps,
                          "test_acc": 0.5 + 0.1 * (c.optim.name == "ab") + 0.05 * (c.optim.rho == 2.0) + 0.01 * i})
     pd.DataFrame(rows).to_csv(tmp_path / "rows.csv", index=False)
-    drawn = study_tables.draw("main", study_tables.Study(str(tmp_path / "rows.csv"), "sgdm", specs=(str(main),)),
+    later = str(tmp_path / "main_confirm.yaml")  # a later stage's spec, listed before it is written
+    drawn = study_tables.draw("main", study_tables.Study(str(tmp_path / "rows.csv"), "sgdm", specs=(str(main), later)),
                               tmp_path / "out")
     assert [p.name for p in drawn] == ["main_paired.md"]
     pd.DataFrame([r for r in rows if r["experiment"] == "main"]).drop(columns="optim.rho").to_csv(tmp_path / "main.csv", index=False)
