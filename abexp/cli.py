@@ -307,7 +307,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
     preflight.check_results_dir(args.results, write=True)  # runs.csv, epochs.csv and figures/ go there
     argv = ["--results", args.results] + [a for e in args.experiment for a in ("--experiment", e)] \
         + [a for f in args.spec for a in ("--spec", f)]
-    return figures_main(argv + (["--stability"] if args.stability else []) + ["--baseline", args.baseline])
+    return figures_main(argv + (["--stability"] if args.stability else []) + [a for b in args.baseline or ["sgdm"] for a in ("--baseline", b)])
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -457,7 +457,9 @@ def build_parser() -> Parser:
     p.add_argument("--stability", action="store_true",
                    help="(re)compute and draw the quadratic stability tables (minutes of CPU); without "
                         "it, kept tables are drawn and missing ones skipped")
-    p.add_argument("--baseline", default="sgdm", help="the optimizer paired.md compares every other with (default sgdm)")
+    p.add_argument("--baseline", action="append",
+                   help="the optimizer paired.md compares every other with (default sgdm), or a series by its "
+                        "label; repeated, one per optimizer: each optimizer's series against its own (ablations)")
     p.set_defaults(func=cmd_figures)
 
     p = sub.add_parser("sweep", help="Optuna sweep whose trials are ordinary runs")

@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         old = backfill(old, args.results)
     table = rows if old is None else old if rows.empty else pd.concat([old, rows], ignore_index=True)
     for key, neutral in ADDED_KEYS.items():  # a run from before the key existed ran at its neutral value
-        if key in table and neutral is not None:
-            table[key] = table[key].fillna(neutral)
+        if key in table and neutral is not None:  # (a column of only blanks reads as floats: set, not filled)
+            table[key] = neutral if table[key].isna().all() else table[key].fillna(neutral)
     columns = LM_COLUMNS if "test_acc" not in table else COLUMNS
     known_order = [c for c in columns + ["code", "cpu"] if c in table]
     table = table[list(dict.fromkeys(known_order + list(table.columns)))]  # backfilled columns in place

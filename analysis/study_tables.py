@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @dataclass(frozen=True)
 class Study:
     rows: str  # the committed rows, relative to the repository root
-    baseline: str  # the optimizer paired.md compares every other with
+    baseline: str | tuple[str, ...]  # the optimizer paired.md compares every other with; several: each its own
     also_paired_with: tuple[str, ...] = ()  # more baselines: <table>_vs_<name>.md each
     copied: tuple[str, ...] = ("tuned_lr.md", "tuned_lr_stages.md", "tuned_lr_stages.png",
                                "paired.md", "paired_stages.md", "paired_cost.md", "paired_cost_stages.md")
@@ -59,6 +59,11 @@ STUDIES = {
     # one lr for every rule (no tuned-lr table): the per-stage pairing with SGDM and the means
     "digits_pipeline_seeds": Study("results/digits_pipeline_seeds_runs.csv", baseline="sgdm", per_stage_means=True),
 }
+
+
+def baseline_args(baseline: str | tuple[str, ...]) -> list[str]:
+    """paired's --baseline, once per baseline (an ablation study pairs each optimizer with its own)."""
+    return [a for b in ((baseline,) if isinstance(baseline, str) else baseline) for a in ("--baseline", b)]
 
 
 def spec_rows(study: Study) -> pd.DataFrame:
@@ -92,7 +97,7 @@ def draw(name: str, study: Study, out: Path) -> list[Path]:
                 brake.main(["--table", str(Path(tmp) / "epochs.csv"), "--out", tmp])
             except common.Skipped:
                 pass
-        for figure, extra in ((tuned_lr, []), (paired, ["--baseline", study.baseline])):
+        for figure, extra in ((tuned_lr, []), (paired, baseline_args(study.baseline))):
             try:
                 figure.main(table + extra)
             except common.Skipped:  # e.g. one seed: nothing to pair yet

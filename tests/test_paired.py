@@ -111,6 +111,35 @@ def test_an_ablation_pairs_against_one_series_of_an_optimizer_by_its_label(tmp_p
     assert out["diffs"].iloc[0] == "+0.0400 +0.0100" and out["mean_diff"].iloc[0] == pytest.approx(0.025)
 
 
+def test_several_baselines_pair_each_optimizers_series_with_its_own_unablated_arm(tmp_path):
+    """An ablation study of two rules: AB's ρ 2 against AB's ρ 1, LWP's momentum look-ahead
+    against LWP's linear one, never across rules; SGDM (no baseline of its own) is left out."""
+    accs = {("ab", 1.0, "linear"): [0.70, 0.72, 0.71], ("ab", 2.0, "linear"): [0.74, 0.73, 0.70],
+            ("lwp", 1.0, "linear"): [0.60, 0.65, 0.61], ("lwp", 1.0, "momentum"): [0.66, 0.64, 0.69],
+            ("sgdm", 1.0, "linear"): [0.5, 0.5, 0.5]}
+    rows = [{"run_id": f"r{o}{rho}{look}{s}", "experiment": "e", "status": "completed", "test_acc": a,
+             "optim.name": o, "optim.rho": rho, "optim.lwp_lookahead": look, "delay.steps": d,
+             "optim.lr": 0.1, "seed": s, "delay.kind": "constant"}
+            for (o, rho, look), values in accs.items() for d in (8, 32) for s, a in enumerate(values)]
+    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
+    bases = ["AB, ρ 1", "LWP, lwp lookahead linear"]
+    paired.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "f"),
+                 *[a for b in bases for a in ("--baseline", b)]])
+    out = pd.read_csv(tmp_path / "f" / "paired.csv")
+    assert list(zip(out["delay"], out["series"], out["baseline"])) == [
+        (d, s, b) for d in (8, 32) for s, b in (("AB, ρ 2", bases[0]), ("LWP, lwp lookahead momentum", bases[1]))]
+    naive = {"AB, ρ 2": [0.74 - 0.70, 0.73 - 0.72, 0.70 - 0.71], "LWP, lwp lookahead momentum": [0.06, -0.01, 0.08]}
+    for r in out.to_dict("records"):
+        assert r["mean_diff"] == pytest.approx(statistics.mean(naive[r["series"]]))
+        assert r["sd_diff"] == pytest.approx(statistics.stdev(naive[r["series"]]))
+    text = (tmp_path / "f" / "paired.md").read_text()
+    assert "| 8 | LWP, lwp lookahead momentum | LWP, lwp lookahead linear | 0.1 | 0.1 | +0.0600 -0.0100 +0.0800 |" in text
+    with pytest.raises(SystemExit):  # two baselines of one optimizer: which one would AB's ρ 2 pair with?
+        paired.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "g"),
+                     "--baseline", "AB, ρ 1", "--baseline", "AB, ρ 2"])
+    assert not (tmp_path / "g" / "paired.csv").exists()
+
+
 def test_every_figure_that_draws_error_bars_says_what_they_are():
     """An error bar without a caption reads as a confidence interval: each module that draws one
     puts common.ERRORBARS (±1 sd over seeds) into its title, or its own BAND caption."""
@@ -136,8 +165,10 @@ def test_abexp_figures_passes_the_baseline_to_the_paired_table_only():
 
     from abexp.figures import make
     assert "paired" in make.RUN_SCRIPTS
-    ns = argparse.Namespace(baseline="ab")
+    ns = argparse.Namespace(baseline=["ab"])
     assert make.extra_args("paired", ns) == ["--baseline", "ab"] and make.extra_args("tuned_lr", ns) == []
+    ns = argparse.Namespace(baseline=["AB, ρ 1", "LWP, lwp lookahead linear"])  # an ablation study's arms
+    assert make.extra_args("paired", ns) == ["--baseline", "AB, ρ 1", "--baseline", "LWP, lwp lookahead linear"]
 
 
 def test_equivalence_power_matches_a_simulation_of_two_one_sided_tests():

@@ -86,9 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stability", action="store_true",
                    help="(re)compute and draw the quadratic stability tables (minutes of CPU; "
                         "without it, kept tables are drawn and missing ones skipped)")
-    p.add_argument("--baseline", default="sgdm",
-                   help="the optimizer the paired table (paired.md) compares every other with (default sgdm)")
+    p.add_argument("--baseline", action="append",
+                   help="the optimizer the paired table (paired.md) compares every other with (default sgdm), "
+                        "or a series by its label; repeated, one per optimizer: each optimizer's series "
+                        "against its own (an ablation study)")
     args = p.parse_args(argv)
+    args.baseline = args.baseline or ["sgdm"]
     import pandas as pd
 
     from abexp.lab.collect import collect, collect_epochs, write_table
@@ -142,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def extra_args(name: str, args: argparse.Namespace) -> list[str]:
     """Options of ``abexp figures`` that one script takes: the paired table's baseline."""
-    return ["--baseline", args.baseline] if name == "paired" else []
+    return [a for b in args.baseline for a in ("--baseline", b)] if name == "paired" else []
 
 
-def spec_figures(spec_path: str, table, res: Path, baseline: str = "sgdm") -> bool:
+def spec_figures(spec_path: str, table, res: Path, baseline: tuple[str, ...] = ("sgdm",)) -> bool:
     """Figures of exactly a spec's runs (selected by run id, labelled with the spec's name) into
     RESULTS/figures/<spec name>/, from a table of their own (runs.csv there)."""
     from abexp.lab.collect import collect_epochs, write_table

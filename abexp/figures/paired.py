@@ -14,6 +14,9 @@ A language model's runs (common.Metric) are compared on test loss in nats per ch
 the better rule. Writes paired.md and paired.csv; and paired_cost.md/.csv, the same pairing of
 what the delay cost each rule (its value at the delay against its own undelayed run, seed by
 seed): whether a rule is more robust to delay than the baseline, not only better under it.
+Several baselines (``--baseline`` repeated, one series each of different optimizers) read an
+ablation study: each series is paired with its own optimizer's baseline (the unablated arm),
+not across optimizers; a series whose optimizer has no baseline then is left out.
 """
 
 from __future__ import annotations
@@ -101,13 +104,41 @@ def rises(tuned: pd.DataFrame, undelayed: int, harm: float, diverged: float) -> 
     return pd.DataFrame(rows)
 
 
-def markdown(out: pd.DataFrame, baseline: str, on_val: bool, metric: common.Metric | None = None,
+def markdown(out: pd.DataFrame, baselines: list[str], on_val: bool, metric: common.Metric | None = None,
              axis: common.DelayAxis = common.CONSTANT_AXIS, cost: bool = False) -> list[str]:
+    """The table in words; several ``baselines`` (an ablation study's unablated arms) add a
+    baseline column."""
+    if len(baselines) > 1:
+        return several_header("; ".join(baselines), on_val, metric, axis, cost) + rows_markdown(out, True)
+    return one_header(baselines[0], on_val, metric, axis, cost) + rows_markdown(out)
+
+
+def several_header(baselines: str, on_val: bool, metric: common.Metric | None, axis: common.DelayAxis,
+                   cost: bool) -> list[str]:
+    """An ablation study's header: each rule against its own optimizer's unablated arm."""
+    chosen = "validation" if on_val else "test (no validation set)"
+    what, diverged = (metric.name, f"{metric.diverged:g}") if metric else ("accuracy", "0")
+    kind = (f"what the {axis.word} cost (each rule's test {what} at the {axis.word} against its own undelayed run)"
+            if cost else f"final test {what}")
+    return [f"Paired differences in {kind}, each series against its own optimizer's baseline ({baselines}): "
+            f"series − baseline, same seed, same {axis.word}; each at its own lr selected on {chosen}; a diverged "
+            f"run counts {diverged}. Interval: two-sided {LEVEL:.0%} Student-t interval of the mean difference over "
+            "the paired seeds (mean ± t(0.975, n−1)·sd/√n). 'seeds for 80% power': paired seeds a two-sided paired "
+            f"t-test at alpha {ALPHA} needs to detect a true difference of the observed mean with the observed sd "
+            "(exact noncentral t); with few seeds that sd is itself uncertain.", "",
+            f"| {axis.letter} | optimizer | baseline | lr | baseline lr | per-seed differences | mean | 95% t-interval "
+            "| seeds | seeds for 80% power |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def one_header(baseline: str, on_val: bool, metric: common.Metric | None, axis: common.DelayAxis,
+               cost: bool) -> list[str]:
+    """One baseline's header: every rule against it."""
     chosen = "validation" if on_val else "test (no validation set)"
     what, diverged = (metric.name, f"{metric.diverged:g}") if metric else ("accuracy", "0")
     if cost:  # the difference in what the delay cost, not in the values
         change = "added to" if metric and metric.lower else "took from"
-        lines = [f"Paired differences in what the {axis.word} cost, against {baseline}: for each rule and seed, the "
+        return [f"Paired differences in what the {axis.word} cost, against {baseline}: for each rule and seed, the "
                  f"test {what} the {axis.word} {change} its own undelayed run ({axis.letter} = {axis.undelayed}; each "
                  f"at its own lr selected on {chosen}; a diverged run counts {diverged}), rule's cost − {baseline}'s "
                  f"cost, same seed. Positive: the {axis.word} cost the rule more than {baseline} (less robust); "
@@ -116,8 +147,7 @@ def markdown(out: pd.DataFrame, baseline: str, on_val: bool, metric: common.Metr
                  "t(0.975, n−1)·sd/√n). 'seeds for 80% power': as in the paired table.", "",
                  f"| {axis.letter} | optimizer | lr | {baseline} lr | per-seed differences | mean | 95% t-interval | seeds | seeds for 80% power |",
                  "|---|---|---|---|---|---|---|---|---|"]
-        return lines + rows_markdown(out)
-    lines = [f"Paired differences in final test {what} against {baseline} (rule − {baseline}, same seed, same "
+    return [f"Paired differences in final test {what} against {baseline} (rule − {baseline}, same seed, same "
              f"{axis.word}; each at its own lr selected on {chosen}; a diverged run counts {diverged}). Interval: two-sided "
              f"{LEVEL:.0%} Student-t interval of the mean difference over the paired seeds (mean ± "
              "t(0.975, n−1)·sd/√n). 'seeds for 80% power': paired seeds a two-sided paired t-test at alpha "
@@ -125,55 +155,80 @@ def markdown(out: pd.DataFrame, baseline: str, on_val: bool, metric: common.Metr
              "noncentral t); with few seeds that sd is itself uncertain.", "",
              f"| {axis.letter} | optimizer | lr | {baseline} lr | per-seed differences | mean | 95% t-interval | seeds | seeds for 80% power |",
              "|---|---|---|---|---|---|---|---|---|"]
-    return lines + rows_markdown(out)
 
 
-def rows_markdown(out: pd.DataFrame) -> list[str]:
+def rows_markdown(out: pd.DataFrame, with_baseline: bool = False) -> list[str]:
     lines = []
     for r in out.to_dict("records"):
         interval = "– (one seed)" if r["seeds"] < 2 else f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
         need = r["seeds_for_80pct_power"]
         need = "–" if need is None or need != need else str(int(need))
-        lines.append(f"| {r['delay']} | {r['series']} | {r['lr']:g} | {r['baseline_lr']:g} | {r['diffs']} | "
+        base = f" {r['baseline']} |" if with_baseline else ""
+        lines.append(f"| {r['delay']} | {r['series']} |{base} {r['lr']:g} | {r['baseline_lr']:g} | {r['diffs']} | "
                      f"{r['mean_diff']:+.4f} | {interval} | {r['seeds']} ({r['seed_list']}) | {need} |")
     return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     p = common.parser(__doc__)
-    p.add_argument("--baseline", default="sgdm", help="the optimizer (optim.name) every other is paired with, or one series by its label "
-                        "when the optimizer has several (an ablation: 'AB, ρ 1')")
+    p.add_argument("--baseline", action="append",
+                   help="the optimizer (optim.name) every other is paired with, or one series by its label "
+                        "when the optimizer has several (an ablation: 'AB, ρ 1'); default sgdm. Repeated (one "
+                        "per optimizer): each series is paired with its own optimizer's baseline")
     args = p.parse_args(argv)
+    baselines = args.baseline or ["sgdm"]
     table = common.finished(common.load(args.table, args.experiment))
     if table.empty or "seed" not in table or "optim.lr" not in table:
         common.skip("paired", "no finished runs")
     common.skip_sweeps("paired", table)
-    common.per_view("paired", table, lambda view, axis: report(view, axis, args.baseline, args.out))
+    common.per_view("paired", table, lambda view, axis: report(view, axis, baselines, args.out))
 
 
-def report(table: pd.DataFrame, axis: common.DelayAxis, baseline: str, out_dir: str) -> None:
+def baseline_series(baselines: list[str], series: dict[str, str], stem: str) -> list[str]:
+    """Each ``baselines`` entry as the one series it names (a label, or an optimizer with one
+    series); several must be of different optimizers (each optimizer's arms have one reference)."""
+    found = []
+    for baseline in baselines:
+        bases = [baseline] if baseline in series else [s for s, optim in series.items() if optim == baseline]
+        if len(bases) != 1:
+            common.skip(stem, f"baseline {baseline}: {len(bases)} series in this study (need exactly one)")
+        found += bases
+    optims = [series[b] for b in found]
+    if len(set(optims)) != len(optims):
+        common.skip(stem, f"baselines {'; '.join(found)}: two of one optimizer (need one per optimizer)")
+    return found
+
+
+def compare_each(tuned: pd.DataFrame, bases: list[str], series: dict[str, str]) -> pd.DataFrame:
+    """compare() with one baseline; with several, each optimizer's series against its own."""
+    if len(bases) == 1:
+        return compare(tuned, bases[0])
+    parts = [compare(tuned[tuned["series"].map(series) == series[base]], base) for base in bases]
+    parts = [part for part in parts if not part.empty]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def report(table: pd.DataFrame, axis: common.DelayAxis, baselines: list[str], out_dir: str) -> None:
     """The paired table of one delay axis (D, or S for pipelines)."""
     stem = f"paired{axis.suffix}"
     if table["seed"].nunique() < 2:
         common.skip(stem, "one seed: nothing to pair an interval on")
     chosen = selected(table)
     tuned, on_val, metric, series = chosen.tuned, chosen.on_val, chosen.metric, chosen.series
-    bases = [baseline] if baseline in series else [s for s, optim in series.items() if optim == baseline]
-    if len(bases) != 1:
-        common.skip(stem, f"baseline {baseline}: {len(bases)} series in this study (need exactly one)")
-    out = compare(tuned, bases[0])
+    bases = baseline_series(baselines, series, stem)
+    out = compare_each(tuned, bases, series)
     if out.empty:
-        common.skip(stem, f"no optimizer shares a seed and a {axis.letter} with {bases[0]}")
+        common.skip(stem, f"no optimizer shares a seed and a {axis.letter} with {'; '.join(bases)}")
     rank = {s: i for i, s in enumerate(series)}  # the fixed optimizer order of every figure
     out = out.sort_values(["delay", "series"], key=lambda c: c.map(rank) if c.name == "series" else c,
                           ignore_index=True)
-    write(out, markdown(out, bases[0], on_val, metric, axis), stem, out_dir, metric.val if on_val else metric.test)
+    write(out, markdown(out, bases, on_val, metric, axis), stem, out_dir, metric.val if on_val else metric.test)
     costs = rises(tuned, axis.undelayed, metric.harm, metric.diverged)
-    cost = compare(costs, bases[0]) if not costs.empty else costs
+    cost = compare_each(costs, bases, series) if not costs.empty else costs
     if not cost.empty:  # the same rules, judged by what the delay cost each (robustness)
         cost = cost.sort_values(["delay", "series"], key=lambda c: c.map(rank) if c.name == "series" else c,
                                 ignore_index=True)
-        write(cost, markdown(cost, bases[0], on_val, metric, axis, cost=True), f"paired_cost{axis.suffix}",
+        write(cost, markdown(cost, bases, on_val, metric, axis, cost=True), f"paired_cost{axis.suffix}",
               out_dir, metric.val if on_val else metric.test)
 
 
