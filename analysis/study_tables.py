@@ -49,10 +49,16 @@ STUDIES = {
                                     specs=("experiments/fashion_mnist_evidence.yaml",
                                            "experiments/fashion_mnist_evidence_confirm.yaml"),  # stage 2, once written
                                     epochs="results/fashion_mnist_evidence_epochs.csv"),
-    # its ablations share the rows (and the unablated arm's runs); paired against that arm
+    # its ablations share the rows (and the unablated arms' runs); each rule paired with its unablated arm
     "fashion_mnist_evidence_ablations": Study("results/fashion_mnist_evidence_runs.csv",
-                                              baseline="AB, ρ 1, ab cosine tensor",
+                                              baseline=("AB, ρ 1, ab cosine tensor", "LWP, lwp lookahead linear",
+                                                        "AB + LWP, lwp lookahead linear"),
                                               specs=("experiments/fashion_mnist_evidence_ablations.yaml",)),
+    # DC-ASGD's adaptive lambda against the constant one, each arm's lr selected on validation (two stages)
+    "fashion_mnist_evidence_dcasgd": Study("results/fashion_mnist_evidence_runs.csv",
+                                           baseline="DC-ASGD, λ 0.04, no dc adaptive",
+                                           specs=("experiments/fashion_mnist_evidence_dcasgd.yaml",
+                                                  "experiments/fashion_mnist_evidence_dcasgd_confirm.yaml")),
     # the paper-length runs at the lrs stage 1 selected: one lr per cell, so paired and paired_cost only
     "fashion_mnist_evidence_34ep": Study("results/fashion_mnist_evidence_34ep_runs.csv", baseline="sgdm",
                                          epochs="results/fashion_mnist_evidence_34ep_epochs.csv"),
