@@ -236,3 +236,30 @@ def test_a_committed_table_the_rows_no_longer_give_is_called_stale(tmp_path, mon
     written = [tmp_path / "s_paired.md"]
     assert study_tables.stale("s", written, tmp_path) == [tmp_path / "s_tuned_lr.md"]
     assert study_tables.stale("s_long", [], tmp_path) == [tmp_path / "s_long_paired.md"]
+
+
+def test_every_studys_baselines_are_series_its_specs_runs_will_carry():
+    """A baseline label with a typo would skip the study's paired table with one line, silently in
+    make study-tables: each study limited to specs names only series that those specs' runs get
+    (common.add_series on the rows study_rows would write for them, every run finished)."""
+    from abexp.config import flatten
+    from abexp.figures import common
+    from abexp.lab.spec import load_spec
+
+    sys.path.insert(0, str(ROOT / "analysis"))
+    import study_tables
+
+    columns = load_module().COLUMNS
+    checked = 0
+    for name, study in study_tables.STUDIES.items():
+        specs = [ROOT / s for s in study.specs if (ROOT / s).exists()]
+        if not specs:
+            continue
+        runs = {r.run_id: flatten(r.config.model_dump()) for s in specs for r in load_spec(s).expand(warn=lambda m: None)}
+        table = pd.DataFrame(list(runs.values())).reindex(columns=[c for c in columns if "." in c])
+        series = common.add_series(table, axes=("delay.steps", "optim.lr"))
+        for baseline in study_tables.baseline_args(study.baseline)[1::2]:
+            named = [s for s in series if s == baseline or series[s] == baseline]
+            assert len(named) == 1, (name, baseline, sorted(series))
+            checked += 1
+    assert checked >= 5  # the evidence study, its ablations' three arms, the DC-ASGD ablation
