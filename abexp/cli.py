@@ -307,7 +307,9 @@ def cmd_figures(args: argparse.Namespace) -> int:
     preflight.check_results_dir(args.results, write=True)  # runs.csv, epochs.csv and figures/ go there
     argv = ["--results", args.results] + [a for e in args.experiment for a in ("--experiment", e)] \
         + [a for f in args.spec for a in ("--spec", f)]
-    return figures_main(argv + (["--stability"] if args.stability else []) + [a for b in args.baseline or ["sgdm"] for a in ("--baseline", b)])
+    from abexp.figures.paired import baseline_argv
+
+    return figures_main(argv + (["--stability"] if args.stability else []) + baseline_argv(args.baseline or []))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -67,9 +67,9 @@ STUDIES = {
 }
 
 
-def baseline_args(baseline: str | tuple[str, ...]) -> list[str]:
-    """paired's --baseline, once per baseline (an ablation study pairs each optimizer with its own)."""
-    return [a for b in ((baseline,) if isinstance(baseline, str) else baseline) for a in ("--baseline", b)]
+def baselines(study: Study) -> tuple[str, ...]:
+    """The study's baselines as a tuple (an ablation study pairs each optimizer with its own)."""
+    return (study.baseline,) if isinstance(study.baseline, str) else study.baseline
 
 
 def spec_rows(study: Study) -> pd.DataFrame:
@@ -103,7 +103,7 @@ def draw(name: str, study: Study, out: Path) -> list[Path]:
                 brake.main(["--table", str(Path(tmp) / "epochs.csv"), "--out", tmp])
             except common.Skipped:
                 pass
-        for figure, extra in ((tuned_lr, []), (paired, baseline_args(study.baseline))):
+        for figure, extra in ((tuned_lr, []), (paired, paired.baseline_argv(baselines(study)))):
             try:
                 figure.main(table + extra)
             except common.Skipped:  # e.g. one seed: nothing to pair yet

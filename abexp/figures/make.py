@@ -18,6 +18,7 @@ import argparse
 import importlib
 import sys
 from pathlib import Path
+from typing import Sequence
 
 STABILITY_DELAYS = [0, 1, 2, 4, 8, 16, 32]
 STABILITY_OPTIMS = ["sgdm", "ab", "sc", "lwp"]
@@ -145,10 +146,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def extra_args(name: str, args: argparse.Namespace) -> list[str]:
     """Options of ``abexp figures`` that one script takes: the paired table's baseline."""
-    return [a for b in args.baseline for a in ("--baseline", b)] if name == "paired" else []
+    from abexp.figures.paired import baseline_argv
+    return baseline_argv(args.baseline) if name == "paired" else []
 
 
-def spec_figures(spec_path: str, table, res: Path, baseline: tuple[str, ...] = ("sgdm",)) -> bool:
+def spec_figures(spec_path: str, table, res: Path, baseline: Sequence[str] = ("sgdm",)) -> bool:
     """Figures of exactly a spec's runs (selected by run id, labelled with the spec's name) into
     RESULTS/figures/<spec name>/, from a table of their own (runs.csv there)."""
     from abexp.lab.collect import collect_epochs, write_table

@@ -113,6 +113,21 @@ def markdown(out: pd.DataFrame, baselines: list[str], on_val: bool, metric: comm
     return one_header(baselines[0], on_val, metric, axis, cost) + rows_markdown(out)
 
 
+# the words every header ends its first line with: what the interval and the power column are
+INTERVAL_NOTE = (f"Interval: two-sided {LEVEL:.0%} Student-t interval of the mean difference over the paired "
+                 "seeds (mean ± t(0.975, n−1)·sd/√n).")
+POWER_NOTE = (f"'seeds for 80% power': paired seeds a two-sided paired t-test at alpha {ALPHA} needs to detect a "
+              "true difference of the observed mean with the observed sd (exact noncentral t); with few seeds "
+              "that sd is itself uncertain.")
+
+
+def table_head(axis: common.DelayAxis, lrs: str) -> list[str]:
+    """The column header: ``lrs`` names the lr columns (one baseline's name, or a baseline column)."""
+    cells = ["optimizer", *lrs.split(" | "), "per-seed differences", "mean", "95% t-interval", "seeds",
+             "seeds for 80% power"]
+    return [f"| {axis.letter} | " + " | ".join(cells) + " |", "|---" * (len(cells) + 1) + "|"]
+
+
 def several_header(baselines: str, on_val: bool, metric: common.Metric | None, axis: common.DelayAxis,
                    cost: bool) -> list[str]:
     """An ablation study's header: each rule against its own optimizer's unablated arm."""
@@ -122,13 +137,7 @@ def several_header(baselines: str, on_val: bool, metric: common.Metric | None, a
             if cost else f"final test {what}")
     return [f"Paired differences in {kind}, each series against its own optimizer's baseline ({baselines}): "
             f"series − baseline, same seed, same {axis.word}; each at its own lr selected on {chosen}; a diverged "
-            f"run counts {diverged}. Interval: two-sided {LEVEL:.0%} Student-t interval of the mean difference over "
-            "the paired seeds (mean ± t(0.975, n−1)·sd/√n). 'seeds for 80% power': paired seeds a two-sided paired "
-            f"t-test at alpha {ALPHA} needs to detect a true difference of the observed mean with the observed sd "
-            "(exact noncentral t); with few seeds that sd is itself uncertain.", "",
-            f"| {axis.letter} | optimizer | baseline | lr | baseline lr | per-seed differences | mean | 95% t-interval "
-            "| seeds | seeds for 80% power |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            f"run counts {diverged}. {INTERVAL_NOTE} {POWER_NOTE}", "", *table_head(axis, "baseline | lr | baseline lr")]
 
 
 def one_header(baseline: str, on_val: bool, metric: common.Metric | None, axis: common.DelayAxis,
@@ -136,25 +145,22 @@ def one_header(baseline: str, on_val: bool, metric: common.Metric | None, axis: 
     """One baseline's header: every rule against it."""
     chosen = "validation" if on_val else "test (no validation set)"
     what, diverged = (metric.name, f"{metric.diverged:g}") if metric else ("accuracy", "0")
+    head = table_head(axis, f"lr | {baseline} lr")
     if cost:  # the difference in what the delay cost, not in the values
         change = "added to" if metric and metric.lower else "took from"
         return [f"Paired differences in what the {axis.word} cost, against {baseline}: for each rule and seed, the "
-                 f"test {what} the {axis.word} {change} its own undelayed run ({axis.letter} = {axis.undelayed}; each "
-                 f"at its own lr selected on {chosen}; a diverged run counts {diverged}), rule's cost − {baseline}'s "
-                 f"cost, same seed. Positive: the {axis.word} cost the rule more than {baseline} (less robust); "
-                 "negative: less (more robust). Interval: two-sided "
-                 f"{LEVEL:.0%} Student-t interval of the mean difference over the paired seeds (mean ± "
-                 "t(0.975, n−1)·sd/√n). 'seeds for 80% power': as in the paired table.", "",
-                 f"| {axis.letter} | optimizer | lr | {baseline} lr | per-seed differences | mean | 95% t-interval | seeds | seeds for 80% power |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                f"test {what} the {axis.word} {change} its own undelayed run ({axis.letter} = {axis.undelayed}; each "
+                f"at its own lr selected on {chosen}; a diverged run counts {diverged}), rule's cost − {baseline}'s "
+                f"cost, same seed. Positive: the {axis.word} cost the rule more than {baseline} (less robust); "
+                f"negative: less (more robust). {INTERVAL_NOTE} 'seeds for 80% power': as in the paired table.", "", *head]
     return [f"Paired differences in final test {what} against {baseline} (rule − {baseline}, same seed, same "
-             f"{axis.word}; each at its own lr selected on {chosen}; a diverged run counts {diverged}). Interval: two-sided "
-             f"{LEVEL:.0%} Student-t interval of the mean difference over the paired seeds (mean ± "
-             "t(0.975, n−1)·sd/√n). 'seeds for 80% power': paired seeds a two-sided paired t-test at alpha "
-             f"{ALPHA} needs to detect a true difference of the observed mean with the observed sd (exact "
-             "noncentral t); with few seeds that sd is itself uncertain.", "",
-             f"| {axis.letter} | optimizer | lr | {baseline} lr | per-seed differences | mean | 95% t-interval | seeds | seeds for 80% power |",
-             "|---|---|---|---|---|---|---|---|---|"]
+            f"{axis.word}; each at its own lr selected on {chosen}; a diverged run counts {diverged}). "
+            f"{INTERVAL_NOTE} {POWER_NOTE}", "", *head]
+
+
+def baseline_argv(baselines) -> list[str]:
+    """``--baseline`` once per baseline: how abexp figures and the study tables pass them on."""
+    return [arg for baseline in baselines for arg in ("--baseline", baseline)]
 
 
 def rows_markdown(out: pd.DataFrame, with_baseline: bool = False) -> list[str]:
