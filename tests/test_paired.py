@@ -43,6 +43,27 @@ def test_seeds_for_80pct_power_match_published_sample_sizes():
     assert stats.seeds_for_power(0.0, 1.0) is None and stats.seeds_for_power(0.1, float("nan")) is None
 
 
+def test_paired_p_values_match_closed_forms_and_holm_a_hand_computation():
+    # df = 2: P(T > t) = 1/2 − t/(2√(2 + t²)); df = 1 (Cauchy): P(T > t) = 1/2 − atan(t)/π
+    diffs = [1.0, 2.0, 3.0]  # mean 2, sd 1, t = 2√3
+    t = 2 * math.sqrt(3)
+    assert stats.paired_t_p(2.0, 1.0, 3) == pytest.approx(2 * (0.5 - t / (2 * math.sqrt(2 + t * t))), abs=1e-12)
+    assert stats.paired_t_p(statistics.mean(diffs), statistics.stdev(diffs), 3) == pytest.approx(0.0742, abs=1e-4)
+    assert stats.paired_t_p(-0.5, 0.5, 2) == pytest.approx(2 * (0.5 - math.atan(math.sqrt(2)) / math.pi))
+    assert math.isnan(stats.paired_t_p(0.1, float("nan"), 1)) and math.isnan(stats.paired_t_p(float("-inf"), 1.0, 4))
+    assert stats.paired_t_p(0.3, 0.0, 4) == 0.0 and stats.paired_t_p(0.0, 0.0, 4) == 1.0
+    # Holm: sorted 0.01, 0.03, 0.04 -> ×3, ×2 (0.06), ×1 (0.04, raised to 0.06 to stay monotone); NaN not in the family
+    assert stats.holm([0.04, 0.01, float("nan"), 0.03]) == pytest.approx([0.06, 0.03, float("nan"), 0.06], nan_ok=True)
+    assert stats.holm([0.5, 0.9]) == [1.0, 1.0] and stats.holm([]) == []
+
+
+def test_paired_p_values_match_scipy_where_installed():
+    st = pytest.importorskip("scipy.stats")
+    for values in ([0.01, 0.03, -0.005, 0.02], [0.2, 0.1, 0.4, 0.3, 0.25, 0.05, 0.15, 0.35], [-0.3, 0.1]):
+        mean, sd = statistics.mean(values), statistics.stdev(values)
+        assert stats.paired_t_p(mean, sd, len(values)) == pytest.approx(st.ttest_1samp(values, 0.0).pvalue, abs=1e-9)
+
+
 def test_the_paired_table_matches_a_naive_recomputation(tmp_path):
     # (optimizer, delay, lr): per seed (val_acc, test_acc); None = diverged
     cells = {
@@ -132,8 +153,21 @@ def test_several_baselines_pair_each_optimizers_series_with_its_own_unablated_ar
     for r in out.to_dict("records"):
         assert r["mean_diff"] == pytest.approx(statistics.mean(naive[r["series"]]))
         assert r["sd_diff"] == pytest.approx(statistics.stdev(naive[r["series"]]))
+    # p (Holm): the table's four comparisons are one family; recomputed naively (t-test, then Holm by hand)
+    raw = []
+    for r in out.to_dict("records"):
+        values = naive[r["series"]]
+        t = statistics.mean(values) / (statistics.stdev(values) / math.sqrt(3))
+        raw.append(2 * (0.5 - abs(t) / (2 * math.sqrt(2 + t * t))))  # df = 2's closed form
+    order = sorted(range(4), key=raw.__getitem__)
+    holm, running = [0.0] * 4, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (4 - rank) * raw[i]))
+        holm[i] = running
+    assert list(out["p_value"]) == pytest.approx(raw, abs=1e-9) and list(out["p_holm"]) == pytest.approx(holm, abs=1e-9)
     text = (tmp_path / "f" / "paired.md").read_text()
     assert "| 8 | LWP, lwp lookahead momentum | LWP, lwp lookahead linear | 0.1 | 0.1 | +0.0600 -0.0100 +0.0800 |" in text
+    assert text.count(f"| {paired.p_text(holm[0])} |") >= 1 and "Holm-adjusted" in text
     with pytest.raises(SystemExit):  # two baselines of one optimizer: which one would AB's ρ 2 pair with?
         paired.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "g"),
                      "--baseline", "AB, ρ 1", "--baseline", "AB, ρ 2"])

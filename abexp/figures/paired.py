@@ -9,6 +9,9 @@ differences, their mean, the two-sided 95% Student-t interval of the mean (mean 
 paired seeds a two-sided paired t-test at alpha 0.05 needs to detect a true difference of the
 observed mean size with 80% power when the differences spread as observed (exact noncentral-t
 power, abexp.figures.stats). With 2 seeds that sd, and so that count, is itself very uncertain.
+The last column is the paired t-test's two-sided p-value, Holm-adjusted over every comparison of
+the one table (a table of several rules and delays is that many tests; the intervals are not
+adjusted).
 A language model's runs (common.Metric) are compared on test loss in nats per character
 (lr selected on validation loss, a diverged run counting infinite loss): a negative difference is
 the better rule. Writes paired.md and paired.csv; and paired_cost.md/.csv, the same pairing of
@@ -80,13 +83,19 @@ def compare(tuned: pd.DataFrame, baseline: str) -> pd.DataFrame:
         diffs = [mine[s] - base[s] for s in seeds]
         mean, sd, low, high = stats.t_interval(diffs, LEVEL)
         need = stats.seeds_for_power(mean, sd, POWER, ALPHA) if len(seeds) > 1 else None
+        p_value = stats.paired_t_p(mean, sd, len(seeds))
         rows.append({"delay": int(delay), "series": name, "baseline": baseline, "lr": cell["lr"],
                      "baseline_lr": base_cell["lr"], "seeds": len(seeds),
                      "seed_list": " ".join(map(str, seeds)),
                      "diffs": " ".join(f"{d:+.4f}" for d in diffs), "mean_diff": mean, "sd_diff": sd,
                      "ci_low": low, "ci_high": high, "interval": f"t, {LEVEL:.0%}, two-sided",
-                     "seeds_for_80pct_power": need})
+                     "seeds_for_80pct_power": need, "p_value": p_value})
     return pd.DataFrame(rows)
+
+
+def with_holm(out: pd.DataFrame) -> pd.DataFrame:
+    """``out`` with ``p_holm``: its p-values adjusted together, the table being the family."""
+    return out.assign(p_holm=stats.holm([float(p) for p in out["p_value"]]))
 
 
 def rises(tuned: pd.DataFrame, undelayed: int, harm: float, diverged: float) -> pd.DataFrame:
@@ -119,12 +128,15 @@ INTERVAL_NOTE = (f"Interval: two-sided {LEVEL:.0%} Student-t interval of the mea
 POWER_NOTE = (f"'seeds for 80% power': paired seeds a two-sided paired t-test at alpha {ALPHA} needs to detect a "
               "true difference of the observed mean with the observed sd (exact noncentral t); with few seeds "
               "that sd is itself uncertain.")
+HOLM_NOTE = ("'p (Holm)': the paired t-test's two-sided p-value, Holm-adjusted over every comparison in this "
+             f"table (where it is at most {ALPHA}, so is the chance of any false rejection among them; the "
+             "intervals are not adjusted).")
 
 
 def table_head(axis: common.DelayAxis, lrs: str) -> list[str]:
     """The column header: ``lrs`` names the lr columns (one baseline's name, or a baseline column)."""
     cells = ["optimizer", *lrs.split(" | "), "per-seed differences", "mean", "95% t-interval", "seeds",
-             "seeds for 80% power"]
+             "seeds for 80% power", "p (Holm)"]
     return [f"| {axis.letter} | " + " | ".join(cells) + " |", "|---" * (len(cells) + 1) + "|"]
 
 
@@ -137,7 +149,7 @@ def several_header(baselines: str, on_val: bool, metric: common.Metric | None, a
             if cost else f"final test {what}")
     return [f"Paired differences in {kind}, each series against its own optimizer's baseline ({baselines}): "
             f"series − baseline, same seed, same {axis.word}; each at its own lr selected on {chosen}; a diverged "
-            f"run counts {diverged}. {INTERVAL_NOTE} {POWER_NOTE}", "", *table_head(axis, "baseline | lr | baseline lr")]
+            f"run counts {diverged}. {INTERVAL_NOTE} {POWER_NOTE} {HOLM_NOTE}", "", *table_head(axis, "baseline | lr | baseline lr")]
 
 
 def one_header(baseline: str, on_val: bool, metric: common.Metric | None, axis: common.DelayAxis,
@@ -152,10 +164,11 @@ def one_header(baseline: str, on_val: bool, metric: common.Metric | None, axis: 
                 f"test {what} the {axis.word} {change} its own undelayed run ({axis.letter} = {axis.undelayed}; each "
                 f"at its own lr selected on {chosen}; a diverged run counts {diverged}), rule's cost − {baseline}'s "
                 f"cost, same seed. Positive: the {axis.word} cost the rule more than {baseline} (less robust); "
-                f"negative: less (more robust). {INTERVAL_NOTE} 'seeds for 80% power': as in the paired table.", "", *head]
+                f"negative: less (more robust). {INTERVAL_NOTE} 'seeds for 80% power', 'p (Holm)': as in the paired "
+                f"table (Holm over this table's comparisons).", "", *head]
     return [f"Paired differences in final test {what} against {baseline} (rule − {baseline}, same seed, same "
             f"{axis.word}; each at its own lr selected on {chosen}; a diverged run counts {diverged}). "
-            f"{INTERVAL_NOTE} {POWER_NOTE}", "", *head]
+            f"{INTERVAL_NOTE} {POWER_NOTE} {HOLM_NOTE}", "", *head]
 
 
 def baseline_argv(baselines) -> list[str]:
@@ -171,8 +184,16 @@ def rows_markdown(out: pd.DataFrame, with_baseline: bool = False) -> list[str]:
         need = "–" if need is None or need != need else str(int(need))
         base = f" {r['baseline']} |" if with_baseline else ""
         lines.append(f"| {r['delay']} | {r['series']} |{base} {r['lr']:g} | {r['baseline_lr']:g} | {r['diffs']} | "
-                     f"{r['mean_diff']:+.4f} | {interval} | {r['seeds']} ({r['seed_list']}) | {need} |")
+                     f"{r['mean_diff']:+.4f} | {interval} | {r['seeds']} ({r['seed_list']}) | {need} | "
+                     f"{p_text(r['p_holm'])} |")
     return lines
+
+
+def p_text(p: float) -> str:
+    """A p-value to four places (what the 0.05 line needs), '–' where no test was possible."""
+    if p != p:
+        return "–"
+    return "<0.0001" if p < 0.0001 else f"{p:.4f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -226,14 +247,14 @@ def report(table: pd.DataFrame, axis: common.DelayAxis, baselines: list[str], ou
     if out.empty:
         common.skip(stem, f"no optimizer shares a seed and a {axis.letter} with {'; '.join(bases)}")
     rank = {s: i for i, s in enumerate(series)}  # the fixed optimizer order of every figure
-    out = out.sort_values(["delay", "series"], key=lambda c: c.map(rank) if c.name == "series" else c,
-                          ignore_index=True)
+    out = with_holm(out.sort_values(["delay", "series"], key=lambda c: c.map(rank) if c.name == "series" else c,
+                                    ignore_index=True))
     write(out, markdown(out, bases, on_val, metric, axis), stem, out_dir, metric.val if on_val else metric.test)
     costs = rises(tuned, axis.undelayed, metric.harm, metric.diverged)
     cost = compare_each(costs, bases, series) if not costs.empty else costs
     if not cost.empty:  # the same rules, judged by what the delay cost each (robustness)
-        cost = cost.sort_values(["delay", "series"], key=lambda c: c.map(rank) if c.name == "series" else c,
-                                ignore_index=True)
+        cost = with_holm(cost.sort_values(["delay", "series"],
+                                          key=lambda c: c.map(rank) if c.name == "series" else c, ignore_index=True))
         write(cost, markdown(cost, bases, on_val, metric, axis, cost=True), f"paired_cost{axis.suffix}",
               out_dir, metric.val if on_val else metric.test)
 

@@ -8,6 +8,9 @@ table (abexp/figures/paired.py) needs.
   an integral over the chi distribution of the sd estimate (Simpson's rule, good to 1e-6); ``seeds_for_power`` is the smallest n that reaches it.
 * ``equivalence_power`` / ``seeds_for_equivalence``: the same for an equivalence claim, two
   one-sided paired t-tests (TOST) against a margin, when the true difference is 0.
+* ``paired_t_p`` is the two-sided paired t-test's p-value; ``holm`` adjusts a table's p-values
+  together (Holm 1979, step-down Bonferroni): a table of many rules and delays is many tests, and
+  a referee asks which differences survive all of them at once.
 tests/test_paired.py checks them against published table values and a simulation.
 """
 
@@ -72,6 +75,29 @@ def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, 
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = t_quantile((1.0 + level) / 2.0, n - 1) * sd / math.sqrt(n)
     return mean, sd, mean - half, mean + half
+
+
+def paired_t_p(mean: float, sd: float, n: int) -> float:
+    """Two-sided p-value of the paired t-test that the true mean difference is 0, from the
+    differences' mean, sample sd and count; NaN with fewer than 2 pairs or a non-finite mean."""
+    if n < 2 or not math.isfinite(mean) or not sd == sd:
+        return math.nan
+    if sd == 0:
+        return 0.0 if mean != 0 else 1.0
+    return min(1.0, 2.0 * (1.0 - t_cdf(abs(mean) / (sd / math.sqrt(n)), n - 1)))
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values, in their own order: the i-th smallest
+    of the m is multiplied by m − i + 1, kept monotone, capped at 1. A NaN (no test) stays NaN and
+    is not counted in the family. Where the adjusted value is at most alpha, the whole family's
+    chance of any false rejection is at most alpha."""
+    tested = sorted((p, i) for i, p in enumerate(pvalues) if p == p)
+    adjusted, running = [math.nan] * len(pvalues), 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        adjusted[i] = running
+    return adjusted
 
 
 def _chi_pdf(s: float, k: int) -> float:
