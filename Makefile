@@ -112,8 +112,10 @@ reproduce: $(STAMP)
 # each rule's lr on validation; `abexp confirm` then writes stage 2's spec from it (once: the
 # selection is recorded in that file, which is committed); the ablations and the 34-epoch runs use
 # the lrs stage 1 selected; DC-ASGD's adaptive-lambda ablation selects its own lrs the same two-stage
-# way. The 34-epoch runs get a folder of their own (their rows file is).
+# way. The 34-epoch runs get a folder of their own (their rows file is), and so does the control of
+# SGDM on AB's mean brake as its lr schedule (it re-runs its AB arm there, beside the control).
 EVIDENCE_RESULTS ?= $(RESULTS)/evidence
+EVIDENCE_BRAKE_RESULTS ?= $(RESULTS)/evidence_brake_schedule
 EVIDENCE_34EP_RESULTS ?= $(RESULTS)/evidence_34ep
 EVIDENCE_RUN = ABEXP_THREADS=1 $(BIN)/abexp run --workers $(WORKERS) --no-progress
 EVIDENCE_CONFIRM = experiments/fashion_mnist_evidence_confirm.yaml
@@ -128,6 +130,7 @@ evidence: $(STAMP) fashion-mnist
 	test -f $(EVIDENCE_DC_CONFIRM) || $(BIN)/abexp confirm experiments/fashion_mnist_evidence_dcasgd.yaml \
 		--results $(EVIDENCE_RESULTS) --seeds 2 3 4 5 6 7 -o $(EVIDENCE_DC_CONFIRM)
 	$(EVIDENCE_RUN) $(EVIDENCE_DC_CONFIRM) --results $(EVIDENCE_RESULTS)
+	$(EVIDENCE_RUN) experiments/fashion_mnist_evidence_brake_schedule.yaml --results $(EVIDENCE_BRAKE_RESULTS)
 	$(EVIDENCE_RUN) experiments/fashion_mnist_evidence_34ep.yaml --results $(EVIDENCE_34EP_RESULTS)
 	$(BIN)/abexp figures --results $(EVIDENCE_RESULTS) --experiment fashion_mnist_evidence
 	$(BIN)/abexp figures --results $(EVIDENCE_RESULTS) \
@@ -135,6 +138,8 @@ evidence: $(STAMP) fashion-mnist
 		--baseline "LWP, lwp lookahead linear" --baseline "AB + LWP, lwp lookahead linear"
 	$(BIN)/abexp figures --results $(EVIDENCE_RESULTS) --experiment fashion_mnist_evidence_dcasgd \
 		--baseline "DC-ASGD, λ 0.04, no dc adaptive"
+	$(BIN)/abexp figures --results $(EVIDENCE_BRAKE_RESULTS) --experiment fashion_mnist_evidence_brake_schedule \
+		--baseline ab
 	$(BIN)/abexp figures --results $(EVIDENCE_34EP_RESULTS) --spec experiments/fashion_mnist_evidence_34ep.yaml
 
 # SIGKILL the runner three times during a 16-run spec; audit completed/duplicate/lost runs.

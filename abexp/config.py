@@ -138,6 +138,16 @@ class ScheduleCfg(_Locked):
     milestones: list[float] = [0.5, 0.75]  # fractions of training
     gamma: float = Field(0.1, gt=0.0)
     warmup_epochs: float = Field(0.0, ge=0.0)  # linear warmup from 0
+    # one factor per epoch multiplying the named schedule's lr (a hand-made schedule: e.g. AB's mean
+    # brake per epoch given to SGDM, to ask whether AB is more than an lr schedule); None: all 1
+    epoch_factors: Optional[list[float]] = None
+
+    @field_validator("epoch_factors")
+    @classmethod
+    def _positive(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        if v is not None and (not v or any(not f > 0.0 or f != f or f == float("inf") for f in v)):
+            raise ValueError("epoch_factors must be a non-empty list of positive finite numbers")
+        return v
 
     @field_validator("milestones")
     @classmethod
@@ -252,7 +262,7 @@ ADDED_KEYS: dict[str, Any] = {"data.crop_pad": None, "data.flip": None, "data.va
                               "model.layers": 4, "model.width": 128, "model.heads": 4,
                               "data.context": 128,  # read by token models and data alone
                               # every stored run trained on the CPU, where this changes nothing
-                              "train.deterministic": True}
+                              "train.deterministic": True, "schedule.epoch_factors": None}
 
 
 def defaults() -> dict[str, Any]:
@@ -450,6 +460,10 @@ def _check_combinations(cfg: RunConfig, source: str, check_names: bool = True) -
                           "delay.stashing: false needs train.precision fp32 or tf32 and train.compile: false")
     if cfg.train.batch_size % cfg.train.micro_batches:
         raise ConfigError(source, "train.micro_batches", "must divide train.batch_size")
+    factors = cfg.schedule.epoch_factors
+    if factors is not None and len(factors) != cfg.train.epochs:
+        raise ConfigError(source, "schedule.epoch_factors", f"needs one factor per epoch: {len(factors)} given, "
+                          f"train.epochs is {cfg.train.epochs}")
     if data.input_kind not in model.inputs:
         raise ConfigError(source, "model.name",
                           f"{cfg.model.name} does not fit data.name={cfg.data.name} ({cfg.model.name} takes "

@@ -32,7 +32,9 @@ from abexp.lab.collect import collect, collect_epochs  # noqa: E402
 COLUMNS = ["run_id", "experiment", "status", "seed", "optim.name", "optim.lr", "delay.kind", "delay.stages",
            "delay.steps", "data.val_split", "steps", "val_acc", "test_acc", "wall_s",
            # the keys an ablation varies (fashion_mnist_evidence_{ablations,dcasgd}.yaml): its arms are separate series
-           "optim.rho", "optim.ab_cosine", "optim.lwp_lookahead", "optim.dc_lambda", "optim.dc_adaptive"]
+           "optim.rho", "optim.ab_cosine", "optim.lwp_lookahead", "optim.dc_lambda", "optim.dc_adaptive",
+           # SGDM given AB's mean brake as its lr schedule (fashion_mnist_evidence_brake_schedule.yaml)
+           "schedule.epoch_factors"]
 # per epoch, for the brake table (abexp.figures.brake): joined with the run rows by run_id to draw
 EPOCH_COLUMNS = ["run_id", "epoch", "brake_mean", "brake_sd"]
 # a language model (abexp.figures.common.Metric): losses in nats per character, and the pipeline

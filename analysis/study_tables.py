@@ -59,6 +59,10 @@ STUDIES = {
                                            baseline="DC-ASGD, λ 0.04, no dc adaptive",
                                            specs=("experiments/fashion_mnist_evidence_dcasgd.yaml",
                                                   "experiments/fashion_mnist_evidence_dcasgd_confirm.yaml")),
+    # SGDM at AB's lr with AB's mean brake per epoch as its lr schedule, against AB (own folder and rows)
+    "fashion_mnist_evidence_brake_schedule": Study("results/fashion_mnist_evidence_brake_schedule_runs.csv",
+                                                   baseline="ab",
+                                                   specs=("experiments/fashion_mnist_evidence_brake_schedule.yaml",)),
     # the paper-length runs at the lrs stage 1 selected: one lr per cell, so paired and paired_cost only
     "fashion_mnist_evidence_34ep": Study("results/fashion_mnist_evidence_34ep_runs.csv", baseline="sgdm",
                                          epochs="results/fashion_mnist_evidence_34ep_epochs.csv"),

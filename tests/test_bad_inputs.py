@@ -66,6 +66,10 @@ CASES = [
      ["train", "c.yaml", "--out", "o"], 2, ["c.yaml", "optim.lr"]),
     ("infinity in a config", {"c.yaml": TINY + "optim: {momentum: 0.9, rho: .inf}\n"},
      ["train", "c.yaml", "--out", "o"], 2, ["c.yaml", "optim.rho", "finite"]),
+    ("an epoch factor per epoch, one short", {"c.yaml": TINY + "schedule: {epoch_factors: [0.5, 0.7]}\n"},
+     ["train", "c.yaml", "--out", "o"], 2, ["c.yaml", "schedule.epoch_factors", "2 given", "train.epochs is 1"]),
+    ("a zero epoch factor", {"c.yaml": TINY + "schedule: {epoch_factors: [0.0]}\n"},
+     ["train", "c.yaml", "--out", "o"], 2, ["c.yaml", "schedule.epoch_factors", "positive"]),
     ("infinity through --set", {"c.yaml": TINY},  # YAML reads inf as a string: refused, not coerced
      ["train", "c.yaml", "--set", "optim.lr=inf", "--out", "o"], 2, ["--set", "optim.lr", "'inf'"]),
     ("YAML's infinity through --set", {"c.yaml": TINY},

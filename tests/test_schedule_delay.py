@@ -43,3 +43,20 @@ def test_geometric_expected_value_is_the_capped_mean():
     p = 1 / 5
     exact = sum(min(k, 6) * p * (1 - p) ** k for k in range(2000))
     assert DelaySampler("geometric", 6, 4.0).expected() == pytest.approx(exact, rel=1e-9)
+
+
+def test_epoch_factors_multiply_each_epochs_lr_of_the_named_schedule():
+    plain = ScheduleCfg(name="cosine", warmup_epochs=0.5)
+    scaled = ScheduleCfg(name="cosine", warmup_epochs=0.5, epoch_factors=[0.4, 0.6, 0.9])
+    for step in (0, 4, 9, 10, 17, 19, 20, 29):  # 3 epochs of 10 steps, warmup 5 steps
+        factor = (0.4, 0.6, 0.9)[step // 10]
+        assert lr_at(step, 0.025, 30, 10, scaled) == lr_at(step, 0.025, 30, 10, plain) * factor
+    # by hand: step 17 is past warmup, cosine over the 25 steps after it, epoch 1's factor 0.6
+    assert lr_at(17, 1.0, 30, 10, scaled) == pytest.approx(0.6 * 0.5 * (1 + math.cos(math.pi * 12 / 25)))
+    assert lr_at(3, 1.0, 30, 10, scaled) == pytest.approx(0.4 * 4 / 5)  # warmup, epoch 0
+
+
+@pytest.mark.parametrize("factors", [[], [0.5, 0.0], [1.0, float("nan")], [-1.0]])
+def test_epoch_factors_must_be_positive(factors):
+    with pytest.raises(ValueError):
+        ScheduleCfg(epoch_factors=factors)

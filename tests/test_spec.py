@@ -199,6 +199,33 @@ def test_the_ablations_run_at_the_validation_selected_lr_with_eight_seeds_per_ar
     assert arms == {arm: set(range(8)) for arm in ab + lwp}
 
 
+def test_the_brake_schedule_control_is_sgdm_at_abs_lr_times_abs_mean_brake_from_the_committed_rows():
+    """The control's epoch factors were typed in: they must be AB's per-epoch mean brake at that
+    delay and its validation-selected lr, over the selection seeds, recomputed from the committed
+    per-epoch rows (a naive mean of brake_mean per epoch); AB runs beside it, 8 seeds each."""
+    import pandas as pd
+
+    picked = validation_selected_lrs(["ab"], [8, 32])
+    results = EXPERIMENTS.parent / "results"
+    runs = pd.read_csv(results / "fashion_mnist_evidence_runs.csv")
+    epochs = pd.read_csv(results / "fashion_mnist_evidence_epochs.csv").merge(runs, on="run_id")
+    arms: dict[tuple, set[int]] = {}
+    for run in load_spec(EXPERIMENTS / "fashion_mnist_evidence_brake_schedule.yaml").expand():
+        c = run.config
+        assert c.optim.lr == picked[("ab", c.delay.steps)] and c.data.val_split == 0.1 and c.train.epochs == 3
+        if c.optim.name == "sgdm":
+            ab = epochs[(epochs["optim.name"] == "ab") & (epochs["delay.steps"] == c.delay.steps)
+                        & (epochs["optim.lr"] == c.optim.lr) & epochs["seed"].isin([0, 1])
+                        & (epochs["optim.rho"].fillna(1.0) == 1.0) & (epochs["optim.ab_cosine"].fillna("tensor") == "tensor")]
+            assert sorted(set(ab["seed"])) == [0, 1] and len(ab) == 6
+            means = [round(sum(g) / len(g), 3) for _, g in sorted(ab.groupby("epoch")["brake_mean"])]
+            assert c.schedule.epoch_factors == means and c.schedule.name == "cosine" and c.optim.momentum == 0.9
+        else:
+            assert c.optim.name == "ab" and c.schedule.epoch_factors is None and c.optim.rho == 1.0
+        arms.setdefault((c.optim.name, c.delay.steps), set()).add(c.seed)
+    assert arms == {(o, d): set(range(8)) for o in ("ab", "sgdm") for d in (8, 32)}
+
+
 def test_the_dcasgd_ablation_tunes_each_lambda_arm_on_the_evidence_recipe_and_split():
     """Constant λ against DC-ASGD-a at D = 32, each arm over the same lrs with the two selection
     seeds, on fashion_mnist_evidence's recipe and validation split (abexp confirm adds the rest)."""

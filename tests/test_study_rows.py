@@ -261,4 +261,4 @@ def test_every_studys_baselines_are_series_its_specs_runs_will_carry():
         # paired's own resolution: exits (skips the table) on a name that is not exactly one series
         found = paired.baseline_series(list(study_tables.baselines(study)), series, name)
         checked += len(found)
-    assert checked >= 5  # the evidence study, its ablations' three arms, the DC-ASGD ablation
+    assert checked >= 6  # the evidence study, its ablations' three arms, the DC-ASGD ablation, the brake control

@@ -139,3 +139,19 @@ def test_compiled_training_matches_eager(tmp_path, tiny_overrides):
     a, b = runs[0].engine.w, runs[1].engine.w
     assert float((a - b).norm() / a.norm()) < 1e-4
     assert float((a - w0).norm() / w0.norm()) > 1e-3  # training moved the weights
+
+
+def test_epoch_factors_train_as_the_schedule_they_spell(tmp_path, tiny_overrides):
+    """Constant lr 0.1 with epoch factors [1, 0.5] is multistep halving at the epoch boundary
+    (milestone 0.5 of 2 epochs, gamma 0.5): the same lr every step, so the same weights, bitwise."""
+    base = tiny_overrides + ["train.epochs=2", "optim.name=sgdm", "optim.lr=0.1", "delay.steps=2"]
+    factors = load_config(None, base + ["schedule.name=constant", "schedule.epoch_factors=[1.0, 0.5]"])
+    multistep = load_config(None, base + ["schedule.name=multistep", "schedule.milestones=[0.5]",
+                                          "schedule.gamma=0.5"])
+    train_run(factors, tmp_path / "f", device="cpu", log=lambda s: None)
+    train_run(multistep, tmp_path / "m", device="cpu", log=lambda s: None)
+    a, b = weights(tmp_path / "f"), weights(tmp_path / "m")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lrs = [json.loads(l)["lr"] for l in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == [0.1, 0.05]
+    assert run_id(factors) != run_id(load_config(None, base + ["schedule.name=constant"]))

@@ -62,7 +62,7 @@ def add_series(table: pd.DataFrame, axes: tuple[str, ...] = ("delay.steps",)) ->
 # config keys in words, for series labels; any other key is shown as "name value"
 WORDS = {"optim.lr": "lr", "optim.momentum": "momentum", "optim.rho": "ρ", "optim.weight_decay": "wd",
          "train.epochs": "epochs", "train.batch_size": "batch", "delay.kind": "delay",
-         "optim.dc_lambda": "λ", "optim.lwp_horizon": "horizon"}
+         "optim.dc_lambda": "λ", "optim.lwp_horizon": "horizon", "schedule.epoch_factors": "lr × epoch factors"}
 
 
 def describe(key: str, value) -> str:

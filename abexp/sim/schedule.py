@@ -9,10 +9,19 @@ from abexp.config import ScheduleCfg
 
 def lr_at(step: int, base_lr: float, total_steps: int, steps_per_epoch: int,
           cfg: ScheduleCfg) -> float:
-    """lr for update ``step`` (0-based): linear warmup, then constant / multistep / cosine.
+    """lr for update ``step`` (0-based): linear warmup, then constant / multistep / cosine, times
+    the epoch's factor when ``cfg.epoch_factors`` gives one per epoch.
 
     Multistep milestones are fractions of training: lr is multiplied by gamma at each.
     """
+    lr = _named(step, base_lr, total_steps, steps_per_epoch, cfg)
+    if cfg.epoch_factors is None:
+        return lr
+    return lr * cfg.epoch_factors[min(step // steps_per_epoch, len(cfg.epoch_factors) - 1)]
+
+
+def _named(step: int, base_lr: float, total_steps: int, steps_per_epoch: int, cfg: ScheduleCfg) -> float:
+    """The named schedule's lr at ``step``, before any epoch factor."""
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     if step < warmup:
         return base_lr * (step + 1) / warmup
