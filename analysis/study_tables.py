@@ -45,7 +45,8 @@ STUDIES = {
     # weight prediction (lwp_muon) is read against the rule it predicts for, Muon, and against AB-Muon
     "shakespeare_gpt": Study("results/shakespeare_gpt_runs.csv", baseline="adamw", also_paired_with=("muon", "ab_muon")),
     # issue 39's lr selection on validation (stage 1, 2 seeds) and, once stage 2 has run, 8 paired seeds
-    "fashion_mnist_evidence": Study("results/fashion_mnist_evidence_runs.csv", baseline="sgdm",
+    # (and every rule against AB: is any mitigation ahead of AB, or behind it?)
+    "fashion_mnist_evidence": Study("results/fashion_mnist_evidence_runs.csv", baseline="sgdm", also_paired_with=("ab",),
                                     specs=("experiments/fashion_mnist_evidence.yaml",
                                            "experiments/fashion_mnist_evidence_confirm.yaml"),  # stage 2, once written
                                     epochs="results/fashion_mnist_evidence_epochs.csv"),
