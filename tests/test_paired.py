@@ -51,7 +51,10 @@ def test_paired_p_values_match_closed_forms_and_holm_a_hand_computation():
     assert stats.paired_t_p(statistics.mean(diffs), statistics.stdev(diffs), 3) == pytest.approx(0.0742, abs=1e-4)
     assert stats.paired_t_p(-0.5, 0.5, 2) == pytest.approx(2 * (0.5 - math.atan(math.sqrt(2)) / math.pi))
     assert math.isnan(stats.paired_t_p(0.1, float("nan"), 1)) and math.isnan(stats.paired_t_p(float("-inf"), 1.0, 4))
-    assert stats.paired_t_p(0.3, 0.0, 4) == 0.0 and stats.paired_t_p(0.0, 0.0, 4) == 1.0
+    # no spread (equal differences, exactly or up to float noise): t is infinite, no test, not p = 0
+    assert math.isnan(stats.paired_t_p(0.3, 0.0, 4)) and math.isnan(stats.paired_t_p(0.0, 0.0, 4))
+    noisy = [0.1 + 0.2, 0.3]
+    assert math.isnan(stats.paired_t_p(statistics.mean(noisy), statistics.stdev(noisy), 2))
     # Holm: sorted 0.01, 0.03, 0.04 -> ×3, ×2 (0.06), ×1 (0.04, raised to 0.06 to stay monotone); NaN not in the family
     assert stats.holm([0.04, 0.01, float("nan"), 0.03]) == pytest.approx([0.06, 0.03, float("nan"), 0.06], nan_ok=True)
     assert stats.holm([0.5, 0.9]) == [1.0, 1.0] and stats.holm([]) == []
@@ -99,8 +102,17 @@ def test_the_paired_table_matches_a_naive_recomputation(tmp_path):
     assert d32["ci_low"] == pytest.approx(mean - T_975[1] * sd / math.sqrt(2), abs=1e-3)
     # d = 0.065 / 0.0212 = 3.06: n = 4 (power 0.87 there; 3 seeds give 0.59)
     assert d32["seeds_for_80pct_power"] == 4
+    # p (Holm) over the table's two rows, from the closed forms: df = 2 (D = 8), df = 1 (D = 32, Cauchy)
+    t8 = d8["mean_diff"] / (d8["sd_diff"] / math.sqrt(3))
+    t32 = d32["mean_diff"] / (d32["sd_diff"] / math.sqrt(2))
+    raw = [2 * (0.5 - abs(t8) / (2 * math.sqrt(2 + t8 * t8))), 2 * (0.5 - math.atan(abs(t32)) / math.pi)]
+    low, high = sorted(raw)
+    holm = {low: min(1, 2 * low), high: max(min(1, 2 * low), high)}
+    assert [d8["p_value"], d32["p_value"]] == pytest.approx(raw, abs=1e-9)
+    assert [d8["p_holm"], d32["p_holm"]] == pytest.approx([holm[raw[0]], holm[raw[1]]], abs=1e-9)
     text = (tmp_path / "figs" / "paired.md").read_text()
     assert "Student-t interval" in text and "selected on validation" in text
+    assert f"| {paired.p_text(holm[raw[0]])} |" in text.splitlines()[4]  # the D = 8 row's last cell
     assert "| 8 | AB | 0.05 | 0.05 | +0.0300 +0.0300 -0.7900 |" in text
 
 
@@ -167,7 +179,8 @@ def test_several_baselines_pair_each_optimizers_series_with_its_own_unablated_ar
     assert list(out["p_value"]) == pytest.approx(raw, abs=1e-9) and list(out["p_holm"]) == pytest.approx(holm, abs=1e-9)
     text = (tmp_path / "f" / "paired.md").read_text()
     assert "| 8 | LWP, lwp lookahead momentum | LWP, lwp lookahead linear | 0.1 | 0.1 | +0.0600 -0.0100 +0.0800 |" in text
-    assert text.count(f"| {paired.p_text(holm[0])} |") >= 1 and "Holm-adjusted" in text
+    row = next(line for line in text.splitlines() if line.startswith(f"| 8 | {out['series'][0]} |"))
+    assert row.endswith(f"| {paired.p_text(holm[0])} |") and "Holm-adjusted" in text
     with pytest.raises(SystemExit):  # two baselines of one optimizer: which one would AB's ρ 2 pair with?
         paired.main(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "g"),
                      "--baseline", "AB, ρ 1", "--baseline", "AB, ρ 2"])
@@ -341,6 +354,12 @@ def test_a_losss_cost_is_what_the_delay_added_and_a_diverged_start_has_none(tmp_
     diffs = [(2.2 - 1.8) - (2.5 - 2.0), (2.4 - 1.9) - (2.7 - 2.1)]
     assert cost["seed_list"] == "0 1" and cost["mean_diff"] == pytest.approx(statistics.mean(diffs))
     assert cost["mean_diff"] < 0  # Muon lost less to the delay: more robust, negative
+    # no t-test where AdamW's seed 2 diverged (an infinite difference, D = 0) nor where Muon is below
+    # AdamW by the same 0.3 on every seed (D = 4: no spread): '–', not p = 0, and out of the family
+    pairs = pd.read_csv(tmp_path / "figs" / "paired.csv")
+    assert list(pairs["delay"]) == [0, 4] and pairs["p_value"].isna().all() and pairs["p_holm"].isna().all()
+    assert all(line.endswith("| – |") for line in (tmp_path / "figs" / "paired.md").read_text().splitlines()
+               if line.startswith(("| 0 |", "| 4 |")))
 
 
 def test_pairs_are_differences_of_full_precision_values(tmp_path):

@@ -129,8 +129,9 @@ POWER_NOTE = (f"'seeds for 80% power': paired seeds a two-sided paired t-test at
               "true difference of the observed mean with the observed sd (exact noncentral t); with few seeds "
               "that sd is itself uncertain.")
 HOLM_NOTE = ("'p (Holm)': the paired t-test's two-sided p-value, Holm-adjusted over every comparison in this "
-             f"table (where it is at most {ALPHA}, so is the chance of any false rejection among them; the "
-             "intervals are not adjusted).")
+             f"table that has one (where it is at most {ALPHA}, so is the chance of any false rejection among "
+             "them; each table is its own family; the intervals are not adjusted; '–': no test — one seed, "
+             "equal differences, or a diverged run's infinite one).")
 
 
 def table_head(axis: common.DelayAxis, lrs: str) -> list[str]:

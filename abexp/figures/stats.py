@@ -79,11 +79,11 @@ def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, 
 
 def paired_t_p(mean: float, sd: float, n: int) -> float:
     """Two-sided p-value of the paired t-test that the true mean difference is 0, from the
-    differences' mean, sample sd and count; NaN with fewer than 2 pairs or a non-finite mean."""
-    if n < 2 or not math.isfinite(mean) or not sd == sd:
+    differences' mean, sample sd and count. NaN (no test) with fewer than 2 pairs, a non-finite
+    mean (a diverged run's infinite loss) or no spread: equal differences (sd 0, or float noise
+    below 1e-9 of the mean) make t infinite, a degenerate test, not the most significant one."""
+    if n < 2 or not math.isfinite(mean) or not math.isfinite(sd) or sd <= 1e-9 * abs(mean):
         return math.nan
-    if sd == 0:
-        return 0.0 if mean != 0 else 1.0
     return min(1.0, 2.0 * (1.0 - t_cdf(abs(mean) / (sd / math.sqrt(n)), n - 1)))
 
 

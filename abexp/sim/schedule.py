@@ -17,7 +17,7 @@ def lr_at(step: int, base_lr: float, total_steps: int, steps_per_epoch: int,
     lr = _named(step, base_lr, total_steps, steps_per_epoch, cfg)
     if cfg.epoch_factors is None:
         return lr
-    return lr * cfg.epoch_factors[min(step // steps_per_epoch, len(cfg.epoch_factors) - 1)]
+    return lr * cfg.epoch_factors[step // steps_per_epoch]  # one per epoch: validate() checks the count
 
 
 def _named(step: int, base_lr: float, total_steps: int, steps_per_epoch: int, cfg: ScheduleCfg) -> float:
