@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -145,7 +146,7 @@ class ScheduleCfg(_Locked):
     @field_validator("epoch_factors")
     @classmethod
     def _positive(cls, v: Optional[list[float]]) -> Optional[list[float]]:
-        if v is not None and (not v or any(not f > 0.0 or f != f or f == float("inf") for f in v)):
+        if v is not None and (not v or any(not (f > 0.0 and math.isfinite(f)) for f in v)):
             raise ValueError("epoch_factors must be a non-empty list of positive finite numbers")
         return v
 

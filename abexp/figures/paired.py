@@ -248,14 +248,17 @@ def report(table: pd.DataFrame, axis: common.DelayAxis, baselines: list[str], ou
     if out.empty:
         common.skip(stem, f"no optimizer shares a seed and a {axis.letter} with {'; '.join(bases)}")
     rank = {s: i for i, s in enumerate(series)}  # the fixed optimizer order of every figure
-    out = with_holm(out.sort_values(["delay", "series"], key=lambda c: c.map(rank) if c.name == "series" else c,
-                                    ignore_index=True))
+
+    def ordered(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame.sort_values(["delay", "series"], key=lambda c: c.map(rank) if c.name == "series" else c,
+                                 ignore_index=True)
+
+    out = with_holm(ordered(out))
     write(out, markdown(out, bases, on_val, metric, axis), stem, out_dir, metric.val if on_val else metric.test)
     costs = rises(tuned, axis.undelayed, metric.harm, metric.diverged)
     cost = compare_each(costs, bases, series) if not costs.empty else costs
     if not cost.empty:  # the same rules, judged by what the delay cost each (robustness)
-        cost = with_holm(cost.sort_values(["delay", "series"],
-                                          key=lambda c: c.map(rank) if c.name == "series" else c, ignore_index=True))
+        cost = with_holm(ordered(cost))
         write(cost, markdown(cost, bases, on_val, metric, axis, cost=True), f"paired_cost{axis.suffix}",
               out_dir, metric.val if on_val else metric.test)
 
