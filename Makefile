@@ -118,20 +118,22 @@ EVIDENCE_RESULTS ?= $(RESULTS)/evidence
 EVIDENCE_BRAKE_RESULTS ?= $(RESULTS)/evidence_brake_schedule
 EVIDENCE_34EP_RESULTS ?= $(RESULTS)/evidence_34ep
 EVIDENCE_RUN = ABEXP_THREADS=1 $(BIN)/abexp run --workers $(WORKERS) --no-progress
+# runs whose rows are committed (finished on an earlier machine) are not run again (abexp.lab.elsewhere)
+DONE_ROWS = $(addprefix --done-rows ,$(wildcard results/fashion_mnist_evidence$(1)_runs.csv))
 EVIDENCE_CONFIRM = experiments/fashion_mnist_evidence_confirm.yaml
 EVIDENCE_DC_CONFIRM = experiments/fashion_mnist_evidence_dcasgd_confirm.yaml
 evidence: $(STAMP) fashion-mnist
-	$(EVIDENCE_RUN) experiments/fashion_mnist_evidence.yaml --results $(EVIDENCE_RESULTS)
+	$(EVIDENCE_RUN) experiments/fashion_mnist_evidence.yaml --results $(EVIDENCE_RESULTS) $(call DONE_ROWS)
 	test -f $(EVIDENCE_CONFIRM) || $(BIN)/abexp confirm experiments/fashion_mnist_evidence.yaml \
 		--results $(EVIDENCE_RESULTS) --seeds 2 3 4 5 6 7 -o $(EVIDENCE_CONFIRM)
-	$(EVIDENCE_RUN) $(EVIDENCE_CONFIRM) --results $(EVIDENCE_RESULTS)
-	$(EVIDENCE_RUN) experiments/fashion_mnist_evidence_ablations.yaml --results $(EVIDENCE_RESULTS)
-	$(EVIDENCE_RUN) experiments/fashion_mnist_evidence_dcasgd.yaml --results $(EVIDENCE_RESULTS)
+	$(EVIDENCE_RUN) $(EVIDENCE_CONFIRM) --results $(EVIDENCE_RESULTS) $(call DONE_ROWS)
+	$(EVIDENCE_RUN) experiments/fashion_mnist_evidence_ablations.yaml --results $(EVIDENCE_RESULTS) $(call DONE_ROWS)
+	$(EVIDENCE_RUN) experiments/fashion_mnist_evidence_dcasgd.yaml --results $(EVIDENCE_RESULTS) $(call DONE_ROWS)
 	test -f $(EVIDENCE_DC_CONFIRM) || $(BIN)/abexp confirm experiments/fashion_mnist_evidence_dcasgd.yaml \
 		--results $(EVIDENCE_RESULTS) --seeds 2 3 4 5 6 7 -o $(EVIDENCE_DC_CONFIRM)
-	$(EVIDENCE_RUN) $(EVIDENCE_DC_CONFIRM) --results $(EVIDENCE_RESULTS)
-	$(EVIDENCE_RUN) experiments/fashion_mnist_evidence_brake_schedule.yaml --results $(EVIDENCE_BRAKE_RESULTS)
-	$(EVIDENCE_RUN) experiments/fashion_mnist_evidence_34ep.yaml --results $(EVIDENCE_34EP_RESULTS)
+	$(EVIDENCE_RUN) $(EVIDENCE_DC_CONFIRM) --results $(EVIDENCE_RESULTS) $(call DONE_ROWS)
+	$(EVIDENCE_RUN) experiments/fashion_mnist_evidence_brake_schedule.yaml --results $(EVIDENCE_BRAKE_RESULTS) $(call DONE_ROWS,_brake_schedule)
+	$(EVIDENCE_RUN) experiments/fashion_mnist_evidence_34ep.yaml --results $(EVIDENCE_34EP_RESULTS) $(call DONE_ROWS,_34ep)
 	$(BIN)/abexp figures --results $(EVIDENCE_RESULTS) --experiment fashion_mnist_evidence
 	$(BIN)/abexp figures --results $(EVIDENCE_RESULTS) \
 		--spec experiments/fashion_mnist_evidence_ablations.yaml --baseline "AB, ρ 1, ab cosine tensor" \

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from abexp.config import ConfigError
-from abexp.lab import preflight
+from abexp.lab import elsewhere, preflight
 from abexp.process_env import init_process_env
 
 EXIT_BAD_INPUT = 2
@@ -202,8 +202,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from abexp.lab.spec import load_spec
 
     backend = get_backend(args.backend)
+    elsewhere.remember(args.done_rows)  # each rows file checked before anything is written
     preflight.check_results_dir(args.results, write=True)
     plan = load_spec(args.spec, args.set).expand()  # validate every run before anything starts
+    if args.done_rows:  # runs another machine finished: not run here (abexp.lab.elsewhere)
+        here = elsewhere.to_run_here(plan)
+        print(f"{len(plan) - len(here)} of {len(plan)} runs finished elsewhere "
+              f"({', '.join(args.done_rows)}): not run here", file=sys.stderr, flush=True)
+        plan = here
     preflight.check_plan(plan, args.results, args.gpus_per_run, args.spec)
     launch = Launch(args.spec, args.results, plan, overrides=args.set, workers=args.workers,
                     gpus=[g for g in args.gpus.split(",") if g] if args.gpus else None,
@@ -417,6 +423,9 @@ def build_parser() -> Parser:
     g.add_argument("--mem", help="per task, SLURM syntax (16G, 4000)")
     g.add_argument("--gpus-per-task", type=non_negative_int,
                    help="default: --gpus-per-run where the partition has GPUs, else 0")
+    p.add_argument("--done-rows", action="append", default=[], metavar="ROWS.csv",
+                   help="a study's committed rows file (results/<study>_runs.csv): its finished runs are "
+                        "not run again here (repeatable; abexp.lab.elsewhere)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     p.set_defaults(func=cmd_run)
 

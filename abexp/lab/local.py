@@ -20,6 +20,7 @@ from typing import Callable
 
 from abexp.config import ConfigError
 from abexp.lab.backends import Launch
+from abexp.lab.elsewhere import to_run_here
 from abexp.lab.spec import PlannedRun, load_spec
 from abexp.train.folder import RunFolder, runs_dir
 from abexp.train.preempt import die_with_parent
@@ -145,11 +146,14 @@ def run_local(spec_path: str, results: str, workers: int | None = None,
               gpus: list[str] | None = None, runs_per_gpu: int = 1, progress: bool = True,
               overrides: list[str] | None = None, gpus_per_run: int = 1, pack: int = 1) -> int:
     """Start the workers, show progress, return 0 when every run ended done (or diverged)."""
-    plan = load_spec(spec_path, overrides).expand(warn=lambda msg: None)
+    plan = to_run_here(load_spec(spec_path, overrides).expand(warn=lambda msg: None))
     ids = [r.run_id for r in plan]
     root = runs_dir(results)
     session = uuid.uuid4().hex[:12]
     done = lambda: sum(RunFolder(root / rid).finished() for rid in ids)  # noqa: E731
+    if not ids:
+        print(f"nothing to run here: every run of {spec_path} finished elsewhere")
+        return 0
     if done() == len(ids):
         print(f"all {len(ids)} runs of {spec_path} are done")
         return 0

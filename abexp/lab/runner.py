@@ -23,6 +23,7 @@ from abexp import io
 from abexp.train import preempt
 from abexp.config import RunConfig, dump_yaml
 from abexp.lab.claims import Claim, ClaimLost, Heartbeat, is_stale, try_claim
+from abexp.lab.elsewhere import to_run_here
 from abexp.lab.spec import PlannedRun, load_spec
 from abexp.process_env import init_process_env
 from abexp.train.folder import STATES, RunFolder, runs_dir  # noqa: F401 -- runs_dir, STATES: the lab's names
@@ -188,7 +189,7 @@ def worker_loop(spec_path: str, results: str, session: str, overrides: list[str]
     """
     pack = int(os.environ.get("ABEXP_PACK", pack))
     apply_thread_budget()
-    plan = load_spec(spec_path, overrides).expand(warn=lambda msg: None)
+    plan = to_run_here(load_spec(spec_path, overrides).expand(warn=lambda msg: None))
     root = runs_dir(results)
     heartbeat = Heartbeat()
     counts: dict[str, int] = {}

@@ -31,6 +31,7 @@ from pathlib import Path
 from abexp import io
 from abexp.lab.backends import Launch
 from abexp.lab.claims import slurm_task
+from abexp.lab.elsewhere import ENV as ELSEWHERE
 from abexp.config import ConfigError
 
 SCRIPT, JOBS, STOP = "task.sbatch", "jobs.txt", "stop"
@@ -262,6 +263,8 @@ def script_text(req: Request, worker_cmd: list[str], folder: Path, name: str) ->
         lines.append(f"export ABEXP_NPROC={req.nproc}")
     if os.environ.get("ABEXP_PLUGINS"):  # the plugins this submission loaded (abexp.registry)
         lines.append(f"export ABEXP_PLUGINS={shlex.quote(os.environ['ABEXP_PLUGINS'])}")
+    if os.environ.get(ELSEWHERE):  # the rows files of runs finished elsewhere (abexp.lab.elsewhere)
+        lines.append(f"export {ELSEWHERE}={shlex.quote(os.environ[ELSEWHERE])}")
     lines += [f"export ABEXP_SLURM_FOLDER={shlex.quote(str(folder))}",
               "# exec: the worker itself receives SLURM's signals (see abexp/train/preempt.py)",
               "exec " + " ".join(shlex.quote(part) for part in worker_cmd), ""]
