@@ -259,9 +259,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     damaged: list[str] = []
     table = collect(args.results, [r.run_id for r in plan], damaged).set_index("run_id") if plan else None
     damaged_ids = {Path(d.split(":", 1)[0]).parent.name for d in damaged}
+    done_elsewhere = set().union(*(elsewhere.read_finished_ids(f) for f in args.done_rows))
     states = []
     for r in plan:
         state = "damaged" if r.run_id in damaged_ids else run_state(runs_dir(args.results) / r.run_id)
+        if r.run_id in done_elsewhere and state not in ("completed", "diverged"):
+            state = "elsewhere"  # finished on another machine: its row is committed (abexp run --done-rows)
         states.append(state)
         acc = ""
         if table is not None and r.run_id in table.index and pd.notna(table.loc[r.run_id, "test_acc"]):
@@ -443,6 +446,8 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("status", help="state and accuracy of every run of a spec")
     add_spec_args(p)
+    p.add_argument("--done-rows", action="append", default=[], metavar="ROWS.csv",
+                   help="a study's committed rows file: its finished runs missing here show as 'elsewhere'")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("collect", help="one table row per run in RESULTS/runs")

@@ -65,6 +65,11 @@ def test_a_new_machine_runs_only_what_the_committed_rows_lack(tmp_path):
     trained = {d.name for d in runs_dir(results).iterdir() if (d / "result.json").exists()}
     assert trained == set(seed1)
     assert not any((runs_dir(results) / rid).exists() for rid in seed0)  # not even claimed
+    status = subprocess.run([sys.executable, "-m", "abexp.cli", "status", str(spec), "--results", str(results),
+                             "--done-rows", str(rows)], env=ENV, capture_output=True, text=True, cwd=ROOT)
+    lines = status.stdout.strip().splitlines()
+    assert lines[-1] == f"2 completed, 2 elsewhere ({len(plan)} runs)", status.stdout
+    assert sorted(line.split()[0] for line in lines[:-1] if line.split()[1] == "elsewhere") == sorted(seed0)
     # run again: nothing left to do here, nothing trained twice
     rc, out, _ = abexp_run(spec, results, "--workers", "1", "--done-rows", str(rows))
     assert rc == 0 and f"all {len(seed1)} runs of" in out

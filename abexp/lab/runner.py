@@ -244,8 +244,9 @@ def apply_thread_budget(ranks: int = 1) -> None:
 
 
 def summarize(states: list[str]) -> str:
-    """``3 completed, 1 diverged, 20 pending (24 runs)``, in STATES order."""
-    counts = [f"{states.count(s)} {s}" for s in STATES if states.count(s)]
+    """``3 completed, 1 diverged, 20 pending (24 runs)``, in STATES order (then the runs finished
+    on another machine, ``abexp status --done-rows``)."""
+    counts = [f"{states.count(s)} {s}" for s in (*STATES, "elsewhere") if states.count(s)]
     return ", ".join(counts) + f" ({len(states)} runs)"
 
 
