@@ -157,3 +157,23 @@ exclude:
     assert got == sorted([(o, d, lr, s) for (o, d), lr in chosen.items() for s in (1, 2)
                           if (o, d, s) != ("muon", 4, 2)])
     assert sorted(ids) == sorted(r.run_id for r in written)
+
+
+@pytest.mark.parametrize("study, rows", [
+    ("fashion_mnist_evidence", "fashion_mnist_evidence_runs.csv"),
+    ("fashion_mnist_evidence_dcasgd", "fashion_mnist_evidence_runs.csv"),
+    ("shakespeare_gpt", "shakespeare_gpt_runs.csv"),
+])
+def test_each_committed_confirmation_spec_is_what_the_committed_rows_select(tmp_path, study, rows):
+    """A committed second stage (written once, from a results folder on the machine that ran the
+    first) runs exactly the runs `abexp confirm` selects today from the first stage's committed rows."""
+    committed = ROOT / "experiments" / f"{study}_confirm.yaml"
+    runs = load_spec(committed).expand(warn=lambda msg: None)
+    seeds = sorted({run.config.seed for run in runs})
+    out = tmp_path / "experiments" / committed.name
+    out.parent.mkdir()
+    first_stage = pd.read_csv(ROOT / "results" / rows, dtype={"run_id": str})
+    first_stage = first_stage[~first_stage["seed"].isin(seeds)]  # as the rows stood when it was written
+    first_stage.to_csv(tmp_path / "rows.csv", index=False)
+    ids = write_confirm_spec(ROOT / "experiments" / f"{study}.yaml", tmp_path / "rows.csv", seeds, out)
+    assert sorted(ids) == sorted(run.run_id for run in runs)
