@@ -97,6 +97,7 @@ figures: $(if $(INSTALLED_ABEXP),,$(STAMP))
 # The long studies' committed tables (README, docs/studies.md), redrawn from their committed rows
 study-tables: $(STAMP)
 	$(BIN)/python analysis/study_tables.py
+	$(BIN)/python analysis/evidence_across.py -o results/fashion_mnist_evidence_across.md
 
 # Paper scale: CIFAR-10 ResNet-20 accuracy vs delay, 4 optimizers x 8 delays x 3 seeds on the
 # GPUs present (resumable), ImageNet when IMAGENET_DIR is set, then the figures.

@@ -262,3 +262,28 @@ def test_every_studys_baselines_are_series_its_specs_runs_will_carry():
         found = paired.baseline_series(list(study_tables.baselines(study)), series, name)
         checked += len(found)
     assert checked >= 6  # the evidence study, its ablations' three arms, the DC-ASGD ablation, the brake control
+
+
+def test_the_same_run_on_two_machines_is_joined_by_run_id_and_differenced():
+    """analysis/evidence_across.py's CPU-kind rows equal a naive recomputation from the two
+    committed rows files (the runs both hold, by run id), and its cross-machine pairs with stage 2's
+    SGDM equal a by-seed join at SGDM's selected lr."""
+    sys.path.insert(0, str(ROOT / "analysis"))
+    import evidence_across
+    lines = evidence_across.table()
+    control = pd.read_csv(ROOT / "results/fashion_mnist_evidence_brake_schedule_runs.csv", dtype={"run_id": str})
+    evidence = pd.read_csv(ROOT / "results/fashion_mnist_evidence_runs.csv", dtype={"run_id": str})
+    both = control.merge(evidence, on="run_id")
+    assert len(both) == 16 and set(both["optim.name_x"]) == {"ab"}
+    for delay in (8, 32):
+        cell = both[both["delay.steps_x"] == delay].sort_values("seed_x")
+        diffs = [round(100 * (a - b), 2) for a, b in zip(cell["test_acc_x"], cell["test_acc_y"])]
+        row = next(l for l in lines if l.startswith(f"| D = {delay}: the same ab runs"))
+        assert [float(d) for d in row.split("|")[2].split()] == diffs
+        mean = sum(100 * (a - b) for a, b in zip(cell["test_acc_x"], cell["test_acc_y"])) / len(cell)
+        assert row.split("|")[3].strip() == f"{mean:+.2f}"
+    sgdm = evidence[(evidence["optim.name"] == "sgdm") & (evidence["delay.steps"] == 32)
+                    & (evidence["optim.lr"] == 0.0015625)].set_index("seed")["test_acc"]
+    brake = control[(control["optim.name"] == "sgdm") & (control["delay.steps"] == 32)].set_index("seed")["test_acc"]
+    row = next(l for l in lines if l.startswith("| D = 32: SGDM × AB's mean brake"))
+    assert [float(d) for d in row.split("|")[2].split()] == [round(100 * (brake[s] - sgdm[s]), 2) for s in range(8)]
