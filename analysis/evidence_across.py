@@ -5,8 +5,9 @@ The brake control (experiments/fashion_mnist_evidence_brake_schedule.yaml) re-ra
 the evidence study — the same configs, so the same run ids — on another machine; its rows file
 and the evidence study's rows hold the same run twice, once per CPU kind. Joined by run id, the
 difference is what the CPU kind alone does to a run (the training code of the two commits is the
-same). The control and its AB arm are also paired by seed with stage 2's SGDM at SGDM's own
-validation-selected lr, a pairing across the two machines. Test-accuracy points, mean and 95%
+same). The control, its AB arm and DC-ASGD's two forms (experiments/fashion_mnist_evidence_dcasgd.yaml,
+each at its own selected lr) are also paired by seed with stage 2's SGDM and AB, each at its own
+validation-selected lr: pairings across the two machines. Test-accuracy points, mean and 95%
 t-interval (abexp.figures.stats), from the committed rows alone:
 
     python analysis/evidence_across.py -o results/fashion_mnist_evidence_across.md   # make study-tables
@@ -46,11 +47,14 @@ def by_seed(a: pd.DataFrame, b: pd.DataFrame) -> list[float]:
     return list((joined["acc_a"] - joined["acc_b"]).values)
 
 
-def selected_sgdm(stage2: pd.DataFrame, delay: int) -> pd.DataFrame:
-    """SGDM at the lr of its cell that has the most seeds (stage 2 ran only the selected one)."""
-    cell = stage2[(stage2["optim.name"] == "sgdm") & (stage2["delay.steps"] == delay)]
+def selected(rows: pd.DataFrame, delay: int, **keys) -> pd.DataFrame:
+    """One arm's runs at its selected lr: the lr of its cell with the most seeds (a study's second
+    stage runs only the selected one)."""
+    cell = rows[rows["delay.steps"] == delay]
+    for key, value in keys.items():
+        cell = cell[cell[key] == value]
     lr = cell.groupby("optim.lr")["seed"].nunique().idxmax()
-    return cell[cell["optim.lr"] == lr]
+    return cell[cell["optim.lr"] == lr].sort_values("seed")
 
 
 def table() -> list[str]:
@@ -66,12 +70,18 @@ def table() -> list[str]:
         kinds = f"{cell['cpu'].iloc[0]} − {cell['cpu_evidence'].iloc[0]}"
         diffs = list((accuracy(cell) - accuracy(cell, "_evidence")).values)
         lines.append(line(f"D = {delay}: the same {cell['optim.name'].iloc[0]} runs (run ids), {kinds}", diffs))
-    for delay, cell in control.groupby("delay.steps"):
-        sgdm = selected_sgdm(evidence, delay)
-        for name, arm in cell.groupby("optim.name", sort=False):
-            label = "SGDM × AB's mean brake" if name == "sgdm" else name.upper()
-            lines.append(line(f"D = {delay}: {label} (lr {arm['optim.lr'].iloc[0]:g}) − stage 2's SGDM "
-                              f"(lr {sgdm['optim.lr'].iloc[0]:g})", by_seed(arm.sort_values("seed"), sgdm)))
+    # later specs' arms, each at its own lr, against stage 2's SGDM and AB at theirs
+    arms = [(delay, "SGDM × AB's mean brake" if name == "sgdm" else "AB (the control's arm)", arm.sort_values("seed"))
+            for (delay, name), arm in control.groupby(["delay.steps", "optim.name"], sort=False)]
+    dcasgd = spec_rows(STUDIES["fashion_mnist_evidence_dcasgd"])
+    for adaptive, label in ((False, "DC-ASGD, λ 0.04"), (True, "DC-ASGD-a, λ₀ 2")):
+        for delay in sorted(set(dcasgd["delay.steps"])):
+            arms.append((delay, label, selected(dcasgd, delay, **{"optim.dc_adaptive": adaptive})))
+    for delay, label, arm in arms:
+        for baseline in ("sgdm", "ab") if "control" not in label else ("sgdm",):  # its AB pairs: the rows above
+            base = selected(evidence, delay, **{"optim.name": baseline})
+            lines.append(line(f"D = {delay}: {label} (lr {arm['optim.lr'].iloc[0]:g}) − stage 2's "
+                              f"{baseline.upper()} (lr {base['optim.lr'].iloc[0]:g})", by_seed(arm, base)))
     return lines
 
 
