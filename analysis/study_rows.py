@@ -26,6 +26,7 @@ from check_readme import cpu_kind  # noqa: E402  (the CPU kind, as the demo chec
 
 from abexp import io  # noqa: E402
 from abexp.config import ADDED_KEYS  # noqa: E402
+from abexp.lab.elsewhere import FINISHED  # noqa: E402  (a diverged run is a result, the worst, not a gap)
 from abexp.figures.common import Metric  # noqa: E402
 from abexp.lab.collect import collect, collect_epochs  # noqa: E402
 
@@ -41,7 +42,6 @@ EPOCH_COLUMNS = ["run_id", "epoch", "brake_mean", "brake_sd"]
 # variant's stages beside the constant delay; data.name tells the figures that lower is better
 LM_COLUMNS = ["run_id", "experiment", "variant", "status", "data.name", "seed", "optim.name", "optim.lr",
               "delay.kind", "delay.stages", "delay.steps", "steps", "val_loss", "test_loss", "wall_s"]
-FINISHED = ("completed", "diverged")  # a diverged run is a result (it counts as the worst), not a gap
 
 
 def new_rows(results: str, known: set[str], code: str, cpu: str) -> pd.DataFrame:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from abexp.lab.spec import PlannedRun
 
 ENV = "ABEXP_DONE_ROWS"
-FINISHED = ("completed", "diverged")  # analysis/study_rows.py's: a diverged run is a result too
+FINISHED = ("completed", "diverged")  # what a rows file holds (analysis/study_rows.py): a diverged run is a result too
 
 
 def read_finished_ids(path: str | Path, flag: str = "--done-rows") -> set[str]:
@@ -43,6 +43,8 @@ def read_finished_ids(path: str | Path, flag: str = "--done-rows") -> set[str]:
 
 def remember(paths: list[str]) -> None:
     """Check each rows file now, then hand the list to every process this one starts."""
+    if not paths:
+        return
     for path in paths:
         read_finished_ids(path)
     known = [p for p in os.environ.get(ENV, "").split(os.pathsep) if p]
